@@ -1,0 +1,32 @@
+# Each target creates .venv and installs the project into it when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export THROTTLE_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: demo test bench lint services
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+services: $(VENV)/.installed
+	bash scripts/ensure-services.sh
+
+demo: $(VENV)/.installed
+	$(BIN)/throttle demo $(ARGS)
+
+test: services
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: services
+	$(BIN)/python -m bench.gate
+	$(BIN)/python -m bench.celery
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check throttle workers tests bench
+	$(BIN)/mypy

@@ -1,0 +1,243 @@
+"""Load `config/*.toml` into frozen, validated objects.
+
+Every mistake becomes a `ConfigError` naming the file, the tool and the field, and saying
+what is expected. Durations are written with units ("500ms", "30s", "2m", "1h") and held in
+milliseconds (`window_ms`, `max_delay_ms`).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from throttle.errors import ConfigError
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)?\s*([A-Za-z]*)\s*$")
+_TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
+
+
+def parse_duration_ms(text: str) -> int:
+    """Parse "500ms", "30s", "2m", "1h" (a bare unit means one of it) into milliseconds."""
+    match = _DURATION.match(text)
+    if not match or not match.group(2):
+        raise ValueError(f"{text!r} is not a duration; expected a number and a unit, e.g. '30s'")
+    number, unit = match.group(1), match.group(2)
+    if unit not in _UNITS_MS:
+        raise ValueError(f"unknown unit {unit!r} in {text!r}; expected one of ms, s, m, h")
+    value = float(number) if number else 1.0
+    if value <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return round(value * _UNITS_MS[unit])
+
+
+class Limit(BaseModel):
+    """At most `max` units in every interval of `window_ms` milliseconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max: int
+    window_ms: int
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """Parse "100/60s" (or "10/s") into a Limit."""
+        head, sep, window = text.partition("/")
+        if not sep:
+            raise ValueError(f"{text!r} is not a limit; expected 'max/window', e.g. '100/60s'")
+        try:
+            count = int(head.strip())
+        except ValueError:
+            raise ValueError(f"{text!r}: max {head.strip()!r} must be a whole number") from None
+        if count <= 0:
+            raise ValueError(f"{text!r}: max must be a positive whole number, got {count}")
+        return cls(max=count, window_ms=parse_duration_ms(window))
+
+    def __str__(self) -> str:
+        return f"{self.max}/{_format_ms(self.window_ms)}"
+
+
+def _format_ms(ms: int) -> str:
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+class ToolConfig(BaseModel):
+    """One tool: its limits, deadline, store-outage policy, schemas and fallback."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    limits: tuple[Limit, ...]
+    key: str | None = None
+    max_delay_ms: int = Field(alias="max_delay")
+    on_store_error: Literal["fallback", "delay", "admit"] = "fallback"
+    pace: Literal["earliest", "even"] = "earliest"
+    max_args_bytes: int = Field(default=65_536, gt=0)
+    max_redeliveries: int = Field(default=3, ge=0)
+    params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    result: dict[str, Any] = Field(default_factory=dict)
+    fallback: Any = None
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: Any) -> tuple[Limit, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items:
+            raise ValueError("expected one or more limits, e.g. [\"100/60s\", \"10/1s\"]")
+        return tuple(item if isinstance(item, Limit) else Limit.parse(str(item)) for item in items)
+
+    @field_validator("max_delay_ms", mode="before")
+    @classmethod
+    def _parse_max_delay(cls, value: Any) -> int:
+        return value if isinstance(value, int) else parse_duration_ms(str(value))
+
+    @field_validator("params", "result")
+    @classmethod
+    def _check_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+    @property
+    def longest_window_ms(self) -> int:
+        """The longest window among the tool's limits."""
+        return max(limit.window_ms for limit in self.limits)
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue that carries this tool's calls."""
+        return f"tool.{self.name}"
+
+
+class Config(BaseModel):
+    """All tools, keyed by name, and the broker settings they must respect."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tools: Mapping[str, ToolConfig]
+    visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS
+    source: str = "<mapping>"
+
+    def tool(self, name: str) -> ToolConfig:
+        """The named tool, or a ConfigError listing the known ones."""
+        try:
+            return self.tools[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tools)) or "(none)"
+            raise ConfigError(f"unknown tool {name!r}; known tools: {known}") from None
+
+
+_TOP_LEVEL = {"broker", "defaults", "tools"}
+_BROKER_FIELDS = {"visibility_timeout"}
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> Config:
+    """Load a config from a TOML file path or an already-parsed mapping."""
+    if isinstance(source, Mapping):
+        return _build(dict(source), "<mapping>")
+    path = Path(source)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; pass the path of a tools TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        detail = str(exc)
+        if "twice" in detail or "overwrite" in detail:
+            raise ConfigError(f"{path}: duplicate tool or field ({detail})") from None
+        raise ConfigError(f"{path}: not valid TOML: {detail}") from None
+    return _build(raw, str(path))
+
+
+def _build(raw: dict[str, Any], where: str) -> Config:
+    unknown = set(raw) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown section(s) {sorted(unknown)}; expected [broker], [defaults], [tools.<name>]"
+        )
+    broker = dict(raw.get("broker", {}))
+    if set(broker) - _BROKER_FIELDS:
+        raise ConfigError(f"{where}: [broker]: unknown field(s) {sorted(set(broker) - _BROKER_FIELDS)}")
+    try:
+        visibility_ms = parse_duration_ms(str(broker.get("visibility_timeout", "1h")))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [broker], field 'visibility_timeout': {exc}") from None
+    defaults = dict(raw.get("defaults", {}))
+    tools_raw = raw.get("tools", {})
+    if isinstance(tools_raw, list):
+        tools_raw = _tools_from_list(tools_raw, where)
+    if not isinstance(tools_raw, Mapping) or not tools_raw:
+        raise ConfigError(f"{where}: no tools declared; add a [tools.<name>] table")
+    tools = {name: _build_tool(name, {**defaults, **body}, where) for name, body in tools_raw.items()}
+    for tool in tools.values():
+        if tool.max_delay_ms >= visibility_ms:
+            raise ConfigError(
+                f"{where}: tool {tool.name!r}, field 'max_delay': {_format_ms(tool.max_delay_ms)} "
+                f"is at or above the broker's visibility_timeout ({_format_ms(visibility_ms)}); "
+                "a delayed task would be redelivered; lower max_delay or raise visibility_timeout"
+            )
+    return Config(tools=tools, visibility_timeout_ms=visibility_ms, source=where)
+
+
+def _tools_from_list(items: list[Any], where: str) -> dict[str, Any]:
+    tools: dict[str, Any] = {}
+    for item in items:
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: every tool needs a 'name'")
+        if name in tools:
+            raise ConfigError(f"{where}: duplicate tool {name!r}; each tool is declared once")
+        tools[name] = {k: v for k, v in item.items() if k != "name"}
+    return tools
+
+
+def _build_tool(name: str, body: dict[str, Any], where: str) -> ToolConfig:
+    if not _TOOL_NAME.match(name):
+        raise ConfigError(
+            f"{where}: tool {name!r}: the name must be lowercase letters, digits and '_', "
+            "starting with a letter (it becomes the queue 'tool.<name>')"
+        )
+    if "max_delay" not in body:
+        raise ConfigError(f"{where}: tool {name!r}, field 'max_delay': required (e.g. \"30s\")")
+    try:
+        tool = ToolConfig.model_validate({**body, "name": name})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, name, where)) from None
+    if tool.fallback is not None and tool.result:
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(tool.result).iter_errors(tool.fallback)
+        )
+        if error is not None:
+            raise ConfigError(
+                f"{where}: tool {name!r}, field 'fallback': does not validate against the "
+                f"tool's result schema: {error.message}"
+            )
+    return tool
+
+
+def _describe(exc: ValidationError, tool: str, where: str) -> str:
+    lines = []
+    fields = sorted(ToolConfig.model_fields) + ["max_delay"]
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(f for f in fields if f not in ("name", "max_delay_ms"))
+            message = f"unknown field; known fields: {known}"
+        elif error["type"] == "missing":
+            message = "required"
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: tool {tool!r}, field {field!r}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Every error throttle raises, under one root (args are kept picklable and JSON-safe).
+
+    ThrottleError
+    ├── ConfigError          the config is wrong: names the file, the tool and the field
+    ├── StoreUnavailable     Redis could not be reached or answered with an error
+    ├── Throttled            the call cannot run before its deadline; carries the fallback
+    └── InvalidToolCall      the arguments break the tool's parameter schema or size limit
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ThrottleError(Exception):
+    """Root of every error raised by throttle."""
+
+
+class ConfigError(ThrottleError):
+    """The configuration is invalid; the message says where and what is expected."""
+
+
+class StoreUnavailable(ThrottleError):
+    """The gate's Redis could not be reached in time, or failed; wraps the cause."""
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message, url)
+        self.url = url
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Throttled(ThrottleError):
+    """The call's slot would lie past its deadline; `fallback` is the tool's fallback result."""
+
+    def __init__(self, tool: str, reason: str, fallback: Any) -> None:
+        super().__init__(tool, reason, fallback)
+        self.tool = tool
+        self.reason = reason
+        self.fallback = fallback
+
+    def __str__(self) -> str:
+        return f"tool {self.tool!r} is throttled: {self.reason}"
+
+
+class InvalidToolCall(ThrottleError):
+    """The call's arguments are invalid for the tool; never retried."""
+
+    def __init__(self, tool: str, message: str) -> None:
+        super().__init__(tool, message)
+        self.tool = tool
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"invalid call to tool {self.tool!r}: {self.message}"

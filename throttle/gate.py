@@ -1,0 +1,292 @@
+"""The Redis gate: one atomic Lua call per decision, over sync and asyncio clients.
+
+`Gate.acquire` answers ADMIT (run now), DELAY (a slot is reserved `wait_s` from now; come
+back then with the same member) or FALLBACK (the slot would miss the deadline; nothing is
+reserved). The algorithm lives only in `throttle/lua/*.lua`; this module builds arguments,
+runs the scripts with EVALSHA (reloaded on NOSCRIPT by redis-py) and types the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from throttle.config import Config, ToolConfig
+from throttle.errors import InvalidToolCall, StoreUnavailable, Throttled
+from throttle.keys import DEFAULT_PREFIX, check_prefix, tool_keys
+
+DEFAULT_SOCKET_TIMEOUT_S = 2.0
+
+
+class Action(StrEnum):
+    """What the worker does with a call."""
+
+    ADMIT = "admit"
+    DELAY = "delay"
+    FALLBACK = "fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The gate's answer: the action, how long to wait, the slot (epoch seconds) and why."""
+
+    action: Action
+    wait_s: float
+    slot_at: float
+    reason: str
+
+
+def load_script(name: str) -> str:
+    """The source of `throttle/lua/<name>.lua`, shipped as package data."""
+    return resources.files("throttle").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by '***', safe for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _describe_client(client: Any) -> str:
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    if "host" in kwargs:
+        scheme = "rediss" if kwargs.get("ssl") else "redis"
+        return f"{scheme}://{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    return type(client).__name__
+
+
+def _client_options(socket_timeout_s: float) -> dict[str, Any]:
+    # Retry once on a dropped connection (a restarted server), never on a timeout: a call
+    # that times out raises within the socket timeout instead of hanging.
+    return {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        "health_check_interval": 30,
+    }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _GateBase:
+    """Argument building and answer typing shared by `Gate` and `AsyncGate`."""
+
+    def __init__(self, config: Config, prefix: str, url: str) -> None:
+        self.config = config
+        self.prefix = check_prefix(prefix)
+        self.url = url
+        self._limit_args = {
+            name: self._limits_of(tool) for name, tool in config.tools.items()
+        }
+
+    @staticmethod
+    def _limits_of(tool: ToolConfig) -> list[Any]:
+        args: list[Any] = [len(tool.limits)]
+        for limit in tool.limits:
+            args += [limit.max, limit.window_ms]
+        return args
+
+    @staticmethod
+    def _gap_ms(tool: ToolConfig) -> float:
+        if tool.pace != "even":
+            return 0.0
+        return max(limit.window_ms / limit.max for limit in tool.limits)
+
+    def _keys(self, tool: ToolConfig, key: Any) -> list[str]:
+        if tool.key is not None and key is None:
+            raise InvalidToolCall(
+                tool.name, f"its limits apply per {tool.key!r}: pass key=<the call's {tool.key}>"
+            )
+        return tool_keys(self.prefix, tool.name, None if tool.key is None else key).as_list()
+
+    def _acquire_call(
+        self,
+        tool_name: str,
+        member: str,
+        key: Any,
+        cost: float,
+        deadline_s: float | None,
+        now_s: float | None,
+    ) -> tuple[list[str], list[Any]]:
+        tool = self.config.tool(tool_name)
+        if not cost > 0:
+            raise InvalidToolCall(tool_name, f"cost must be greater than zero, got {cost!r}")
+        deadline_ms = tool.max_delay_ms
+        if deadline_s is not None:
+            deadline_ms = max(0.0, min(deadline_ms, deadline_s * 1000))
+        now = "" if now_s is None else f"{now_s * 1000:.3f}"
+        args = [member, cost, deadline_ms, self._gap_ms(tool), now, *self._limit_args[tool_name]]
+        return self._keys(tool, key), args
+
+    def _store_error(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the gate's Redis at {self.url} failed: {type(exc).__name__}: {exc}; check that "
+            "Redis runs and that THROTTLE_REDIS_URL points at it",
+            self.url,
+        )
+
+    @staticmethod
+    def _decision(raw: Sequence[Any]) -> Decision:
+        action, wait_ms, slot_ms, reason = (_text(item) for item in raw)
+        return Decision(Action(action), float(wait_ms) / 1000, float(slot_ms) / 1000, reason)
+
+
+class Gate(_GateBase):
+    """The synchronous gate over redis-py: `acquire`, `release`."""
+
+    def __init__(
+        self,
+        redis_url_or_client: str | redis.Redis,
+        config: Config,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+    ) -> None:
+        if isinstance(redis_url_or_client, str):
+            url = mask_url(redis_url_or_client)
+            self.client: redis.Redis = redis.Redis.from_url(
+                redis_url_or_client, **_client_options(socket_timeout_s)
+            )
+        else:
+            self.client = redis_url_or_client
+            url = _describe_client(redis_url_or_client)
+        super().__init__(config, prefix, url)
+        self._acquire = self.client.register_script(load_script("acquire"))
+        self._release = self.client.register_script(load_script("release"))
+
+    def acquire(
+        self,
+        tool: str,
+        member: str,
+        *,
+        key: Any = None,
+        cost: float = 1,
+        deadline_s: float | None = None,
+        now_s: float | None = None,
+    ) -> Decision:
+        """Decide one call of `tool` identified by `member` (the task id).
+
+        `deadline_s` tightens the tool's max_delay; `now_s` pins the clock (tests only).
+        """
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
+        try:
+            raw = self._acquire(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+        return self._decision(raw)
+
+    def release(self, tool: str, member: str, *, key: Any = None) -> bool:
+        """Free `member`'s unused reservation; True if it held one."""
+        keys = self._keys(self.config.tool(tool), key)
+        try:
+            return bool(self._release(keys=keys, args=[member]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def close(self) -> None:
+        """Close the connection pool this gate opened."""
+        self.client.close()
+
+
+class AsyncGate(_GateBase):
+    """The asyncio gate over `redis.asyncio`, with `slot()` for apps without Celery."""
+
+    def __init__(
+        self,
+        redis_url_or_client: str | redis.asyncio.Redis,
+        config: Config,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+    ) -> None:
+        if isinstance(redis_url_or_client, str):
+            url = mask_url(redis_url_or_client)
+            options = _client_options(socket_timeout_s)
+            options["retry"] = redis.asyncio.retry.Retry(
+                NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
+            )
+            self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+                redis_url_or_client, **options
+            )
+        else:
+            self.client = redis_url_or_client
+            url = _describe_client(redis_url_or_client)
+        super().__init__(config, prefix, url)
+        self._acquire = self.client.register_script(load_script("acquire"))
+        self._release = self.client.register_script(load_script("release"))
+
+    async def acquire(
+        self,
+        tool: str,
+        member: str,
+        *,
+        key: Any = None,
+        cost: float = 1,
+        deadline_s: float | None = None,
+        now_s: float | None = None,
+    ) -> Decision:
+        """Decide one call; the same contract as `Gate.acquire`."""
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
+        try:
+            raw = await self._acquire(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+        return self._decision(raw)
+
+    async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
+        """Free `member`'s unused reservation; True if it held one."""
+        keys = self._keys(self.config.tool(tool), key)
+        try:
+            return bool(await self._release(keys=keys, args=[member]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    @asynccontextmanager
+    async def slot(
+        self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None
+    ) -> AsyncIterator[Decision]:
+        """Wait for this call's reserved slot, then run the block.
+
+        Raises `Throttled` (carrying the tool's fallback) when the slot would miss the deadline.
+        """
+        member = uuid.uuid4().hex
+        budget_s = self.config.tool(tool).max_delay_ms / 1000
+        if deadline_s is not None:
+            budget_s = min(budget_s, deadline_s)
+        started = time.monotonic()
+        while True:
+            left_s = budget_s - (time.monotonic() - started)
+            decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s)
+            if decision.action is Action.ADMIT:
+                break
+            if decision.action is Action.FALLBACK:
+                raise Throttled(tool, decision.reason, self.config.tool(tool).fallback)
+            await asyncio.sleep(decision.wait_s)
+        yield decision
+
+    async def aclose(self) -> None:
+        """Close the connection pool this gate opened."""
+        await self.client.aclose()
