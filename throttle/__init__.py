@@ -3,6 +3,8 @@
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError, InvalidToolCall, StoreUnavailable, Throttled, ThrottleError
 from throttle.gate import Action, AsyncGate, Decision, Gate
+from throttle.routing import Throttle
+from throttle.task import ThrottledTask, fallback_reason, outcome
 
 __all__ = [
     "Action",
@@ -14,6 +16,10 @@ __all__ = [
     "InvalidToolCall",
     "StoreUnavailable",
     "ThrottleError",
+    "Throttle",
+    "ThrottledTask",
     "Throttled",
+    "fallback_reason",
     "load_config",
+    "outcome",
 ]

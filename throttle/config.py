@@ -83,6 +83,7 @@ class ToolConfig(BaseModel):
     max_delay_ms: int = Field(alias="max_delay")
     on_store_error: Literal["fallback", "delay", "admit"] = "fallback"
     pace: Literal["earliest", "even"] = "earliest"
+    slot_margin_ms: int = Field(default=40, alias="slot_margin", ge=0)
     max_args_bytes: int = Field(default=65_536, gt=0)
     max_redeliveries: int = Field(default=3, ge=0)
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
@@ -101,6 +102,14 @@ class ToolConfig(BaseModel):
     @classmethod
     def _parse_max_delay(cls, value: Any) -> int:
         return value if isinstance(value, int) else parse_duration_ms(str(value))
+
+    @field_validator("slot_margin_ms", mode="before")
+    @classmethod
+    def _parse_slot_margin(cls, value: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        return 0 if text in ("0", "0ms", "0s") else parse_duration_ms(text)
 
     @field_validator("params", "result")
     @classmethod
@@ -229,11 +238,11 @@ def _build_tool(name: str, body: dict[str, Any], where: str) -> ToolConfig:
 
 def _describe(exc: ValidationError, tool: str, where: str) -> str:
     lines = []
-    fields = sorted(ToolConfig.model_fields) + ["max_delay"]
+    fields = sorted(ToolConfig.model_fields) + ["max_delay", "slot_margin"]
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         if error["type"] == "extra_forbidden":
-            known = ", ".join(f for f in fields if f not in ("name", "max_delay_ms"))
+            known = ", ".join(sorted(f for f in fields if f not in ("name", "max_delay_ms", "slot_margin_ms")))
             message = f"unknown field; known fields: {known}"
         elif error["type"] == "missing":
             message = "required"

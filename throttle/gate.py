@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, Throttled
-from throttle.keys import DEFAULT_PREFIX, check_prefix, tool_keys
+from throttle.keys import DEFAULT_PREFIX, check_prefix, redelivery_key, tool_keys
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
 
@@ -138,7 +138,10 @@ class _GateBase:
         if deadline_s is not None:
             deadline_ms = max(0.0, min(deadline_ms, deadline_s * 1000))
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        args = [member, cost, deadline_ms, self._gap_ms(tool), now, *self._limit_args[tool_name]]
+        args = [
+            member, cost, deadline_ms, self._gap_ms(tool), tool.slot_margin_ms, now,
+            *self._limit_args[tool_name],
+        ]
         return self._keys(tool, key), args
 
     def _store_error(self, exc: Exception) -> StoreUnavailable:
@@ -205,6 +208,20 @@ class Gate(_GateBase):
             return bool(self._release(keys=keys, args=[member]))
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
+
+    def note_redelivery(self, tool: str, member: str, *, key: Any = None) -> int:
+        """Count one more delivery of an already admitted `member`; returns the count."""
+        self._keys(self.config.tool(tool), key)
+        name = redelivery_key(self.prefix, tool, member, key if self.config.tool(tool).key else None)
+        ttl_ms = self.config.visibility_timeout_ms * 10
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.incr(name)
+            pipe.pexpire(name, ttl_ms)
+            count, _ = pipe.execute()
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+        return int(count)
 
     def close(self) -> None:
         """Close the connection pool this gate opened."""

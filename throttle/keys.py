@@ -5,6 +5,7 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
     <prefix>:{t}:log       ZSET  member = task id, score = admission or reserved slot (ms)
     <prefix>:{t}:rsv       ZSET  members holding a reservation not yet admitted, score = slot
     <prefix>:{t}:cost      HASH  member -> units, only for members costing more or less than 1
+    <prefix>:{t}:redelivered:<task id>   STRING  deliveries after admission (worker lost)
     <prefix>:{t|h}:...     the same per key value
 
 All keys of one decision share the `{...}` hash tag, so a decision stays on one Redis Cluster
@@ -65,3 +66,8 @@ def tool_keys(prefix: str, tool: str, key_value: Any = None) -> ToolKeys:
     tag = tool if key_value is None else f"{tool}|{hash_key_value(key_value)}"
     base = f"{prefix}:{{{tag}}}"
     return ToolKeys(log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost")
+
+
+def redelivery_key(prefix: str, tool: str, member: str, key_value: Any = None) -> str:
+    """The counter of a task's redeliveries after its admission (its worker was lost)."""
+    return tool_keys(prefix, tool, key_value).log.removesuffix(":log") + f":redelivered:{member}"

@@ -1,0 +1,39 @@
+"""The deployable Celery app: `celery -A workers worker -Q tool.search_products`.
+
+Settings come from the environment:
+  THROTTLE_BROKER_URL      broker (default: THROTTLE_REDIS_URL); amqp://... for RabbitMQ
+  THROTTLE_RESULT_BACKEND  result backend (default: THROTTLE_REDIS_URL)
+  THROTTLE_REDIS_URL       the gate's Redis (default redis://127.0.0.1:6379/0)
+  THROTTLE_CONFIG          tools file (default: config/tools.toml of this project)
+  THROTTLE_PREFIX          Redis key prefix of the gate (default "throttle")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery import Celery
+
+from throttle import Throttle
+from throttle.keys import DEFAULT_PREFIX
+from throttle.routing import DEFAULT_REDIS_URL
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
+
+redis_url = os.environ.get("THROTTLE_REDIS_URL", DEFAULT_REDIS_URL)
+app = Celery(
+    "workers",
+    broker=os.environ.get("THROTTLE_BROKER_URL", redis_url),
+    backend=os.environ.get("THROTTLE_RESULT_BACKEND", redis_url),
+)
+throttle = Throttle(
+    app,
+    os.environ.get("THROTTLE_CONFIG", str(DEFAULT_CONFIG)),
+    redis_url,
+    prefix=os.environ.get("THROTTLE_PREFIX", DEFAULT_PREFIX),
+)
+
+from workers.tools import ecommerce  # noqa: E402  (registers the tools on `app`)
+
+__all__ = ["app", "ecommerce", "throttle"]

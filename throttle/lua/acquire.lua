@@ -9,9 +9,13 @@ ARGV[1]  member       the task id (a redelivered task is never counted twice)
 ARGV[2]  cost         units this call uses (> 0)
 ARGV[3]  deadline_ms  the longest wait allowed; a later slot means fallback
 ARGV[4]  gap_ms       0 for earliest-slot pacing, else the spacing of delayed calls
-ARGV[5]  now_ms       '' to use the server clock (TIME); a pinned time in tests only
-ARGV[6]  n            number of limits, then n pairs:
-ARGV[7+2i], ARGV[8+2i]  max units, window ms
+ARGV[5]  margin_ms    slot margin: admissions are checked against window + margin/2, so
+                      a body starting up to margin/2 after its admission still keeps the
+                      limit; reservations are placed window + margin apart, so a call that
+                      comes back up to margin/2 late does not hold up the calls behind it
+ARGV[6]  now_ms       '' to use the server clock (TIME); a pinned time in tests only
+ARGV[7]  n            number of limits, then n pairs:
+ARGV[6+2i], ARGV[7+2i]  max units, window ms
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
@@ -27,16 +31,17 @@ local member = ARGV[1]
 local cost = tonumber(ARGV[2])
 local deadline = tonumber(ARGV[3])
 local gap = tonumber(ARGV[4])
-local now = tonumber(ARGV[5])
+local margin = tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
 if not now then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
 end
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
 local maxes, windows, longest = {}, {}, 0
 for i = 1, n do
-  maxes[i] = tonumber(ARGV[5 + 2 * i])
-  windows[i] = tonumber(ARGV[6 + 2 * i])
+  maxes[i] = tonumber(ARGV[6 + 2 * i])
+  windows[i] = tonumber(ARGV[7 + 2 * i])
   if windows[i] > longest then longest = windows[i] end
 end
 
@@ -44,6 +49,8 @@ local function fmt(x) return string.format('%.3f', x) end
 
 -- Trim what no window can see any more; unused reservations expire with it.
 local weighted = redis.call('HLEN', costs) > 0
+for i = 1, n do windows[i] = windows[i] + margin / 2 end
+longest = longest + margin
 local cutoff = now - longest
 if weighted then
   local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
@@ -130,18 +137,19 @@ if held then
     redis.call('HDEL', costs, member)
     return {'fallback', '0', fmt(t), 'deadline'}
   end
-  redis.call('ZADD', log, t, member)
   if t > now then
-    redis.call('ZADD', rsv, t, member)
-    expire(t)
+    -- Held up by calls admitted late: the reservation keeps its place (and counts for
+    -- the due calls behind it, which keeps them in order) until the window frees.
     return {'delay', fmt(t - now), fmt(t), 'late'}
   end
+  redis.call('ZADD', log, now, member)
   redis.call('ZREM', rsv, member)
   expire(now)
   return {'admit', '0', fmt(now), 'reservation'}
 end
 
--- A new call: the earliest slot, not before the latest one already taken.
+-- A new call: admitted now if nothing is reserved ahead and every window holds it;
+-- else the earliest slot, not before the latest one already taken (FIFO).
 local latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
 local start = now
 if latest[2] and tonumber(latest[2]) > start then start = tonumber(latest[2]) end
@@ -150,6 +158,13 @@ for i = 1, n do
   local at = earliest(start, nil, maxes[i], windows[i], nil)
   if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
   if at > t then t = at end
+end
+if t > now and margin > 0 then
+  t = start
+  for i = 1, n do
+    local at = earliest(start, nil, maxes[i], windows[i] + margin / 2, nil)
+    if at > t then t = at end
+  end
 end
 if t > now and gap > 0 and latest[2] then
   local paced = tonumber(latest[2]) + gap

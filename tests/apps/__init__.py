@@ -1,0 +1,1 @@
+"""Celery apps the integration tests run in real `celery worker` processes."""

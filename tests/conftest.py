@@ -1,0 +1,44 @@
+"""Shared fixtures: the real Redis every test talks to, under a key prefix of its own."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+REDIS_URL = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis the tests use (`make test` makes sure it answers)."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.exit(f"Redis does not answer at {REDIS_URL} ({exc}); run the tests with `make test`")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    name = f"throttle-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_prefix(redis_client, name)
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under `prefix` (never FLUSHALL: the server is shared)."""
+    batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for start in range(0, len(batch), 500):
+        client.delete(*batch[start : start + 500])

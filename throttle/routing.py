@@ -1,0 +1,166 @@
+"""`Throttle(app, config)`: one kombu Queue per tool, task_routes, safe defaults, `@tool`.
+
+Create it after the app's own configuration: a setting the user changed from Celery's
+default is kept; the others get the values throttle needs (JSON only, late acks with
+redelivery on worker loss, prefetch 1, a visibility timeout above every max_delay).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import redis
+from celery import Celery
+from celery.app.defaults import DEFAULTS
+from kombu import Queue
+
+from throttle.bootsteps import FireDueTimers
+from throttle.config import Config, load_config
+from throttle.errors import ConfigError
+from throttle.gate import Gate
+from throttle.keys import DEFAULT_PREFIX
+from throttle.task import ThrottledTask
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ETA_TASK_LIMIT = 50_000
+AMQP_MAX_PRIORITY = 9
+
+_SAFE_DEFAULTS: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+    "worker_eta_task_limit": ETA_TASK_LIMIT,
+    "broker_connection_retry_on_startup": True,
+    "task_publish_retry_policy": {
+        "max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
+    },
+}
+
+
+class Throttle:
+    """Per-tool queues and gated tasks for one Celery app."""
+
+    def __init__(
+        self,
+        app: Celery,
+        config: Config | str | Path,
+        redis_url: str | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        redis_client: redis.Redis | None = None,
+    ) -> None:
+        self.app = app
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.redis_url = redis_url or os.environ.get("THROTTLE_REDIS_URL", DEFAULT_REDIS_URL)
+        self.prefix = prefix
+        self._redis_client = redis_client
+        self._gate: Gate | None = None
+        self._gate_pid = 0
+        apply_defaults(app, self.config)
+        self.priorities = delivery_priorities(app)
+        declare_queues(app, self.config, amqp=_is_amqp(app))
+        app.steps["worker"].add(FireDueTimers)
+
+    @property
+    def gate(self) -> Gate:
+        """This process's gate (created lazily, and again after a fork)."""
+        if self._gate is None or self._gate_pid != os.getpid():
+            client = self._redis_client or self.redis_url
+            self._gate = Gate(client, self.config, prefix=self.prefix)
+            self._gate_pid = os.getpid()
+        return self._gate
+
+    def tool(self, name_or_fn: str | Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Decorate a plain function as the task of a configured tool.
+
+        `@throttle.tool` uses the function's name; `@throttle.tool("search_products")` names
+        the tool. Extra options go to `app.task`.
+        """
+        def register(fn: Callable[..., Any], name: str) -> Any:
+            tool = self.config.tool(name)
+            base = type(
+                f"{name.title().replace('_', '')}Task",
+                (ThrottledTask,),
+                {
+                    "throttle": self,
+                    "tool": tool,
+                    "_validator": jsonschema.Draft202012Validator(tool.params),
+                    "priority": self.priorities[0],
+                    "priority_again": self.priorities[1],
+                },
+            )
+            return self.app.task(fn, name=tool.queue, base=base, **options)
+
+        if callable(name_or_fn):
+            return register(name_or_fn, name_or_fn.__name__)
+        return lambda fn: register(fn, name_or_fn or fn.__name__)
+
+
+def apply_defaults(app: Celery, config: Config) -> None:
+    """Set the settings throttle needs wherever the user kept Celery's default."""
+    conf = app.conf
+    for key, value in _SAFE_DEFAULTS.items():
+        if key in DEFAULTS and conf.get(key) == DEFAULTS[key]:
+            conf[key] = value
+    longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
+    visibility_s = config.visibility_timeout_ms / 1000
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        options = dict(conf.get(key) or {})
+        options.setdefault("visibility_timeout", visibility_s)
+        if options["visibility_timeout"] <= longest_delay_s:
+            raise ConfigError(
+                f"Celery setting {key}['visibility_timeout'] = {options['visibility_timeout']}s "
+                f"is not above the longest max_delay ({longest_delay_s}s): delayed calls would "
+                "be redelivered; raise it or lower max_delay"
+            )
+        if key == "broker_transport_options" and str(conf.broker_url or "").startswith("amqp"):
+            options.setdefault("confirm_publish", True)
+        conf[key] = options
+
+
+def _is_amqp(app: Celery) -> bool:
+    return str(app.conf.broker_url or "").split(":", 1)[0] in ("amqp", "pyamqp", "amqps")
+
+
+def delivery_priorities(app: Celery) -> tuple[int | None, int | None]:
+    """Message priorities (first delivery, re-published delay) for the app's broker.
+
+    A delayed call coming back for its slot must not wait behind the backlog of calls
+    that have not met the gate yet, so re-published calls go first. Redis polls priority
+    0 first; RabbitMQ serves higher numbers first (queues get x-max-priority).
+    """
+    scheme = str(app.conf.broker_url or "").split(":", 1)[0]
+    if scheme in ("redis", "rediss", "sentinel"):
+        return 9, 0
+    if _is_amqp(app):
+        return 0, AMQP_MAX_PRIORITY
+    return None, None
+
+
+def declare_queues(app: Celery, config: Config, *, amqp: bool = False) -> None:
+    """One durable queue `tool.<name>` per tool, and a route for each tool's task."""
+    conf = app.conf
+    queues = list(conf.task_queues or [Queue(conf.task_default_queue)])
+    known = {queue.name for queue in queues}
+    queues += [
+        Queue(tool.queue, routing_key=tool.queue, max_priority=AMQP_MAX_PRIORITY if amqp else None)
+        for tool in config.tools.values()
+        if tool.queue not in known
+    ]
+    conf.task_queues = queues
+    routes = {tool.queue: {"queue": tool.queue} for tool in config.tools.values()}
+    existing = conf.task_routes
+    if existing is None:
+        conf.task_routes = routes
+    elif isinstance(existing, dict):
+        conf.task_routes = {**routes, **existing}
+    else:
+        conf.task_routes = (*existing, routes)

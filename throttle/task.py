@@ -1,0 +1,219 @@
+"""`ThrottledTask`: validate the call, ask the gate, then run, delay to the slot, or fall back.
+
+The task body stays a plain function of the tool's keyword arguments. Everything here runs
+once per delivery: a delayed call is re-published with the same id and an ETA at its
+reserved slot, and comes back to be admitted by its reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import jsonschema
+from celery import Task, states
+from celery.exceptions import Ignore, Reject
+from celery.result import AsyncResult
+
+from throttle.config import ToolConfig
+from throttle.errors import InvalidToolCall, StoreUnavailable
+from throttle.gate import Action, Decision
+from throttle.metrics import count_decision
+
+if TYPE_CHECKING:
+    from throttle.routing import Throttle
+
+logger = logging.getLogger("throttle")
+
+ENQUEUED_AT = "throttle_enqueued_at"
+DEADLINE_S = "throttle_deadline_s"
+DELAYS = "throttle_delays"
+STORE_RETRIES = "throttle_store_retries"
+FALLBACK_MARK = "throttle: fallback"
+SLEEP_BELOW_S = 0.05
+MAX_SLEEPS = 5
+STORE_BACKOFF_MAX_S = 30.0
+
+
+def outcome(result: AsyncResult) -> Literal["result", "fallback"]:
+    """Whether a finished call's `.get()` returned the tool's answer or its fallback.
+
+    A fallback is stored as a normal SUCCESS whose `traceback` field reads
+    "throttle: fallback (<reason>)"; `fallback_reason` returns that reason.
+    """
+    return "fallback" if fallback_reason(result) is not None else "result"
+
+
+def fallback_reason(result: AsyncResult) -> str | None:
+    """The reason a call fell back ('deadline', 'store_unavailable', ...), or None."""
+    mark = result.traceback
+    if isinstance(mark, str) and mark.startswith(FALLBACK_MARK):
+        return mark[len(FALLBACK_MARK) :].strip(" ()")
+    return None
+
+
+class ThrottledTask(Task):  # type: ignore[misc]
+    """Base class of every tool task; `throttle` and `tool` are set per tool."""
+
+    throttle: ClassVar[Throttle]
+    tool: ClassVar[ToolConfig]
+    priority_again: ClassVar[int | None] = None
+    _validator: ClassVar[jsonschema.protocols.Validator]
+
+    # -- caller side --------------------------------------------------------------------
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        *,
+        deadline_s: float | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Validate the arguments, then enqueue on the tool's queue.
+
+        `deadline_s` tightens the tool's max_delay for this call.
+        """
+        headers = dict(options.pop("headers", None) or {})
+        if ENQUEUED_AT not in headers:
+            self.check_arguments(args, kwargs)
+            headers[ENQUEUED_AT] = time.time()
+            if deadline_s is not None:
+                headers[DEADLINE_S] = float(deadline_s)
+        return super().apply_async(args, kwargs, headers=headers, **options)
+
+    def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        """The call's keyword arguments if they fit the tool's schema and size, else raise."""
+        if args:
+            raise InvalidToolCall(
+                self.tool.name, "pass arguments by keyword, e.g. .delay(query='...')"
+            )
+        kwargs = dict(kwargs or {})
+        try:
+            size = len(json.dumps(kwargs, separators=(",", ":")))
+        except (TypeError, ValueError) as exc:
+            raise InvalidToolCall(self.tool.name, f"arguments are not JSON: {exc}") from None
+        if size > self.tool.max_args_bytes:
+            raise InvalidToolCall(
+                self.tool.name,
+                f"arguments are {size} bytes, above the tool's max_args_bytes "
+                f"({self.tool.max_args_bytes}); send a reference instead of the data",
+            )
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(kwargs))
+        if error is not None:
+            where = "/".join(str(part) for part in error.absolute_path) or "arguments"
+            raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")
+        return kwargs
+
+    # -- worker side --------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            return self.run(*args, **kwargs)
+        kwargs = self.check_arguments(args, kwargs)
+        decision = self._decide(kwargs)
+        if decision.action is Action.ADMIT:
+            self.request.throttle_admitted_at = decision.slot_at
+            count_decision(self.tool.name, "admit")
+            return self.run(**kwargs)
+        if decision.action is Action.DELAY:
+            self._republish(decision.wait_s, decision.reason)
+        return self._fall_back(decision.reason, kwargs)
+
+    def _decide(self, kwargs: dict[str, Any]) -> Decision:
+        """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
+        gate = self.throttle.gate
+        member = self.request.id
+        key = kwargs.get(self.tool.key) if self.tool.key else None
+        for _ in range(MAX_SLEEPS):
+            try:
+                decision = gate.acquire(
+                    self.tool.name, member, key=key, deadline_s=self._deadline_left_s()
+                )
+            except StoreUnavailable as exc:
+                return self._on_store_error(exc)
+            if decision.action is Action.ADMIT and decision.reason == "readmitted":
+                return self._check_redelivery(member, key, decision)
+            logger.debug("%s %s: %s (%s, wait %.3fs)", self.tool.name, member, decision.action,
+                         decision.reason, decision.wait_s)
+            if decision.action is not Action.DELAY or decision.wait_s > SLEEP_BELOW_S:
+                return decision
+            time.sleep(decision.wait_s)
+        return decision
+
+    def _deadline_left_s(self) -> float:
+        enqueued_at = getattr(self.request, ENQUEUED_AT, None) or time.time()
+        budget_s = self.tool.max_delay_ms / 1000
+        caller_s = getattr(self.request, DEADLINE_S, None)
+        if caller_s is not None:
+            budget_s = min(budget_s, float(caller_s))
+        return max(0.0, budget_s - (time.time() - float(enqueued_at)))
+
+    def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:
+        count = self.throttle.gate.note_redelivery(self.tool.name, member, key=key)
+        if count > self.tool.max_redeliveries:
+            logger.error(
+                "tool %s: task %s was redelivered %d times after its worker was lost; "
+                "parking it as a fallback (raise max_redeliveries to allow more)",
+                self.tool.name, member, count,
+            )
+            return Decision(Action.FALLBACK, 0.0, decision.slot_at, "redelivery_cap")
+        return decision
+
+    def _on_store_error(self, exc: StoreUnavailable) -> Decision:
+        policy = self.tool.on_store_error
+        logger.warning("tool %s: %s; applying on_store_error=%s", self.tool.name, exc, policy)
+        if policy == "admit":
+            return Decision(Action.ADMIT, 0.0, time.time(), "store_unavailable")
+        if policy == "delay":
+            tries = int(getattr(self.request, STORE_RETRIES, 0) or 0)
+            backoff_s = min(STORE_BACKOFF_MAX_S, 2.0**tries) * (0.5 + random.random() / 2)
+            if backoff_s < self._deadline_left_s():
+                self._republish(backoff_s, "store_unavailable", store_retries=tries + 1)
+        return Decision(Action.FALLBACK, 0.0, time.time(), "store_unavailable")
+
+    def _republish(self, wait_s: float, reason: str, *, store_retries: int = 0) -> None:
+        """Publish this call again (same id) due in `wait_s`, then ack the current message.
+
+        The publish must succeed before the original is acked: on failure the original is
+        requeued, and its reservation is honoured when it comes back.
+        """
+        request = self.request
+        headers = {
+            ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time(),
+            DELAYS: int(getattr(request, DELAYS, 0) or 0) + 1,
+            STORE_RETRIES: store_retries,
+        }
+        if getattr(request, DEADLINE_S, None) is not None:
+            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+        try:
+            self.signature_from_request(
+                request, countdown=wait_s, headers=headers, retries=request.retries,
+                priority=self.priority_again,
+            ).apply_async()
+        except Exception as exc:
+            logger.warning(
+                "tool %s: could not re-publish task %s (%s); requeueing it", self.tool.name,
+                request.id, exc,
+            )
+            raise Reject(f"re-publish failed: {exc}", requeue=True) from exc
+        count_decision(self.tool.name, "delay")
+        raise Ignore(f"delayed {wait_s:.3f}s ({reason})")
+
+    def _fall_back(self, reason: str, kwargs: dict[str, Any]) -> Any:
+        """Store the tool's fallback as this call's result, marked as a fallback."""
+        key = kwargs.get(self.tool.key) if self.tool.key else None
+        if reason != "store_unavailable":
+            try:
+                self.throttle.gate.release(self.tool.name, self.request.id, key=key)
+            except StoreUnavailable:
+                pass
+        count_decision(self.tool.name, "fallback")
+        result = self.tool.fallback
+        if not self.request.ignore_result:
+            self.backend.store_result(
+                self.request.id, result, states.SUCCESS,
+                traceback=f"{FALLBACK_MARK} ({reason})", request=self.request,
+            )
+        raise Ignore(f"fallback ({reason})")

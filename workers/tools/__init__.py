@@ -1,0 +1,1 @@
+"""Tool bodies: one module per tool family."""
