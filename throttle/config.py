@@ -19,14 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from throttle.errors import ConfigError
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)?\s*([A-Za-z]*)\s*$")
-_TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)?\s*([A-Za-z]*)\s*")
+_TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
 
 
 def parse_duration_ms(text: str) -> int:
     """Parse "500ms", "30s", "2m", "1h" (a bare unit means one of it) into milliseconds."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match or not match.group(2):
         raise ValueError(f"{text!r} is not a duration; expected a number and a unit, e.g. '30s'")
     number, unit = match.group(1), match.group(2)
@@ -35,6 +35,8 @@ def parse_duration_ms(text: str) -> int:
     value = float(number) if number else 1.0
     if value <= 0:
         raise ValueError(f"{text!r} must be greater than zero")
+    if value * _UNITS_MS[unit] < 1:
+        raise ValueError(f"{text!r} is below the 1ms resolution; use at least '1ms'")
     return round(value * _UNITS_MS[unit])
 
 
@@ -101,15 +103,16 @@ class ToolConfig(BaseModel):
     @field_validator("max_delay_ms", mode="before")
     @classmethod
     def _parse_max_delay(cls, value: Any) -> int:
-        return value if isinstance(value, int) else parse_duration_ms(str(value))
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"30s\"")
+        return parse_duration_ms(value)
 
     @field_validator("slot_margin_ms", mode="before")
     @classmethod
     def _parse_slot_margin(cls, value: Any) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip()
-        return 0 if text in ("0", "0ms", "0s") else parse_duration_ms(text)
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"40ms\"")
+        return 0 if value.strip() in ("0", "0ms", "0s") else parse_duration_ms(value)
 
     @field_validator("params", "result")
     @classmethod
@@ -162,6 +165,8 @@ def load_config(source: str | Path | Mapping[str, Any]) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; pass the path of a tools TOML file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; pass the path of a tools TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         detail = str(exc)
         if "twice" in detail or "overwrite" in detail:
@@ -176,6 +181,9 @@ def _build(raw: dict[str, Any], where: str) -> Config:
         raise ConfigError(
             f"{where}: unknown section(s) {sorted(unknown)}; expected [broker], [defaults], [tools.<name>]"
         )
+    for section in ("broker", "defaults", "tools"):
+        if not isinstance(raw.get(section, {}), Mapping | list):
+            raise ConfigError(f"{where}: [{section}] must be a table")
     broker = dict(raw.get("broker", {}))
     if set(broker) - _BROKER_FIELDS:
         raise ConfigError(f"{where}: [broker]: unknown field(s) {sorted(set(broker) - _BROKER_FIELDS)}")
@@ -189,6 +197,9 @@ def _build(raw: dict[str, Any], where: str) -> Config:
         tools_raw = _tools_from_list(tools_raw, where)
     if not isinstance(tools_raw, Mapping) or not tools_raw:
         raise ConfigError(f"{where}: no tools declared; add a [tools.<name>] table")
+    for name, body in tools_raw.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: tool {name!r} must be a table ([tools.{name}])")
     tools = {name: _build_tool(name, {**defaults, **body}, where) for name, body in tools_raw.items()}
     for tool in tools.values():
         if tool.max_delay_ms >= visibility_ms:
@@ -213,7 +224,7 @@ def _tools_from_list(items: list[Any], where: str) -> dict[str, Any]:
 
 
 def _build_tool(name: str, body: dict[str, Any], where: str) -> ToolConfig:
-    if not _TOOL_NAME.match(name):
+    if not _TOOL_NAME.fullmatch(name):
         raise ConfigError(
             f"{where}: tool {name!r}: the name must be lowercase letters, digits and '_', "
             "starting with a letter (it becomes the queue 'tool.<name>')"

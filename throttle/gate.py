@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -55,15 +55,18 @@ def load_script(name: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """`url` with any password replaced by '***', safe for logs and errors."""
+    """`url` with any password (in the netloc or the query) replaced by '***'."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        query = [
+            (name, "***" if name.lower() == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def _describe_client(client: Any) -> str:
@@ -294,14 +297,19 @@ class AsyncGate(_GateBase):
         if deadline_s is not None:
             budget_s = min(budget_s, deadline_s)
         started = time.monotonic()
-        while True:
-            left_s = budget_s - (time.monotonic() - started)
-            decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s)
-            if decision.action is Action.ADMIT:
-                break
-            if decision.action is Action.FALLBACK:
-                raise Throttled(tool, decision.reason, self.config.tool(tool).fallback)
-            await asyncio.sleep(decision.wait_s)
+        try:
+            while True:
+                left_s = budget_s - (time.monotonic() - started)
+                decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s)
+                if decision.action is Action.ADMIT:
+                    break
+                if decision.action is Action.FALLBACK:
+                    raise Throttled(tool, decision.reason, self.config.tool(tool).fallback)
+                await asyncio.sleep(decision.wait_s)
+        except asyncio.CancelledError:
+            # Give the slot back to the callers behind (shielded: we are being cancelled).
+            await asyncio.shield(self.release(tool, member, key=key))
+            raise
         yield decision
 
     async def aclose(self) -> None:

@@ -24,12 +24,12 @@ from typing import Any
 from throttle.errors import ConfigError
 
 DEFAULT_PREFIX = "throttle"
-_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def check_prefix(prefix: str) -> str:
     """Return `prefix` if it is a safe key prefix, else raise ConfigError saying why."""
-    if not _PREFIX.match(prefix):
+    if not _PREFIX.fullmatch(prefix):
         raise ConfigError(
             f"key prefix {prefix!r} is invalid; use 1-64 letters, digits, '_', '.', ':' or '-' "
             "(no braces: they would break the hash tag)"
@@ -38,13 +38,16 @@ def check_prefix(prefix: str) -> str:
 
 
 def hash_key_value(value: Any) -> str:
-    """A short, fixed-length digest of a key argument's value (any JSON value)."""
+    """A short, fixed-length digest of a key argument's value (any JSON value).
+
+    The type is hashed too, so 1, "1" and b"1" are different keys.
+    """
     if isinstance(value, str):
-        raw = value.encode("utf-8", "surrogatepass")
+        raw = b"s:" + value.encode("utf-8", "surrogatepass")
     elif isinstance(value, bytes):
-        raw = value
+        raw = b"b:" + value
     else:
-        raw = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+        raw = b"j:" + json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 

@@ -121,8 +121,14 @@ def apply_defaults(app: Celery, config: Config) -> None:
                 f"is not above the longest max_delay ({longest_delay_s}s): delayed calls would "
                 "be redelivered; raise it or lower max_delay"
             )
-        if key == "broker_transport_options" and str(conf.broker_url or "").startswith("amqp"):
-            options.setdefault("confirm_publish", True)
+        if key == "broker_transport_options":
+            if _is_amqp(app):
+                options.setdefault("confirm_publish", True)
+            else:
+                # kombu sweeps for messages of lost workers only every ~100 s by default;
+                # sweep every tenth of the visibility timeout (1-10 s) instead.
+                options.setdefault("unacked_restore_interval", min(10, max(1, visibility_s // 10)))
+                options.setdefault("unacked_restore_throttle", 1)
         conf[key] = options
 
 

@@ -1,6 +1,7 @@
 """A Celery app whose tools record every execution in a Redis ledger (with Redis TIME).
 
-Configured by the environment so a test can run it in real worker processes:
+`celery -A tests.apps.ledger worker` builds it from the environment; a test builds the
+same app for its own process with `build(env)`.
   THROTTLE_TEST_CONFIG   the tools config as JSON (see `throttle.load_config`)
   THROTTLE_PREFIX        the gate's key prefix; the ledger is the list <prefix>:ledger
   THROTTLE_REDIS_URL, THROTTLE_BROKER_URL, THROTTLE_RESULT_BACKEND
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -21,37 +23,45 @@ from celery import Celery, current_task
 
 from throttle import Throttle, load_config
 
-redis_url = os.environ["THROTTLE_REDIS_URL"]
-prefix = os.environ["THROTTLE_PREFIX"]
-app = Celery(
-    "ledger",
-    broker=os.environ.get("THROTTLE_BROKER_URL", redis_url),
-    backend=os.environ.get("THROTTLE_RESULT_BACKEND", redis_url),
-)
-app.conf.worker_hijack_root_logger = False
-config = load_config(json.loads(os.environ["THROTTLE_TEST_CONFIG"]))
-throttle = Throttle(app, config, redis_url, prefix=prefix)
-ledger = redis.Redis.from_url(redis_url)
-body_s = float(os.environ.get("THROTTLE_TEST_BODY_S", "0"))
-poison = os.environ.get("THROTTLE_TEST_POISON")
+
+def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
+    """The app, its Throttle and one task per configured tool."""
+    redis_url = env["THROTTLE_REDIS_URL"]
+    prefix = env["THROTTLE_PREFIX"]
+    app = Celery(
+        "ledger",
+        broker=env.get("THROTTLE_BROKER_URL", redis_url),
+        backend=env.get("THROTTLE_RESULT_BACKEND", redis_url),
+    )
+    app.conf.worker_hijack_root_logger = False
+    config = load_config(json.loads(env["THROTTLE_TEST_CONFIG"]))
+    throttle = Throttle(app, config, redis_url, prefix=prefix)
+    store = redis.Redis.from_url(redis_url)
+    body_s = float(env.get("THROTTLE_TEST_BODY_S", "0"))
+    poison = env.get("THROTTLE_TEST_POISON")
+
+    def make(tool: str) -> Any:
+        def body(n: int, **_: Any) -> dict[str, Any]:
+            if poison is not None and str(n) == poison:
+                os.kill(os.getpid(), signal.SIGKILL)
+            request = current_task.request
+            sec, usec = store.time()
+            entry = {
+                "id": request.id, "tool": tool, "n": n, "at": sec + usec / 1e6,
+                "pid": os.getpid(), "delays": getattr(request, "throttle_delays", 0),
+                "eta": request.eta, "admitted_at": getattr(request, "throttle_admitted_at", None),
+            }
+            store.rpush(f"{prefix}:ledger", json.dumps(entry))
+            if body_s:
+                time.sleep(body_s)
+            return {"n": n}
+
+        body.__name__ = tool
+        return body
+
+    tasks = {name: throttle.tool(name)(make(name)) for name in config.tools}
+    return app, throttle, tasks
 
 
-def _make(tool: str) -> Any:
-    def body(n: int, **_: Any) -> dict[str, Any]:
-        if poison is not None and str(n) == poison:
-            os.kill(os.getpid(), signal.SIGKILL)
-        sec, usec = ledger.time()
-        entry = {"id": current_task.request.id, "tool": tool, "n": n, "at": sec + usec / 1e6,
-                 "pid": os.getpid(), "delays": getattr(current_task.request, "throttle_delays", 0),
-                 "eta": current_task.request.eta,
-                 "admitted_at": getattr(current_task.request, "throttle_admitted_at", None)}
-        ledger.rpush(f"{prefix}:ledger", json.dumps(entry))
-        if body_s:
-            time.sleep(body_s)
-        return {"n": n}
-
-    body.__name__ = tool
-    return body
-
-
-tasks = {name: throttle.tool(name)(_make(name)) for name in config.tools}
+if "THROTTLE_TEST_CONFIG" in os.environ:
+    app, throttle, tasks = build(os.environ)

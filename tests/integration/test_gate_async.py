@@ -127,7 +127,8 @@ def test_a_slot_waits_for_its_reserved_time(redis_url: str, prefix: str) -> None
     assert (first.reason, second.reason) == ("admitted", "admitted")
     assert 0.85 < t3 < 1.5, "the third call waits for the first one's window to pass"
     assert (third.action, third.reason) == (Action.ADMIT, "reservation")
-    assert third.slot_at == pytest.approx(first.slot_at + 1, abs=0.05)
+    margin_s = CONFIG.tool("quick").slot_margin_ms / 1000
+    assert third.slot_at == pytest.approx(first.slot_at + 1 + margin_s, abs=0.005)
 
 
 def test_a_slot_that_would_miss_its_deadline_raises_throttled_with_the_fallback(
@@ -163,11 +164,6 @@ def test_a_caller_deadline_tighter_than_max_delay_raises_throttled(
     assert with_gate(redis_url, prefix, body).reason == "deadline"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: AsyncGate.slot does not release its reservation when cancelled while waiting",
-)
 def test_a_cancelled_slot_gives_its_reservation_back(redis_url: str, prefix: str) -> None:
     async def body(gate: AsyncGate) -> tuple[Decision, Decision]:
         async with gate.slot("cancel") as first:
@@ -178,11 +174,12 @@ def test_a_cancelled_slot_gives_its_reservation_back(redis_url: str, prefix: str
                 pass
 
         task = asyncio.create_task(waiter())
-        await asyncio.sleep(0.2)  # it now holds the slot at first + 2 s and sleeps
+        await asyncio.sleep(0.2)  # it now holds the slot 2 s after the first and sleeps
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         return first, await gate.acquire("cancel", "next")
 
     first, following = with_gate(redis_url, prefix, body)
-    assert following.slot_at == pytest.approx(first.slot_at + 2, abs=0.01)
+    margin_s = CONFIG.tool("cancel").slot_margin_ms / 1000
+    assert following.slot_at == pytest.approx(first.slot_at + 2 + margin_s, abs=0.005)

@@ -7,8 +7,9 @@ example: no window of any limit ever holds more than `max` admitted units (half-
 arrivals get non-decreasing slots (FIFO); no DELAY waits past the call's deadline; FALLBACK
 happens only when the earliest slot lies past the deadline (or the cost alone exceeds a limit);
 and, for one limit, the log stays within its memory bound. Each decision is also compared with
-the slot that the documented rule (earliest slot >= max(now, latest taken) that breaks no window,
-computed here from a snapshot of the log) gives.
+the slot that the documented rule gives (earliest slot >= max(now, latest taken) that breaks no
+window; with a slot margin m, windows of W + m/2 for admissions and W + m for reservations),
+computed here from a snapshot of the log taken just before the call.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
-from conftest import delete_prefix
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -93,6 +93,13 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     connection = redis.Redis.from_url(redis_url)
     yield connection
     connection.close()
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    """Delete this example's keys (never FLUSHDB: the server is shared)."""
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 def snapshot(
@@ -293,7 +300,7 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(scenario=scenarios)
-@example(  # a late return moves its entry; the next reservation then comes back 'late'
+@example(  # R1 is admitted 2 s late, so R2, due while R1 is in its window, gets 'late'
     scenario=Scenario(
         limits=((1, 10_000),),
         max_delay_ms=30_000,

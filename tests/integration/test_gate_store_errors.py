@@ -91,11 +91,6 @@ def test_a_password_in_the_url_never_shows_in_the_error(userinfo: str) -> None:
     assert "***" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: gate.mask_url masks the userinfo password but not redis-py's ?password= query",
-)
 def test_a_password_in_the_query_string_never_shows_in_the_error() -> None:
     gate = Gate(
         f"redis://127.0.0.1:{free_port()}/0?password=secret", CONFIG, prefix="throttle-test"

@@ -116,11 +116,6 @@ def test_an_unsafe_prefix_is_refused_with_the_reason(prefix: str) -> None:
     assert "1-64 letters" in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="bug: keys._PREFIX ends in '$', which also matches before a trailing newline",
-)
 def test_a_prefix_ending_in_a_newline_is_refused() -> None:
     with pytest.raises(ConfigError, match="key prefix"):
         check_prefix("throttle\n")

@@ -45,6 +45,7 @@ for i = 1, n do
   if windows[i] > longest then longest = windows[i] end
 end
 
+local LATE_GRACE_MS = 1000
 local function fmt(x) return string.format('%.3f', x) end
 
 -- Trim what no window can see any more; unused reservations expire with it.
@@ -107,7 +108,10 @@ local function earliest(from, upto, max, window, skip)
   return nil
 end
 
+-- Keys live until the latest entry (admission or reservation) has left every window.
 local function expire(last)
+  local tail = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')[2]
+  if tail and tonumber(tail) > last then last = tonumber(tail) end
   local ttl = math.ceil(last - now + longest) + 1000
   redis.call('PEXPIRE', log, ttl)
   redis.call('PEXPIRE', rsv, ttl)
@@ -131,7 +135,9 @@ if held then
     if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if at > t then t = at end
   end
-  if t - now > deadline then
+  -- A reservation was promised within the deadline; lateness that is not the caller's
+  -- gets a grace of LATE_GRACE_MS before the call falls back.
+  if t - now > deadline + LATE_GRACE_MS then
     redis.call('ZREM', log, member)
     redis.call('ZREM', rsv, member)
     redis.call('HDEL', costs, member)

@@ -1,0 +1,50 @@
+"""Fixtures for tests that run real Celery workers against the real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests.support.workers import Cluster, clean_db, cluster
+
+BROKER_DB, BACKEND_DB = 9, 10
+
+
+def with_db(url: str, db: int) -> str:
+    """`url` pointing at database number `db`."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+@pytest.fixture
+def redis_dbs(redis_url: str) -> Iterator[tuple[str, str]]:
+    """Broker and result-backend URLs on database numbers these tests own, emptied around."""
+    urls = with_db(redis_url, BROKER_DB), with_db(redis_url, BACKEND_DB)
+    for url in urls:
+        clean_db(url)
+    yield urls
+    for url in urls:
+        clean_db(url)
+
+
+@pytest.fixture
+def make_cluster(
+    tmp_path: Path, redis_url: str, prefix: str, redis_dbs: tuple[str, str]
+) -> Iterator[Any]:
+    """Call with a tools config (and optional broker URL / env) to get a worker Cluster."""
+    stack: list[Any] = []
+
+    def make(config: dict[str, Any], *, broker_url: str | None = None, **kw: Any) -> Cluster:
+        manager = cluster(
+            tmp_path, redis_url=redis_url, prefix=prefix, config=config,
+            broker_url=broker_url or redis_dbs[0], backend_url=redis_dbs[1], **kw,
+        )
+        stack.append(manager)
+        return manager.__enter__()
+
+    yield make
+    for manager in reversed(stack):
+        manager.__exit__(None, None, None)

@@ -1,0 +1,1 @@
+"""Helpers the integration and fault tests share: worker processes, ledgers, relays."""
