@@ -364,9 +364,8 @@ class Bench:
 
 
 def _mix(contender: Contender) -> str:
-    total = contender.calls or 1
-    parts = [f"{action} {count / total:.1%}" for action, count in contender.actions.most_common()]
-    return ", ".join(parts)
+    """The answers over the timed runs, e.g. "delay 59,970, admit 30"."""
+    return ", ".join(f"{action} {count:,}" for action, count in contender.actions.most_common())
 
 
 def _ratio(value: float, reference: float) -> float:

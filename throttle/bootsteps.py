@@ -25,6 +25,6 @@ class FireDueTimers(bootsteps.StartStopStep):  # type: ignore[misc]
     def create(self, worker: Any) -> None:
         hub = getattr(worker, "hub", None)
         if isinstance(hub, Hub):
-            hub.fire_timers = functools.partial(
+            hub.fire_timers = functools.partial(  # type: ignore[method-assign]
                 Hub.fire_timers, hub, max_timers=MAX_TIMERS_PER_PASS
             )

@@ -179,14 +179,16 @@ def _build(raw: dict[str, Any], where: str) -> Config:
     unknown = set(raw) - _TOP_LEVEL
     if unknown:
         raise ConfigError(
-            f"{where}: unknown section(s) {sorted(unknown)}; expected [broker], [defaults], [tools.<name>]"
+            f"{where}: unknown section(s) {sorted(unknown)}; "
+            "expected [broker], [defaults], [tools.<name>]"
         )
     for section in ("broker", "defaults", "tools"):
         if not isinstance(raw.get(section, {}), Mapping | list):
             raise ConfigError(f"{where}: [{section}] must be a table")
     broker = dict(raw.get("broker", {}))
     if set(broker) - _BROKER_FIELDS:
-        raise ConfigError(f"{where}: [broker]: unknown field(s) {sorted(set(broker) - _BROKER_FIELDS)}")
+        unknown_fields = sorted(set(broker) - _BROKER_FIELDS)
+        raise ConfigError(f"{where}: [broker]: unknown field(s) {unknown_fields}")
     try:
         visibility_ms = parse_duration_ms(str(broker.get("visibility_timeout", "1h")))
     except ValueError as exc:
@@ -200,7 +202,9 @@ def _build(raw: dict[str, Any], where: str) -> Config:
     for name, body in tools_raw.items():
         if not isinstance(body, Mapping):
             raise ConfigError(f"{where}: tool {name!r} must be a table ([tools.{name}])")
-    tools = {name: _build_tool(name, {**defaults, **body}, where) for name, body in tools_raw.items()}
+    tools = {
+        name: _build_tool(name, {**defaults, **body}, where) for name, body in tools_raw.items()
+    }
     for tool in tools.values():
         if tool.max_delay_ms >= visibility_ms:
             raise ConfigError(
@@ -249,11 +253,12 @@ def _build_tool(name: str, body: dict[str, Any], where: str) -> ToolConfig:
 
 def _describe(exc: ValidationError, tool: str, where: str) -> str:
     lines = []
-    fields = sorted(ToolConfig.model_fields) + ["max_delay", "slot_margin"]
+    internal = ("name", "max_delay_ms", "slot_margin_ms")
+    fields = sorted([*ToolConfig.model_fields, "max_delay", "slot_margin"])
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         if error["type"] == "extra_forbidden":
-            known = ", ".join(sorted(f for f in fields if f not in ("name", "max_delay_ms", "slot_margin_ms")))
+            known = ", ".join(f for f in fields if f not in internal)
             message = f"unknown field; known fields: {known}"
         elif error["type"] == "missing":
             message = "required"

@@ -137,7 +137,7 @@ class _GateBase:
         tool = self.config.tool(tool_name)
         if not cost > 0:
             raise InvalidToolCall(tool_name, f"cost must be greater than zero, got {cost!r}")
-        deadline_ms = tool.max_delay_ms
+        deadline_ms: float = tool.max_delay_ms
         if deadline_s is not None:
             deadline_ms = max(0.0, min(deadline_ms, deadline_s * 1000))
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
@@ -214,8 +214,8 @@ class Gate(_GateBase):
 
     def note_redelivery(self, tool: str, member: str, *, key: Any = None) -> int:
         """Count one more delivery of an already admitted `member`; returns the count."""
-        self._keys(self.config.tool(tool), key)
-        name = redelivery_key(self.prefix, tool, member, key if self.config.tool(tool).key else None)
+        scoped = self._keys(self.config.tool(tool), key) and self.config.tool(tool).key
+        name = redelivery_key(self.prefix, tool, member, key if scoped else None)
         ttl_ms = self.config.visibility_timeout_ms * 10
         try:
             pipe = self.client.pipeline(transaction=False)

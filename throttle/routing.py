@@ -16,7 +16,7 @@ import jsonschema
 import redis
 from celery import Celery
 from celery.app.defaults import DEFAULTS
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from throttle.bootsteps import FireDueTimers
 from throttle.config import Config, load_config
@@ -154,10 +154,13 @@ def delivery_priorities(app: Celery) -> tuple[int | None, int | None]:
 def declare_queues(app: Celery, config: Config, *, amqp: bool = False) -> None:
     """One durable queue `tool.<name>` per tool, and a route for each tool's task."""
     conf = app.conf
-    queues = list(conf.task_queues or [Queue(conf.task_default_queue)])
+    default = Queue(conf.task_default_queue)  # type: ignore[no-untyped-call]
+    queues = list(conf.task_queues or [default])
     known = {queue.name for queue in queues}
     queues += [
-        Queue(tool.queue, routing_key=tool.queue, max_priority=AMQP_MAX_PRIORITY if amqp else None)
+        Queue(  # type: ignore[no-untyped-call]
+            tool.queue, routing_key=tool.queue, max_priority=AMQP_MAX_PRIORITY if amqp else None
+        )
         for tool in config.tools.values()
         if tool.queue not in known
     ]

@@ -7,6 +7,7 @@ reserved slot, and comes back to be admitted by its reservation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -90,9 +91,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
             raise InvalidToolCall(
                 self.tool.name, "pass arguments by keyword, e.g. .delay(query='...')"
             )
-        kwargs = dict(kwargs or {})
+        checked: dict[str, Any] = dict(kwargs or {})
         try:
-            size = len(json.dumps(kwargs, separators=(",", ":")))
+            size = len(json.dumps(checked, separators=(",", ":")))
         except (TypeError, ValueError) as exc:
             raise InvalidToolCall(self.tool.name, f"arguments are not JSON: {exc}") from None
         if size > self.tool.max_args_bytes:
@@ -101,11 +102,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 f"arguments are {size} bytes, above the tool's max_args_bytes "
                 f"({self.tool.max_args_bytes}); send a reference instead of the data",
             )
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(kwargs))
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(checked))
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"
             raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")
-        return kwargs
+        return checked
 
     # -- worker side --------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -205,10 +206,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """Store the tool's fallback as this call's result, marked as a fallback."""
         key = kwargs.get(self.tool.key) if self.tool.key else None
         if reason != "store_unavailable":
-            try:
+            with contextlib.suppress(StoreUnavailable):
                 self.throttle.gate.release(self.tool.name, self.request.id, key=key)
-            except StoreUnavailable:
-                pass
         count_decision(self.tool.name, "fallback")
         result = self.tool.fallback
         if not self.request.ignore_result:

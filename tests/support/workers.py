@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,10 +61,8 @@ class Cluster:
         ).stdout.split()
         proc.send_signal(signal.SIGKILL)
         for child in children:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(int(child), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         proc.wait()
 
     def stop(self) -> None:

@@ -1,0 +1,133 @@
+"""The seed's scenario: assistant sessions firing bursts of e-commerce tool calls.
+
+Each session takes several turns; a turn fires its tool calls together, the way an LLM asks
+for several tools at once. Per session: about 47 catalog searches, 12 stock checks, 5 order
+lookups, and a refund in about one session in five — several times the configured limits.
+
+The default limits are per minute, so the demo scales time: `scale_config` divides every
+window and max_delay by the time scale ("100/60s" at 10x becomes "100/6s").
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from throttle.config import Limit, parse_duration_ms
+
+DEMO_TOOLS = ("search_products", "get_inventory", "lookup_order", "process_refund")
+SEARCHES = (40, 54)
+STOCK_CHECKS = (9, 15)
+ORDER_LOOKUPS = (3, 7)
+REFUND_SHARE = 0.2
+TURNS = (6, 10)
+TURN_SPREAD_S = 0.05
+QUERIES = (
+    "headphones", "usb cable", "coffee grinder", "desk lamp", "hiking backpack", "kettle",
+    "ergonomic chair", "monitor", "keyboard", "tent", "pillow", "cast-iron", "notebook",
+    "air purifier", "knife", "mouse", "blanket", "laptop", "camping", "bamboo",
+)
+CATEGORIES = (None, None, None, "electronics", "kitchen", "outdoor", "office", "home")
+REASONS = ("arrived damaged", "wrong size", "late delivery", "changed my mind")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedCall:
+    """One tool call of one session, `at_s` seconds after the demo starts."""
+
+    at_s: float
+    session_id: str
+    tool: str
+    kwargs: Mapping[str, Any]
+
+
+def plan_sessions(
+    sessions: int, duration_s: float, tools: Iterable[str], *, seed: int = 7
+) -> list[PlannedCall]:
+    """Every call of the run, in firing order.
+
+    Sessions start over the first third of the duration and each lasts another third, so
+    the last calls go out at two thirds and the rest of the run drains the delayed ones.
+    """
+    rng = random.Random(seed)
+    span_s = duration_s / 3
+    wanted = [tool for tool in DEMO_TOOLS if tool in set(tools)]
+    calls: list[PlannedCall] = []
+    for number in range(sessions):
+        session_id = f"session-{number:03d}"
+        start_s = rng.uniform(0, span_s)
+        turns = [start_s] + [start_s + rng.uniform(0, span_s) for _ in range(rng.randint(*TURNS))]
+        for tool in wanted:
+            for _ in range(_calls_of(rng, tool)):
+                at_s = rng.choice(turns) + rng.uniform(0, TURN_SPREAD_S)
+                calls.append(PlannedCall(at_s, session_id, tool, _arguments(rng, tool, session_id)))
+    calls.sort(key=lambda call: call.at_s)
+    return calls
+
+
+def _calls_of(rng: random.Random, tool: str) -> int:
+    if tool == "search_products":
+        return rng.randint(*SEARCHES)
+    if tool == "get_inventory":
+        return rng.randint(*STOCK_CHECKS)
+    if tool == "lookup_order":
+        return rng.randint(*ORDER_LOOKUPS)
+    return 1 if rng.random() < REFUND_SHARE else 0
+
+
+def _arguments(rng: random.Random, tool: str, session_id: str) -> dict[str, Any]:
+    order_id = f"ORD-{rng.randint(50001, 50030)}"
+    if tool == "search_products":
+        category = rng.choice(CATEGORIES)
+        extra = {} if category is None else {"category": category}
+        return {"query": rng.choice(QUERIES), "session_id": session_id, **extra}
+    if tool == "get_inventory":
+        return {"sku": f"SKU-{rng.randint(1001, 1040)}", "session_id": session_id}
+    if tool == "lookup_order":
+        return {"order_id": order_id, "session_id": session_id}
+    return {
+        "order_id": order_id, "amount_cents": rng.randint(500, 5000),
+        "reason": rng.choice(REASONS), "session_id": session_id,
+    }
+
+
+def scale_config(raw: Mapping[str, Any], time_scale: float) -> dict[str, Any]:
+    """A copy of a parsed tools file with every window and max_delay divided by `time_scale`.
+
+    Values that do not parse are left as they are, for `load_config` to report.
+    """
+    document = copy.deepcopy(dict(raw))
+    tools = document.get("tools", {})
+    tables = [document.get("defaults", {})]
+    tables += list(tools.values()) if isinstance(tools, Mapping) else list(tools)
+    for table in tables:
+        if not isinstance(table, dict):
+            continue
+        try:
+            if "limits" in table:
+                limits = table["limits"]
+                items = [limits] if isinstance(limits, str) else list(limits)
+                table["limits"] = [_scale_limit(str(item), time_scale) for item in items]
+            if "max_delay" in table:
+                table["max_delay"] = _scale_duration(table["max_delay"], time_scale)
+        except (TypeError, ValueError):
+            continue
+    return document
+
+
+def _scale_limit(text: str, time_scale: float) -> str:
+    limit = Limit.parse(text)
+    return f"{limit.max}/{_ms_text(limit.window_ms / time_scale)}"
+
+
+def _scale_duration(value: Any, time_scale: float) -> str:
+    ms = value if isinstance(value, int) else parse_duration_ms(str(value))
+    return _ms_text(ms / time_scale)
+
+
+def _ms_text(ms: float) -> str:
+    whole = max(1, round(ms))
+    return f"{whole // 1000}s" if whole % 1000 == 0 else f"{whole}ms"

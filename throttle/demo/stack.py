@@ -1,0 +1,40 @@
+"""What the demo runs on: a Celery app with the tools' tasks, and the gate's Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from throttle.demo.scenario import DEMO_TOOLS
+from throttle.routing import Throttle
+from workers.tools import catalog
+
+# Finished results are kept in the backend's cache, so `outcome()` reads no key twice.
+RESULT_CACHE_MAX = 1_000_000
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A running broker, worker(s), result backend and gate store, as the caller sees them."""
+
+    mode: str
+    app: Celery
+    tasks: dict[str, Any]
+    store: redis.Redis
+    prefix: str
+    details: str
+
+
+def register_tools(throttle: Throttle) -> dict[str, Any]:
+    """The seed's tool bodies (`workers.tools.catalog`) as tasks of `throttle`'s app.
+
+    Only the tools the config declares; the task names match the deployed workers'.
+    """
+    return {
+        name: throttle.tool(getattr(catalog, name))
+        for name in DEMO_TOOLS
+        if name in throttle.config.tools
+    }
