@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,18 @@ class Stack:
     store: redis.Redis
     prefix: str
     details: str
+
+    def forget_results(self, task_ids: Iterable[str]) -> None:
+        """Delete the stored results of `task_ids` from the result backend."""
+        backend = self.app.backend
+        client = getattr(backend, "client", None)
+        if not isinstance(client, redis.Redis):
+            for task_id in task_ids:
+                backend.forget(task_id)
+            return
+        keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
 
 
 def register_tools(throttle: Throttle) -> dict[str, Any]:

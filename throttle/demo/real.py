@@ -1,0 +1,154 @@
+"""The real thing: the gate on Redis and one `celery -A workers worker` process per tool.
+
+The scaled config goes to a TOML file the workers load (THROTTLE_CONFIG); the gate's keys
+get a prefix of this run's own, deleted at the end with the results and queued messages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from throttle.config import Config, load_config
+from throttle.demo.scenario import DEMO_TOOLS
+from throttle.demo.stack import RESULT_CACHE_MAX, Stack, register_tools
+from throttle.demo.tomltext import dumps
+from throttle.errors import ThrottleError
+from throttle.gate import mask_url
+from throttle.routing import Throttle
+
+WORKER_CONCURRENCY = 2
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 15.0
+
+
+class DemoError(ThrottleError):
+    """The demo cannot run as asked (a store does not answer, a worker does not start)."""
+
+
+@contextmanager
+def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str) -> Iterator[Stack]:
+    """Worker processes for the demo's tools, stopped and cleaned up after the block."""
+    for url in (redis_url, broker_url):
+        _check_answers(url)
+    prefix = f"throttle-demo-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="throttle-demo-") as folder:
+        config_path = Path(folder) / "tools.toml"
+        config_path.write_text(dumps(document), encoding="utf-8")
+        config = load_config(config_path)
+        missing = [tool for tool in DEMO_TOOLS if tool not in config.tools]
+        if missing:
+            raise DemoError(f"the workers serve {', '.join(DEMO_TOOLS)}; the config lacks {missing}")
+        app = Celery("throttle-demo", broker=broker_url, backend=broker_url)
+        app.conf.result_cache_max = RESULT_CACHE_MAX
+        tasks = register_tools(Throttle(app, config, redis_url, prefix=prefix))
+        store = redis.Redis.from_url(redis_url)
+        env = {
+            **os.environ, "THROTTLE_CONFIG": str(config_path), "THROTTLE_PREFIX": prefix,
+            "THROTTLE_REDIS_URL": redis_url, "THROTTLE_BROKER_URL": broker_url,
+            "THROTTLE_RESULT_BACKEND": broker_url,
+        }
+        workers = _Workers(env, Path(folder), prefix)
+        try:
+            workers.start(config)
+            workers.wait_ready(app)
+            yield Stack(
+                mode="real", app=app, tasks=tasks, store=store, prefix=prefix,
+                details=(
+                    f"gate on Redis {mask_url(redis_url)} (keys {prefix}:*), broker "
+                    f"{mask_url(broker_url)}, {len(workers.procs)} worker processes "
+                    f"(celery -A workers worker -Q tool.<name> -c {WORKER_CONCURRENCY})"
+                ),
+            )
+        finally:
+            workers.stop()
+            _clean(app, store, prefix, config)
+            store.close()
+
+
+def _check_answers(url: str) -> None:
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise DemoError(f"Redis at {mask_url(url)} does not answer ({exc})") from None
+    finally:
+        client.close()
+
+
+class _Workers:
+    """The worker processes this demo started (each in its own process group)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, prefix: str) -> None:
+        self.env, self.log_dir, self.prefix = env, log_dir, prefix
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, config: Config) -> None:
+        host = socket.gethostname()
+        for tool in config.tools.values():
+            name = f"{self.prefix}-{tool.name}@{host}"
+            with open(self.log_dir / f"{tool.name}.log", "wb") as log:
+                self.procs[name] = subprocess.Popen(
+                    [
+                        sys.executable, "-m", "celery", "-A", "workers", "worker",
+                        "-Q", tool.queue, "-c", str(WORKER_CONCURRENCY), "-n", name,
+                        "-l", "WARNING", "--without-gossip", "--without-mingle",
+                        "--without-heartbeat",
+                    ],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+
+    def wait_ready(self, app: Celery) -> None:
+        """Wait until every worker answers a ping; fail with its log if one exits."""
+        waiting = set(self.procs)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while waiting:
+            for name in list(waiting):
+                if self.procs[name].poll() is not None:
+                    raise DemoError(f"worker {name} exited at start:\n{self._log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"workers {sorted(waiting)} did not answer within "
+                                f"{READY_TIMEOUT_S:.0f}s")
+            for reply in app.control.ping(destination=sorted(waiting), timeout=0.5) or []:
+                waiting -= set(reply)
+
+    def _log_tail(self, name: str) -> str:
+        tool = name.split("@")[0].removeprefix(f"{self.prefix}-")
+        lines = (self.log_dir / f"{tool}.log").read_text(errors="replace").splitlines()
+        return "\n".join(lines[-30:])
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM); the process group is killed if it does not exit in time."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _clean(app: Celery, store: redis.Redis, prefix: str, config: Config) -> None:
+    """Delete the gate's keys of this run and purge its queues (messages left by a stop)."""
+    batch = list(store.scan_iter(match=f"{prefix}:*", count=1000))
+    for start in range(0, len(batch), 500):
+        store.delete(*batch[start : start + 500])
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for tool in config.tools.values():
+            channel.queue_purge(tool.queue)
