@@ -1,0 +1,16 @@
+"""`throttle demo`: the seed's e-commerce burst through the throttle, shown live.
+
+Without THROTTLE_REDIS_URL it runs embedded, in one process (memory broker, in-process worker,
+fakeredis running the gate's Lua); with it, on that Redis with one worker process per tool.
+
+  scenario  the sessions and their calls; time scaling of the config
+  stack     what the demo runs on; embedded / real build one
+  tracker   outcomes from the results, admission times from the gate's log
+  live      banner and live table;  report / chart  the summary, its JSON and PNG
+  runner    ties them together
+"""
+
+from throttle.demo.real import DemoError
+from throttle.demo.runner import DemoSettings, run_demo
+
+__all__ = ["DemoError", "DemoSettings", "run_demo"]

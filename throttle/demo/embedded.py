@@ -28,7 +28,7 @@ SHUTDOWN_TIMEOUT_S = 30.0
 @contextmanager
 def embedded_stack(config: Config) -> Iterator[Stack]:
     """The demo's tools on an in-process worker, for as long as the block runs."""
-    app = Celery("throttle-demo", broker="memory://", backend="cache+memory://")
+    app = Celery("throttle-demo", broker="memory://localhost/", backend="cache+memory://")
     app.conf.broker_transport_options = {"polling_interval": POLLING_INTERVAL_S}
     app.conf.result_cache_max = RESULT_CACHE_MAX
     app.conf.worker_hijack_root_logger = False

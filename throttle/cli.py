@@ -1,0 +1,166 @@
+"""The `throttle` command: check a tools file, start a tool's worker, run the demo.
+
+  throttle check [PATH]                  validate a tools file and list its tools
+  throttle worker TOOL... [OPTIONS]      celery -A workers worker -Q tool.<TOOL>,... [OPTIONS]
+  throttle demo [--sessions N] ...       the seed's burst, embedded or on THROTTLE_REDIS_URL
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from throttle.config import Config, load_config
+from throttle.errors import ThrottleError
+
+DEFAULT_CONFIG = Path("config") / "tools.toml"
+# The file the deployed workers load when THROTTLE_CONFIG is not set (see workers/__init__.py).
+PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
+PIPED_WIDTH = 140
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console; output to a pipe or file gets a fixed width wide enough for the tables."""
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    _console(stderr=True).print(Text(message, style="red"), soft_wrap=True)
+    sys.exit(code)
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ThrottleError as exc:
+        _fail(str(exc))
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Distributed throttler for LLM tool calls on Celery and Redis."""
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def check(path: Path | None) -> None:
+    """Validate a tools file and list its tools (default: THROTTLE_CONFIG or config/tools.toml).
+
+    Exits 1 and prints what is wrong when the file is not a valid config.
+    """
+    path = path or Path(os.environ.get("THROTTLE_CONFIG") or DEFAULT_CONFIG)
+    config = _load(path)
+    table = Table(
+        title=f"{path}: {len(config.tools)} tools",
+        caption=f"broker visibility_timeout {_duration(config.visibility_timeout_ms)}",
+        title_justify="left", header_style="bold",
+    )
+    for name in ("tool", "queue", "limits", "key", "max_delay", "on_store_error", "pace"):
+        table.add_column(name, no_wrap=name in ("tool", "queue"))
+    for tool in config.tools.values():
+        table.add_row(
+            tool.name, tool.queue, ", ".join(str(limit) for limit in tool.limits),
+            tool.key or "—", _duration(tool.max_delay_ms), tool.on_store_error, tool.pace,
+        )
+    _console().print(table)
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    short_help="Run the worker of one or more tools.",
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="TOOL... [CELERY OPTIONS]")
+def worker(args: tuple[str, ...]) -> None:
+    """Run `celery -A workers worker -Q tool.<TOOL>,...`; options after the tools go to celery.
+
+    Example: throttle worker search_products get_inventory -c 4 -l INFO
+
+    The tools are checked against THROTTLE_CONFIG (default: the project's config/tools.toml),
+    the file the worker loads.
+    """
+    tools = list(itertools.takewhile(lambda arg: not arg.startswith("-"), args))
+    options = list(args[len(tools):])
+    path = Path(os.environ.get("THROTTLE_CONFIG") or PROJECT_CONFIG)
+    config = _load(path)
+    known = ", ".join(config.tools)
+    unknown = [tool for tool in tools if tool not in config.tools]
+    if not tools:
+        _fail(f"name at least one tool to serve; known tools ({path}): {known}")
+    if unknown:
+        _fail(f"unknown tool(s) {', '.join(unknown)}; known tools ({path}): {known}")
+    queues = ",".join(config.tool(tool).queue for tool in tools)
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, *options]
+    _console(stderr=True).print(
+        Text("exec " + shlex.join(["celery", *argv[3:]]), style="dim"), soft_wrap=True
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+@main.command()
+@click.option("--sessions", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Simulated assistant sessions.")
+@click.option("--duration", "duration_s", default=60.0, show_default=True,
+              type=click.FloatRange(min=3), help="Seconds the sessions run over (about the "
+              "run's length: the last calls go out at two thirds, the rest drains).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Tools file (default: THROTTLE_CONFIG, else config/tools.toml).")
+@click.option("--time-scale", default=10.0, show_default=True, type=click.FloatRange(min=1),
+              help="Divide every window and max_delay by this, so minute limits show in seconds.")
+@click.option("--out", "out_dir", default=Path("demo-output"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the chart (PNG) and the summary (JSON).")
+@click.option("--broker", "broker_url", metavar="URL",
+              help="Real mode only: broker and result backend for the demo's calls "
+              "(default: THROTTLE_REDIS_URL with db 1).")
+@click.option("--seed", default=7, show_default=True, help="Seed of the scenario's randomness.")
+def demo(
+    sessions: int, duration_s: float, config_path: Path | None, time_scale: float,
+    out_dir: Path, broker_url: str | None, seed: int,
+) -> None:
+    """The seed's e-commerce burst through the throttle, shown live, then summed up.
+
+    Without THROTTLE_REDIS_URL it runs embedded in this process (memory broker, in-process
+    worker, fakeredis running the gate's Lua). With it, the gate runs on that Redis and one
+    `celery -A workers worker` process serves each tool.
+    """
+    from throttle.demo import DemoSettings, run_demo
+
+    if config_path is None:
+        configured = os.environ.get("THROTTLE_CONFIG")
+        local = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else PROJECT_CONFIG
+        config_path = Path(configured) if configured else local
+    settings = DemoSettings(
+        config_path=config_path, sessions=sessions, duration_s=duration_s,
+        time_scale=time_scale, out_dir=out_dir, broker_url=broker_url, seed=seed,
+    )
+    try:
+        run_demo(settings, _console())
+    except ThrottleError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; the demo's workers were stopped and its keys deleted", code=130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""A PNG per run: for each tool, calls sent and admitted per second against the limit's rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+import numpy as np  # noqa: E402
+
+from throttle.config import Config  # noqa: E402
+from throttle.demo.tracker import Tracker  # noqa: E402
+
+STEP_S = 0.1
+
+
+def write_chart(path: Path, tracker: Tracker, config: Config, started_at: float) -> None:
+    """Sent, admitted and fallen-back calls per second, the trailing-window rate and the limit."""
+    tools = [tool for tool in config.tools.values() if tracker.calls_of(tool.name)]
+    figure, axes = plt.subplots(
+        len(tools), 1, figsize=(10, 2.5 * len(tools) + 0.8), sharex=True, squeeze=False
+    )
+    end_s = max(
+        (moment - started_at for call in tracker.calls.values()
+         for moment in (call.sent_at, call.admitted_at, call.finished_at) if moment is not None),
+        default=1.0,
+    )
+    bins = np.arange(0.0, np.ceil(end_s) + 1.0, 1.0)
+    for axis, tool in zip(axes[:, 0], tools, strict=True):
+        calls = tracker.calls_of(tool.name)
+        sent = [call.sent_at - started_at for call in calls]
+        admitted = np.sort([call.admitted_at - started_at for call in calls
+                            if call.admitted_at is not None])
+        fallbacks = [call.finished_at - started_at for call in calls
+                     if call.outcome == "fallback" and call.finished_at is not None]
+        axis.hist(sent, bins, histtype="step", color="0.55", label="sent /s")
+        axis.hist(admitted, bins, color="tab:blue", alpha=0.6, label="admitted /s")
+        if fallbacks:
+            axis.hist(fallbacks, bins, histtype="step", color="tab:orange", label="fallbacks /s")
+        limit = min(tool.limits, key=lambda item: item.max / item.window_ms)
+        window_s = limit.window_ms / 1000
+        grid = np.arange(0.0, end_s + STEP_S, STEP_S)
+        in_window = (np.searchsorted(admitted, grid, side="right")
+                     - np.searchsorted(admitted, grid - window_s, side="right"))
+        axis.plot(grid, in_window / window_s, color="tab:green",
+                  label=f"admitted in the last {limit.window_ms / 1000:g} s, per second")
+        per_key = " per key" if tool.key else ""
+        axis.axhline(limit.max / window_s, color="tab:red", linestyle="--",
+                     label=f"limit {limit}{per_key} = {limit.max / window_s:.1f}/s")
+        axis.set_title(tool.name, loc="left", fontsize=10)
+        axis.set_ylabel("calls / s")
+        axis.legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("seconds since the first call")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,110 @@
+"""What the demo shows while it runs: a banner, then a per-tool table refreshed 4 times a second."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from throttle.config import Config
+from throttle.demo.scenario import PlannedCall
+from throttle.demo.stack import Stack
+from throttle.demo.tracker import DELAYED_AFTER_S, Tracker
+
+REAL_COMMAND = "THROTTLE_REDIS_URL=redis://127.0.0.1:6379/0 throttle demo"
+LEGEND = (
+    f"queued = sent − answered · delayed = admitted over {DELAYED_AFTER_S:g} s after sending "
+    "(waited for a reserved slot) · reserved = holding a slot now · window use = gate log "
+    "entries in the trailing window · rate = admitted in the last window ÷ window"
+)
+
+
+def banner(
+    stack: Stack, original: Config, scaled: Config, plan: Sequence[PlannedCall],
+    sessions: int, duration_s: float, time_scale: float,
+) -> Panel:
+    """Which mode runs, the scenario, and how time is scaled."""
+    title = "embedded mode" if stack.mode == "embedded" else "real Redis and worker processes"
+    counts = Counter(call.tool for call in plan)
+    lines = [
+        Text(stack.details),
+        Text(f"{sessions} assistant sessions over ~{duration_s:g} s: "
+             + ", ".join(f"{counts[name]} × {name}" for name in scaled.tools if counts[name])),
+    ]
+    if time_scale != 1:
+        scaled_limits = ", ".join(
+            f"{name} {_limits(original, name)} → {_limits(scaled, name)}"
+            for name in scaled.tools if counts[name]
+        )
+        lines.append(Text(
+            f"Time runs {time_scale:g}x faster: every window and max_delay is divided by "
+            f"{time_scale:g} ({scaled_limits}).", style="yellow",
+        ))
+    if stack.mode == "embedded":
+        lines.append(Text("This is the embedded default: nothing to install or start. On real "
+                          "Redis with real worker processes:"))
+        lines.append(Text(f"  {REAL_COMMAND}", style="bold cyan"))
+    else:
+        lines.append(Text(f"The gate's keys ({stack.prefix}:*), results and queued messages "
+                          "are deleted at the end.", style="dim"))
+    return Panel(Group(*lines), title=f"throttle demo — {title}", title_align="left")
+
+
+def _limits(config: Config, tool: str) -> str:
+    return " + ".join(str(limit) for limit in config.tool(tool).limits)
+
+
+def live_view(
+    tracker: Tracker, config: Config, plan: Sequence[PlannedCall], elapsed_s: float
+) -> RenderableType:
+    """The per-tool table as it stands now, under a line on the run's progress."""
+    started = {call.session_id for call in plan if call.at_s <= elapsed_s}
+    sessions = {call.session_id for call in plan}
+    sending_until_s = plan[-1].at_s if plan else 0.0
+    phase = "sending" if elapsed_s < sending_until_s else "draining delayed calls"
+    header = Text(
+        f"t = {elapsed_s:5.1f} s · sessions started {len(started)}/{len(sessions)} · "
+        f"{phase} (last call at {sending_until_s:.0f} s) · unanswered {tracker.unanswered}"
+    )
+    table = Table(header_style="bold", expand=False)
+    for name in ("tool", "limit", "sent", "queued", "admitted", "delayed", "fallback",
+                 "reserved", "window use", "rate /s"):
+        table.add_column(name, justify="left" if name in ("tool", "limit") else "right")
+    for tool in config.tools.values():
+        calls = tracker.calls_of(tool.name)
+        if not calls:
+            continue
+        view = tracker.gate.get(tool.name)
+        use = view.window_use if view else tuple(0 for _ in tool.limits)
+        longest_s = tool.longest_window_ms / 1000
+        recent = sum(1 for call in calls if call.admitted_at is not None
+                     and tracker.now_s - longest_s < call.admitted_at <= tracker.now_s)
+        limit_rate = min(limit.max / (limit.window_ms / 1000) for limit in tool.limits)
+        answered = sum(call.outcome is not None for call in calls)
+        table.add_row(
+            tool.name,
+            _limits(config, tool.name) + (" per key" if tool.key else ""),
+            str(len(calls)),
+            str(len(calls) - answered),
+            str(sum(call.outcome == "result" for call in calls)),
+            str(sum(call.delayed for call in calls)),
+            str(sum(call.outcome == "fallback" for call in calls)),
+            str(view.reserved if view else 0),
+            _use(use, [limit.max for limit in tool.limits]),
+            f"{recent / longest_s:5.1f} / {limit_rate:.1f}",
+        )
+    return Group(header, table, Text(LEGEND, style="dim"))
+
+
+def _use(use: Sequence[int], maxes: Sequence[int]) -> Text:
+    text = Text()
+    for index, (used, most) in enumerate(zip(use, maxes, strict=True)):
+        text.append(" · " if index else "")
+        share = used / most
+        text.append(f"{used}/{most}", style="red" if share > 1 else "yellow" if share >= 0.9
+                    else "green")
+    return text

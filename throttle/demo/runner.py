@@ -1,0 +1,148 @@
+"""`throttle demo`: pick the stack, fire the scenario, show it live, then sum it up."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from rich.console import Console
+from rich.live import Live
+
+from throttle.config import Config, load_config
+from throttle.demo.chart import write_chart
+from throttle.demo.embedded import embedded_stack
+from throttle.demo.live import banner, live_view
+from throttle.demo.real import DemoError, real_stack
+from throttle.demo.report import CHART_NAME, SUMMARY_NAME, summarize, summary_table, write_summary
+from throttle.demo.scenario import DEMO_TOOLS, PlannedCall, plan_sessions, scale_config
+from throttle.demo.stack import Stack
+from throttle.demo.tracker import Tracker
+
+REFRESH_S = 0.25
+GRACE_S = 15.0
+DEMO_BROKER_DB = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    """The `throttle demo` options."""
+
+    config_path: Path
+    sessions: int = 50
+    duration_s: float = 60.0
+    time_scale: float = 10.0
+    out_dir: Path = Path("demo-output")
+    broker_url: str | None = None
+    seed: int = 7
+
+
+def run_demo(settings: DemoSettings, console: Console) -> None:
+    """Run the scenario on the embedded default, or on Redis when THROTTLE_REDIS_URL is set."""
+    original = load_config(settings.config_path)
+    raw = tomllib.loads(settings.config_path.read_text(encoding="utf-8"))
+    document = scale_config(raw, settings.time_scale)
+    scaled = load_config(document)
+    if not set(DEMO_TOOLS) & set(scaled.tools):
+        raise DemoError(f"the demo calls {', '.join(DEMO_TOOLS)}; {settings.config_path} "
+                        "declares none of them")
+    plan = plan_sessions(settings.sessions, settings.duration_s, scaled.tools, seed=settings.seed)
+    with ExitStack() as exits:
+        with console.status("starting the broker, workers and gate store…"):
+            stack = exits.enter_context(_stack(settings, document, scaled))
+        console.print(banner(stack, original, scaled, plan, settings.sessions,
+                             settings.duration_s, settings.time_scale))
+        tracker = Tracker(stack.app, scaled, stack.store, stack.prefix)
+        try:
+            started_at, elapsed_s = _run(plan, stack, tracker, scaled, console)
+        finally:
+            exits.callback(stack.forget_results, list(tracker.calls))
+        summaries = summarize(tracker, scaled)
+        chart = settings.out_dir / CHART_NAME
+        write_chart(chart, tracker, scaled, started_at)
+    keyed = {tool.name for tool in scaled.tools.values() if tool.key}
+    console.print(summary_table(summaries, keyed=keyed))
+    summary = settings.out_dir / SUMMARY_NAME
+    write_summary(
+        summary, summaries, mode=stack.mode, sessions=settings.sessions,
+        duration_s=settings.duration_s, time_scale=settings.time_scale,
+        elapsed_s=round(elapsed_s, 2), prefix=stack.prefix, chart=str(chart),
+    )
+    console.print(f"elapsed {elapsed_s:.1f} s · chart: {chart} · summary: {summary}")
+
+
+def _stack(settings: DemoSettings, document: dict[str, Any], scaled: Config) -> (
+    AbstractContextManager[Stack]
+):
+    redis_url = os.environ.get("THROTTLE_REDIS_URL")
+    if not redis_url:
+        return embedded_stack(scaled)
+    broker_url = settings.broker_url or urlunsplit(
+        urlsplit(redis_url)._replace(path=f"/{DEMO_BROKER_DB}")
+    )
+    return real_stack(document, redis_url, broker_url)
+
+
+def _run(
+    plan: Sequence[PlannedCall], stack: Stack, tracker: Tracker, config: Config, console: Console
+) -> tuple[float, float]:
+    """Fire the plan from a thread and refresh the live table until every call is answered.
+
+    Returns when the run started and how long it took.
+    """
+    longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
+    last_s = plan[-1].at_s if plan else 0.0
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    started_at = time.time()
+    firing = threading.Thread(
+        target=_fire, args=(plan, stack, tracker, started_at, stop, errors), daemon=True
+    )
+    with Live(console=console, refresh_per_second=4) as live:
+        firing.start()
+        try:
+            for elapsed_s in _ticks(started_at, last_s + longest_delay_s + GRACE_S):
+                tracker.poll()
+                live.update(live_view(tracker, config, plan, elapsed_s))
+                if errors:
+                    raise errors[0]
+                if not firing.is_alive() and tracker.unanswered == 0:
+                    break
+        finally:
+            stop.set()
+            firing.join()
+    console.line()
+    return started_at, time.time() - started_at
+
+
+def _ticks(started_at: float, limit_s: float) -> Iterator[float]:
+    while (elapsed_s := time.time() - started_at) <= limit_s:
+        yield elapsed_s
+        time.sleep(REFRESH_S)
+    yield time.time() - started_at
+
+
+def _fire(
+    plan: Sequence[PlannedCall], stack: Stack, tracker: Tracker, started_at: float,
+    stop: threading.Event, errors: list[BaseException],
+) -> None:
+    """Send every planned call through `.delay()` at its time (late ones at once)."""
+    try:
+        for call in plan:
+            wait_s = started_at + call.at_s - time.time()
+            if wait_s > 0 and stop.wait(wait_s):
+                return
+            if stop.is_set():
+                return
+            sent_at = time.time()
+            result = stack.tasks[call.tool].delay(**call.kwargs)
+            tracker.sent(call.tool, result.id, sent_at, call.kwargs)
+    except Exception as exc:
+        errors.append(exc)
