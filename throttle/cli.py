@@ -121,8 +121,8 @@ def worker(args: tuple[str, ...]) -> None:
 @click.option("--sessions", default=50, show_default=True, type=click.IntRange(min=1),
               help="Simulated assistant sessions.")
 @click.option("--duration", "duration_s", default=60.0, show_default=True,
-              type=click.FloatRange(min=3), help="Seconds the sessions run over (about the "
-              "run's length: the last calls go out at two thirds, the rest drains).")
+              type=click.FloatRange(min=3), help="Seconds the sessions run over, about the "
+              "run's length (the last calls go out by five sixths; the rest drains).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Tools file (default: THROTTLE_CONFIG, else config/tools.toml).")
 @click.option("--time-scale", default=10.0, show_default=True, type=click.FloatRange(min=1),

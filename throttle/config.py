@@ -7,9 +7,11 @@ milliseconds (`window_ms`, `max_delay_ms`).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +90,11 @@ class ToolConfig(BaseModel):
     slot_margin_ms: int = Field(default=40, alias="slot_margin", ge=0)
     max_args_bytes: int = Field(default=65_536, gt=0)
     max_redeliveries: int = Field(default=3, ge=0)
+    pool: str | None = None
+    priority: str | None = None
+    cost: float | str = 1
+    concurrency: int | None = Field(default=None, gt=0)
+    lease_timeout_ms: int = Field(default=60_000, alias="lease_timeout")
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     result: dict[str, Any] = Field(default_factory=dict)
     fallback: Any = None
@@ -106,6 +113,24 @@ class ToolConfig(BaseModel):
         if not isinstance(value, str):
             raise ValueError(f"{value!r} needs a unit; write it as a string such as \"30s\"")
         return parse_duration_ms(value)
+
+    @field_validator("lease_timeout_ms", mode="before")
+    @classmethod
+    def _parse_lease_timeout(cls, value: Any) -> int:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"60s\"")
+        return parse_duration_ms(value)
+
+    @field_validator("cost")
+    @classmethod
+    def _check_cost(cls, value: float | str) -> float | str:
+        if isinstance(value, str):
+            cost_function(value)
+        elif not value > 0:
+            raise ValueError(
+                f"must be a positive number of units or 'module:function', got {value}"
+            )
+        return value
 
     @field_validator("slot_margin_ms", mode="before")
     @classmethod
@@ -133,6 +158,51 @@ class ToolConfig(BaseModel):
         """The Celery queue that carries this tool's calls."""
         return f"tool.{self.name}"
 
+    def units(self, arguments: Mapping[str, Any]) -> float:
+        """What one call with these arguments costs, in the units of its limits and pool."""
+        if isinstance(self.cost, str):
+            return float(cost_function(self.cost)(dict(arguments)))
+        return float(self.cost)
+
+
+@functools.cache
+def cost_function(path: str) -> Callable[[dict[str, Any]], float]:
+    """Import 'package.module:function' (a function of the call's arguments -> units)."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{path!r} is not 'module:function', e.g. 'workers.tools.llm:tokens'")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import cost function {path!r}: {exc}") from None
+    if not callable(function):
+        raise ValueError(f"{path!r} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
+class PoolConfig(BaseModel):
+    """A budget shared by several tools, with a share of it per priority class."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    limits: tuple[Limit, ...]
+    shares: dict[str, float]
+
+    _parse_limits = field_validator("limits", mode="before")(
+        ToolConfig._parse_limits.__func__  # type: ignore[attr-defined]
+    )
+
+    @field_validator("shares")
+    @classmethod
+    def _check_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("expected a share per priority class, e.g. { critical = 1.0 }")
+        for name, share in value.items():
+            if not 0 < share <= 1:
+                raise ValueError(f"share of {name!r} must be in (0, 1], got {share}")
+        return value
+
 
 class Config(BaseModel):
     """All tools, keyed by name, and the broker settings they must respect."""
@@ -140,6 +210,7 @@ class Config(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     tools: Mapping[str, ToolConfig]
+    pools: Mapping[str, PoolConfig] = Field(default_factory=dict)
     visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS
     source: str = "<mapping>"
 
@@ -152,7 +223,7 @@ class Config(BaseModel):
             raise ConfigError(f"unknown tool {name!r}; known tools: {known}") from None
 
 
-_TOP_LEVEL = {"broker", "defaults", "tools"}
+_TOP_LEVEL = {"broker", "defaults", "tools", "pools"}
 _BROKER_FIELDS = {"visibility_timeout"}
 
 
@@ -180,9 +251,9 @@ def _build(raw: dict[str, Any], where: str) -> Config:
     if unknown:
         raise ConfigError(
             f"{where}: unknown section(s) {sorted(unknown)}; "
-            "expected [broker], [defaults], [tools.<name>]"
+            "expected [broker], [defaults], [pools.<name>], [tools.<name>]"
         )
-    for section in ("broker", "defaults", "tools"):
+    for section in ("broker", "defaults", "tools", "pools"):
         if not isinstance(raw.get(section, {}), Mapping | list):
             raise ConfigError(f"{where}: [{section}] must be a table")
     broker = dict(raw.get("broker", {}))
@@ -205,14 +276,48 @@ def _build(raw: dict[str, Any], where: str) -> Config:
     tools = {
         name: _build_tool(name, {**defaults, **body}, where) for name, body in tools_raw.items()
     }
+    pools = _build_pools(raw.get("pools", {}), where)
     for tool in tools.values():
+        _check_pool(tool, pools, where)
         if tool.max_delay_ms >= visibility_ms:
             raise ConfigError(
                 f"{where}: tool {tool.name!r}, field 'max_delay': {_format_ms(tool.max_delay_ms)} "
                 f"is at or above the broker's visibility_timeout ({_format_ms(visibility_ms)}); "
                 "a delayed task would be redelivered; lower max_delay or raise visibility_timeout"
             )
-    return Config(tools=tools, visibility_timeout_ms=visibility_ms, source=where)
+    return Config(tools=tools, pools=pools, visibility_timeout_ms=visibility_ms, source=where)
+
+
+def _build_pools(raw: Any, where: str) -> dict[str, PoolConfig]:
+    pools = {}
+    for name, body in dict(raw).items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: pool {name!r} must be a table ([pools.{name}])")
+        try:
+            pools[name] = PoolConfig.model_validate({**body, "name": name})
+        except ValidationError as exc:
+            raise ConfigError(
+                _describe(exc, name, where).replace(f"tool {name!r}", f"pool {name!r}")
+            ) from None
+    return pools
+
+
+def _check_pool(tool: ToolConfig, pools: Mapping[str, PoolConfig], where: str) -> None:
+    here = f"{where}: tool {tool.name!r}"
+    if tool.pool is None:
+        if tool.priority is not None:
+            raise ConfigError(f"{here}, field 'priority': only a tool in a pool has a priority")
+        return
+    pool = pools.get(tool.pool)
+    if pool is None:
+        known = ", ".join(sorted(pools)) or "(none)"
+        raise ConfigError(f"{here}, field 'pool': unknown pool {tool.pool!r}; known: {known}")
+    if tool.priority not in pool.shares:
+        classes = ", ".join(sorted(pool.shares))
+        raise ConfigError(
+            f"{here}, field 'priority': {tool.priority!r} is not a class of pool "
+            f"{tool.pool!r}; its classes: {classes}"
+        )
 
 
 def _tools_from_list(items: list[Any], where: str) -> dict[str, Any]:

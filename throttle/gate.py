@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, Throttled
-from throttle.keys import DEFAULT_PREFIX, check_prefix, redelivery_key, tool_keys
+from throttle.keys import DEFAULT_PREFIX, ToolKeys, check_prefix, redelivery_key, tool_keys
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
 
@@ -101,16 +101,19 @@ class _GateBase:
         self.config = config
         self.prefix = check_prefix(prefix)
         self.url = url
-        self._limit_args = {
-            name: self._limits_of(tool) for name, tool in config.tools.items()
-        }
+        self._limit_args = {name: self._limits_of(tool) for name, tool in config.tools.items()}
 
-    @staticmethod
-    def _limits_of(tool: ToolConfig) -> list[Any]:
+    def _limits_of(self, tool: ToolConfig) -> list[Any]:
         args: list[Any] = [len(tool.limits)]
         for limit in tool.limits:
             args += [limit.max, limit.window_ms]
-        return args
+        pool = self.config.pools[tool.pool] if tool.pool else None
+        args.append(len(pool.limits) if pool else 0)
+        if pool and tool.priority:
+            share = pool.shares[tool.priority]
+            for limit in pool.limits:
+                args += [share * limit.max, limit.window_ms]
+        return [*args, tool.concurrency or 0, tool.lease_timeout_ms]
 
     @staticmethod
     def _gap_ms(tool: ToolConfig) -> float:
@@ -118,12 +121,18 @@ class _GateBase:
             return 0.0
         return max(limit.window_ms / limit.max for limit in tool.limits)
 
-    def _keys(self, tool: ToolConfig, key: Any) -> list[str]:
+    def _keys(self, tool: ToolConfig, key: Any) -> ToolKeys:
         if tool.key is not None and key is None:
             raise InvalidToolCall(
                 tool.name, f"its limits apply per {tool.key!r}: pass key=<the call's {tool.key}>"
             )
-        return tool_keys(self.prefix, tool.name, None if tool.key is None else key).as_list()
+        return tool_keys(
+            self.prefix,
+            tool.name,
+            None if tool.key is None else key,
+            pool=tool.pool,
+            concurrency=tool.concurrency is not None,
+        )
 
     def _acquire_call(
         self,
@@ -145,7 +154,14 @@ class _GateBase:
             member, cost, deadline_ms, self._gap_ms(tool), tool.slot_margin_ms, now,
             *self._limit_args[tool_name],
         ]
-        return self._keys(tool, key), args
+        return self._keys(tool, key).as_list(), args
+
+    def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
+        if not units >= 0:
+            raise InvalidToolCall(tool_name, f"settled units must be >= 0, got {units!r}")
+        keys = self._keys(self.config.tool(tool_name), key)
+        pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
+        return [keys.log, keys.cost, *pool]
 
     def _store_error(self, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(
@@ -182,6 +198,7 @@ class Gate(_GateBase):
         super().__init__(config, prefix, url)
         self._acquire = self.client.register_script(load_script("acquire"))
         self._release = self.client.register_script(load_script("release"))
+        self._settle = self.client.register_script(load_script("settle"))
 
     def acquire(
         self,
@@ -208,14 +225,31 @@ class Gate(_GateBase):
         """Free `member`'s unused reservation; True if it held one."""
         keys = self._keys(self.config.tool(tool), key)
         try:
-            return bool(self._release(keys=keys, args=[member]))
+            return bool(self._release(keys=keys.as_list()[:3], args=[member]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
+        """Correct `member`'s charge to what it really cost; False if it left the windows."""
+        keys = self._settle_keys(tool, key, actual_units)
+        try:
+            return bool(self._settle(keys=keys, args=[member, actual_units]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def finish(self, tool: str, member: str, *, key: Any = None) -> None:
+        """Give back `member`'s concurrency lease (the call ended: result, error or fallback)."""
+        leases = self._keys(self.config.tool(tool), key).leases
+        if leases is None:
+            return
+        try:
+            self.client.zrem(leases, member)
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
 
     def note_redelivery(self, tool: str, member: str, *, key: Any = None) -> int:
         """Count one more delivery of an already admitted `member`; returns the count."""
-        scoped = self._keys(self.config.tool(tool), key) and self.config.tool(tool).key
-        name = redelivery_key(self.prefix, tool, member, key if scoped else None)
+        name = redelivery_key(self._keys(self.config.tool(tool), key), member)
         ttl_ms = self.config.visibility_timeout_ms * 10
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -257,6 +291,7 @@ class AsyncGate(_GateBase):
         super().__init__(config, prefix, url)
         self._acquire = self.client.register_script(load_script("acquire"))
         self._release = self.client.register_script(load_script("release"))
+        self._settle = self.client.register_script(load_script("settle"))
 
     async def acquire(
         self,
@@ -280,7 +315,25 @@ class AsyncGate(_GateBase):
         """Free `member`'s unused reservation; True if it held one."""
         keys = self._keys(self.config.tool(tool), key)
         try:
-            return bool(await self._release(keys=keys, args=[member]))
+            return bool(await self._release(keys=keys.as_list()[:3], args=[member]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
+        """Correct `member`'s charge to what it really cost; False if it left the windows."""
+        keys = self._settle_keys(tool, key, actual_units)
+        try:
+            return bool(await self._settle(keys=keys, args=[member, actual_units]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    async def finish(self, tool: str, member: str, *, key: Any = None) -> None:
+        """Give back `member`'s concurrency lease."""
+        leases = self._keys(self.config.tool(tool), key).leases
+        if leases is None:
+            return
+        try:
+            await self.client.zrem(leases, member)
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
 
@@ -310,7 +363,10 @@ class AsyncGate(_GateBase):
             # Give the slot back to the callers behind (shielded: we are being cancelled).
             await asyncio.shield(self.release(tool, member, key=key))
             raise
-        yield decision
+        try:
+            yield decision
+        finally:
+            await self.finish(tool, member, key=key)
 
     async def aclose(self) -> None:
         """Close the connection pool this gate opened."""

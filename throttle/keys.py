@@ -8,6 +8,16 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
     <prefix>:{t}:redelivered:<task id>   STRING  deliveries after admission (worker lost)
     <prefix>:{t|h}:...     the same per key value
 
+A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
+
+    <prefix>:{p}:tool:<t>[|h]:log, :rsv, :cost    the tool's keys
+    <prefix>:{p}:pool:log  ZSET  admissions of every tool in the pool, score = time (ms)
+    <prefix>:{p}:pool:cost HASH  member -> units, for members whose cost is not 1
+    <prefix>:{p}:tool:<t>:leases  ZSET  running calls of a capped tool, score = lease end
+
+A tool with a concurrency cap and no pool keeps its leases at <prefix>:{t}:leases, and its
+per-key logs at <prefix>:{t}|h:... under the same tag.
+
 All keys of one decision share the `{...}` hash tag, so a decision stays on one Redis Cluster
 shard. Values taken from task arguments are hashed and length-bounded: no argument can reach
 another tool's or tenant's keys.
@@ -58,19 +68,51 @@ class ToolKeys:
     log: str
     rsv: str
     cost: str
+    pool_log: str | None = None
+    pool_cost: str | None = None
+    leases: str | None = None
 
     def as_list(self) -> list[str]:
-        """Keys in the order every script expects them (KEYS[1..3])."""
-        return [self.log, self.rsv, self.cost]
+        """Keys in the order the scripts expect them: log, rsv, cost[, pool log, pool cost]
+        [, leases]."""
+        keys = [self.log, self.rsv, self.cost]
+        if self.pool_log and self.pool_cost:
+            keys += [self.pool_log, self.pool_cost]
+        if self.leases:
+            keys.append(self.leases)
+        return keys
 
 
-def tool_keys(prefix: str, tool: str, key_value: Any = None) -> ToolKeys:
-    """Keys for `tool`, optionally scoped to one value of its key argument."""
-    tag = tool if key_value is None else f"{tool}|{hash_key_value(key_value)}"
-    base = f"{prefix}:{{{tag}}}"
-    return ToolKeys(log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost")
+def tool_keys(
+    prefix: str,
+    tool: str,
+    key_value: Any = None,
+    *,
+    pool: str | None = None,
+    concurrency: bool = False,
+) -> ToolKeys:
+    """Keys for `tool`, optionally scoped to one value of its key argument.
+
+    A tool in a pool shares the pool's hash tag; a tool with a concurrency cap keeps one
+    tag for all its key values (the cap is per tool); otherwise each key value has its own.
+    """
+    digest = None if key_value is None else hash_key_value(key_value)
+    if pool is None and not concurrency:
+        tag = tool if digest is None else f"{tool}|{digest}"
+        base = f"{prefix}:{{{tag}}}"
+        return ToolKeys(log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost")
+    head = f"{prefix}:{{{pool}}}:tool:{tool}" if pool else f"{prefix}:{{{tool}}}"
+    base = head if digest is None else f"{head}|{digest}"
+    return ToolKeys(
+        log=f"{base}:log",
+        rsv=f"{base}:rsv",
+        cost=f"{base}:cost",
+        pool_log=f"{prefix}:{{{pool}}}:pool:log" if pool else None,
+        pool_cost=f"{prefix}:{{{pool}}}:pool:cost" if pool else None,
+        leases=f"{head}:leases" if concurrency else None,
+    )
 
 
-def redelivery_key(prefix: str, tool: str, member: str, key_value: Any = None) -> str:
+def redelivery_key(keys: ToolKeys, member: str) -> str:
     """The counter of a task's redeliveries after its admission (its worker was lost)."""
-    return tool_keys(prefix, tool, key_value).log.removesuffix(":log") + f":redelivered:{member}"
+    return keys.log.removesuffix(":log") + f":redelivered:{member}"

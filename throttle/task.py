@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import jsonschema
@@ -35,6 +36,7 @@ DELAYS = "throttle_delays"
 STORE_RETRIES = "throttle_store_retries"
 FALLBACK_MARK = "throttle: fallback"
 SLEEP_BELOW_S = 0.05
+CONTENDED = frozenset({"pool", "concurrency"})
 MAX_SLEEPS = 5
 STORE_BACKOFF_MAX_S = 30.0
 
@@ -117,7 +119,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if decision.action is Action.ADMIT:
             self.request.throttle_admitted_at = decision.slot_at
             count_decision(self.tool.name, "admit")
-            return self.run(**kwargs)
+            if self.tool.concurrency is None:
+                return self.run(**kwargs)
+            try:
+                return self.run(**kwargs)
+            finally:
+                self._finish_lease(kwargs)
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)
         return self._fall_back(decision.reason, kwargs)
@@ -127,10 +134,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         gate = self.throttle.gate
         member = self.request.id
         key = kwargs.get(self.tool.key) if self.tool.key else None
+        cost = self.tool.units(kwargs)
         for _ in range(MAX_SLEEPS):
             try:
                 decision = gate.acquire(
-                    self.tool.name, member, key=key, deadline_s=self._deadline_left_s()
+                    self.tool.name, member, key=key, cost=cost,
+                    deadline_s=self._deadline_left_s(),
                 )
             except StoreUnavailable as exc:
                 return self._on_store_error(exc)
@@ -138,10 +147,23 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 return self._check_redelivery(member, key, decision)
             logger.debug("%s %s: %s (%s, wait %.3fs)", self.tool.name, member, decision.action,
                          decision.reason, decision.wait_s)
+            if decision.reason in CONTENDED:
+                # Many calls wait for the same capacity: spread their return.
+                jitter_s = random.uniform(0, 0.1 * decision.wait_s + 0.02)
+                decision = replace(decision, wait_s=decision.wait_s + jitter_s)
             if decision.action is not Action.DELAY or decision.wait_s > SLEEP_BELOW_S:
                 return decision
             time.sleep(decision.wait_s)
         return decision
+
+    def _finish_lease(self, kwargs: dict[str, Any]) -> None:
+        key = kwargs.get(self.tool.key) if self.tool.key else None
+        try:
+            self.throttle.gate.finish(self.tool.name, self.request.id, key=key)
+        except StoreUnavailable as exc:
+            logger.warning(
+                "tool %s: lease not returned (%s); it expires on its own", self.tool.name, exc
+            )
 
     def _deadline_left_s(self) -> float:
         enqueued_at = getattr(self.request, ENQUEUED_AT, None) or time.time()

@@ -8,11 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from throttle.config import Config  # noqa: E402
-from throttle.demo.tracker import Tracker  # noqa: E402
+from throttle.config import Config
+from throttle.demo.tracker import Tracker
 
 STEP_S = 0.1
 
@@ -21,7 +21,7 @@ def write_chart(path: Path, tracker: Tracker, config: Config, started_at: float)
     """Sent, admitted and fallen-back calls per second, the trailing-window rate and the limit."""
     tools = [tool for tool in config.tools.values() if tracker.calls_of(tool.name)]
     figure, axes = plt.subplots(
-        len(tools), 1, figsize=(10, 2.5 * len(tools) + 0.8), sharex=True, squeeze=False
+        len(tools), 1, figsize=(12, 2.4 * len(tools) + 0.8), sharex=True, squeeze=False
     )
     end_s = max(
         (moment - started_at for call in tracker.calls.values()
@@ -52,7 +52,7 @@ def write_chart(path: Path, tracker: Tracker, config: Config, started_at: float)
                      label=f"limit {limit}{per_key} = {limit.max / window_s:.1f}/s")
         axis.set_title(tool.name, loc="left", fontsize=10)
         axis.set_ylabel("calls / s")
-        axis.legend(loc="upper right", fontsize=7)
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     axes[-1, 0].set_xlabel("seconds since the first call")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

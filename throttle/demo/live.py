@@ -17,7 +17,7 @@ from throttle.demo.tracker import DELAYED_AFTER_S, Tracker
 
 REAL_COMMAND = "THROTTLE_REDIS_URL=redis://127.0.0.1:6379/0 throttle demo"
 LEGEND = (
-    f"queued = sent − answered · delayed = admitted over {DELAYED_AFTER_S:g} s after sending "
+    f"queued = sent - answered · delayed = admitted over {DELAYED_AFTER_S:g} s after sending "
     "(waited for a reserved slot) · reserved = holding a slot now · window use = gate log "
     "entries in the trailing window · rate = admitted in the last window ÷ window"
 )
@@ -33,7 +33,7 @@ def banner(
     lines = [
         Text(stack.details),
         Text(f"{sessions} assistant sessions over ~{duration_s:g} s: "
-             + ", ".join(f"{counts[name]} × {name}" for name in scaled.tools if counts[name])),
+             + ", ".join(f"{counts[name]} x {name}" for name in scaled.tools if counts[name])),
     ]
     if time_scale != 1:
         scaled_limits = ", ".join(

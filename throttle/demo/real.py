@@ -51,7 +51,9 @@ def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str) -> 
         config = load_config(config_path)
         missing = [tool for tool in DEMO_TOOLS if tool not in config.tools]
         if missing:
-            raise DemoError(f"the workers serve {', '.join(DEMO_TOOLS)}; the config lacks {missing}")
+            raise DemoError(
+                f"the workers serve {', '.join(DEMO_TOOLS)}; the config lacks {missing}"
+            )
         app = Celery("throttle-demo", broker=broker_url, backend=broker_url)
         app.conf.result_cache_max = RESULT_CACHE_MAX
         tasks = register_tools(Throttle(app, config, redis_url, prefix=prefix))

@@ -49,17 +49,18 @@ def plan_sessions(
 ) -> list[PlannedCall]:
     """Every call of the run, in firing order.
 
-    Sessions start over the first third of the duration and each lasts another third, so
-    the last calls go out at two thirds and the rest of the run drains the delayed ones.
+    Sessions start over the first third of the duration and each lasts half of it, so the
+    last calls go out by five sixths and the rest of the run drains the delayed ones.
     """
     rng = random.Random(seed)
-    span_s = duration_s / 3
+    start_span_s, session_s = duration_s / 3, duration_s / 2
     wanted = [tool for tool in DEMO_TOOLS if tool in set(tools)]
     calls: list[PlannedCall] = []
     for number in range(sessions):
         session_id = f"session-{number:03d}"
-        start_s = rng.uniform(0, span_s)
-        turns = [start_s] + [start_s + rng.uniform(0, span_s) for _ in range(rng.randint(*TURNS))]
+        start_s = rng.uniform(0, start_span_s)
+        later = rng.randint(*TURNS) - 1
+        turns = [start_s] + [start_s + rng.uniform(0, session_s) for _ in range(later)]
         for tool in wanted:
             for _ in range(_calls_of(rng, tool)):
                 at_s = rng.choice(turns) + rng.uniform(0, TURN_SPREAD_S)

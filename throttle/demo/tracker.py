@@ -152,7 +152,9 @@ class Tracker:
                 call.admitted_at = score / 1000
 
 
-def _view(tool: ToolConfig, log: list[tuple[bytes, float]], reserved: int, now_ms: float) -> GateView:
+def _view(
+    tool: ToolConfig, log: list[tuple[bytes, float]], reserved: int, now_ms: float
+) -> GateView:
     use = tuple(
         sum(1 for _, score in log if now_ms - limit.window_ms < score <= now_ms)
         for limit in tool.limits

@@ -1,9 +1,12 @@
 --[[ acquire: admit a call now, reserve its earliest slot, or refuse it (fallback).
 
-KEYS[1]  log   ZSET  member = task id, score = admission time or reserved slot (ms)
-KEYS[2]  rsv   ZSET  members whose entry is a reservation not yet admitted, score = slot (ms)
-KEYS[3]  cost  HASH  member -> units, only for members whose cost is not 1
-  (all three share one hash tag: one tool, or one tool and key value)
+KEYS[1]  log        ZSET  member = task id, score = admission time or reserved slot (ms)
+KEYS[2]  rsv        ZSET  members whose entry is a reservation not yet admitted, score = slot
+KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1
+KEYS[4]  pool log   ZSET  (tools in a pool) admissions of every tool of the pool, score = ms
+KEYS[5]  pool cost  HASH  (tools in a pool) member -> units, for members whose cost is not 1
+KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = lease end (ms)
+  (all keys share one hash tag: the pool's, or the tool's)
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
 ARGV[2]  cost         units this call uses (> 0)
@@ -16,9 +19,17 @@ ARGV[5]  margin_ms    slot margin: admissions are checked against window + margi
 ARGV[6]  now_ms       '' to use the server clock (TIME); a pinned time in tests only
 ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
+then     p            number of pool limits, then p pairs: the class's allowance (share x
+                      max) and window ms; then the concurrency cap (0: none) and lease ms
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
+Reasons: admitted, reservation, readmitted | reserved, early, late, pool, concurrency |
+deadline, cost_exceeds_limit.
+
+The pool is checked at admission and never reserved ahead: a class admits only while the
+pool's use in each window plus the call's cost stays within its allowance, so a critical
+call never queues behind reservations made by cheaper calls.
 
 Windows are half-open: an entry at score s counts in (t - window, t]. Admissions check the
 trailing window of everything at or before now, so admitted units never exceed max in any
@@ -44,66 +55,139 @@ for i = 1, n do
   windows[i] = tonumber(ARGV[7 + 2 * i])
   if windows[i] > longest then longest = windows[i] end
 end
+local at_arg = 8 + 2 * n
+local pn = tonumber(ARGV[at_arg])
+local allowances, pool_windows, pool_longest = {}, {}, 0
+for i = 1, pn do
+  allowances[i] = tonumber(ARGV[at_arg - 1 + 2 * i])
+  pool_windows[i] = tonumber(ARGV[at_arg + 2 * i])
+  if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end
+end
+local cap = tonumber(ARGV[at_arg + 1 + 2 * pn])
+local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
+local pool_log, pool_costs = KEYS[4], KEYS[5]
+local leases = KEYS[4]
+if pn > 0 then leases = KEYS[6] end
 
 local LATE_GRACE_MS = 1000
 local function fmt(x) return string.format('%.3f', x) end
 
 -- Trim what no window can see any more; unused reservations expire with it.
-local weighted = redis.call('HLEN', costs) > 0
+local function trim(zset, hash, before)
+  local weighted = redis.call('HLEN', hash) > 0
+  if weighted then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', before)) do
+      redis.call('HDEL', hash, m)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
+  return weighted
+end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
 longest = longest + margin
-local cutoff = now - longest
-if weighted then
-  local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
-  for _, m in ipairs(old) do redis.call('HDEL', costs, m) end
-end
-redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
-redis.call('ZREMRANGEBYSCORE', rsv, '-inf', cutoff)
+local weighted = trim(log, costs, now - longest)
+redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest)
+local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
 
-local function unit_of(m)
-  if not weighted then return 1 end
-  return tonumber(redis.call('HGET', costs, m) or '1')
-end
-
--- Earliest t >= `from` at which the entries in (t - window, upto] (all <= t), without
--- `skip`, leave room for `cost` under `max`. Returns nil when cost alone exceeds max.
-local function earliest(from, upto, max, window, skip)
+-- Earliest t >= `from` at which the entries of `zset` in (t - window, upto] (all <= t),
+-- without `skip`, leave room for `cost` under `max`. nil when cost alone exceeds max.
+local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
   if cost > max then return nil end
   local floor = fmt(from - window)
   local lo = '(' .. floor
   local hi = upto and fmt(upto) or '+inf'
-  if not weighted then
-    -- Unit costs: count, then fetch only the entries that must leave the window.
-    local used = redis.call('ZCOUNT', log, lo, hi)
+  if not heavy then
+    -- Unit costs: count, then fetch only the entry that must leave the window.
+    local used = redis.call('ZCOUNT', zset, lo, hi)
     local skip_rank = nil
     if skip then
-      local s = tonumber(redis.call('ZSCORE', log, skip))
-      if s > tonumber(floor) and (not upto or s <= upto) then
+      local s = tonumber(redis.call('ZSCORE', zset, skip))
+      if s and s > tonumber(floor) and (not upto or s <= upto) then
         used = used - 1
-        skip_rank = redis.call('ZRANK', log, skip) - redis.call('ZCOUNT', log, '-inf', floor)
+        skip_rank = redis.call('ZRANK', zset, skip) - redis.call('ZCOUNT', zset, '-inf', floor)
       end
     end
     local excess = used + cost - max
     if excess <= 0 then return from end
-    local offset = excess - 1
+    local offset = math.ceil(excess) - 1
     if skip_rank and skip_rank <= offset then offset = offset + 1 end
-    local entry = redis.call('ZRANGEBYSCORE', log, lo, hi, 'WITHSCORES', 'LIMIT', offset, 2)
+    local entry = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT', offset, 2)
     if entry[1] == skip then return tonumber(entry[4]) + window end
     return tonumber(entry[2]) + window
   end
-  local entries = redis.call('ZRANGEBYSCORE', log, lo, hi, 'WITHSCORES')
+  local entries = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES')
+  local units = {}
   local used = 0
   for i = 1, #entries, 2 do
-    if entries[i] ~= skip then used = used + unit_of(entries[i]) end
+    if entries[i] ~= skip then
+      units[i] = tonumber(redis.call('HGET', hash, entries[i]) or '1')
+      used = used + units[i]
+    end
   end
   local excess = used + cost - max
   if excess <= 0 then return from end
   local freed = 0
   for i = 1, #entries, 2 do
     if entries[i] ~= skip then
-      freed = freed + unit_of(entries[i])
+      freed = freed + units[i]
       if freed >= excess then return tonumber(entries[i + 1]) + window end
     end
+  end
+  return nil
+end
+
+local function earliest(from, upto, max, window, skip)
+  return earliest_in(log, costs, weighted, from, upto, max, window, skip)
+end
+
+-- When the pool lets this call's class admit it (now, or the time enough use expires).
+local function pool_free_at()
+  local t = now
+  for i = 1, pn do
+    local at = earliest_in(pool_log, pool_costs, pool_weighted, now, now, allowances[i],
+                           pool_windows[i], member)
+    if at == nil then return nil end
+    if at > t then t = at end
+  end
+  return t
+end
+
+-- When a concurrency lease is free (now, or when the first running one ends).
+local function lease_free_at()
+  if cap == 0 then return now end
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  if redis.call('ZCARD', leases) < cap then return now end
+  return tonumber(redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')[2])
+end
+
+-- Record the admission everywhere it counts.
+local function admit()
+  redis.call('ZADD', log, now, member)
+  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
+  if pn > 0 then
+    redis.call('ZADD', pool_log, now, member)
+    if cost ~= 1 then redis.call('HSET', pool_costs, member, cost) end
+    redis.call('PEXPIRE', pool_log, pool_longest + 1000)
+    if pool_weighted or cost ~= 1 then redis.call('PEXPIRE', pool_costs, pool_longest + 1000) end
+  end
+  if cap > 0 then
+    redis.call('ZADD', leases, now + lease_ms, member)
+    redis.call('PEXPIRE', leases, lease_ms + 1000)
+  end
+end
+
+-- Admission is blocked by the pool or the concurrency cap: the wait, or a fallback.
+local function blocked()
+  local free = pool_free_at()
+  if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
+  if free > now then
+    if free - now > deadline then return {'fallback', '0', fmt(free), 'deadline'} end
+    return {'delay', fmt(free - now), fmt(free), 'pool'}
+  end
+  free = lease_free_at()
+  if free > now then
+    local wait = math.min(free - now, 250)
+    return {'delay', fmt(wait), fmt(now + wait), 'concurrency'}
   end
   return nil
 end
@@ -122,6 +206,7 @@ local held = redis.call('ZSCORE', log, member)
 if held then
   local slot = redis.call('ZSCORE', rsv, member)
   if not slot then
+    if cap > 0 then redis.call('ZADD', leases, now + lease_ms, member) end
     return {'admit', '0', held, 'readmitted'}
   end
   slot = tonumber(slot)
@@ -148,7 +233,16 @@ if held then
     -- the due calls behind it, which keeps them in order) until the window frees.
     return {'delay', fmt(t - now), fmt(t), 'late'}
   end
-  redis.call('ZADD', log, now, member)
+  local refused = blocked()
+  if refused then
+    if refused[1] == 'fallback' then
+      redis.call('ZREM', log, member)
+      redis.call('ZREM', rsv, member)
+      redis.call('HDEL', costs, member)
+    end
+    return refused
+  end
+  admit()
   redis.call('ZREM', rsv, member)
   expire(now)
   return {'admit', '0', fmt(now), 'reservation'}
@@ -178,8 +272,9 @@ if t > now and gap > 0 and latest[2] then
 end
 
 if t <= now then
-  redis.call('ZADD', log, now, member)
-  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
+  local refused = blocked()
+  if refused then return refused end
+  admit()
   expire(now)
   return {'admit', '0', fmt(now), 'admitted'}
 end
