@@ -157,7 +157,7 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> int:
 
 
 def _prefill(client: redis.Redis, log_key: str, count: int) -> None:
-    """`count` admitted entries spread over the last second, all inside a 60 s window."""
+    """`count` admitted entries spread over the last second (inside any window of 1 s or more)."""
     now = _server_now_ms(client)
     step = 1000 / count
     pipe = client.pipeline(transaction=False)
@@ -236,6 +236,7 @@ class Bench:
         # 2. limits' moving window on a limit that never binds.
         storage = RedisStorage(url, key_prefix=f"{prefix}-limits")
         limiter = MovingWindowRateLimiter(storage)
+        self._closers.append(storage.get_connection().close)
         item = parse(LIMITS_LIMIT)
         identity = uuid.uuid4().hex
 

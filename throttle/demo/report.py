@@ -46,8 +46,8 @@ class ToolSummary:
     fallbacks: int
     unanswered: int
     limits: tuple[LimitCheck, ...]
-    wait_p50_s: float | None
-    wait_p95_s: float | None
+    delay_p50_s: float | None
+    delay_p95_s: float | None
 
 
 def most_in_window(times: Sequence[float], window_s: float) -> int:
@@ -92,7 +92,7 @@ def _summarize_tool(tool: ToolConfig, calls: list[Call]) -> ToolSummary:
         )
         for limit in tool.limits
     )
-    waits = [wait for call in calls if (wait := call.wait_s) is not None]
+    delays = [wait for call in calls if (wait := call.wait_s) is not None]
     return ToolSummary(
         tool=tool.name,
         calls=len(calls),
@@ -101,19 +101,23 @@ def _summarize_tool(tool: ToolConfig, calls: list[Call]) -> ToolSummary:
         fallbacks=sum(call.outcome == "fallback" for call in calls),
         unanswered=sum(call.outcome is None for call in calls),
         limits=checks,
-        wait_p50_s=percentile(waits, 0.50),
-        wait_p95_s=percentile(waits, 0.95),
+        delay_p50_s=percentile(delays, 0.50),
+        delay_p95_s=percentile(delays, 0.95),
     )
 
 
 def summary_table(summaries: Sequence[ToolSummary], *, keyed: set[str]) -> Table:
     """The end-of-run table; the busiest window is green when within its limit."""
-    table = Table(title="Summary", title_justify="left", header_style="bold")
+    table = Table(
+        title="Summary", title_justify="left", header_style="bold", caption_justify="left",
+        caption="delay = from sending to admission by the gate, over the admitted calls; "
+        "windows are measured on the gate's admission log",
+    )
     for name in ("tool", "calls", "admitted", "delayed", "fallbacks"):
         table.add_column(name, justify="left" if name == "tool" else "right")
     table.add_column("most admitted in any window", justify="right")
-    table.add_column("wait p50", justify="right")
-    table.add_column("wait p95", justify="right")
+    table.add_column("delay p50", justify="right")
+    table.add_column("delay p95", justify="right")
     for item in summaries:
         busiest = Text()
         for index, check in enumerate(item.limits):
@@ -127,7 +131,7 @@ def summary_table(summaries: Sequence[ToolSummary], *, keyed: set[str]) -> Table
                                            if item.unanswered else "")
         table.add_row(
             item.tool, str(item.calls), str(item.admitted), str(item.delayed), fallbacks,
-            busiest, _seconds(item.wait_p50_s), _seconds(item.wait_p95_s),
+            busiest, _seconds(item.delay_p50_s), _seconds(item.delay_p95_s),
         )
     return table
 

@@ -105,9 +105,9 @@ def _run(
     firing = threading.Thread(
         target=_fire, args=(plan, stack, tracker, started_at, stop, errors), daemon=True
     )
-    with Live(console=console, refresh_per_second=4) as live:
-        firing.start()
-        try:
+    try:
+        with Live(console=console, refresh_per_second=4) as live:
+            firing.start()
             for elapsed_s in _ticks(started_at, last_s + longest_delay_s + GRACE_S):
                 tracker.poll()
                 live.update(live_view(tracker, config, plan, elapsed_s))
@@ -115,10 +115,11 @@ def _run(
                     raise errors[0]
                 if not firing.is_alive() and tracker.unanswered == 0:
                     break
-        finally:
-            stop.set()
+    finally:
+        stop.set()
+        if firing.is_alive():
             firing.join()
-    console.line()
+        console.line()
     return started_at, time.time() - started_at
 
 

@@ -1,0 +1,110 @@
+"""`throttle demo` end to end, as a user runs it: embedded by default, and on the real Redis.
+
+The demo's own summary (`summary.json`) is checked: every call answered, and no window of
+any limit ever held more admissions than the limit (measured on the gate's admission log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+
+from tests.support.workers import clean_db
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_DB = 8
+# Small runs whose searches still exceed their limit several times over: 10 sessions at the
+# default 10x time scale, and 3 sessions at 4x (search_products 100/15s) on real workers.
+EMBEDDED_RUN = ["--sessions", "10", "--duration", "20"]
+REAL_RUN = ["--sessions", "3", "--duration", "20", "--time-scale", "4"]
+EMBEDDED_BUDGET_S = 60
+REAL_BUDGET_S = 90
+
+
+def run_demo(out: Path, args: list[str], env: dict[str, str], timeout_s: float) -> tuple[
+    subprocess.CompletedProcess[str], float
+]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "throttle.cli", "demo", *args, "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s * 2,
+    )
+    return done, time.monotonic() - started
+
+
+def demo_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("THROTTLE_REDIS_URL", "THROTTLE_CONFIG")}
+    return {**env, "COLUMNS": "200", **extra}
+
+
+def check_summary(out: Path, mode: str) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == mode
+    assert (out / "throttle-demo.png").read_bytes().startswith(b"\x89PNG")
+    tools = summary["tools"]
+    assert {"search_products", "get_inventory", "lookup_order"} <= set(tools)
+    for name, tool in tools.items():
+        assert tool["unanswered"] == 0, name
+        assert tool["calls"] == tool["admitted"] + tool["fallbacks"], name
+        for limit in tool["limits"]:
+            assert 0 < limit["most_admitted"] <= limit["max"], (name, limit)
+    search = tools["search_products"]
+    print(f"\n{mode}: search_products {search['calls']} calls, {search['admitted']} admitted "
+          f"({search['delayed']} delayed), {search['fallbacks']} fallbacks, most in a window "
+          f"{search['limits'][0]['most_admitted']}/{search['limits'][0]['max']}")
+    assert search["calls"] > search["limits"][0]["max"], "the burst exceeds the limit"
+    assert search["delayed"] > 0, "calls over the limit wait for their slot"
+    assert search["limits"][0]["most_admitted"] == search["limits"][0]["max"]
+    return summary
+
+
+@pytest.mark.emulation
+@pytest.mark.slow
+def test_the_embedded_demo_runs_to_its_summary_within_budget_and_never_exceeds_a_limit(
+    tmp_path: Path,
+) -> None:
+    done, took_s = run_demo(tmp_path, EMBEDDED_RUN, demo_env(), EMBEDDED_BUDGET_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert took_s < EMBEDDED_BUDGET_S, f"took {took_s:.1f}s"
+    assert "embedded mode" in done.stdout
+    assert "THROTTLE_REDIS_URL=redis://127.0.0.1:6379/0 throttle demo" in done.stdout
+    banner = "".join(done.stdout.split())
+    assert "100/1m→100/6s" in banner, "the banner says how time is scaled"
+    assert "Summary" in done.stdout and "most admitted in any window" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    check_summary(tmp_path, "embedded")
+
+
+@pytest.mark.redis
+@pytest.mark.celery
+@pytest.mark.slow
+def test_the_real_demo_runs_on_redis_with_worker_processes_and_leaves_no_keys(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    broker = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BROKER_DB}"))
+    clean_db(broker)
+    try:
+        env = demo_env(THROTTLE_REDIS_URL=redis_url)
+        done, took_s = run_demo(tmp_path, [*REAL_RUN, "--broker", broker], env, REAL_BUDGET_S)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert took_s < REAL_BUDGET_S, f"took {took_s:.1f}s"
+        assert "real Redis and worker processes" in done.stdout
+        summary = check_summary(tmp_path, "real")
+        assert summary["prefix"].startswith("throttle-demo-")
+        assert list(redis_client.scan_iter(match=f"{summary['prefix']}:*")) == []
+        broker_client = redis.Redis.from_url(broker)
+        assert list(broker_client.scan_iter(match="celery-task-meta-*")) == []
+        assert [key for key in broker_client.scan_iter(match="tool.*")] == []
+        broker_client.close()
+    finally:
+        clean_db(broker)
