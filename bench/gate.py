@@ -236,7 +236,8 @@ class Bench:
         # 2. limits' moving window on a limit that never binds.
         storage = RedisStorage(url, key_prefix=f"{prefix}-limits")
         limiter = MovingWindowRateLimiter(storage)
-        self._closers.append(storage.get_connection().close)
+        limits_client: Any = storage.get_connection()
+        self._closers.append(limits_client.close)
         item = parse(LIMITS_LIMIT)
         identity = uuid.uuid4().hex
 

@@ -3,7 +3,8 @@
 `celery -A tests.apps.ledger worker` builds it from the environment; a test builds the
 same app for its own process with `build(env)`.
   THROTTLE_TEST_CONFIG   the tools config as JSON (see `throttle.load_config`)
-  THROTTLE_PREFIX        the gate's key prefix; the ledger is the list <prefix>:ledger
+  THROTTLE_PREFIX        the gate's key prefix; the ledger is the list <prefix>:ledger,
+                         and <prefix>:ended maps task ids to when their bodies ended
   THROTTLE_REDIS_URL, THROTTLE_BROKER_URL, THROTTLE_RESULT_BACKEND
   THROTTLE_TEST_BODY_S   seconds each body sleeps (default 0)
   THROTTLE_TEST_POISON   a value of `n` whose body kills its own process
@@ -45,15 +46,22 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
             if poison is not None and str(n) == poison:
                 os.kill(os.getpid(), signal.SIGKILL)
             request = current_task.request
-            sec, usec = store.time()
-            entry = {
-                "id": request.id, "tool": tool, "n": n, "at": sec + usec / 1e6,
-                "pid": os.getpid(), "delays": getattr(request, "throttle_delays", 0),
-                "eta": request.eta, "admitted_at": getattr(request, "throttle_admitted_at", None),
-            }
-            store.rpush(f"{prefix}:ledger", json.dumps(entry))
-            if body_s:
-                time.sleep(body_s)
+            running = store.incr(f"{prefix}:running:{tool}")
+            try:
+                sec, usec = store.time()
+                entry = {
+                    "id": request.id, "tool": tool, "n": n, "at": sec + usec / 1e6,
+                    "pid": os.getpid(), "delays": getattr(request, "throttle_delays", 0),
+                    "eta": request.eta, "running": running,
+                    "admitted_at": getattr(request, "throttle_admitted_at", None),
+                }
+                store.rpush(f"{prefix}:ledger", json.dumps(entry))
+                if body_s:
+                    time.sleep(body_s)
+            finally:
+                store.decr(f"{prefix}:running:{tool}")
+                sec, usec = store.time()
+                store.hset(f"{prefix}:ended", request.id, sec + usec / 1e6)
             return {"n": n}
 
         body.__name__ = tool

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from itertools import accumulate
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -81,3 +84,44 @@ def test_cutting_the_broker_connection_while_delays_are_published_loses_no_call(
           f"most admitted in 1 s: {most}")
     assert counts["result"] + counts["fallback"] == 300
     assert most <= 30
+
+
+def test_a_concurrency_cap_holds_across_workers_and_recovers_after_a_worker_is_killed(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    capped = tool(["1000/1s"], "20s", concurrency=3, lease_timeout="3s")
+    config = {"broker": {"visibility_timeout": "25s"}, "tools": {"capped": capped}}
+    cluster = make_cluster(config, env={"THROTTLE_TEST_BODY_S": "0.3"})
+    cluster.start(3, concurrency=2)
+    results, _ = burst(cluster, "capped", 60)
+    time.sleep(1.0)
+    # SIGKILL a worker process in the middle of a body (one that started less than 0.15 s
+    # ago, of 0.3 s): it dies holding its lease.
+    deadline = time.monotonic() + 10
+    while True:
+        sec, usec = redis_client.time()
+        fresh = [run for run in ledger(redis_client, prefix) if run["at"] > sec + usec / 1e6 - 0.15]
+        if fresh or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    victim = fresh[-1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    counts = finish(results, timeout_s=90)
+    runs = ledger(redis_client, prefix)
+    ended = {k.decode(): float(v) for k, v in redis_client.hgetall(f"{prefix}:ended").items()}
+    # The killed body never ended: it ran until the kill (its call ran again later).
+    spans = []
+    for run in runs:
+        killed = run["pid"] == victim and run["at"] < killed_at < ended.get(run["id"], 1e18)
+        spans.append((run["at"], killed_at if killed else ended[run["id"]]))
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    levels = list(zip([at for at, _ in edges], accumulate(step for _, step in edges), strict=True))
+    most_running = max(level for _, level in levels)
+    # The cap recovers (3 bodies at once again) once the dead body's lease expires.
+    recovered_at = next((at for at, level in levels if at > killed_at and level == 3), None)
+    print(f"\nconcurrency 3 across 3 workers: {counts}, most running at once: {most_running}, "
+          f"cap back to 3 after {None if recovered_at is None else recovered_at - killed_at:.1f} s")
+    assert most_running <= 3
+    assert counts["result"] + counts["fallback"] == 60
+    assert recovered_at is not None and recovered_at - killed_at <= 3.0 + 2.0

@@ -4,7 +4,7 @@ Without THROTTLE_REDIS_URL it runs embedded, in one process (memory broker, in-p
 fakeredis running the gate's Lua); with it, on that Redis with one worker process per tool.
 
   scenario  the sessions and their calls; time scaling of the config
-  stack     what the demo runs on; embedded / real build one
+  stack     what the demo runs on; embedded / real build one (tomltext: the workers' config)
   tracker   outcomes from the results, admission times from the gate's log
   live      banner and live table;  report / chart  the summary, its JSON and PNG
   runner    ties them together

@@ -17,7 +17,9 @@ from throttle.demo.tracker import Tracker
 STEP_S = 0.1
 
 
-def write_chart(path: Path, tracker: Tracker, config: Config, started_at: float) -> None:
+def write_chart(
+    path: Path, tracker: Tracker, config: Config, started_at: float, title: str
+) -> None:
     """Sent, admitted and fallen-back calls per second, the trailing-window rate and the limit."""
     tools = [tool for tool in config.tools.values() if tracker.calls_of(tool.name)]
     figure, axes = plt.subplots(
@@ -54,6 +56,7 @@ def write_chart(path: Path, tracker: Tracker, config: Config, started_at: float)
         axis.set_ylabel("calls / s")
         axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     axes[-1, 0].set_xlabel("seconds since the first call")
+    figure.suptitle(title, x=0.01, ha="left", fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -66,7 +66,9 @@ def run_demo(settings: DemoSettings, console: Console) -> None:
             exits.callback(stack.forget_results, list(tracker.calls))
         summaries = summarize(tracker, scaled)
         chart = settings.out_dir / CHART_NAME
-        write_chart(chart, tracker, scaled, started_at)
+        scale = f", time {settings.time_scale:g}x faster" if settings.time_scale != 1 else ""
+        title = f"throttle demo ({stack.mode}): {settings.sessions} sessions{scale}"
+        write_chart(chart, tracker, scaled, started_at, title)
     keyed = {tool.name for tool in scaled.tools.values() if tool.key}
     console.print(summary_table(summaries, keyed=keyed))
     summary = settings.out_dir / SUMMARY_NAME
@@ -98,7 +100,11 @@ def _run(
     Returns when the run started and how long it took.
     """
     longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
-    last_s = plan[-1].at_s if plan else 0.0
+    until_s = (plan[-1].at_s if plan else 0.0) + longest_delay_s + GRACE_S
+    # The log keeps an entry one window long: read it well within the shortest one.
+    shortest_s = min(tool.longest_window_ms for tool in config.tools.values()) / 1000
+    step_s = min(REFRESH_S, shortest_s / 4)
+    views_every = max(1, round(REFRESH_S / step_s))
     stop = threading.Event()
     errors: list[BaseException] = []
     started_at = time.time()
@@ -108,8 +114,11 @@ def _run(
     try:
         with Live(console=console, refresh_per_second=4) as live:
             firing.start()
-            for elapsed_s in _ticks(started_at, last_s + longest_delay_s + GRACE_S):
-                tracker.poll()
+            for tick, elapsed_s in enumerate(_ticks(started_at, until_s, step_s)):
+                tracker.poll_gate()
+                if tick % views_every:
+                    continue
+                tracker.poll_results()
                 live.update(live_view(tracker, config, plan, elapsed_s))
                 if errors:
                     raise errors[0]
@@ -123,10 +132,11 @@ def _run(
     return started_at, time.time() - started_at
 
 
-def _ticks(started_at: float, limit_s: float) -> Iterator[float]:
-    while (elapsed_s := time.time() - started_at) <= limit_s:
+def _ticks(started_at: float, until_s: float, step_s: float) -> Iterator[float]:
+    """Seconds since the start, every `step_s`, until `until_s` (then once more)."""
+    while (elapsed_s := time.time() - started_at) <= until_s:
         yield elapsed_s
-        time.sleep(REFRESH_S)
+        time.sleep(step_s)
     yield time.time() - started_at
 
 

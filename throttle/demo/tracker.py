@@ -1,8 +1,8 @@
 """What became of every call the demo sent, seen from outside the workers.
 
 Outcomes come from the result backend (`throttle.outcome`); admission times from the gate's
-own log (a ZSET per tool: task id -> admission time in ms, by the Redis clock), read a few
-times a second, well within the window an entry stays in the log. Both work the same with
+own log (a ZSET per tool: task id -> admission time in ms, by the Redis clock), read at
+least four times per window, as an entry stays in the log for one window. Both work with
 an in-process worker and with worker processes on other machines.
 """
 
@@ -65,7 +65,7 @@ class GateView:
 
 @dataclass
 class Tracker:
-    """Calls by task id, refreshed by `poll()` from the result backend and the gate's log."""
+    """Calls by task id, refreshed from the gate's log (`poll_gate`) and the results."""
 
     app: Celery
     config: Config
@@ -99,12 +99,8 @@ class Tracker:
         with self._lock:
             return [call for call in self.calls.values() if call.tool == tool]
 
-    def poll(self) -> None:
-        """Read the gate's logs, then the results of the calls still pending."""
-        self._poll_gate()
-        self._poll_results()
-
-    def _poll_results(self) -> None:
+    def poll_results(self) -> None:
+        """Read the outcome of every call that was pending and is answered now."""
         with self._lock:
             pending = list(self._pending)
         if not pending:
@@ -116,7 +112,8 @@ class Tracker:
             with self._lock:
                 self._pending.discard(task_id)
 
-    def _poll_gate(self) -> None:
+    def poll_gate(self) -> None:
+        """Read the gate's logs: admission times, window use and reservations."""
         with self._lock:
             targets = [
                 (tool, value)

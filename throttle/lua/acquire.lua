@@ -206,7 +206,18 @@ local held = redis.call('ZSCORE', log, member)
 if held then
   local slot = redis.call('ZSCORE', rsv, member)
   if not slot then
-    if cap > 0 then redis.call('ZADD', leases, now + lease_ms, member) end
+    if cap > 0 then
+      -- Run again (its worker was lost): it needs a lease like any other run.
+      local lease = tonumber(redis.call('ZSCORE', leases, member))
+      if not lease or lease <= now then
+        local free = lease_free_at()
+        if free > now then
+          local wait = math.min(free - now, 250)
+          return {'delay', fmt(wait), fmt(now + wait), 'concurrency'}
+        end
+      end
+      redis.call('ZADD', leases, now + lease_ms, member)
+    end
     return {'admit', '0', held, 'readmitted'}
   end
   slot = tonumber(slot)
