@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export THROTTLE_REDIS_URL ?= redis://127.0.0.1:6379/0
 
 .PHONY: demo test bench lint services
 
@@ -14,6 +13,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# The demo runs on the embedded default unless THROTTLE_REDIS_URL is set in the environment.
 services: $(VENV)/.installed
 	bash scripts/ensure-services.sh
 

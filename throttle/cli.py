@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import Config, load_config
+from throttle.config import Config, format_ms, load_config
 from throttle.errors import ThrottleError
 
 DEFAULT_CONFIG = Path("config") / "tools.toml"
@@ -48,11 +48,6 @@ def _load(path: Path) -> Config:
         _fail(str(exc))
 
 
-def _duration(ms: int) -> str:
-    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +66,7 @@ def check(path: Path | None) -> None:
     config = _load(path)
     table = Table(
         title=f"{path}: {len(config.tools)} tools",
-        caption=f"broker visibility_timeout {_duration(config.visibility_timeout_ms)}",
+        caption=f"broker visibility_timeout {format_ms(config.visibility_timeout_ms)}",
         title_justify="left", header_style="bold",
     )
     for name in ("tool", "queue", "limits", "key", "max_delay", "on_store_error", "pace"):
@@ -79,7 +74,7 @@ def check(path: Path | None) -> None:
     for tool in config.tools.values():
         table.add_row(
             tool.name, tool.queue, ", ".join(str(limit) for limit in tool.limits),
-            tool.key or "—", _duration(tool.max_delay_ms), tool.on_store_error, tool.pace,
+            tool.key or "—", format_ms(tool.max_delay_ms), tool.on_store_error, tool.pace,
         )
     _console().print(table)
 

@@ -65,10 +65,11 @@ class Limit(BaseModel):
         return cls(max=count, window_ms=parse_duration_ms(window))
 
     def __str__(self) -> str:
-        return f"{self.max}/{_format_ms(self.window_ms)}"
+        return f"{self.max}/{format_ms(self.window_ms)}"
 
 
-def _format_ms(ms: int) -> str:
+def format_ms(ms: int) -> str:
+    """Milliseconds as the shortest exact duration text: 60000 -> "1m", 1500 -> "1500ms"."""
     for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
         if ms % size == 0:
             return f"{ms // size}{unit}"
@@ -281,8 +282,8 @@ def _build(raw: dict[str, Any], where: str) -> Config:
         _check_pool(tool, pools, where)
         if tool.max_delay_ms >= visibility_ms:
             raise ConfigError(
-                f"{where}: tool {tool.name!r}, field 'max_delay': {_format_ms(tool.max_delay_ms)} "
-                f"is at or above the broker's visibility_timeout ({_format_ms(visibility_ms)}); "
+                f"{where}: tool {tool.name!r}, field 'max_delay': {format_ms(tool.max_delay_ms)} "
+                f"is at or above the broker's visibility_timeout ({format_ms(visibility_ms)}); "
                 "a delayed task would be redelivered; lower max_delay or raise visibility_timeout"
             )
     return Config(tools=tools, pools=pools, visibility_timeout_ms=visibility_ms, source=where)

@@ -97,6 +97,8 @@ class Throttle:
                     "priority_again": self.priorities[1],
                 },
             )
+            # Not shared: another app in the same process must not pick up this task.
+            options.setdefault("shared", False)
             return self.app.task(fn, name=tool.queue, base=base, **options)
 
         if callable(name_or_fn):

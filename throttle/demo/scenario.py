@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from throttle.config import Limit, parse_duration_ms
+from throttle.config import Limit, format_ms, parse_duration_ms
 
 DEMO_TOOLS = ("search_products", "get_inventory", "lookup_order", "process_refund")
 SEARCHES = (40, 54)
@@ -130,5 +130,4 @@ def _scale_duration(value: Any, time_scale: float) -> str:
 
 
 def _ms_text(ms: float) -> str:
-    whole = max(1, round(ms))
-    return f"{whole // 1000}s" if whole % 1000 == 0 else f"{whole}ms"
+    return format_ms(max(1, round(ms)))

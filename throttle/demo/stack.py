@@ -45,12 +45,11 @@ def register_tools(throttle: Throttle) -> dict[str, Any]:
     """The seed's tool bodies (`workers.tools.catalog`) as tasks of `throttle`'s app.
 
     Only the tools the config declares; the task names match the deployed workers'.
-    Importing the bodies builds the deployed app too, whose tasks Celery shares with every
-    app by default: the demo's are created at once (`lazy=False`), so they are the ones its
-    app holds, and not shared (`shared=False`).
+    Importing the bodies builds the deployed app too; the demo's tasks are created at once
+    (`lazy=False`) and, like every throttle tool, not shared with other apps.
     """
     return {
-        name: throttle.tool(getattr(catalog, name), shared=False, lazy=False)
+        name: throttle.tool(getattr(catalog, name), lazy=False)
         for name in DEMO_TOOLS
         if name in throttle.config.tools
     }
