@@ -30,7 +30,8 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,40 @@ def rss_bytes(pid: int) -> int:
                 return int(line.split()[1]) * 1024
         return 0
     return int(psutil.Process(pid).memory_info().rss)
+
+
+def _cpu_ticks(groups: Sequence[Sequence[int]]) -> list[int]:
+    """Ticks the machine was busy so far, then the ticks each group of pids ran (/proc)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    out = [sum(fields) - fields[3] - fields[4]]  # all but idle and iowait
+    for pids in groups:
+        out.append(0)
+        for pid in pids:
+            with suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[-1] += int(stat[11]) + int(stat[12])  # utime, stime
+    return out
+
+
+def local_redis_pid(client: redis.Redis) -> int | None:
+    """The pid of the Redis server if it runs on this machine, else None."""
+    pid = int(client.info("server").get("process_id", 0))
+    with suppress(OSError):
+        if "redis" in Path(f"/proc/{pid}/comm").read_text():
+            return pid
+    return None
+
+
+@contextmanager
+def cpu_use(ours: Sequence[int], redis_pid: int | None) -> Iterator[dict[str, float]]:
+    """Yields a dict that holds, afterwards, the cores Redis and all other processes used."""
+    out: dict[str, float] = {}
+    groups = [ours, [redis_pid] if redis_pid else []]
+    before, start = _cpu_ticks(groups), time.monotonic()
+    yield out
+    busy, own, server = (b - a for a, b in zip(before, _cpu_ticks(groups), strict=True))
+    per_s = os.sysconf("SC_CLK_TCK") * (time.monotonic() - start)
+    out.update(redis=server / per_s, others=(busy - own - server) / per_s)
 
 
 def wait_until(done: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> bool:
@@ -517,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=140)
     began = time.monotonic()
     figures: list[Figure] = []
+    cpu: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
         bench = Bench(args, Path(tmp))
         bench.clean()
@@ -531,9 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("4 rate vs Celery rate_limit", lambda: bench.rates(sizes["rate_n"], args.rate)),
                 ("3 memory", lambda: bench.memory(sizes["hold_n"])),
             ]
+            redis_pid = local_redis_pid(bench.gate)
+            ours = [os.getpid()] + [pid for node in nodes for pid in (node.pid, *node.children)]
             for title, step in steps:
                 console.print(f"{time.monotonic() - began:5.0f}s  {title} ...", highlight=False)
-                figures += step()
+                with cpu_use(ours, redis_pid) as used:
+                    figures += step()
+                cpu[title.split()[0]] = used
         finally:
             stop_nodes(nodes)
             bench.clean()
@@ -542,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [
         f"Redis {mask_url(args.redis_url)} (broker/results/gate dbs {args.dbs}); {host}, "
         f"{os.cpu_count()} CPUs; total {time.monotonic() - began:.0f}s; sizes {sizes}.",
+        "Cores used during each part by the shared Redis / by processes not of this benchmark: "
+        + ", ".join(f"{k}: {v['redis']:.2f} / {v['others']:.2f}" for k, v in sorted(cpu.items()))
+        + " (other processes above ~0.2 cores disturb the figures: rerun).",
         "Nodes: `celery -A bench.apps worker -P prefork -c 2 -l WARNING --without-gossip "
         "--without-mingle --without-heartbeat`; throttle nodes T0-T2, plain nodes P0-P2.",
         "Part 1 runs both contenders on node T0 (the throttle app, so the same settings; "
@@ -562,7 +605,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"sizes": sizes, "figures": [asdict(f) for f in figures], "notes": notes},
+                {
+                    "sizes": sizes,
+                    "cpu": cpu,
+                    "figures": [asdict(f) for f in figures],
+                    "notes": notes,
+                },
                 indent=2,
                 default=str,
             )

@@ -90,6 +90,9 @@ def _client_options(socket_timeout_s: float) -> dict[str, Any]:
     }
 
 
+_ACTIONS = {**{a.value: a for a in Action}, **{a.value.encode(): a for a in Action}}
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -101,7 +104,17 @@ class _GateBase:
         self.config = config
         self.prefix = check_prefix(prefix)
         self.url = url
-        self._limit_args = {name: self._limits_of(tool) for name, tool in config.tools.items()}
+        # Per tool, built once: the fixed tail of the script's arguments, and its keys when
+        # they do not depend on a key argument.
+        self._tails = {
+            name: [self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool)]
+            for name, tool in config.tools.items()
+        }
+        self._fixed_keys = {
+            name: self._keys(tool, None).as_list()
+            for name, tool in config.tools.items()
+            if tool.key is None
+        }
 
     def _limits_of(self, tool: ToolConfig) -> list[Any]:
         args: list[Any] = [len(tool.limits)]
@@ -149,12 +162,11 @@ class _GateBase:
         deadline_ms: float = tool.max_delay_ms
         if deadline_s is not None:
             deadline_ms = max(0.0, min(deadline_ms, deadline_s * 1000))
+        gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        args = [
-            member, cost, deadline_ms, self._gap_ms(tool), tool.slot_margin_ms, now,
-            *self._limit_args[tool_name],
-        ]
-        return self._keys(tool, key).as_list(), args
+        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
+        keys = self._fixed_keys.get(tool_name) or self._keys(tool, key).as_list()
+        return keys, args
 
     def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
         if not units >= 0:
@@ -172,8 +184,10 @@ class _GateBase:
 
     @staticmethod
     def _decision(raw: Sequence[Any]) -> Decision:
-        action, wait_ms, slot_ms, reason = (_text(item) for item in raw)
-        return Decision(Action(action), float(wait_ms) / 1000, float(slot_ms) / 1000, reason)
+        action, wait_ms, slot_ms, reason = raw
+        return Decision(
+            _ACTIONS[action], float(wait_ms) / 1000, float(slot_ms) / 1000, _text(reason)
+        )
 
 
 class Gate(_GateBase):

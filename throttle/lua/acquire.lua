@@ -86,7 +86,7 @@ end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
 longest = longest + margin
 local weighted = trim(log, costs, now - longest)
-redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest)
+if redis.call('ZCARD', rsv) > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
 local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
 
 -- Earliest t >= `from` at which the entries of `zset` in (t - window, upto] (all <= t),
@@ -192,14 +192,15 @@ local function blocked()
   return nil
 end
 
--- Keys live until the latest entry (admission or reservation) has left every window.
+-- Keys live until their latest entry has left every window. A TTL is only ever raised,
+-- and then with a window of headroom, so most calls just read it.
+local function keep(key, last)
+  local needed = math.ceil(last - now + longest) + 1000
+  if redis.call('PTTL', key) < needed then redis.call('PEXPIRE', key, needed + longest) end
+end
 local function expire(last)
-  local tail = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')[2]
-  if tail and tonumber(tail) > last then last = tonumber(tail) end
-  local ttl = math.ceil(last - now + longest) + 1000
-  redis.call('PEXPIRE', log, ttl)
-  redis.call('PEXPIRE', rsv, ttl)
-  if weighted or cost ~= 1 then redis.call('PEXPIRE', costs, ttl) end
+  keep(log, last)
+  if cost ~= 1 then keep(costs, last) end
 end
 
 local held = redis.call('ZSCORE', log, member)
@@ -296,4 +297,5 @@ redis.call('ZADD', log, t, member)
 redis.call('ZADD', rsv, t, member)
 if cost ~= 1 then redis.call('HSET', costs, member, cost) end
 expire(t)
+keep(rsv, t)
 return {'delay', fmt(t - now), fmt(t), 'reserved'}
