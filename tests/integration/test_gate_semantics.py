@@ -336,4 +336,5 @@ def test_the_margin_counts_in_the_lifetime_of_the_keys(
     gate: Gate, redis_client: redis.Redis, prefix: str
 ) -> None:
     gate.acquire("margined", "A", now_s=P)
-    assert 60_250 < redis_client.pttl(tool_keys(prefix, "margined").log) <= 61_250
+    # window + margin + 1 s, plus a window (and margin) of headroom
+    assert 61_250 <= redis_client.pttl(tool_keys(prefix, "margined").log) <= 2 * 60_250 + 1000
