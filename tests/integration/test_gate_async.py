@@ -128,7 +128,9 @@ def test_a_slot_waits_for_its_reserved_time(redis_url: str, prefix: str) -> None
     assert 0.85 < t3 < 1.5, "the third call waits for the first one's window to pass"
     assert (third.action, third.reason) == (Action.ADMIT, "reservation")
     margin_s = CONFIG.tool("quick").slot_margin_ms / 1000
-    assert third.slot_at == pytest.approx(first.slot_at + 1 + margin_s, abs=0.005)
+    # Admitted at its slot, or a little after it on a busy machine, never before.
+    planned = first.slot_at + 1 + margin_s
+    assert planned - 0.001 <= third.slot_at < planned + 0.2
 
 
 def test_a_slot_that_would_miss_its_deadline_raises_throttled_with_the_fallback(
