@@ -140,6 +140,46 @@ local function earliest(from, upto, max, window, skip)
   return earliest_in(log, costs, weighted, from, upto, max, window, skip)
 end
 
+-- For a due reservation (slot `mine`): when the trailing window (t - window, now] holds
+-- it, counting admissions and the due reservations ahead of it (slot <= mine), but not
+-- itself nor the due reservations behind it: those wait for the capacity after it, so
+-- calls held up by late ones are admitted in order, each once.
+local function due_free_at(max, window, mine)
+  if cost > max then return nil end
+  local floor = now - window
+  local lo = '(' .. fmt(floor)
+  local used = redis.call('ZCOUNT', log, lo, fmt(now))
+  local behind = redis.call('ZCOUNT', rsv, '(' .. fmt(mine), fmt(now))
+  if weighted then used = 0 end
+  if not weighted then
+    used = used - 1 - behind
+    if used + cost <= max then return now end
+  end
+  -- Blocked (or weighted): walk the window from its oldest entry.
+  local counted, offset, batch = {}, 0, 64
+  local total = 0
+  repeat
+    local page = redis.call('ZRANGEBYSCORE', log, lo, fmt(now), 'WITHSCORES', 'LIMIT', offset, batch)
+    for i = 1, #page, 2 do
+      local m, score = page[i], tonumber(page[i + 1])
+      if m ~= member and not (score > mine and redis.call('ZSCORE', rsv, m)) then
+        local units = weighted and tonumber(redis.call('HGET', costs, m) or '1') or 1
+        counted[#counted + 1] = {score, units}
+        total = total + units
+      end
+    end
+    offset = offset + batch
+  until #page < 2 * batch
+  local excess = total + cost - max
+  if excess <= 0 then return now end
+  local freed = 0
+  for _, entry in ipairs(counted) do
+    freed = freed + entry[2]
+    if freed >= excess then return entry[1] + window end
+  end
+  return nil
+end
+
 -- When the pool lets this call's class admit it (now, or the time enough use expires).
 local function pool_free_at()
   local t = now
@@ -228,7 +268,7 @@ if held then
   -- A reservation is due: it is admitted only if the trailing windows hold it now.
   local t = now
   for i = 1, n do
-    local at = earliest(now, now, maxes[i], windows[i], member)
+    local at = due_free_at(maxes[i], windows[i], slot)
     if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if at > t then t = at end
   end
