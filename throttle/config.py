@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from throttle.errors import ConfigError
 
@@ -24,6 +31,7 @@ _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)?\s*([A-Za-z]*)\s*")
 _TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
+DEFAULT_SLOT_MARGIN_MS = 40
 
 
 def parse_duration_ms(text: str) -> int:
@@ -88,7 +96,7 @@ class ToolConfig(BaseModel):
     max_delay_ms: int = Field(alias="max_delay")
     on_store_error: Literal["fallback", "delay", "admit"] = "fallback"
     pace: Literal["earliest", "even"] = "earliest"
-    slot_margin_ms: int = Field(default=40, alias="slot_margin", ge=0)
+    slot_margin_ms: int = Field(default=DEFAULT_SLOT_MARGIN_MS, alias="slot_margin", ge=0)
     max_args_bytes: int = Field(default=65_536, gt=0)
     max_redeliveries: int = Field(default=3, ge=0)
     pool: str | None = None
@@ -99,6 +107,20 @@ class ToolConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     result: dict[str, Any] = Field(default_factory=dict)
     fallback: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_slot_margin(cls, data: Any) -> Any:
+        """Unless set: 40 ms, or 2% of the shortest window when that is less (so a 1 s
+        window keeps 98% of its rate for delayed calls)."""
+        if not isinstance(data, dict) or "slot_margin" in data:
+            return data
+        try:
+            limits = cls._parse_limits(data.get("limits"))
+        except (ValueError, TypeError):
+            return data  # the limits' own validator reports the mistake
+        shortest = min(limit.window_ms for limit in limits)
+        return {**data, "slot_margin": f"{min(DEFAULT_SLOT_MARGIN_MS, shortest // 50)}ms"}
 
     @field_validator("limits", mode="before")
     @classmethod
