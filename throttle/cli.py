@@ -69,14 +69,22 @@ def check(path: Path | None) -> None:
         caption=f"broker visibility_timeout {format_ms(config.visibility_timeout_ms)}",
         title_justify="left", header_style="bold",
     )
-    for name in ("tool", "queue", "limits", "key", "max_delay", "on_store_error", "pace"):
+    columns = ("tool", "queue", "limits", "key", "pool / class", "concurrency", "max_delay",
+               "on_store_error", "pace")
+    for name in columns:
         table.add_column(name, no_wrap=name in ("tool", "queue"))
     for tool in config.tools.values():
         table.add_row(
             tool.name, tool.queue, ", ".join(str(limit) for limit in tool.limits),
-            tool.key or "—", format_ms(tool.max_delay_ms), tool.on_store_error, tool.pace,
+            tool.key or "—", f"{tool.pool} / {tool.priority}" if tool.pool else "—",
+            str(tool.concurrency or "—"), format_ms(tool.max_delay_ms), tool.on_store_error,
+            tool.pace,
         )
     _console().print(table)
+    for pool in config.pools.values():
+        shares = ", ".join(f"{name} {share:g}" for name, share in pool.shares.items())
+        limits = ", ".join(str(limit) for limit in pool.limits)
+        _console().print(f"pool {pool.name}: {limits}; shares {shares}")
 
 
 @main.command(
