@@ -20,6 +20,12 @@ What it measures
     Gate admit-heavy, 100k log   as admit-heavy, with 100,000 entries already in the window: the
                                  cost of a call must not grow with the log (the script counts
                                  with ZCOUNT when every cost is 1).
+    Gate tool + pool + concurrency  as admit-heavy, on a tool that is also in a pool (limit
+                                 "10000000/10m", its class's share 0.5) and has a concurrency
+                                 cap (100,000, leases of 1 s): none of them binds, so every call
+                                 is ADMIT, and pays for the pool's log and its lease. Leases are
+                                 not given back (no `finish`); they expire after 1 s, and the cap
+                                 is above the calls one client makes in a second.
     AsyncGate admit-heavy, 50    `AsyncGate.acquire`, 50 calls in flight on one event loop.
     async trivial EVALSHA, 50    the trivial script, 50 in flight: the reference for the row above.
 
@@ -37,7 +43,8 @@ How to read it
     claims to measure. "spread" is (best - worst) / best over the runs: above ~10% the machine
     was busy; rerun before trusting small differences. The targets line checks the two sync
     Gate rows (admit- and delay-heavy) against >= 1.0x limits' moving window and >= 0.85x the
-    trivial EVALSHA. `--json PATH` writes every number; `--check` exits 1 on a missed target.
+    trivial EVALSHA, and the pool + concurrency row against >= 0.8x Gate admit-heavy (the
+    tool alone). `--json PATH` writes every number; `--check` exits 1 on a missed target.
 """
 
 from __future__ import annotations
@@ -83,10 +90,16 @@ DELAY_WINDOW = "1s"
 DELAY_MAX_DELAY = "59m"
 DELAY_MAX_DELAY_S = 59 * 60
 LIMITS_LIMIT = "1000000/minute"
+POOL_LIMIT = "10000000/10m"  # never binds, not even for the class's share of it
+POOL_SHARES = {"critical": 1.0, "standard": 0.5}
+POOLED_CONCURRENCY = 100_000  # above the calls one client makes in a lease's 1 s
+POOLED_LEASE = "1s"
 
 TARGET_VS_LIMITS = 1.0
 TARGET_VS_EVALSHA = 0.85
 TARGET_ROWS = ("gate_admit", "gate_delay")
+TARGET_VS_ADMIT = 0.8
+TARGET_POOLED = ("gate_pooled", "gate_admit")  # this row against that one
 
 Call = Callable[[str], Any]
 AsyncCall = Callable[[str], Awaitable[Any]]
@@ -192,11 +205,17 @@ class Bench:
         self.config = load_config(
             {
                 "broker": {"visibility_timeout": "2h"},
+                "pools": {"bench_pool": {"limits": [POOL_LIMIT], "shares": POOL_SHARES}},
                 "tools": {
                     "admit_heavy": {"limits": [ADMIT_LIMIT], "max_delay": "10m"},
                     "delay_heavy": {"limits": [delay_limit(n)], "max_delay": DELAY_MAX_DELAY},
                     "prefilled": {"limits": [ADMIT_LIMIT], "max_delay": "10m"},
                     "async_admit": {"limits": [ADMIT_LIMIT], "max_delay": "10m"},
+                    "pooled": {
+                        "limits": [ADMIT_LIMIT], "max_delay": "10m", "pool": "bench_pool",
+                        "priority": "standard", "concurrency": POOLED_CONCURRENCY,
+                        "lease_timeout": POOLED_LEASE,
+                    },
                 },
             }
         )
@@ -204,7 +223,10 @@ class Bench:
         self.contenders = self._build()
 
     def _reset_tool(self, tool: str) -> Callable[[], None]:
-        keys = tool_keys(self.prefix, tool).as_list()
+        config = self.config.tool(tool)
+        keys = tool_keys(
+            self.prefix, tool, pool=config.pool, concurrency=config.concurrency is not None
+        ).as_list()
 
         def reset() -> None:
             self.admin.delete(*keys)
@@ -253,12 +275,14 @@ class Bench:
             )
         )
 
-        # 3, 4, 6. The sync Gate: admit-heavy, delay-heavy, admit-heavy over a 100k log.
+        # 3, 4, 6, 7. The sync Gate: admit-heavy, delay-heavy, admit-heavy over a 100k log,
+        # and admit-heavy in a pool with a concurrency cap.
         gate = Gate(url, self.config, prefix=prefix)
         self._closers.append(gate.close)
         for key, label, tool in (
             ("gate_admit", "Gate admit-heavy", "admit_heavy"),
             ("gate_delay", "Gate delay-heavy", "delay_heavy"),
+            ("gate_pooled", "Gate tool + pool + concurrency", "pooled"),
         ):
             contenders.append(self._gate_contender(gate, key, label, tool, self._reset_tool(tool)))
         contenders.append(
@@ -435,9 +459,24 @@ def report(bench: Bench, console: Console) -> dict[str, Any]:
             verdict = "[green]PASS[/green]" if ok else "[red]MISS[/red]"
             ref = "limits' moving window" if name == "limits" else "trivial EVALSHA"
             verdicts.append(f"{row['contender']} {value:.2f}x {ref} (>= {target:.2f}x) {verdict}")
+    pooled_key, reference_key = TARGET_POOLED
+    pooled = next(r for r in rows if r["key"] == pooled_key)
+    reference = next(r for r in rows if r["key"] == reference_key)
+    value = _ratio(pooled["decisions_per_s"], reference["decisions_per_s"])
+    ok = value >= TARGET_VS_ADMIT
+    targets.append(
+        {"contender": pooled_key, "versus": reference_key, "ratio": value,
+         "target": TARGET_VS_ADMIT, "pass": ok}
+    )
+    verdict = "[green]PASS[/green]" if ok else "[red]MISS[/red]"
+    verdicts.append(
+        f"{pooled['contender']} {value:.2f}x {reference['contender']} "
+        f"(>= {TARGET_VS_ADMIT:.2f}x) {verdict}"
+    )
     console.print(
         f"Targets: Gate >= {TARGET_VS_LIMITS:.1f}x limits' moving window and >= "
-        f"{TARGET_VS_EVALSHA:.2f}x the trivial EVALSHA, admit-heavy and delay-heavy:"
+        f"{TARGET_VS_EVALSHA:.2f}x the trivial EVALSHA, admit-heavy and delay-heavy; a pool "
+        f"and a concurrency cap keep >= {TARGET_VS_ADMIT:.1f}x of admit-heavy:"
     )
     for line in verdicts:
         console.print(f"  {line}")

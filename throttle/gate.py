@@ -90,7 +90,10 @@ def _client_options(socket_timeout_s: float) -> dict[str, Any]:
     }
 
 
-_ACTIONS = {**{a.value: a for a in Action}, **{a.value.encode(): a for a in Action}}
+_ACTIONS: dict[str | bytes, Action] = {
+    **{a.value: a for a in Action},
+    **{a.value.encode(): a for a in Action},
+}
 
 
 def _text(value: Any) -> str:

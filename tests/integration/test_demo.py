@@ -1,7 +1,9 @@
 """`throttle demo` end to end, as a user runs it: embedded by default, and on the real Redis.
 
-The demo's own summary (`summary.json`) is checked: every call answered, and no window of
-any limit ever held more admissions than the limit (measured on the gate's admission log).
+The demo's own summary (`summary.json`) is checked: every call answered, no window of any
+limit ever held more admissions than the limit, and no window of the shared pool more than
+its max, nor more than a class's allowance when that class admitted (measured on the gate's
+admission logs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BROKER_DB = 8
 # Small runs whose searches still exceed their limit several times over: 10 sessions at the
 # default 10x time scale, and 3 sessions at 4x (search_products 100/15s) on real workers.
+# Searches are the pool's expensive class: they stop at 0.6 x 150 of the pool's window.
 EMBEDDED_RUN = ["--sessions", "10", "--duration", "20"]
 REAL_RUN = ["--sessions", "3", "--duration", "20", "--time-scale", "4"]
 EMBEDDED_BUDGET_S = 60
@@ -58,13 +61,29 @@ def check_summary(out: Path, mode: str) -> dict[str, Any]:
         assert tool["calls"] == tool["admitted"] + tool["fallbacks"], name
         for limit in tool["limits"]:
             assert 0 < limit["most_admitted"] <= limit["max"], (name, limit)
-    search = tools["search_products"]
+    pool = summary["pools"]["commerce_api"]
+    for check in pool["limits"]:
+        assert 0 < check["most_used"] <= check["allowed"], check
+    classes = {item["priority"]: item for item in pool["classes"]}
+    assert set(classes) == {"critical", "standard", "expensive"}
+    for name, item in classes.items():
+        for check in item["limits"]:
+            assert check["most_used"] <= check["allowed"], (name, check)
+    assert sum(item["admitted"] for item in classes.values()) == pool["admitted"]
+    assert pool["admitted"] == sum(tool["admitted"] for tool in tools.values())
+    search, expensive = tools["search_products"], classes["expensive"]
     print(f"\n{mode}: search_products {search['calls']} calls, {search['admitted']} admitted "
-          f"({search['delayed']} delayed), {search['fallbacks']} fallbacks, most in a window "
-          f"{search['limits'][0]['most_admitted']}/{search['limits'][0]['max']}")
+          f"({search['delayed']} delayed, {expensive['delayed_by_pool']} by the pool), "
+          f"{search['fallbacks']} fallbacks, most in a window "
+          f"{search['limits'][0]['most_admitted']}/{search['limits'][0]['max']}; pool "
+          f"{pool['limits'][0]['most_used']:g}/{pool['limits'][0]['allowed']:g}, at search "
+          f"admissions {expensive['limits'][0]['most_used']:g}/"
+          f"{expensive['limits'][0]['allowed']:g}")
     assert search["calls"] > search["limits"][0]["max"], "the burst exceeds the limit"
     assert search["delayed"] > 0, "calls over the limit wait for their slot"
-    assert search["limits"][0]["most_admitted"] == search["limits"][0]["max"]
+    allowance = expensive["limits"][0]
+    assert allowance["most_used"] == allowance["allowed"], "searches fill their class's share"
+    assert expensive["delayed_by_pool"] > 0, "searches over their share wait for the pool"
     return summary
 
 
@@ -80,7 +99,11 @@ def test_the_embedded_demo_runs_to_its_summary_within_budget_and_never_exceeds_a
     assert "THROTTLE_REDIS_URL=redis://127.0.0.1:6379/0 throttle demo" in done.stdout
     banner = "".join(done.stdout.split())
     assert "100/1m→100/6s" in banner, "the banner says how time is scaled"
+    assert "poolcommerce_api150/1m→150/6s" in banner, "pool windows are scaled too"
     assert "Summary" in done.stdout and "most admitted in any window" in done.stdout
+    assert "Pool commerce_api (150/6s) per priority class" in done.stdout
+    for row in ("critical", "standard", "expensive", "all classes", "delayed by the pool"):
+        assert row in done.stdout, row
     assert "Traceback" not in done.stdout + done.stderr
     check_summary(tmp_path, "embedded")
 

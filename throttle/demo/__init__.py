@@ -5,8 +5,9 @@ fakeredis running the gate's Lua); with it, on that Redis with one worker proces
 
   scenario  the sessions and their calls; time scaling of the config
   stack     what the demo runs on; embedded / real build one (tomltext: the workers' config)
-  tracker   outcomes from the results, admission times from the gate's log
-  live      banner and live table;  report / chart  the summary, its JSON and PNG
+  tracker   outcomes from the results, admission times from the gate's logs (tools, pools)
+  live      banner and live table;  report / chart  the summary (per tool, per pool and
+            priority class), its JSON and PNG
   runner    ties them together
 """
 

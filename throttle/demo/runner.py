@@ -21,7 +21,15 @@ from throttle.demo.chart import write_chart
 from throttle.demo.embedded import embedded_stack
 from throttle.demo.live import banner, live_view
 from throttle.demo.real import DemoError, real_stack
-from throttle.demo.report import CHART_NAME, SUMMARY_NAME, summarize, summary_table, write_summary
+from throttle.demo.report import (
+    CHART_NAME,
+    SUMMARY_NAME,
+    pool_table,
+    summarize,
+    summarize_pools,
+    summary_table,
+    write_summary,
+)
 from throttle.demo.scenario import DEMO_TOOLS, PlannedCall, plan_sessions, scale_config
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import Tracker
@@ -65,15 +73,18 @@ def run_demo(settings: DemoSettings, console: Console) -> None:
         finally:
             exits.callback(stack.forget_results, list(tracker.calls))
         summaries = summarize(tracker, scaled)
+        pools = summarize_pools(tracker, scaled)
         chart = settings.out_dir / CHART_NAME
         scale = f", time {settings.time_scale:g}x faster" if settings.time_scale != 1 else ""
         title = f"throttle demo ({stack.mode}): {settings.sessions} sessions{scale}"
         write_chart(chart, tracker, scaled, started_at, title)
     keyed = {tool.name for tool in scaled.tools.values() if tool.key}
     console.print(summary_table(summaries, keyed=keyed))
+    for pool in pools:
+        console.print(pool_table(pool))
     summary = settings.out_dir / SUMMARY_NAME
     write_summary(
-        summary, summaries, mode=stack.mode, sessions=settings.sessions,
+        summary, summaries, pools, mode=stack.mode, sessions=settings.sessions,
         duration_s=settings.duration_s, time_scale=settings.time_scale,
         elapsed_s=round(elapsed_s, 2), prefix=stack.prefix, chart=str(chart),
     )
@@ -101,8 +112,11 @@ def _run(
     """
     longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
     until_s = (plan[-1].at_s if plan else 0.0) + longest_delay_s + GRACE_S
-    # The log keeps an entry one window long: read it well within the shortest one.
-    shortest_s = min(tool.longest_window_ms for tool in config.tools.values()) / 1000
+    # A log keeps an entry one window long: read the logs well within the shortest one.
+    shortest_s = min(
+        [tool.longest_window_ms for tool in config.tools.values()]
+        + [max(limit.window_ms for limit in pool.limits) for pool in config.pools.values()]
+    ) / 1000
     step_s = min(REFRESH_S, shortest_s / 4)
     views_every = max(1, round(REFRESH_S / step_s))
     stop = threading.Event()
@@ -124,6 +138,7 @@ def _run(
                     raise errors[0]
                 if not firing.is_alive() and tracker.unanswered == 0:
                     break
+            tracker.poll_gate()  # admissions logged since the last read (they stay a window)
     finally:
         stop.set()
         if firing.is_alive():

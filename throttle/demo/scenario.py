@@ -5,7 +5,8 @@ for several tools at once. Per session: about 47 catalog searches, 12 stock chec
 lookups, and a refund in about one session in five — several times the configured limits.
 
 The default limits are per minute, so the demo scales time: `scale_config` divides every
-window and max_delay by the time scale ("100/60s" at 10x becomes "100/6s").
+window (the tools' and the pools') and max_delay by the time scale ("100/60s" at 10x becomes
+"100/6s").
 """
 
 from __future__ import annotations
@@ -96,14 +97,17 @@ def _arguments(rng: random.Random, tool: str, session_id: str) -> dict[str, Any]
 
 
 def scale_config(raw: Mapping[str, Any], time_scale: float) -> dict[str, Any]:
-    """A copy of a parsed tools file with every window and max_delay divided by `time_scale`.
+    """A copy of a parsed tools file with every window (of the tools and of the pools) and
+    every max_delay divided by `time_scale`.
 
     Values that do not parse are left as they are, for `load_config` to report.
     """
     document = copy.deepcopy(dict(raw))
     tools = document.get("tools", {})
+    pools = document.get("pools", {})
     tables = [document.get("defaults", {})]
     tables += list(tools.values()) if isinstance(tools, Mapping) else list(tools)
+    tables += list(pools.values()) if isinstance(pools, Mapping) else []
     for table in tables:
         if not isinstance(table, dict):
             continue

@@ -4,6 +4,10 @@ Outcomes come from the result backend (`throttle.outcome`); admission times from
 own log (a ZSET per tool: task id -> admission time in ms, by the Redis clock), read at
 least four times per window, as an entry stays in the log for one window. Both work with
 an in-process worker and with worker processes on other machines.
+
+A pool's log (task id -> admission time, every tool of the pool) is read the same way. Why
+a call waited is not in its result: the tool's reservations are seen in its log, and the
+rest of a wait (`Call.unexplained_waits`) is what the pool may have caused.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from throttle.config import Config, ToolConfig
-from throttle.keys import tool_keys
+from throttle.config import Config, PoolConfig, ToolConfig
+from throttle.keys import ToolKeys, tool_keys
 from throttle.task import outcome
 
 DELAYED_AFTER_S = 0.5
@@ -36,6 +40,8 @@ class Call:
     admitted_at: float | None = None
     finished_at: float | None = None
     outcome: str | None = None
+    slot_at: float | None = None
+    reserved_after: float | None = None
 
     @property
     def wait_s(self) -> float | None:
@@ -47,20 +53,44 @@ class Call:
 
     @property
     def delayed(self) -> bool:
-        """Whether the call waited for a reserved slot (admitted over 0.5 s after sending)."""
+        """Whether the call waited (admitted over 0.5 s after sending): for a reserved slot,
+        or for its pool."""
         wait_s = self.wait_s
         return wait_s is not None and wait_s > DELAYED_AFTER_S
+
+    def unexplained_waits(self) -> list[tuple[float, float]]:
+        """The spans (start, end), over 0.5 s each, of a delayed call's wait that its tool's
+        reservation does not explain: from sending until it got a slot, and from its slot
+        until its admission (or from sending until its admission, if it never held one).
+
+        `slot_at` is the reserved slot seen in the tool's log; `reserved_after`, the poll
+        before the one that first saw it (the reservation was made after it).
+        """
+        if not self.delayed or self.admitted_at is None:
+            return []
+        if self.slot_at is None or self.reserved_after is None:
+            spans = [(self.sent_at, self.admitted_at)]
+        else:
+            spans = [(self.sent_at, self.reserved_after), (self.slot_at, self.admitted_at)]
+        return [(start, end) for start, end in spans if end - start > DELAYED_AFTER_S]
 
 
 @dataclass(frozen=True, slots=True)
 class GateView:
-    """A tool's log at one instant: entries in each limit's trailing window, and reservations.
-
-    For a tool limited per key, the busiest key's figures.
+    """A tool's log at one instant: admissions in each limit's trailing window, and
+    reservations. For a tool limited per key, the busiest key's figures.
     """
 
     window_use: tuple[int, ...]
     reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolAdmission:
+    """One entry of a pool's log: when (Redis clock, whole microseconds) and how many units."""
+
+    at_us: int
+    units: float
 
 
 @dataclass
@@ -73,6 +103,7 @@ class Tracker:
     prefix: str
     calls: dict[str, Call] = field(default_factory=dict)
     gate: dict[str, GateView] = field(default_factory=dict)
+    pools: dict[str, dict[str, PoolAdmission]] = field(default_factory=dict)
     now_s: float = field(default_factory=time.time)
     _pending: set[str] = field(default_factory=set)
     _key_values: dict[str, set[Any]] = field(default_factory=dict)
@@ -113,7 +144,10 @@ class Tracker:
                 self._pending.discard(task_id)
 
     def poll_gate(self) -> None:
-        """Read the gate's logs: admission times, window use and reservations."""
+        """Read the gate's logs: admission times, window use, reservations, pool admissions.
+
+        One transaction, so that a log and its reservations are read at the same instant.
+        """
         with self._lock:
             targets = [
                 (tool, value)
@@ -121,12 +155,16 @@ class Tracker:
                 for value in (sorted(self._key_values.get(tool.name, ()), key=str)
                               if tool.key else [None])
             ]
-        pipe = self.store.pipeline(transaction=False)
+        pools = [(pool, pool_keys(self.prefix, self.config, pool)) for pool in self.used_pools()]
+        pipe = self.store.pipeline(transaction=True)
         pipe.time()
         for tool, value in targets:
-            keys = tool_keys(self.prefix, tool.name, value)
+            keys = self.keys_of(tool, value)
             pipe.zrange(keys.log, 0, -1, withscores=True)
             pipe.zrange(keys.rsv, 0, -1)
+        for _, (pool_log, pool_cost) in pools:
+            pipe.zrange(pool_log, 0, -1, withscores=True)
+            pipe.hgetall(pool_cost)
         answers = pipe.execute()
         seconds, micros = answers[0]
         now_ms = int(seconds) * 1000 + int(micros) / 1000
@@ -134,29 +172,79 @@ class Tracker:
         for index, (tool, _) in enumerate(targets):
             log, reserved = answers[1 + 2 * index], set(answers[2 + 2 * index])
             self._note_admissions(log, reserved, now_ms)
-            views.setdefault(tool.name, []).append(_view(tool, log, len(reserved), now_ms))
+            views.setdefault(tool.name, []).append(_view(tool, log, reserved, now_ms))
+        first = 1 + 2 * len(targets)
+        for index, (pool, _) in enumerate(pools):
+            log, costs = answers[first + 2 * index], answers[first + 2 * index + 1]
+            self._note_pool(pool.name, log, costs)
         self.gate = {name: _busiest(found) for name, found in views.items()}
         self.now_s = now_ms / 1000
+
+    def keys_of(self, tool: ToolConfig, value: Any) -> ToolKeys:
+        """The gate's keys of `tool` (and key value), where the gate keeps them."""
+        return tool_keys(self.prefix, tool.name, value, pool=tool.pool,
+                         concurrency=tool.concurrency is not None)
+
+    def used_pools(self) -> list[PoolConfig]:
+        """The pools that at least one tool of the config is in."""
+        names = {tool.pool for tool in self.config.tools.values() if tool.pool}
+        return [pool for name, pool in self.config.pools.items() if name in names]
+
+    def pool_use(self, pool: PoolConfig) -> tuple[float, ...]:
+        """Units of `pool` admitted in the trailing window of each of its limits, now."""
+        now_us = round(self.now_s * 1_000_000)
+        entries = list(self.pools.get(pool.name, {}).values())
+        return tuple(
+            sum(entry.units for entry in entries
+                if now_us - limit.window_ms * 1000 < entry.at_us <= now_us)
+            for limit in pool.limits
+        )
 
     def _note_admissions(
         self, log: list[tuple[bytes, float]], reserved: set[bytes], now_ms: float
     ) -> None:
         for member, score in log:
-            if member in reserved or score > now_ms:
-                continue
             call = self.calls.get(member.decode())
+            if call is None:
+                continue
+            if member in reserved:
+                if call.reserved_after is None:
+                    call.reserved_after = self.now_s
+                call.slot_at = score / 1000
+            elif score <= now_ms and call.admitted_at is None:
+                call.admitted_at = score / 1000
+
+    def _note_pool(
+        self, pool: str, log: list[tuple[bytes, float]], costs: Mapping[bytes, bytes]
+    ) -> None:
+        seen = self.pools.setdefault(pool, {})
+        for member, score in log:
+            name = member.decode()
+            units = float(costs.get(member, b"1"))
+            seen[name] = PoolAdmission(round(score * 1000), units)
+            call = self.calls.get(name)
             if call is not None and call.admitted_at is None:
                 call.admitted_at = score / 1000
 
 
+def pool_keys(prefix: str, config: Config, pool: PoolConfig) -> tuple[str, str]:
+    """The log and cost keys of `pool` (every tool of the pool shares them)."""
+    member = next(tool for tool in config.tools.values() if tool.pool == pool.name)
+    keys = tool_keys(prefix, member.name, pool=pool.name)
+    if keys.pool_log is None or keys.pool_cost is None:
+        raise ValueError(f"tool {member.name!r} has no pool keys")
+    return keys.pool_log, keys.pool_cost
+
+
 def _view(
-    tool: ToolConfig, log: list[tuple[bytes, float]], reserved: int, now_ms: float
+    tool: ToolConfig, log: list[tuple[bytes, float]], reserved: set[bytes], now_ms: float
 ) -> GateView:
     use = tuple(
-        sum(1 for _, score in log if now_ms - limit.window_ms < score <= now_ms)
+        sum(1 for member, score in log
+            if member not in reserved and now_ms - limit.window_ms < score <= now_ms)
         for limit in tool.limits
     )
-    return GateView(use, reserved)
+    return GateView(use, len(reserved))
 
 
 def _busiest(views: list[GateView]) -> GateView:
