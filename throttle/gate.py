@@ -163,8 +163,8 @@ class _GateBase:
         if not cost > 0:
             raise InvalidToolCall(tool_name, f"cost must be greater than zero, got {cost!r}")
         deadline_ms: float = tool.max_delay_ms
-        if deadline_s is not None:
-            deadline_ms = max(0.0, min(deadline_ms, deadline_s * 1000))
+        if deadline_s is not None:  # may be negative: the deadline has passed
+            deadline_ms = min(deadline_ms, deadline_s * 1000)
         gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]

@@ -171,7 +171,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         caller_s = getattr(self.request, DEADLINE_S, None)
         if caller_s is not None:
             budget_s = min(budget_s, float(caller_s))
-        return max(0.0, budget_s - (time.time() - float(enqueued_at)))
+        return budget_s - (time.time() - float(enqueued_at))  # negative once it has passed
 
     def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:
         count = self.throttle.gate.note_redelivery(self.tool.name, member, key=key)

@@ -177,3 +177,14 @@ def test_weighted_admissions_never_exceed_the_pool_or_a_class_share(
             assert used + units <= allowance[tool] + 1e-9
     finally:
         delete_prefix(redis_client, f"{prefix}-h")
+
+
+def test_a_new_call_past_its_deadline_falls_back_even_when_capacity_is_free(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """A call the pool held back comes back as a new call; if its time is up, it falls back."""
+    config = pool_config(["10/60s"], t={"limits": ["100/1s"], "priority": "critical"})
+    gate = Gate(redis_client, config, prefix=prefix)
+    late = gate.acquire("t", "late", deadline_s=-0.2, now_s=T0)
+    assert (late.action, late.reason) == (Action.FALLBACK, "deadline")
+    assert gate.acquire("t", "on-time", deadline_s=0.0, now_s=T0).action is Action.ADMIT

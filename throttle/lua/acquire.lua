@@ -10,7 +10,8 @@ KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = 
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
 ARGV[2]  cost         units this call uses (> 0)
-ARGV[3]  deadline_ms  the longest wait allowed; a later slot means fallback
+ARGV[3]  deadline_ms  the longest wait allowed; a later slot means fallback (negative once
+                      the deadline has passed: a new call then falls back even if free)
 ARGV[4]  gap_ms       0 for earliest-slot pacing, else the spacing of delayed calls
 ARGV[5]  margin_ms    slot margin: admissions are checked against window + margin/2, so
                       a body starting up to margin/2 after its admission still keeps the
@@ -324,6 +325,7 @@ if t > now and gap > 0 and latest[2] then
 end
 
 if t <= now then
+  if deadline < 0 then return {'fallback', '0', fmt(now), 'deadline'} end
   local refused = blocked()
   if refused then return refused end
   admit()
