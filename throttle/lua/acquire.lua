@@ -149,11 +149,11 @@ local function due_free_at(max, window, mine)
   if cost > max then return nil end
   local floor = now - window
   local lo = '(' .. fmt(floor)
-  local used = redis.call('ZCOUNT', log, lo, fmt(now))
-  local behind = redis.call('ZCOUNT', rsv, '(' .. fmt(mine), fmt(now))
-  if weighted then used = 0 end
   if not weighted then
-    used = used - 1 - behind
+    -- Within the window: every entry, less itself and the due reservations behind it.
+    local used = redis.call('ZCOUNT', log, lo, fmt(now))
+    if mine > floor then used = used - 1 end
+    used = used - redis.call('ZCOUNT', rsv, '(' .. fmt(math.max(mine, floor)), fmt(now))
     if used + cost <= max then return now end
   end
   -- Blocked (or weighted): walk the window from its oldest entry.
