@@ -133,7 +133,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
         gate = self.throttle.gate
         member = self.request.id
-        key = kwargs.get(self.tool.key) if self.tool.key else None
+        key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
         for _ in range(MAX_SLEEPS):
             try:
@@ -157,13 +157,17 @@ class ThrottledTask(Task):  # type: ignore[misc]
         return decision
 
     def _finish_lease(self, kwargs: dict[str, Any]) -> None:
-        key = kwargs.get(self.tool.key) if self.tool.key else None
+        key = self._key_of(kwargs)
         try:
             self.throttle.gate.finish(self.tool.name, self.request.id, key=key)
         except StoreUnavailable as exc:
             logger.warning(
                 "tool %s: lease not returned (%s); it expires on its own", self.tool.name, exc
             )
+
+    def _key_of(self, kwargs: dict[str, Any]) -> Any:
+        """The value of the tool's key argument (None when its limits are not per key)."""
+        return kwargs.get(self.tool.key) if self.tool.key else None
 
     def _deadline_left_s(self) -> float:
         enqueued_at = getattr(self.request, ENQUEUED_AT, None) or time.time()
@@ -226,7 +230,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def _fall_back(self, reason: str, kwargs: dict[str, Any]) -> Any:
         """Store the tool's fallback as this call's result, marked as a fallback."""
-        key = kwargs.get(self.tool.key) if self.tool.key else None
+        key = self._key_of(kwargs)
         if reason != "store_unavailable":
             with contextlib.suppress(StoreUnavailable):
                 self.throttle.gate.release(self.tool.name, self.request.id, key=key)

@@ -87,7 +87,7 @@ end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
 longest = longest + margin
 local weighted = trim(log, costs, now - longest)
-if redis.call('ZCARD', rsv) > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
+redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest)
 local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
 
 -- Earliest t >= `from` at which the entries of `zset` in (t - window, upto] (all <= t),
