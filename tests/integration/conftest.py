@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import pytest
 
 from tests.support.workers import Cluster, clean_db, cluster
 
-BROKER_DB, BACKEND_DB = 9, 10
+# Database numbers these tests own; THROTTLE_TEST_DBS="11,12" moves them (for running two
+# test sessions side by side on one server).
+BROKER_DB, BACKEND_DB = (int(n) for n in os.environ.get("THROTTLE_TEST_DBS", "9,10").split(","))
 
 
 def with_db(url: str, db: int) -> str:
