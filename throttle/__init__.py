@@ -1,7 +1,14 @@
 """throttle: a distributed throttler for LLM tool calls on Celery and Redis."""
 
 from throttle.config import Config, load_config
-from throttle.errors import ConfigError, InvalidToolCall, StoreUnavailable, Throttled, ThrottleError
+from throttle.errors import (
+    ConfigError,
+    InvalidToolCall,
+    StoreUnavailable,
+    Throttled,
+    ThrottleError,
+    UpstreamBusy,
+)
 from throttle.gate import Action, AsyncGate, Decision, Gate
 from throttle.routing import Throttle
 from throttle.task import ThrottledTask, fallback_reason, outcome
@@ -19,6 +26,7 @@ __all__ = [
     "ThrottleError",
     "Throttled",
     "ThrottledTask",
+    "UpstreamBusy",
     "fallback_reason",
     "load_config",
     "outcome",

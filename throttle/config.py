@@ -102,6 +102,7 @@ class ToolConfig(BaseModel):
     pool: str | None = None
     priority: str | None = None
     cost: float | str = 1
+    settle: str | None = None
     concurrency: int | None = Field(default=None, gt=0)
     lease_timeout_ms: int = Field(default=60_000, alias="lease_timeout")
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
@@ -155,6 +156,13 @@ class ToolConfig(BaseModel):
             )
         return value
 
+    @field_validator("settle")
+    @classmethod
+    def _check_settle(cls, value: str | None) -> str | None:
+        if value is not None:
+            cost_function(value)
+        return value
+
     @field_validator("slot_margin_ms", mode="before")
     @classmethod
     def _parse_slot_margin(cls, value: Any) -> int:
@@ -187,10 +195,17 @@ class ToolConfig(BaseModel):
             return float(cost_function(self.cost)(dict(arguments)))
         return float(self.cost)
 
+    def settled_units(self, arguments: Mapping[str, Any], result: Any) -> float | None:
+        """What the call really cost, from its result (None when the tool sets no `settle`)."""
+        if self.settle is None:
+            return None
+        return float(cost_function(self.settle)(dict(arguments), result))
+
 
 @functools.cache
-def cost_function(path: str) -> Callable[[dict[str, Any]], float]:
-    """Import 'package.module:function' (a function of the call's arguments -> units)."""
+def cost_function(path: str) -> Callable[..., float]:
+    """Import 'package.module:function': a cost function of the call's arguments -> units,
+    or a settle function of (arguments, result) -> units."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"{path!r} is not 'module:function', e.g. 'workers.tools.llm:tokens'")

@@ -4,7 +4,8 @@
     ├── ConfigError          the config is wrong: names the file, the tool and the field
     ├── StoreUnavailable     Redis could not be reached or answered with an error
     ├── Throttled            the call cannot run before its deadline; carries the fallback
-    └── InvalidToolCall      the arguments break the tool's parameter schema or size limit
+    ├── InvalidToolCall      the arguments break the tool's parameter schema or size limit
+    └── UpstreamBusy         raised by a tool body: the upstream asked for a pause (429/503)
 """
 
 from __future__ import annotations
@@ -54,3 +55,19 @@ class InvalidToolCall(ThrottleError):
 
     def __str__(self) -> str:
         return f"invalid call to tool {self.tool!r}: {self.message}"
+
+
+class UpstreamBusy(ThrottleError):
+    """Raise from a tool body when the upstream asks for a pause (429/503 with a retry hint).
+
+    The worker pauses the tool (or its pool) for `retry_after_s` on every worker and sends
+    the call back to wait out the pause, or to fall back if the pause outlasts its deadline.
+    """
+
+    def __init__(self, retry_after_s: float, message: str) -> None:
+        super().__init__(retry_after_s, message)
+        self.retry_after_s = retry_after_s
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"the upstream asked for a pause of {self.retry_after_s:g}s: {self.message}"

@@ -29,6 +29,7 @@ from throttle.errors import InvalidToolCall, StoreUnavailable, Throttled
 from throttle.keys import DEFAULT_PREFIX, ToolKeys, check_prefix, redelivery_key, tool_keys
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
+SCRIPTS = ("acquire", "release", "settle", "cooldown")
 
 
 class Action(StrEnum):
@@ -178,6 +179,16 @@ class _GateBase:
         pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
         return [keys.log, keys.cost, *pool]
 
+    def _cooldown_call(
+        self, tool_name: str, seconds: float, key: Any, member: str | None, now_s: float | None
+    ) -> tuple[list[str], list[Any]]:
+        tool = self.config.tool(tool_name)
+        if not seconds > 0:
+            raise ValueError(f"a cooldown must last more than 0 s, got {seconds!r}")
+        now = "" if now_s is None else f"{now_s * 1000:.3f}"
+        keys = self._keys(tool, key).as_list()
+        return keys, [member or "", seconds * 1000, now, "1" if tool.pool else "0"]
+
     def _store_error(self, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(
             f"the gate's Redis at {self.url} failed: {type(exc).__name__}: {exc}; check that "
@@ -213,9 +224,9 @@ class Gate(_GateBase):
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
-        self._acquire = self.client.register_script(load_script("acquire"))
-        self._release = self.client.register_script(load_script("release"))
-        self._settle = self.client.register_script(load_script("settle"))
+        self._acquire, self._release, self._settle, self._cooldown = (
+            self.client.register_script(load_script(name)) for name in SCRIPTS
+        )
 
     def acquire(
         self,
@@ -251,6 +262,34 @@ class Gate(_GateBase):
         keys = self._settle_keys(tool, key, actual_units)
         try:
             return bool(self._settle(keys=keys, args=[member, actual_units]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def cool_down(
+        self,
+        tool: str,
+        seconds: float,
+        *,
+        key: Any = None,
+        member: str | None = None,
+        now_s: float | None = None,
+    ) -> float:
+        """Admit no call of `tool` (or of its pool) for `seconds`, on every worker.
+
+        `member`, the call the upstream refused, leaves the windows. Returns when the
+        cooldown ends (epoch seconds); a cooldown is only ever extended.
+        """
+        keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
+        try:
+            return float(self._cooldown(keys=keys, args=args)) / 1000
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def cooldown_left(self, tool: str, *, key: Any = None) -> float:
+        """Seconds left in `tool`'s cooldown (its pool's, for a pooled tool); 0 if none."""
+        name = self._keys(self.config.tool(tool), key).cooldown
+        try:
+            return max(0, int(self.client.pttl(name))) / 1000
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
 
@@ -306,9 +345,9 @@ class AsyncGate(_GateBase):
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
-        self._acquire = self.client.register_script(load_script("acquire"))
-        self._release = self.client.register_script(load_script("release"))
-        self._settle = self.client.register_script(load_script("settle"))
+        self._acquire, self._release, self._settle, self._cooldown = (
+            self.client.register_script(load_script(name)) for name in SCRIPTS
+        )
 
     async def acquire(
         self,
@@ -341,6 +380,30 @@ class AsyncGate(_GateBase):
         keys = self._settle_keys(tool, key, actual_units)
         try:
             return bool(await self._settle(keys=keys, args=[member, actual_units]))
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    async def cool_down(
+        self,
+        tool: str,
+        seconds: float,
+        *,
+        key: Any = None,
+        member: str | None = None,
+        now_s: float | None = None,
+    ) -> float:
+        """Pause `tool` (or its pool) for `seconds`; the same contract as `Gate.cool_down`."""
+        keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
+        try:
+            return float(await self._cooldown(keys=keys, args=args)) / 1000
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    async def cooldown_left(self, tool: str, *, key: Any = None) -> float:
+        """Seconds left in `tool`'s cooldown; 0 if none."""
+        name = self._keys(self.config.tool(tool), key).cooldown
+        try:
+            return max(0, int(await self.client.pttl(name))) / 1000
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
 

@@ -5,6 +5,7 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
     <prefix>:{t}:log       ZSET  member = task id, score = admission or reserved slot (ms)
     <prefix>:{t}:rsv       ZSET  members holding a reservation not yet admitted, score = slot
     <prefix>:{t}:cost      HASH  member -> units, only for members costing more or less than 1
+    <prefix>:{t}:cooldown  STRING  until when (ms) the upstream asked for no calls
     <prefix>:{t}:redelivered:<task id>   STRING  deliveries after admission (worker lost)
     <prefix>:{t|h}:...     the same per key value
 
@@ -14,6 +15,7 @@ A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
     <prefix>:{p}:pool:log  ZSET  admissions of every tool in the pool, score = time (ms)
     <prefix>:{p}:pool:cost HASH  member -> units, for members whose cost is not 1
     <prefix>:{p}:tool:<t>:leases  ZSET  running calls of a capped tool, score = lease end
+    <prefix>:{p}:pool:cooldown    STRING  until when (ms) no tool of the pool may call
 
 A tool with a concurrency cap and no pool keeps its leases at <prefix>:{t}:leases, and its
 per-key logs at <prefix>:{t}|h:... under the same tag.
@@ -71,15 +73,17 @@ class ToolKeys:
     pool_log: str | None = None
     pool_cost: str | None = None
     leases: str | None = None
+    cooldown: str = ""
 
     def as_list(self) -> list[str]:
-        """Keys in the order the scripts expect them: log, rsv, cost[, pool log, pool cost]
-        [, leases]."""
+        """Keys in the order acquire.lua expects them: log, rsv, cost[, pool log, pool cost]
+        [, leases], cooldown."""
         keys = [self.log, self.rsv, self.cost]
         if self.pool_log and self.pool_cost:
             keys += [self.pool_log, self.pool_cost]
         if self.leases:
             keys.append(self.leases)
+        keys.append(self.cooldown)
         return keys
 
 
@@ -100,7 +104,9 @@ def tool_keys(
     if pool is None and not concurrency:
         tag = tool if digest is None else f"{tool}|{digest}"
         base = f"{prefix}:{{{tag}}}"
-        return ToolKeys(log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost")
+        return ToolKeys(
+            log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost", cooldown=f"{base}:cooldown"
+        )
     head = f"{prefix}:{{{pool}}}:tool:{tool}" if pool else f"{prefix}:{{{tool}}}"
     base = head if digest is None else f"{head}|{digest}"
     return ToolKeys(
@@ -110,6 +116,7 @@ def tool_keys(
         pool_log=f"{prefix}:{{{pool}}}:pool:log" if pool else None,
         pool_cost=f"{prefix}:{{{pool}}}:pool:cost" if pool else None,
         leases=f"{head}:leases" if concurrency else None,
+        cooldown=f"{prefix}:{{{pool}}}:pool:cooldown" if pool else f"{base}:cooldown",
     )
 
 

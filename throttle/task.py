@@ -7,7 +7,6 @@ reserved slot, and comes back to be admitted by its reservation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -20,10 +19,10 @@ from celery import Task, states
 from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult
 
+from throttle import metrics
 from throttle.config import ToolConfig
-from throttle.errors import InvalidToolCall, StoreUnavailable
+from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
-from throttle.metrics import count_decision
 
 if TYPE_CHECKING:
     from throttle.routing import Throttle
@@ -36,7 +35,7 @@ DELAYS = "throttle_delays"
 STORE_RETRIES = "throttle_store_retries"
 FALLBACK_MARK = "throttle: fallback"
 SLEEP_BELOW_S = 0.05
-CONTENDED = frozenset({"pool", "concurrency"})
+CONTENDED = frozenset({"pool", "concurrency", "cooldown"})
 MAX_SLEEPS = 5
 STORE_BACKOFF_MAX_S = 30.0
 
@@ -118,16 +117,51 @@ class ThrottledTask(Task):  # type: ignore[misc]
         decision = self._decide(kwargs)
         if decision.action is Action.ADMIT:
             self.request.throttle_admitted_at = decision.slot_at
-            count_decision(self.tool.name, "admit")
-            if self.tool.concurrency is None:
-                return self.run(**kwargs)
-            try:
-                return self.run(**kwargs)
-            finally:
-                self._finish_lease(kwargs)
+            metrics.observe_decision(self, "admit", decision.reason, 0.0)
+            return self._run(kwargs)
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)
-        return self._fall_back(decision.reason, kwargs)
+        return self._fall_back(decision.reason)
+
+    def _run(self, kwargs: dict[str, Any]) -> Any:
+        """Run the body; settle its charge, give back its lease, and obey an upstream pause."""
+        started = time.perf_counter()
+        status = "error"
+        try:
+            result = self.run(**kwargs)
+            status = "success"
+        except UpstreamBusy as busy:
+            status = "busy"
+            self._cool_down(busy, kwargs)
+            raise  # not reached: _cool_down re-publishes the call
+        finally:
+            metrics.observe_run(self, status, time.perf_counter() - started)
+            if self.tool.concurrency is not None:
+                self._finish_lease(kwargs)
+        units = self.tool.settled_units(kwargs, result)
+        if units is not None:
+            try:
+                self.throttle.gate.settle(
+                    self.tool.name, self.request.id, units, key=self._key_of(kwargs)
+                )
+            except StoreUnavailable as exc:
+                metrics.observe_store_error(self)
+                logger.warning("tool %s: charge not settled (%s)", self.tool.name, exc)
+        return result
+
+    def _cool_down(self, busy: UpstreamBusy, kwargs: dict[str, Any]) -> None:
+        """Pause the tool (or its pool) everywhere, then send this call back to wait it out."""
+        logger.warning("tool %s: %s; pausing it on every worker", self.tool.name, busy)
+        try:
+            self.throttle.gate.cool_down(
+                self.tool.name, busy.retry_after_s, key=self._key_of(kwargs),
+                member=self.request.id,
+            )
+        except StoreUnavailable as exc:
+            metrics.observe_store_error(self)
+            logger.warning("tool %s: cooldown not shared (%s)", self.tool.name, exc)
+        jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
+        self._republish(busy.retry_after_s + jitter_s, "cooldown")
 
     def _decide(self, kwargs: dict[str, Any]) -> Decision:
         """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
@@ -142,6 +176,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
                     deadline_s=self._deadline_left_s(),
                 )
             except StoreUnavailable as exc:
+                metrics.observe_store_error(self)
                 return self._on_store_error(exc)
             if decision.action is Action.ADMIT and decision.reason == "readmitted":
                 return self._check_redelivery(member, key, decision)
@@ -161,6 +196,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         try:
             self.throttle.gate.finish(self.tool.name, self.request.id, key=key)
         except StoreUnavailable as exc:
+            metrics.observe_store_error(self)
             logger.warning(
                 "tool %s: lease not returned (%s); it expires on its own", self.tool.name, exc
             )
@@ -225,16 +261,15 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 request.id, exc,
             )
             raise Reject(f"re-publish failed: {exc}", requeue=True) from exc
-        count_decision(self.tool.name, "delay")
+        metrics.observe_decision(self, "delay", reason, wait_s)
         raise Ignore(f"delayed {wait_s:.3f}s ({reason})")
 
-    def _fall_back(self, reason: str, kwargs: dict[str, Any]) -> Any:
-        """Store the tool's fallback as this call's result, marked as a fallback."""
-        key = self._key_of(kwargs)
-        if reason != "store_unavailable":
-            with contextlib.suppress(StoreUnavailable):
-                self.throttle.gate.release(self.tool.name, self.request.id, key=key)
-        count_decision(self.tool.name, "fallback")
+    def _fall_back(self, reason: str) -> Any:
+        """Store the tool's fallback as this call's result, marked as a fallback.
+
+        The gate has already given back any reservation it refused.
+        """
+        metrics.observe_decision(self, "fallback", reason, 0.0)
         result = self.tool.fallback
         if not self.request.ignore_result:
             self.backend.store_result(

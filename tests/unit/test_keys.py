@@ -46,7 +46,7 @@ def test_a_tools_keys_share_its_hash_tag_under_the_prefix() -> None:
     assert keys.log == "throttle:{search}:log"
     assert keys.rsv == "throttle:{search}:rsv"
     assert keys.cost == "throttle:{search}:cost"
-    assert keys.as_list() == [keys.log, keys.rsv, keys.cost]
+    assert keys.as_list() == [keys.log, keys.rsv, keys.cost, keys.cooldown]
     assert {hash_tag(key) for key in keys.as_list()} == {"search"}
 
 
@@ -73,8 +73,8 @@ def test_hostile_key_values_stay_short_under_the_prefix_and_in_the_tools_hash_ta
     keys = tool_keys("throttle-test", "search", value)
     for key in keys.as_list():
         assert key.startswith("throttle-test:{search|")
-        assert len(key) <= len("throttle-test:{search|}:cost") + 24
-        assert re.fullmatch(r"throttle-test:\{search\|[0-9a-f]{24}\}:(log|rsv|cost)", key)
+        assert len(key) <= len("throttle-test:{search|}:cooldown") + 24
+        assert re.fullmatch(r"throttle-test:\{search\|[0-9a-f]{24}\}:(log|rsv|cost|cooldown)", key)
         assert key.isascii() and key.isprintable()
         assert hash_tag(key).startswith("search|")
 

@@ -6,6 +6,8 @@ KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1
 KEYS[4]  pool log   ZSET  (tools in a pool) admissions of every tool of the pool, score = ms
 KEYS[5]  pool cost  HASH  (tools in a pool) member -> units, for members whose cost is not 1
 KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = lease end (ms)
+KEYS[#KEYS] cooldown STRING until when (ms) the upstream asked for no calls (the pool's, or
+                      the tool's); set by cooldown.lua
   (all keys share one hash tag: the pool's, or the tool's)
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
@@ -25,8 +27,12 @@ then     p            number of pool limits, then p pairs: the class's allowance
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
-Reasons: admitted, reservation, readmitted | reserved, early, late, pool, concurrency |
-deadline, cost_exceeds_limit.
+Reasons: admitted, reservation, readmitted | reserved, early, late, pool, concurrency,
+cooldown | deadline, cost_exceeds_limit, cooldown.
+
+During a cooldown no call is admitted: new calls, and reserved calls whose slot falls
+inside it, are told to come back when it ends (without a reservation: they are placed
+then, in the order they return), or fall back when it outlasts their deadline.
 
 The pool is checked at admission and never reserved ahead: a class admits only while the
 pool's use in each window plus the call's cost stays within its allowance, so a critical
@@ -69,6 +75,7 @@ local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
+local cool_until = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
 
 local LATE_GRACE_MS = 1000
 local function fmt(x) return string.format('%.3f', x) end
@@ -137,8 +144,8 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
   return nil
 end
 
-local function earliest(from, upto, max, window, skip)
-  return earliest_in(log, costs, weighted, from, upto, max, window, skip)
+local function earliest(from, max, window)
+  return earliest_in(log, costs, weighted, from, nil, max, window, nil)
 end
 
 -- For a due reservation (slot `mine`): when the trailing window (t - window, now] holds
@@ -233,6 +240,13 @@ local function blocked()
   return nil
 end
 
+-- The upstream asked for a pause: come back when it ends, or fall back.
+local function cooled()
+  local wait = cool_until - now
+  if wait > deadline then return {'fallback', '0', fmt(cool_until), 'cooldown'} end
+  return {'delay', fmt(wait), fmt(cool_until), 'cooldown'}
+end
+
 -- Keys live until their latest entry has left every window. A TTL is only ever raised,
 -- and then with a window of headroom, so most calls just read it.
 local function keep(key, last)
@@ -263,6 +277,16 @@ if held then
     return {'admit', '0', held, 'readmitted'}
   end
   slot = tonumber(slot)
+  -- Every refusal of a reservation gives it back, so a fallback needs no release.
+  local function drop()
+    redis.call('ZREM', log, member)
+    redis.call('ZREM', rsv, member)
+    redis.call('HDEL', costs, member)
+  end
+  if slot < cool_until then
+    drop()
+    return cooled()
+  end
   if slot > now then
     return {'delay', fmt(slot - now), fmt(slot), 'early'}
   end
@@ -270,15 +294,16 @@ if held then
   local t = now
   for i = 1, n do
     local at = due_free_at(maxes[i], windows[i], slot)
-    if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
+    if at == nil then
+      drop()
+      return {'fallback', '0', fmt(now), 'cost_exceeds_limit'}
+    end
     if at > t then t = at end
   end
   -- A reservation was promised within the deadline; lateness that is not the caller's
   -- gets a grace of LATE_GRACE_MS before the call falls back.
   if t - now > deadline + LATE_GRACE_MS then
-    redis.call('ZREM', log, member)
-    redis.call('ZREM', rsv, member)
-    redis.call('HDEL', costs, member)
+    drop()
     return {'fallback', '0', fmt(t), 'deadline'}
   end
   if t > now then
@@ -288,11 +313,7 @@ if held then
   end
   local refused = blocked()
   if refused then
-    if refused[1] == 'fallback' then
-      redis.call('ZREM', log, member)
-      redis.call('ZREM', rsv, member)
-      redis.call('HDEL', costs, member)
-    end
+    if refused[1] == 'fallback' then drop() end
     return refused
   end
   admit()
@@ -303,19 +324,20 @@ end
 
 -- A new call: admitted now if nothing is reserved ahead and every window holds it;
 -- else the earliest slot, not before the latest one already taken (FIFO).
+if cool_until > now then return cooled() end
 local latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
 local start = now
 if latest[2] and tonumber(latest[2]) > start then start = tonumber(latest[2]) end
 local t = start
 for i = 1, n do
-  local at = earliest(start, nil, maxes[i], windows[i], nil)
+  local at = earliest(start, maxes[i], windows[i])
   if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
   if at > t then t = at end
 end
 if t > now and margin > 0 then
   t = start
   for i = 1, n do
-    local at = earliest(start, nil, maxes[i], windows[i] + margin / 2, nil)
+    local at = earliest(start, maxes[i], windows[i] + margin / 2)
     if at > t then t = at end
   end
 end
