@@ -1,18 +1,34 @@
-"""Worker bootsteps that keep delayed calls on time.
+"""Worker bootsteps: keep delayed calls on time, and re-publish calls the broker lost.
 
 kombu's event loop fires at most 10 due timers per pass and then, with nothing else to
 do, may sleep up to a second (celery#5927). A burst of reserved slots coming due together
 is exactly that case: calls would run up to 1 s late, and lateness at the gate becomes
 waiting for everybody behind. `FireDueTimers` lets the loop fire every due timer per pass.
+
+`ReapLostCalls` runs `throttle.recovery.reap` every second for the tools whose queues the
+worker consumes.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from kombu.asynchronous.hub import Hub
+
+from throttle import recovery
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from throttle.routing import Throttle
+
+logger = logging.getLogger("throttle")
+# The Throttle of each app, for the worker's bootsteps (which only see the app).
+THROTTLES: weakref.WeakKeyDictionary[Celery, Throttle] = weakref.WeakKeyDictionary()
 
 MAX_TIMERS_PER_PASS = 100_000
 
@@ -28,3 +44,36 @@ class FireDueTimers(bootsteps.StartStopStep):  # type: ignore[misc]
             hub.fire_timers = functools.partial(  # type: ignore[method-assign]
                 Hub.fire_timers, hub, max_timers=MAX_TIMERS_PER_PASS
             )
+
+
+class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Every second, re-publish lost calls of the tools this worker serves."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._timer: Any = None
+
+    def start(self, worker: Any) -> None:
+        throttle = THROTTLES.get(worker.app)
+        if throttle is None:
+            return
+        consumed = set(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+        tools = [tool.name for tool in throttle.config.tools.values() if tool.queue in consumed]
+        if tools:
+            self._timer = worker.timer.call_repeatedly(
+                recovery.REAP_EVERY_S, self._reap, (throttle, tools)
+            )
+
+    @staticmethod
+    def _reap(throttle: Throttle, tools: list[str]) -> None:
+        try:
+            recovery.reap(throttle, tools)
+        except Exception:  # never let the reaper stop the worker's loop
+            logger.exception("throttle: reaping lost calls failed")
+
+    def stop(self, worker: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -26,10 +26,18 @@ from redis.retry import Retry
 
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, Throttled
-from throttle.keys import DEFAULT_PREFIX, ToolKeys, check_prefix, redelivery_key, tool_keys
+from throttle.keys import (
+    DEFAULT_PREFIX,
+    ToolKeys,
+    check_prefix,
+    redelivery_key,
+    registry_keys,
+    tool_keys,
+)
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
-SCRIPTS = ("acquire", "release", "settle", "cooldown")
+REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
+SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim")
 
 
 class Action(StrEnum):
@@ -115,8 +123,7 @@ class _GateBase:
             for name, tool in config.tools.items()
         }
         self._fixed_keys = {
-            name: self._keys(tool, None).as_list()
-            for name, tool in config.tools.items()
+            name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
             if tool.key is None
         }
 
@@ -151,6 +158,16 @@ class _GateBase:
             concurrency=tool.concurrency is not None,
         )
 
+    def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[str]:
+        keys = self._keys(tool, key).as_list()
+        if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
+            keys += self.registry(tool.name)
+        return keys
+
+    def registry(self, tool: str) -> tuple[str, str]:
+        """The keys of `tool`'s registry of undecided calls (see throttle/recovery.py)."""
+        return registry_keys(self.prefix, tool, self.config.tool(tool).pool)
+
     def _acquire_call(
         self,
         tool_name: str,
@@ -169,7 +186,7 @@ class _GateBase:
         gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
-        keys = self._fixed_keys.get(tool_name) or self._keys(tool, key).as_list()
+        keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         return keys, args
 
     def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
@@ -224,7 +241,7 @@ class Gate(_GateBase):
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
-        self._acquire, self._release, self._settle, self._cooldown = (
+        self._acquire, self._release, self._settle, self._cooldown, self._claim = (
             self.client.register_script(load_script(name)) for name in SCRIPTS
         )
 
@@ -293,6 +310,43 @@ class Gate(_GateBase):
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
 
+    def register_call(self, tool: str, member: str, message: str, check_at_s: float) -> None:
+        """Note an enqueued call of `tool`, to be counted lost if still undecided at
+        `check_at_s` (epoch seconds); `message` is what re-publishes it."""
+        calls, messages = self.registry(tool)
+        ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(calls, {member: check_at_s * 1000})
+            pipe.hset(messages, member, message)
+            pipe.pexpire(calls, ttl_ms)
+            pipe.pexpire(messages, ttl_ms)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def forget_call(self, tool: str, member: str) -> None:
+        """Take a call out of `tool`'s registry (decided without the gate, or given up)."""
+        calls, messages = self.registry(tool)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(calls, member)
+            pipe.hdel(messages, member)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+
+    def claim_lost(
+        self, tool: str, *, retry_s: float, limit: int = 100, now_s: float | None = None
+    ) -> list[tuple[str, str]]:
+        """Claim `tool`'s registered calls whose check time has come: (id, message) pairs."""
+        now_ms = (time.time() if now_s is None else now_s) * 1000
+        try:
+            raw = self._claim(keys=self.registry(tool), args=[now_ms, retry_s * 1000, limit])
+        except redis.RedisError as exc:
+            raise self._store_error(exc) from exc
+        return [(_text(raw[i]), _text(raw[i + 1])) for i in range(0, len(raw), 2)]
+
     def finish(self, tool: str, member: str, *, key: Any = None) -> None:
         """Give back `member`'s concurrency lease (the call ended: result, error or fallback)."""
         leases = self._keys(self.config.tool(tool), key).leases
@@ -345,7 +399,7 @@ class AsyncGate(_GateBase):
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
-        self._acquire, self._release, self._settle, self._cooldown = (
+        self._acquire, self._release, self._settle, self._cooldown, self._claim = (
             self.client.register_script(load_script(name)) for name in SCRIPTS
         )
 

@@ -6,6 +6,9 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
     <prefix>:{t}:rsv       ZSET  members holding a reservation not yet admitted, score = slot
     <prefix>:{t}:cost      HASH  member -> units, only for members costing more or less than 1
     <prefix>:{t}:cooldown  STRING  until when (ms) the upstream asked for no calls
+    <prefix>:{t}:calls     ZSET  calls enqueued and not yet admitted or refused, score = when
+                                 to count one as lost (ms); see throttle/recovery.py
+    <prefix>:{t}:calls:msg HASH  task id -> the call's arguments and headers (to re-publish)
     <prefix>:{t}:redelivered:<task id>   STRING  deliveries after admission (worker lost)
     <prefix>:{t|h}:...     the same per key value
 
@@ -16,6 +19,7 @@ A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
     <prefix>:{p}:pool:cost HASH  member -> units, for members whose cost is not 1
     <prefix>:{p}:tool:<t>:leases  ZSET  running calls of a capped tool, score = lease end
     <prefix>:{p}:pool:cooldown    STRING  until when (ms) no tool of the pool may call
+    <prefix>:{p}:tool:<t>:calls, :calls:msg      the tool's calls not yet decided
 
 A tool with a concurrency cap and no pool keeps its leases at <prefix>:{t}:leases, and its
 per-key logs at <prefix>:{t}|h:... under the same tag.
@@ -118,6 +122,15 @@ def tool_keys(
         leases=f"{head}:leases" if concurrency else None,
         cooldown=f"{prefix}:{{{pool}}}:pool:cooldown" if pool else f"{base}:cooldown",
     )
+
+
+def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str, str]:
+    """The registry of `tool`'s undecided calls: (ZSET of ids by check time, HASH of messages).
+
+    One per tool, under the tool's tag (the pool's for a pooled tool), whatever its key.
+    """
+    head = f"{prefix}:{{{pool}}}:tool:{tool}" if pool else f"{prefix}:{{{tool}}}"
+    return f"{head}:calls", f"{head}:calls:msg"
 
 
 def redelivery_key(keys: ToolKeys, member: str) -> str:

@@ -18,7 +18,7 @@ from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
 
-from throttle.bootsteps import FireDueTimers
+from throttle.bootsteps import THROTTLES, FireDueTimers, ReapLostCalls
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate
@@ -68,6 +68,8 @@ class Throttle:
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
         app.steps["worker"].add(FireDueTimers)
+        app.steps["worker"].add(ReapLostCalls)
+        THROTTLES[app] = self
 
     @property
     def gate(self) -> Gate:

@@ -7,6 +7,7 @@ reserved slot, and comes back to be admitted by its reservation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -18,8 +19,9 @@ import jsonschema
 from celery import Task, states
 from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult
+from kombu.utils.uuid import uuid
 
-from throttle import metrics
+from throttle import metrics, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
@@ -79,12 +81,37 @@ class ThrottledTask(Task):  # type: ignore[misc]
         `deadline_s` tightens the tool's max_delay for this call.
         """
         headers = dict(options.pop("headers", None) or {})
-        if ENQUEUED_AT not in headers:
-            self.check_arguments(args, kwargs)
-            headers[ENQUEUED_AT] = time.time()
-            if deadline_s is not None:
-                headers[DEADLINE_S] = float(deadline_s)
-        return super().apply_async(args, kwargs, headers=headers, **options)
+        if ENQUEUED_AT in headers:  # published again by the worker or the reaper
+            return super().apply_async(args, kwargs, headers=headers, **options)
+        checked = self.check_arguments(args, kwargs)
+        headers[ENQUEUED_AT] = time.time()
+        if deadline_s is not None:
+            headers[DEADLINE_S] = float(deadline_s)
+        task_id = options.pop("task_id", None) or uuid()
+        registered = self._register(task_id, checked, headers)
+        try:
+            return super().apply_async(args, kwargs, task_id=task_id, headers=headers, **options)
+        except Exception:
+            if registered:
+                with contextlib.suppress(StoreUnavailable):
+                    self.throttle.gate.forget_call(self.tool.name, task_id)
+            raise
+
+    def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
+        """Register the call so the reaper can re-publish it if the broker loses it."""
+        budget_s = self.tool.max_delay_ms / 1000
+        if DEADLINE_S in headers:
+            budget_s = min(budget_s, float(headers[DEADLINE_S]))
+        check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
+        try:
+            self.throttle.gate.register_call(
+                self.tool.name, task_id, recovery.message(kwargs, headers, check_at), check_at
+            )
+        except StoreUnavailable as exc:
+            logger.warning("tool %s: call %s not registered for recovery (%s)",
+                           self.tool.name, task_id, exc)
+            return False
+        return True
 
     def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""
@@ -160,6 +187,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
             logger.warning("tool %s: cooldown not shared (%s)", self.tool.name, exc)
+        # The gate forgot the call when it admitted it; the re-publish could be lost too.
+        request = self.request
+        headers = {ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time()}
+        if getattr(request, DEADLINE_S, None) is not None:
+            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+        self._register(request.id, kwargs, headers)
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 

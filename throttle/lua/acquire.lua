@@ -6,8 +6,11 @@ KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1
 KEYS[4]  pool log   ZSET  (tools in a pool) admissions of every tool of the pool, score = ms
 KEYS[5]  pool cost  HASH  (tools in a pool) member -> units, for members whose cost is not 1
 KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = lease end (ms)
-KEYS[#KEYS] cooldown STRING until when (ms) the upstream asked for no calls (the pool's, or
+KEYS[next] cooldown  STRING until when (ms) the upstream asked for no calls (the pool's, or
                       the tool's); set by cooldown.lua
+KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
+KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
+                      admitted or refused (throttle/recovery.py)
   (all keys share one hash tag: the pool's, or the tool's)
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
@@ -75,7 +78,8 @@ local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
-local cool_until = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
+local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
+local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
 
 local LATE_GRACE_MS = 1000
 local function fmt(x) return string.format('%.3f', x) end
@@ -258,108 +262,118 @@ local function expire(last)
   if cost ~= 1 then keep(costs, last) end
 end
 
-local held = redis.call('ZSCORE', log, member)
-if held then
-  local slot = redis.call('ZSCORE', rsv, member)
-  if not slot then
-    if cap > 0 then
-      -- Run again (its worker was lost): it needs a lease like any other run.
-      local lease = tonumber(redis.call('ZSCORE', leases, member))
-      if not lease or lease <= now then
-        local free = lease_free_at()
-        if free > now then
-          local wait = math.min(free - now, 250)
-          return {'delay', fmt(wait), fmt(now + wait), 'concurrency'}
+-- The decision; every return below is the script's answer.
+local function decide()
+  local held = redis.call('ZSCORE', log, member)
+  if held then
+    local slot = redis.call('ZSCORE', rsv, member)
+    if not slot then
+      if cap > 0 then
+        -- Run again (its worker was lost): it needs a lease like any other run.
+        local lease = tonumber(redis.call('ZSCORE', leases, member))
+        if not lease or lease <= now then
+          local free = lease_free_at()
+          if free > now then
+            local wait = math.min(free - now, 250)
+            return {'delay', fmt(wait), fmt(now + wait), 'concurrency'}
+          end
         end
+        redis.call('ZADD', leases, now + lease_ms, member)
       end
-      redis.call('ZADD', leases, now + lease_ms, member)
+      return {'admit', '0', held, 'readmitted'}
     end
-    return {'admit', '0', held, 'readmitted'}
-  end
-  slot = tonumber(slot)
-  -- Every refusal of a reservation gives it back, so a fallback needs no release.
-  local function drop()
-    redis.call('ZREM', log, member)
-    redis.call('ZREM', rsv, member)
-    redis.call('HDEL', costs, member)
-  end
-  if slot < cool_until then
-    drop()
-    return cooled()
-  end
-  if slot > now then
-    return {'delay', fmt(slot - now), fmt(slot), 'early'}
-  end
-  -- A reservation is due: it is admitted only if the trailing windows hold it now.
-  local t = now
-  for i = 1, n do
-    local at = due_free_at(maxes[i], windows[i], slot)
-    if at == nil then
+    slot = tonumber(slot)
+    -- Every refusal of a reservation gives it back, so a fallback needs no release.
+    local function drop()
+      redis.call('ZREM', log, member)
+      redis.call('ZREM', rsv, member)
+      redis.call('HDEL', costs, member)
+    end
+    if slot < cool_until then
       drop()
-      return {'fallback', '0', fmt(now), 'cost_exceeds_limit'}
+      return cooled()
     end
+    if slot > now then
+      return {'delay', fmt(slot - now), fmt(slot), 'early'}
+    end
+    -- A reservation is due: it is admitted only if the trailing windows hold it now.
+    local t = now
+    for i = 1, n do
+      local at = due_free_at(maxes[i], windows[i], slot)
+      if at == nil then
+        drop()
+        return {'fallback', '0', fmt(now), 'cost_exceeds_limit'}
+      end
+      if at > t then t = at end
+    end
+    -- A reservation was promised within the deadline; lateness that is not the caller's
+    -- gets a grace of LATE_GRACE_MS before the call falls back.
+    if t - now > deadline + LATE_GRACE_MS then
+      drop()
+      return {'fallback', '0', fmt(t), 'deadline'}
+    end
+    if t > now then
+      -- Held up by calls admitted late: the reservation keeps its place (and counts for
+      -- the due calls behind it, which keeps them in order) until the window frees.
+      return {'delay', fmt(t - now), fmt(t), 'late'}
+    end
+    local refused = blocked()
+    if refused then
+      if refused[1] == 'fallback' then drop() end
+      return refused
+    end
+    admit()
+    redis.call('ZREM', rsv, member)
+    expire(now)
+    return {'admit', '0', fmt(now), 'reservation'}
+  end
+
+  -- A new call: admitted now if nothing is reserved ahead and every window holds it;
+  -- else the earliest slot, not before the latest one already taken (FIFO).
+  if cool_until > now then return cooled() end
+  local latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  local start = now
+  if latest[2] and tonumber(latest[2]) > start then start = tonumber(latest[2]) end
+  local t = start
+  for i = 1, n do
+    local at = earliest(start, maxes[i], windows[i])
+    if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if at > t then t = at end
   end
-  -- A reservation was promised within the deadline; lateness that is not the caller's
-  -- gets a grace of LATE_GRACE_MS before the call falls back.
-  if t - now > deadline + LATE_GRACE_MS then
-    drop()
+  if t > now and margin > 0 then
+    t = start
+    for i = 1, n do
+      local at = earliest(start, maxes[i], windows[i] + margin / 2)
+      if at > t then t = at end
+    end
+  end
+  if t > now and gap > 0 and latest[2] then
+    local paced = tonumber(latest[2]) + gap
+    if paced > t then t = paced end
+  end
+
+  if t <= now then
+    if deadline < 0 then return {'fallback', '0', fmt(now), 'deadline'} end
+    local refused = blocked()
+    if refused then return refused end
+    admit()
+    expire(now)
+    return {'admit', '0', fmt(now), 'admitted'}
+  end
+  if t - now > deadline then
     return {'fallback', '0', fmt(t), 'deadline'}
   end
-  if t > now then
-    -- Held up by calls admitted late: the reservation keeps its place (and counts for
-    -- the due calls behind it, which keeps them in order) until the window frees.
-    return {'delay', fmt(t - now), fmt(t), 'late'}
-  end
-  local refused = blocked()
-  if refused then
-    if refused[1] == 'fallback' then drop() end
-    return refused
-  end
-  admit()
-  redis.call('ZREM', rsv, member)
-  expire(now)
-  return {'admit', '0', fmt(now), 'reservation'}
+  redis.call('ZADD', log, t, member)
+  redis.call('ZADD', rsv, t, member)
+  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
+  expire(t)
+  keep(rsv, t)
+  return {'delay', fmt(t - now), fmt(t), 'reserved'}
 end
 
--- A new call: admitted now if nothing is reserved ahead and every window holds it;
--- else the earliest slot, not before the latest one already taken (FIFO).
-if cool_until > now then return cooled() end
-local latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
-local start = now
-if latest[2] and tonumber(latest[2]) > start then start = tonumber(latest[2]) end
-local t = start
-for i = 1, n do
-  local at = earliest(start, maxes[i], windows[i])
-  if at == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
-  if at > t then t = at end
+local answer = decide()
+if answer[1] ~= 'delay' and KEYS[cooldown_at + 1] then
+  redis.call('ZREM', KEYS[cooldown_at + 1], member)
+  redis.call('HDEL', KEYS[cooldown_at + 2], member)
 end
-if t > now and margin > 0 then
-  t = start
-  for i = 1, n do
-    local at = earliest(start, maxes[i], windows[i] + margin / 2)
-    if at > t then t = at end
-  end
-end
-if t > now and gap > 0 and latest[2] then
-  local paced = tonumber(latest[2]) + gap
-  if paced > t then t = paced end
-end
-
-if t <= now then
-  if deadline < 0 then return {'fallback', '0', fmt(now), 'deadline'} end
-  local refused = blocked()
-  if refused then return refused end
-  admit()
-  expire(now)
-  return {'admit', '0', fmt(now), 'admitted'}
-end
-if t - now > deadline then
-  return {'fallback', '0', fmt(t), 'deadline'}
-end
-redis.call('ZADD', log, t, member)
-redis.call('ZADD', rsv, t, member)
-if cost ~= 1 then redis.call('HSET', costs, member, cost) end
-expire(t)
-keep(rsv, t)
-return {'delay', fmt(t - now), fmt(t), 'reserved'}
+return answer

@@ -1,0 +1,89 @@
+"""Calls the broker lost: registered when enqueued, re-published by a worker's reaper.
+
+kombu's Redis transport takes a message with BRPOP and only then records it as unacked: a
+consumer killed in between, or whose connection dies while it waits, loses the message it
+was handed. So `.delay()` registers each call in the gate's Redis, and the gate takes it out
+of the registry in the same script that admits or refuses it. A call still registered
+`REAP_AFTER_S` after its deadline never reached the gate in time: it was lost. The reaper
+(a timer in every worker, for the tools it serves) re-publishes it with the same id; the
+gate, seeing its deadline passed, answers with the fallback, so the caller gets an answer
+instead of waiting forever. Claims are atomic, so any number of workers may reap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from celery import states
+
+from throttle.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from throttle.routing import Throttle
+
+logger = logging.getLogger("throttle")
+
+REAP_AFTER_S = 5.0  # past a call's deadline: later than any reservation's late grace
+REAP_EVERY_S = 1.0
+RETRY_S = 30.0  # a re-published call still undecided is looked at again after this
+GIVE_UP_S = 600.0  # past its first check, a call that keeps getting lost is dropped
+REAPED = "throttle_reaped"
+
+
+def check_at_s(enqueued_at: float, deadline_s: float) -> float:
+    """When a call enqueued at `enqueued_at` counts as lost if the gate has not seen it."""
+    return enqueued_at + deadline_s + REAP_AFTER_S
+
+
+def message(kwargs: Mapping[str, Any], headers: Mapping[str, Any], check_at: float) -> str:
+    """What the reaper needs to publish the call again (and its first check time)."""
+    call = {"kwargs": dict(kwargs), "headers": dict(headers), "check_at": check_at}
+    return json.dumps(call, separators=(",", ":"))
+
+
+def reap(throttle: Throttle, tools: Iterable[str], *, now_s: float | None = None) -> int:
+    """Re-publish the lost calls of `tools`; returns how many were re-published."""
+    now_s = time.time() if now_s is None else now_s
+    gate = throttle.gate
+    published = 0
+    for tool in tools:
+        try:
+            claimed = gate.claim_lost(tool, retry_s=RETRY_S, now_s=now_s)
+        except StoreUnavailable as exc:
+            logger.warning("tool %s: lost calls not checked (%s)", tool, exc)
+            return published
+        task = throttle.app.tasks[throttle.config.tool(tool).queue]
+        for task_id, raw in claimed:
+            published += _republish(throttle, task, tool, task_id, raw, now_s)
+    return published
+
+
+def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
+               now_s: float) -> int:
+    if not raw or _finished(task, task_id):
+        throttle.gate.forget_call(tool, task_id)
+        return 0
+    call = json.loads(raw)
+    headers = call["headers"]
+    if now_s - float(call["check_at"]) > GIVE_UP_S:
+        logger.error("tool %s: call %s was lost again and again; giving up on it", tool, task_id)
+        throttle.gate.forget_call(tool, task_id)
+        return 0
+    headers[REAPED] = int(headers.get(REAPED, 0)) + 1
+    logger.warning("tool %s: call %s never reached the gate (the broker lost its message); "
+                   "publishing it again", tool, task_id)
+    task.apply_async(kwargs=call["kwargs"], task_id=task_id, headers=headers,
+                     priority=task.priority_again)
+    return 1
+
+
+def _finished(task: Any, task_id: str) -> bool:
+    """Whether the call already has a result (decided without the gate, e.g. a store outage)."""
+    try:
+        return task.AsyncResult(task_id).state in states.READY_STATES
+    except Exception:  # a disabled or unreachable backend: assume not finished
+        return False
