@@ -4,10 +4,12 @@ kombu's Redis transport takes a message with BRPOP and only then records it as u
 consumer killed in between, or whose connection dies while it waits, loses the message it
 was handed. So `.delay()` registers each call in the gate's Redis, and the gate takes it out
 of the registry in the same script that admits or refuses it. A call still registered
-`REAP_AFTER_S` after its deadline never reached the gate in time: it was lost. The reaper
-(a timer in every worker, for the tools it serves) re-publishes it with the same id; the
-gate, seeing its deadline passed, answers with the fallback, so the caller gets an answer
-instead of waiting forever. Claims are atomic, so any number of workers may reap.
+`REAP_AFTER_S` after its deadline, while the tool's queue is empty, never reached the gate:
+it was lost. The reaper (a timer in every worker, for the tools it serves) re-publishes it
+with the same id; the gate, seeing its deadline passed, answers with the fallback, so the
+caller gets an answer instead of waiting forever. While the queue holds messages, an
+undecided call may still be among them: the reaper looks again later rather than doubling
+a backlog. Claims are atomic, so any number of workers may reap.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import states
+from kombu.exceptions import ChannelError
 
 from throttle.errors import StoreUnavailable
 
@@ -29,7 +32,7 @@ logger = logging.getLogger("throttle")
 
 REAP_AFTER_S = 5.0  # past a call's deadline: later than any reservation's late grace
 REAP_EVERY_S = 1.0
-RETRY_S = 30.0  # a re-published call still undecided is looked at again after this
+RETRY_S = 5.0  # a claimed call still undecided is looked at again after this
 GIVE_UP_S = 600.0  # past its first check, a call that keeps getting lost is dropped
 REAPED = "throttle_reaped"
 
@@ -56,7 +59,10 @@ def reap(throttle: Throttle, tools: Iterable[str], *, now_s: float | None = None
         except StoreUnavailable as exc:
             logger.warning("tool %s: lost calls not checked (%s)", tool, exc)
             return published
-        task = throttle.app.tasks[throttle.config.tool(tool).queue]
+        queue = throttle.config.tool(tool).queue
+        if not claimed or _backlog(throttle, queue):
+            continue
+        task = throttle.app.tasks[queue]
         for task_id, raw in claimed:
             published += _republish(throttle, task, tool, task_id, raw, now_s)
     return published
@@ -79,6 +85,19 @@ def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
     task.apply_async(kwargs=call["kwargs"], task_id=task_id, headers=headers,
                      priority=task.priority_again)
     return 1
+
+
+def _backlog(throttle: Throttle, queue: str) -> bool:
+    """Whether `queue` holds messages (or its depth cannot be read)."""
+    try:
+        with throttle.app.connection_for_read() as conn:
+            depth = conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+    except ChannelError:  # Redis: an empty queue has no key
+        return False
+    except Exception as exc:
+        logger.warning("queue %s: depth unknown (%s); lost calls checked later", queue, exc)
+        return True
+    return bool(depth)
 
 
 def _finished(task: Any, task_id: str) -> bool:

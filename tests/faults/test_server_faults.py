@@ -1,0 +1,168 @@
+"""Servers failing under a burst: the gate's Redis restarted, the broker's Redis killed and
+restarted from its append-only file, a RabbitMQ connection cut. Every call must end (a
+result or a fallback), and no window may hold more than its limit where the docs promise it.
+
+Each test keeps the ledger and the results on the faults suite's private Redis, which stays
+up, and breaks another server of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import states
+
+from tests.integration.test_celery_flow import AMQP_URL, burst, tool
+from tests.support.relay import Relay
+from tests.support.servers import RedisServer, private_redis
+from tests.support.workers import ledger, most_in_window
+from throttle import outcome
+from throttle.task import fallback_reason
+
+pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
+
+
+def wait_all(results: list[Any], timeout_s: float) -> Counter[str]:
+    """Wait until every call ends; count outcomes ("lost": never ended, "failure")."""
+    deadline = time.monotonic() + timeout_s
+    counts: Counter[str] = Counter()
+    for result in results:
+        while result.state not in states.READY_STATES and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if result.state == states.SUCCESS:
+            counts[outcome(result)] += 1
+        else:
+            counts["lost" if result.state not in states.READY_STATES else "failure"] += 1
+    return counts
+
+
+def by_tool(runs: list[dict[str, Any]], name: str) -> list[float]:
+    """Admission times of `name`'s bodies, once per call."""
+    return list({run["id"]: run["admitted_at"] for run in runs if run["tool"] == name}.values())
+
+
+def wait_for_runs(client: redis.Redis, prefix: str, count: int, timeout_s: float = 30) -> None:
+    """Wait until the ledger holds `count` bodies (mid-burst)."""
+    deadline = time.monotonic() + timeout_s
+    while client.llen(f"{prefix}:ledger") < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def spare_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A second private Redis, with an append-only file fsynced on every write, to break."""
+    with private_redis(tmp_path / "spare", appendonly=True,
+                       args=["--appendfsync", "always"]) as server:
+        yield server
+
+
+def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed_windows(
+    make_cluster: Any, redis_url: str, redis_client: redis.Redis, prefix: str,
+    spare_redis: RedisServer,
+) -> None:
+    """1,000 calls over two tools at 50/1s; the gate's Redis restarts (down 2 s) mid-burst.
+
+    The gate's Redis keeps an append-only file, so the windows survive the restart. The
+    `strict` tool (on_store_error = fallback) never exceeds its limit; the `blind` tool
+    (admit) may exceed it by the calls it admitted without the gate (docs/gate.md).
+    """
+    config = {"tools": {
+        "strict": tool(["50/1s"], "40s", on_store_error="fallback"),
+        "blind": tool(["50/1s"], "40s", on_store_error="admit"),
+    }}
+    cluster = make_cluster(config, env={"THROTTLE_REDIS_URL": spare_redis.url(0),
+                                        "THROTTLE_TEST_LEDGER_URL": redis_url})
+    results = burst(cluster, "strict", 500)[0] + burst(cluster, "blind", 500)[0]
+    cluster.start(3, concurrency=2)
+    wait_for_runs(redis_client, prefix, 300)
+    spare_redis.restart(down_s=2)
+    counts = wait_all(results, timeout_s=60)
+    runs = ledger(redis_client, prefix)
+    strict, blind = by_tool(runs, "strict"), by_tool(runs, "blind")
+    blind_admits = cluster.logs().count("applying on_store_error=admit")
+    reasons = Counter(fallback_reason(r) for r in results if outcome(r) == "fallback")
+    print(f"\ngate Redis restarted mid-burst: {dict(counts)}, fallbacks {dict(reasons)}; most "
+          f"admitted in 1 s: strict {most_in_window(strict, 1.0)}/50, blind "
+          f"{most_in_window(blind, 1.0)}/50 (+{blind_admits} admitted without the gate)")
+    assert counts["lost"] == 0 and counts["failure"] == 0
+    assert most_in_window(strict, 1.0) <= 50
+    assert most_in_window(blind, 1.0) <= 50 + blind_admits
+
+
+def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str],
+    spare_redis: RedisServer,
+) -> None:
+    """2,000 calls at 200/1s; the broker's Redis is SIGKILLed mid-burst and restarted 1 s
+    later from its append-only file. Calls whose messages die with it are re-published by
+    the reaper (throttle/recovery.py); bodies run twice at most as often as messages were
+    unacked at the kill."""
+    config = {"broker": {"visibility_timeout": "90s"}, "tools": {"busy": tool(["200/1s"], "60s")}}
+    broker = spare_redis.url(1)
+    cluster = make_cluster(config, broker_url=broker)
+    results, _ = burst(cluster, "busy", 2000)  # queued before any worker runs
+    cluster.start(3, concurrency=2)
+    wait_for_runs(redis_client, prefix, 600)
+    unacked = redis.Redis.from_url(broker).hlen("unacked")
+    spare_redis.restart(hard=True, down_s=1)
+    counts = wait_all(results, timeout_s=75)
+    runs = ledger(redis_client, prefix)
+    admitted = by_tool(runs, "busy")
+    twice = len(runs) - len(admitted)
+    reaped = cluster.logs().count("never reached the gate")
+    print(f"\nbroker Redis SIGKILLed and restarted (AOF): {dict(counts)}, bodies run twice "
+          f"{twice} (unacked at the kill: {unacked}), calls re-published by the reaper "
+          f"{reaped}, most admitted in 1 s: {most_in_window(admitted, 1.0)}/200")
+    assert counts["lost"] == 0 and counts["failure"] == 0
+    assert twice <= unacked
+    assert most_in_window(admitted, 1.0) <= 200
+
+
+@pytest.fixture
+def rabbitmq_via_relay() -> Iterator[tuple[str, Relay]]:
+    """RabbitMQ behind a loopback relay that can cut the connections (skip if absent)."""
+    from kombu import Connection
+
+    try:
+        with Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.skip(f"RabbitMQ does not answer at {AMQP_URL} ({exc}); `make test` starts it")
+
+    def drop_queue() -> None:
+        with Connection(AMQP_URL) as conn:
+            conn.default_channel.queue_delete("tool.rabbitcut")
+
+    drop_queue()
+    with Relay("127.0.0.1", 5672) as relay:
+        yield f"amqp://guest:guest@127.0.0.1:{relay.port}//", relay
+    drop_queue()
+
+
+@pytest.mark.rabbitmq
+def test_a_rabbitmq_connection_cut_mid_burst_loses_no_call(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str,
+    rabbitmq_via_relay: tuple[str, Relay],
+) -> None:
+    """600 calls at 50/1s through RabbitMQ; every connection is cut twice mid-burst."""
+    broker, relay = rabbitmq_via_relay
+    config = {"tools": {"rabbitcut": tool(["50/1s"], "20s")}}
+    cluster = make_cluster(config, broker_url=broker)
+    cluster.start(2, concurrency=2)
+    results, _ = burst(cluster, "rabbitcut", 600)
+    for _ in range(2):
+        time.sleep(2.5)
+        relay.cut()
+    counts = wait_all(results, timeout_s=75)
+    runs = ledger(redis_client, prefix)
+    admitted = by_tool(runs, "rabbitcut")
+    print(f"\nRabbitMQ connections cut x{relay.cuts}: {dict(counts)}, bodies run again "
+          f"{len(runs) - len(admitted)}, most admitted in 1 s: {most_in_window(admitted, 1.0)}/50")
+    assert counts["lost"] == 0 and counts["failure"] == 0
+    assert most_in_window(admitted, 1.0) <= 50
