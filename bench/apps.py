@@ -35,25 +35,10 @@ from celery import Celery, current_task
 from celery.signals import worker_ready
 
 from throttle import Throttle, load_config
+from throttle.routing import apply_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-VISIBILITY_TIMEOUT_S = 3600
 # The settings Throttle applies that matter to a plain task, copied onto the baseline app.
-BASELINE_SETTINGS: dict[str, Any] = {
-    "task_serializer": "json",
-    "result_serializer": "json",
-    "accept_content": ["json"],
-    "result_accept_content": ["json"],
-    "task_acks_late": True,
-    "task_reject_on_worker_lost": True,
-    "worker_prefetch_multiplier": 1,
-    "broker_transport_options": {
-        "visibility_timeout": VISIBILITY_TIMEOUT_S,
-        "unacked_restore_interval": 10,
-        "unacked_restore_throttle": 1,
-    },
-    "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
-}
 # Redis TIME and the record in one round trip: the time is the body's start.
 RECORD_LUA = """
 local t = redis.call('TIME')
@@ -91,12 +76,12 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle | None, dict[str, An
 
     tasks: dict[str, Any] = {}
     throttle: Throttle | None = None
+    config = load_config(json.loads(env["BENCH_CONFIG"]))
     if env.get("BENCH_APP", "throttle") == "throttle":
-        config = load_config(json.loads(env["BENCH_CONFIG"]))
         throttle = Throttle(app, config, redis_url, prefix=prefix)
         tasks = {name: throttle.tool(name)(make(name)) for name in config.tools}
-    else:
-        app.conf.update(BASELINE_SETTINGS)
+    else:  # the same settings, without throttle's queues, tasks and bootsteps
+        apply_defaults(app, config)
     routes = app.conf.task_routes or {}
     app.conf.task_routes = {**routes, "plain.noop": {"queue": "plain.noop"}}
     tasks["plain.noop"] = app.task(make("noop"), name="plain.noop")

@@ -41,9 +41,10 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from bench.apps import BASELINE_SETTINGS, Node, build, start_nodes, stop_nodes
+from bench.apps import Node, build, start_nodes, stop_nodes
 from throttle import fallback_reason
 from throttle.gate import mask_url
+from throttle.routing import SAFE_DEFAULTS
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SIZES = {  # name: (default, --quick)
@@ -181,7 +182,7 @@ class Bench:
         self.app, _, self.tasks = build(self.env)
         plain_app, _, _ = build({**self.env, "BENCH_APP": "plain"})
         self.settings_differ = [
-            key for key in BASELINE_SETTINGS if plain_app.conf[key] != self.app.conf[key]
+            key for key in SAFE_DEFAULTS if plain_app.conf[key] != self.app.conf[key]
         ]
         self.gate = redis.Redis.from_url(self.urls["gate"])
         self.broker = redis.Redis.from_url(self.urls["broker"])
@@ -590,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Part 1 runs both contenders on node T0 (the throttle app, so the same settings; "
         "its FireDueTimers bootstep is idle without ETA tasks). Part 4's Celery rows run on "
         "the plain app: "
-        + ", ".join(f"{k}={v}" for k, v in BASELINE_SETTINGS.items() if "accept" not in k)
+        + ", ".join(f"{k}={v}" for k, v in SAFE_DEFAULTS.items() if "accept" not in k)
         + f"; no Throttle, no FireDueTimers bootstep (settings that differ from the throttle "
         f"app's: {bench.settings_differ or 'none'}).",
         "Throttle rows use the default slot_margin (40 ms): delayed calls are spaced window + "

@@ -29,7 +29,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
 
-_SAFE_DEFAULTS: dict[str, Any] = {
+SAFE_DEFAULTS: dict[str, Any] = {
     "task_serializer": "json",
     "result_serializer": "json",
     "accept_content": ["json"],
@@ -111,7 +111,7 @@ class Throttle:
 def apply_defaults(app: Celery, config: Config) -> None:
     """Set the settings throttle needs wherever the user kept Celery's default."""
     conf = app.conf
-    for key, value in _SAFE_DEFAULTS.items():
+    for key, value in SAFE_DEFAULTS.items():
         if key in DEFAULTS and conf.get(key) == DEFAULTS[key]:
             conf[key] = value
     longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
