@@ -40,6 +40,7 @@ SLEEP_BELOW_S = 0.05
 CONTENDED = frozenset({"pool", "concurrency", "cooldown"})
 MAX_SLEEPS = 5
 STORE_BACKOFF_MAX_S = 30.0
+STORE_LAST_TRY_S = 0.5  # the last store retry comes this long before the deadline
 
 
 def outcome(result: AsyncResult) -> Literal["result", "fallback"]:
@@ -211,7 +212,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
                 return self._on_store_error(exc)
-            if decision.action is Action.ADMIT and decision.reason == "readmitted":
+            if decision.action is Action.ADMIT and self._redelivered(decision):
                 return self._check_redelivery(member, key, decision)
             logger.debug("%s %s: %s (%s, wait %.3fs)", self.tool.name, member, decision.action,
                          decision.reason, decision.wait_s)
@@ -246,6 +247,18 @@ class ThrottledTask(Task):  # type: ignore[misc]
             budget_s = min(budget_s, float(caller_s))
         return budget_s - (time.time() - float(enqueued_at))  # negative once it has passed
 
+    def _redelivered(self, decision: Decision) -> bool:
+        """Whether this delivery repeats a run whose worker was lost.
+
+        The gate knows while the first admission is in its windows ('readmitted'); after
+        that only the broker's redelivered flag tells (kombu sets it on restored messages).
+        A restored delay ('reservation') never ran: it is not counted.
+        """
+        if decision.reason == "readmitted":
+            return True
+        flagged = (self.request.delivery_info or {}).get("redelivered")
+        return bool(flagged) and decision.reason == "admitted"
+
     def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:
         count = self.throttle.gate.note_redelivery(self.tool.name, member, key=key)
         if count > self.tool.max_redeliveries:
@@ -265,7 +278,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if policy == "delay":
             tries = int(getattr(self.request, STORE_RETRIES, 0) or 0)
             backoff_s = min(STORE_BACKOFF_MAX_S, 2.0**tries) * (0.5 + random.random() / 2)
-            if backoff_s < self._deadline_left_s():
+            # Never past the deadline, but one last try just before it.
+            backoff_s = min(backoff_s, self._deadline_left_s() - STORE_LAST_TRY_S)
+            if backoff_s > 0:
                 self._republish(backoff_s, "store_unavailable", store_retries=tries + 1)
         return Decision(Action.FALLBACK, 0.0, time.time(), "store_unavailable")
 
