@@ -37,7 +37,7 @@ from throttle.keys import (
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
-SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim")
+SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim", "register")
 
 
 class Action(StrEnum):
@@ -126,6 +126,10 @@ class _GateBase:
             name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
             if tool.key is None
         }
+
+    def _load_scripts(self, client: Any) -> None:
+        (self._acquire, self._release, self._settle, self._cooldown, self._claim,
+         self._register) = (client.register_script(load_script(name)) for name in SCRIPTS)
 
     def _limits_of(self, tool: ToolConfig) -> list[Any]:
         args: list[Any] = [len(tool.limits)]
@@ -241,9 +245,7 @@ class Gate(_GateBase):
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
-        self._acquire, self._release, self._settle, self._cooldown, self._claim = (
-            self.client.register_script(load_script(name)) for name in SCRIPTS
-        )
+        self._load_scripts(self.client)
 
     def acquire(
         self,
@@ -313,15 +315,10 @@ class Gate(_GateBase):
     def register_call(self, tool: str, member: str, message: str, check_at_s: float) -> None:
         """Note an enqueued call of `tool`, to be counted lost if still undecided at
         `check_at_s` (epoch seconds); `message` is what re-publishes it."""
-        calls, messages = self.registry(tool)
         ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zadd(calls, {member: check_at_s * 1000})
-            pipe.hset(messages, member, message)
-            pipe.pexpire(calls, ttl_ms)
-            pipe.pexpire(messages, ttl_ms)
-            pipe.execute()
+            self._register(keys=self.registry(tool),
+                           args=[member, check_at_s * 1000, message, ttl_ms])
         except redis.RedisError as exc:
             raise self._store_error(exc) from exc
 
@@ -399,9 +396,7 @@ class AsyncGate(_GateBase):
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
-        self._acquire, self._release, self._settle, self._cooldown, self._claim = (
-            self.client.register_script(load_script(name)) for name in SCRIPTS
-        )
+        self._load_scripts(self.client)
 
     async def acquire(
         self,
