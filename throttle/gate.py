@@ -36,6 +36,8 @@ from throttle.keys import (
 )
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
+# What a failing store raises (redis-py's cluster errors are not RedisErrors).
+STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
 SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim", "register")
 
@@ -154,13 +156,19 @@ class _GateBase:
             raise InvalidToolCall(
                 tool.name, f"its limits apply per {tool.key!r}: pass key=<the call's {tool.key}>"
             )
-        return tool_keys(
-            self.prefix,
-            tool.name,
-            None if tool.key is None else key,
-            pool=tool.pool,
-            concurrency=tool.concurrency is not None,
-        )
+        try:
+            return tool_keys(
+                self.prefix,
+                tool.name,
+                None if tool.key is None else key,
+                pool=tool.pool,
+                concurrency=tool.concurrency is not None,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidToolCall(
+                tool.name, f"its key value must be a JSON value (a string, number, list or "
+                f"object): {exc}"
+            ) from None
 
     def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[str]:
         keys = self._keys(tool, key).as_list()
@@ -230,7 +238,7 @@ class Gate(_GateBase):
 
     def __init__(
         self,
-        redis_url_or_client: str | redis.Redis,
+        redis_url_or_client: str | redis.Redis | redis.cluster.RedisCluster,
         config: Config,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -238,7 +246,7 @@ class Gate(_GateBase):
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
-            self.client: redis.Redis = redis.Redis.from_url(
+            self.client: redis.Redis | redis.cluster.RedisCluster = redis.Redis.from_url(
                 redis_url_or_client, **_client_options(socket_timeout_s)
             )
         else:
@@ -264,7 +272,7 @@ class Gate(_GateBase):
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
         try:
             raw = self._acquire(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
         return self._decision(raw)
 
@@ -273,7 +281,7 @@ class Gate(_GateBase):
         keys = self._keys(self.config.tool(tool), key)
         try:
             return bool(self._release(keys=keys.as_list()[:3], args=[member]))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
@@ -281,7 +289,7 @@ class Gate(_GateBase):
         keys = self._settle_keys(tool, key, actual_units)
         try:
             return bool(self._settle(keys=keys, args=[member, actual_units]))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def cool_down(
@@ -301,7 +309,7 @@ class Gate(_GateBase):
         keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
         try:
             return float(self._cooldown(keys=keys, args=args)) / 1000
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def cooldown_left(self, tool: str, *, key: Any = None) -> float:
@@ -309,7 +317,7 @@ class Gate(_GateBase):
         name = self._keys(self.config.tool(tool), key).cooldown
         try:
             return max(0, int(self.client.pttl(name))) / 1000
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def register_call(self, tool: str, member: str, message: str, check_at_s: float) -> None:
@@ -319,7 +327,7 @@ class Gate(_GateBase):
         try:
             self._register(keys=self.registry(tool),
                            args=[member, check_at_s * 1000, message, ttl_ms])
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def forget_call(self, tool: str, member: str) -> None:
@@ -330,7 +338,7 @@ class Gate(_GateBase):
             pipe.zrem(calls, member)
             pipe.hdel(messages, member)
             pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def claim_lost(
@@ -340,7 +348,7 @@ class Gate(_GateBase):
         now_ms = (time.time() if now_s is None else now_s) * 1000
         try:
             raw = self._claim(keys=self.registry(tool), args=[now_ms, retry_s * 1000, limit])
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
         return [(_text(raw[i]), _text(raw[i + 1])) for i in range(0, len(raw), 2)]
 
@@ -351,7 +359,7 @@ class Gate(_GateBase):
             return
         try:
             self.client.zrem(leases, member)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     def note_redelivery(self, tool: str, member: str, *, key: Any = None) -> int:
@@ -363,7 +371,7 @@ class Gate(_GateBase):
             pipe.incr(name)
             pipe.pexpire(name, ttl_ms)
             count, _ = pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
         return int(count)
 
@@ -377,7 +385,7 @@ class AsyncGate(_GateBase):
 
     def __init__(
         self,
-        redis_url_or_client: str | redis.asyncio.Redis,
+        redis_url_or_client: str | redis.asyncio.Redis | redis.asyncio.RedisCluster,
         config: Config,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -389,8 +397,8 @@ class AsyncGate(_GateBase):
             options["retry"] = redis.asyncio.retry.Retry(
                 NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
             )
-            self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-                redis_url_or_client, **options
+            self.client: redis.asyncio.Redis | redis.asyncio.RedisCluster = (
+                redis.asyncio.Redis.from_url(redis_url_or_client, **options)
             )
         else:
             self.client = redis_url_or_client
@@ -412,7 +420,7 @@ class AsyncGate(_GateBase):
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
         try:
             raw = await self._acquire(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
         return self._decision(raw)
 
@@ -421,7 +429,7 @@ class AsyncGate(_GateBase):
         keys = self._keys(self.config.tool(tool), key)
         try:
             return bool(await self._release(keys=keys.as_list()[:3], args=[member]))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
@@ -429,7 +437,7 @@ class AsyncGate(_GateBase):
         keys = self._settle_keys(tool, key, actual_units)
         try:
             return bool(await self._settle(keys=keys, args=[member, actual_units]))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     async def cool_down(
@@ -445,7 +453,7 @@ class AsyncGate(_GateBase):
         keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
         try:
             return float(await self._cooldown(keys=keys, args=args)) / 1000
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     async def cooldown_left(self, tool: str, *, key: Any = None) -> float:
@@ -453,7 +461,7 @@ class AsyncGate(_GateBase):
         name = self._keys(self.config.tool(tool), key).cooldown
         try:
             return max(0, int(await self.client.pttl(name))) / 1000
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     async def finish(self, tool: str, member: str, *, key: Any = None) -> None:
@@ -463,7 +471,7 @@ class AsyncGate(_GateBase):
             return
         try:
             await self.client.zrem(leases, member)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
     @asynccontextmanager
