@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # The demo runs on the embedded default unless THROTTLE_REDIS_URL is set in the environment.
 services: $(VENV)/.installed
+	bash scripts/install-test-tools.sh
 	bash scripts/ensure-services.sh
 
 demo: $(VENV)/.installed

@@ -21,6 +21,10 @@ from rich.text import Text
 
 from throttle.config import Config, format_ms, load_config
 from throttle.errors import ThrottleError
+from throttle.exporter import exporter
+from throttle.flower_cmd import flower
+from throttle.status import status, top
+from throttle.stub.command import stub_llm
 
 DEFAULT_CONFIG = Path("config") / "tools.toml"
 # The file the deployed workers load when THROTTLE_CONFIG is not set (see workers/__init__.py).
@@ -164,6 +168,12 @@ def demo(
     except KeyboardInterrupt:
         _fail("interrupted; the demo's workers were stopped and its keys deleted", code=130)
 
+
+main.add_command(stub_llm)
+main.add_command(status)
+main.add_command(top)
+main.add_command(exporter)
+main.add_command(flower)
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,11 @@ A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
 A tool with a concurrency cap and no pool keeps its leases at <prefix>:{t}:leases, and its
 per-key logs at <prefix>:{t}|h:... under the same tag.
 
+Counters for monitoring (written by the workers' metrics, never by a gate script)::
+
+    <prefix>:stats:{t}           HASH  field -> running total (see throttle/stats.py)
+    <prefix>:stats:{t}:<epoch s> HASH  the same fields for one 10 s bucket, expiring soon
+
 All keys of one decision share the `{...}` hash tag, so a decision stays on one Redis Cluster
 shard. Values taken from task arguments are hashed and length-bounded: no argument can reach
 another tool's or tenant's keys.
@@ -136,3 +141,16 @@ def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str,
 def redelivery_key(keys: ToolKeys, member: str) -> str:
     """The counter of a task's redeliveries after its admission (its worker was lost)."""
     return keys.log.removesuffix(":log") + f":redelivered:{member}"
+
+
+def stats_key(prefix: str, tool: str) -> str:
+    """The hash of `tool`'s running totals (decisions, delays, body durations, store errors).
+
+    `stats` stands where gate keys have their `{tag}`, so the two never meet.
+    """
+    return f"{prefix}:stats:{{{tool}}}"
+
+
+def recent_stats_key(prefix: str, tool: str, bucket_s: int) -> str:
+    """The hash of `tool`'s counts in the short bucket starting at `bucket_s` (epoch seconds)."""
+    return f"{stats_key(prefix, tool)}:{bucket_s}"

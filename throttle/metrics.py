@@ -1,27 +1,148 @@
-"""What the worker observes about each call, for Prometheus (decisions by tool and outcome).
+"""What the worker observes about each call: counted in memory, flushed to Redis every second.
 
-`throttle/task.py` calls these hooks; they must never raise into the task.
+`throttle/task.py` calls the three hooks; they never raise into the task and never make a
+Redis round trip of their own. Each process keeps one `StatsBuffer` per `Throttle`; a daemon
+thread (started on first use, and again in a forked child) writes them every
+`FLUSH_INTERVAL_S` in one pipeline, and once more when the process ends (Celery's
+`worker_process_shutdown` / `worker_shutdown`, or `atexit`). `throttle exporter` serves
+the totals to Prometheus, however many processes and hosts wrote them.
+
+Delays and fallbacks are also sent as Celery events (`task-delayed`, `task-fallback`)
+when the worker sends task events (`-E` or `worker_send_task_events`), so Flower shows them
+as the states DELAYED and FALLBACK.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
 from typing import Any
 
-from prometheus_client import Counter
+import redis
+from celery import signals
 
-DECISIONS = Counter(
-    "throttle_decisions_total", "Gate decisions by tool and outcome.", ["tool", "outcome"]
-)
+from throttle.stats import StatsBuffer
+
+logger = logging.getLogger("throttle.metrics")
+
+FLUSH_INTERVAL_S = 1.0
+EVENT_TYPES = {"delay": "task-delayed", "fallback": "task-fallback"}
+
+_buffers: weakref.WeakKeyDictionary[Any, StatsBuffer] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_flusher: threading.Thread | None = None
+_stop = threading.Event()
+_worker_task_events = False  # set from the worker's -E flag (see _note_task_events)
 
 
 def observe_decision(task: Any, outcome: str, reason: str, wait_s: float) -> None:
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
-    DECISIONS.labels(tool=task.tool.name, outcome=outcome).inc()
+    try:
+        _buffer(task).add_decision(task.tool.name, outcome, reason, wait_s, time.time())
+        if outcome in EVENT_TYPES:
+            _send_event(task, outcome, reason, wait_s)
+    except Exception:  # metrics must never break a call
+        logger.debug("could not count a decision of %s", _name(task), exc_info=True)
 
 
 def observe_run(task: Any, status: str, seconds: float) -> None:
-    """A body of `task` ran for `seconds` and ended with `status` ("success" or "error")."""
+    """A body of `task` ran for `seconds` and ended with `status` ("success", "error", ...)."""
+    try:
+        _buffer(task).add_run(task.tool.name, status, seconds)
+    except Exception:
+        logger.debug("could not count a run of %s", _name(task), exc_info=True)
 
 
 def observe_store_error(task: Any) -> None:
     """The gate's store failed while deciding or finishing one of `task`'s calls."""
+    try:
+        _buffer(task).add_store_error(task.tool.name)
+    except Exception:
+        logger.debug("could not count a store error of %s", _name(task), exc_info=True)
+
+
+def flush() -> None:
+    """Write every pending count of this process now (a failed write is kept for later)."""
+    with _lock:
+        pending = list(_buffers.items())
+    for throttle, buffer in pending:
+        try:
+            buffer.flush(throttle.gate.client)
+        except redis.RedisError as exc:
+            logger.debug("metrics flush to Redis failed (%s); kept for the next one", exc)
+        except Exception:  # the flusher thread must outlive any surprise
+            logger.warning("metrics flush failed", exc_info=True)
+
+
+def _name(task: Any) -> str:
+    return str(getattr(getattr(task, "tool", None), "name", task))
+
+
+def _buffer(task: Any) -> StatsBuffer:
+    throttle = task.throttle
+    buffer = _buffers.get(throttle)
+    if buffer is None:
+        with _lock:
+            buffer = _buffers.setdefault(throttle, StatsBuffer(throttle.prefix))
+    if _flusher is None:
+        _start_flusher()
+    return buffer
+
+
+def _start_flusher() -> None:
+    global _flusher
+    with _lock:
+        if _flusher is not None:
+            return
+        _stop.clear()
+        _flusher = threading.Thread(target=_flush_every_interval, name="throttle-metrics",
+                                    daemon=True)
+        _flusher.start()
+
+
+def _flush_every_interval() -> None:
+    while not _stop.wait(FLUSH_INTERVAL_S):
+        flush()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no flusher, fresh locks and nothing pending."""
+    global _flusher, _lock, _stop
+    _flusher, _lock, _stop = None, threading.Lock(), threading.Event()
+    for buffer in list(_buffers.values()):
+        buffer.clear()
+
+
+def _send_event(task: Any, outcome: str, reason: str, wait_s: float) -> None:
+    """Tell Flower (and any event consumer) that a call was delayed or fell back."""
+    if not task.send_events:
+        return
+    if not (_worker_task_events or task.app.conf.worker_send_task_events):
+        return
+    fields: dict[str, Any] = {"outcome": outcome, "reason": reason, "wait_s": round(wait_s, 3)}
+    if outcome == "fallback":
+        # Fields Flower's task view shows; the stored result carries the same mark.
+        mark = f"throttle: fallback ({reason})"
+        fields |= {"result": repr(task.tool.fallback), "traceback": mark}
+    task.send_event(EVENT_TYPES[outcome], retry=False, **fields)
+
+
+def _note_task_events(sender: Any = None, **_: Any) -> None:
+    """Remember whether this worker sends task events (its -E flag), for its pool children."""
+    global _worker_task_events
+    _worker_task_events = bool(getattr(sender, "task_events", False))
+
+
+def _flush_at_shutdown(**_: Any) -> None:
+    flush()
+
+
+signals.worker_init.connect(_note_task_events, weak=False)
+signals.worker_process_shutdown.connect(_flush_at_shutdown, weak=False)
+signals.worker_shutdown.connect(_flush_at_shutdown, weak=False)
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(flush)

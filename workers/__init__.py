@@ -6,6 +6,8 @@ Settings come from the environment:
   THROTTLE_REDIS_URL       the gate's Redis (default redis://127.0.0.1:6379/0)
   THROTTLE_CONFIG          tools file (default: config/tools.toml of this project)
   THROTTLE_PREFIX          Redis key prefix of the gate (default "throttle")
+  THROTTLE_TASK_EVENTS     "0" turns off task events (on by default, so Flower shows calls,
+                           delays and fallbacks; the same as `celery worker -E`)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ app = Celery(
     broker=os.environ.get("THROTTLE_BROKER_URL", redis_url),
     backend=os.environ.get("THROTTLE_RESULT_BACKEND", redis_url),
 )
+app.conf.worker_send_task_events = os.environ.get("THROTTLE_TASK_EVENTS", "1") != "0"
 throttle = Throttle(
     app,
     os.environ.get("THROTTLE_CONFIG", str(DEFAULT_CONFIG)),
@@ -34,6 +37,6 @@ throttle = Throttle(
     prefix=os.environ.get("THROTTLE_PREFIX", DEFAULT_PREFIX),
 )
 
-from workers.tools import ecommerce  # noqa: E402  (registers the tools on `app`)
+from workers.tools import ecommerce, llm_tasks  # noqa: E402  (registers the tools on `app`)
 
-__all__ = ["app", "ecommerce", "throttle"]
+__all__ = ["app", "ecommerce", "llm_tasks", "throttle"]

@@ -55,6 +55,7 @@ def test_the_default_file_loads_its_four_tools() -> None:
         "get_inventory",
         "lookup_order",
         "process_refund",
+        "chat_completion",
     }
     assert config.source == str(DEFAULT_CONFIG)
     assert config.tool("process_refund").limits == (Limit(max=5, window_ms=60_000),)

@@ -30,7 +30,13 @@ from throttle.demo.report import (
     summary_table,
     write_summary,
 )
-from throttle.demo.scenario import DEMO_TOOLS, PlannedCall, plan_sessions, scale_config
+from throttle.demo.scenario import (
+    DEMO_TOOLS,
+    PlannedCall,
+    demo_tools_only,
+    plan_sessions,
+    scale_config,
+)
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import Tracker
 
@@ -56,7 +62,7 @@ def run_demo(settings: DemoSettings, console: Console) -> None:
     """Run the scenario on the embedded default, or on Redis when THROTTLE_REDIS_URL is set."""
     original = load_config(settings.config_path)
     raw = tomllib.loads(settings.config_path.read_text(encoding="utf-8"))
-    document = scale_config(raw, settings.time_scale)
+    document = scale_config(demo_tools_only(raw), settings.time_scale)
     scaled = load_config(document)
     if not set(DEMO_TOOLS) & set(scaled.tools):
         raise DemoError(f"the demo calls {', '.join(DEMO_TOOLS)}; {settings.config_path} "

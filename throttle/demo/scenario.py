@@ -96,6 +96,28 @@ def _arguments(rng: random.Random, tool: str, session_id: str) -> dict[str, Any]
     }
 
 
+def demo_tools_only(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A parsed tools file with only the tools the scenario calls and the pools they use.
+
+    Other tools (the LLM tool) would only add idle workers and empty rows. A file declaring
+    none of the demo's tools is returned whole, for the runner to report.
+    """
+    document = dict(raw)
+    tools, pools = raw.get("tools"), raw.get("pools")
+    if not isinstance(tools, Mapping):
+        return document
+    kept = {name: body for name, body in tools.items() if name in DEMO_TOOLS}
+    if not kept:
+        return document
+    defaults = raw.get("defaults", {})
+    defaults = defaults if isinstance(defaults, Mapping) else {}
+    used = {{**defaults, **body}.get("pool") for body in kept.values() if isinstance(body, Mapping)}
+    document["tools"] = kept
+    if isinstance(pools, Mapping):
+        document["pools"] = {name: pool for name, pool in pools.items() if name in used}
+    return document
+
+
 def scale_config(raw: Mapping[str, Any], time_scale: float) -> dict[str, Any]:
     """A copy of a parsed tools file with every window (of the tools and of the pools) and
     every max_delay divided by `time_scale`.

@@ -1,0 +1,144 @@
+"""`throttle flower` against real workers: login required, tool queues and workers shown, and
+delayed and fallback calls told apart from plain results (API and a real browser)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.apps.ledger import build
+from tests.support.monitoring import ledger_tool
+from tests.support.servers import free_port, server, throttle_cmd
+from tests.support.workers import Cluster, ledger
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
+
+USER, PASSWORD = "ops", "flower-test-Pw-7d1c"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@dataclass
+class Flower:
+    base: str
+    log: Path
+    cluster: Cluster
+
+    def get(self, path: str, **params: Any) -> Any:
+        answer = httpx.get(f"{self.base}{path}", params=params, auth=(USER, PASSWORD), timeout=10)
+        return answer.raise_for_status().json()
+
+
+@pytest.fixture
+def flower(make_cluster: Any, tmp_path: Path) -> Iterator[Flower]:
+    """Two workers of a 5/1s tool (task events on), and `throttle flower` in front of them."""
+    cluster = make_cluster({"tools": {"burst": ledger_tool(["5/1s"], "2s")}})
+    cluster.start(2, concurrency=2, extra=["-E"])
+    port = free_port()
+    env = {**cluster.env, "THROTTLE_FLOWER_USER": USER, "THROTTLE_FLOWER_PASSWORD": PASSWORD}
+    env.pop("FLOWER_BASIC_AUTH", None)
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "flower.log"
+    cmd = throttle_cmd("flower", "--app", "tests.apps.ledger", "--port", str(port))
+    with server(cmd, log, f"{base}/healthcheck", env=env, timeout_s=45):
+        instance = Flower(base, log, cluster)
+        deadline = time.monotonic() + 30
+        while len(instance.get("/api/workers", refresh=1)) < 2:  # Flower sees both workers
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield instance
+    assert PASSWORD not in log.read_text(errors="replace")
+
+
+def test_flower_refuses_requests_without_the_login(flower: Flower) -> None:
+    for path in ("/", "/tasks", "/api/workers", "/api/tasks"):
+        assert httpx.get(f"{flower.base}{path}", timeout=10).status_code == 401, path
+        wrong = httpx.get(f"{flower.base}{path}", auth=(USER, "wrong"), timeout=10)
+        assert wrong.status_code == 401, path
+    assert httpx.get(f"{flower.base}/", auth=(USER, PASSWORD), timeout=10).status_code == 200
+
+
+def test_flower_shows_the_tool_queue_its_workers_and_delayed_and_fallback_calls(
+    flower: Flower, redis_client: redis.Redis, prefix: str,
+) -> None:
+    workers = flower.get("/api/workers", refresh=1)
+    assert len(workers) == 2
+    for info in workers.values():
+        assert [queue["name"] for queue in info["active_queues"]] == ["tool.burst"]
+    queues = flower.get("/api/queues/length")["active_queues"]
+    assert [queue["name"] for queue in queues] == ["tool.burst"]
+
+    _, _, tasks = build(flower.cluster.env)
+    results = [tasks["burst"].delay(n=n) for n in range(30)]
+    delayed_while_waiting: dict[str, Any] = {}
+    deadline = time.monotonic() + 5
+    while not delayed_while_waiting and time.monotonic() < deadline:
+        delayed_while_waiting = flower.get("/api/tasks", state="DELAYED")
+        time.sleep(0.1)
+    for result in results:
+        result.get(timeout=60)
+    runs = ledger(redis_client, prefix)
+    plain = next(run["id"] for run in runs if run["delays"] == 0)
+    delayed = next(run["id"] for run in runs if run["delays"] > 0)
+    ran = {run["id"] for run in runs}
+    fallbacks = [r.id for r in results if r.id not in ran]
+
+    deadline = time.monotonic() + 10  # events reach Flower a moment after the results
+    while len(flower.get("/api/tasks", state="FALLBACK")) < len(fallbacks):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    states = {task_id: info["state"] for task_id, info in flower.get("/api/tasks").items()}
+    infos = {name: flower.get(f"/api/task/info/{task_id}")
+             for name, task_id in (("plain", plain), ("delayed", delayed),
+                                   ("fallback", fallbacks[0]))}
+    print(f"\nflower: {len(runs)} ran, {len(fallbacks)} fell back; "
+          f"{len(delayed_while_waiting)} shown DELAYED while waiting")
+    assert delayed_while_waiting
+    assert {states[task_id] for task_id in fallbacks} == {"FALLBACK"}
+    assert {states[task_id] for task_id in ran} == {"SUCCESS"}
+    assert infos["plain"]["state"] == "SUCCESS" and infos["plain"]["eta"] is None
+    assert infos["delayed"]["state"] == "SUCCESS" and infos["delayed"]["eta"] is not None
+    assert infos["fallback"]["state"] == "FALLBACK"
+    assert infos["fallback"]["traceback"] == "throttle: fallback (deadline)"
+    assert infos["fallback"]["result"] == repr({"n": -1})
+
+
+def test_headless_chromium_loads_the_dashboard_with_the_login(
+    flower: Flower, tmp_path: Path,
+) -> None:
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("chromium is not installed (`make test` installs Debian's chromium "
+                    "package where apt-get can)")
+    _, _, tasks = build(flower.cluster.env)
+    for result in [tasks["burst"].delay(n=n) for n in range(12)]:
+        result.get(timeout=60)
+    host = flower.base.removeprefix("http://")
+    shots = {}
+    for page in ("workers", "tasks"):
+        shot = tmp_path / f"flower-{page}.png"
+        profile = tmp_path / f"chromium-{page}"
+        profile.mkdir()
+        subprocess.run(
+            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,900",
+             "--virtual-time-budget=5000", f"--screenshot={shot}",
+             f"http://{USER}:{PASSWORD}@{host}/{'' if page == 'workers' else page}"],
+            capture_output=True, timeout=60, check=False,
+        )
+        shots[page] = shot
+    for page, shot in shots.items():
+        assert shot.exists(), page
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 20_000, f"{page}: {len(data)} bytes, a blank page?"
+    print(f"\nscreenshots: {', '.join(f'{p} {s.stat().st_size} B' for p, s in shots.items())}")

@@ -1,0 +1,103 @@
+"""`throttle status` and `throttle top`: the table read from Redis and the broker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from tests.apps.ledger import build
+from tests.support.monitoring import POOLED, ledger_tool, seed_pooled_state
+from tests.support.servers import free_port, write_config
+from tests.support.workers import ledger
+from throttle import outcome
+from throttle.cli import main
+
+pytestmark = [pytest.mark.redis]
+
+
+def run(command: str, *args: str, redis_url: str, broker_url: str, prefix: str,
+        config: Path) -> Result:
+    done = CliRunner().invoke(main, [command, "--redis-url", redis_url, "--broker-url",
+                                     broker_url, "--prefix", prefix, "--config", str(config),
+                                     *args], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    return done
+
+
+def row_of(output: str, tool: str) -> list[str]:
+    """The cells of `tool`'s row in the table."""
+    line = next(line for line in output.splitlines() if f" {tool} " in line)
+    return [cell.strip() for cell in line.strip("│┃ ").split("│")]
+
+
+def test_status_shows_window_use_reservations_queue_cooldown_and_pool_use(
+    redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path,
+) -> None:
+    seed_pooled_state(redis_url, prefix, *redis_dbs)
+    config = write_config(POOLED, tmp_path / "tools.toml")
+    output = run("status", redis_url=redis_url, broker_url=redis_dbs[0], prefix=prefix,
+                 config=config).output
+    print("\n" + output)
+    light, heavy = row_of(output, "light"), row_of(output, "heavy")
+    # tool, limits, in window, reserved, queued, admitted, delayed, fallback, cooldown, pool
+    assert light[1:5] == ["10/1m", "10/10 per 1m", "2", "3"]
+    assert heavy[1:5] == ["100/1m", "5/100 per 1m", "0", "0"]
+    assert light[9] == "shared/batch 75%" and heavy[9] == "shared/critical 38%"
+    assert 20 < float(light[8].rstrip("s")) <= 30
+    assert ("pool shared: 15/40 per 1m; class use critical 38% (share 1), batch 75% (share 0.5)"
+            in output)
+
+
+@pytest.mark.celery
+@pytest.mark.slow
+def test_status_counts_the_last_minute_of_decisions_that_workers_made(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_url: str,
+    redis_dbs: tuple[str, str], tmp_path: Path,
+) -> None:
+    tools = {"tools": {"tight": ledger_tool(["5/1s"], "1500ms")}}
+    cluster = make_cluster(tools)
+    cluster.start(1, concurrency=2)
+    _, _, tasks = build(cluster.env)
+    results = [tasks["tight"].delay(n=n) for n in range(30)]
+    for result in results:
+        result.get(timeout=60)
+    runs = ledger(redis_client, prefix)
+    expected = [str(len(runs)), str(sum(run["delays"] for run in runs)),
+                str(sum(outcome(r) == "fallback" for r in results))]
+    config = write_config(tools, tmp_path / "tools.toml")
+    deadline = time.monotonic() + 15  # the workers flush every second
+    while True:
+        output = run("status", redis_url=redis_url, broker_url=redis_dbs[0], prefix=prefix,
+                     config=config).output
+        if row_of(output, "tight")[5:8] == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print("\n" + output)
+    assert row_of(output, "tight")[5:8] == expected
+
+
+def test_top_redraws_the_table_until_its_count_of_refreshes(
+    redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path,
+) -> None:
+    seed_pooled_state(redis_url, prefix, *redis_dbs)
+    config = write_config(POOLED, tmp_path / "tools.toml")
+    started = time.monotonic()
+    output = run("top", "--count", "3", "--interval", "0.2", redis_url=redis_url,
+                 broker_url=redis_dbs[0], prefix=prefix, config=config).output
+    assert time.monotonic() - started < 10
+    assert "10/10 per 1m" in output and "shared/batch 75%" in output
+
+
+def test_status_names_the_redis_it_cannot_reach(tmp_path: Path, prefix: str) -> None:
+    config = write_config(POOLED, tmp_path / "tools.toml")
+    port = free_port()
+    done = CliRunner().invoke(main, ["status", "--redis-url", f"redis://:secret@127.0.0.1:{port}/0",
+                                     "--prefix", prefix, "--config", str(config)])
+    assert done.exit_code == 1
+    assert "cannot read the gate's Redis" in done.output
+    assert f"127.0.0.1:{port}" in done.output and "secret" not in done.output

@@ -1,0 +1,92 @@
+"""The monitoring counters: buffered in memory, flushed in one pipeline, read back exactly."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.support.servers import free_port
+from throttle import metrics
+from throttle.keys import stats_key
+from throttle.stats import (
+    RECENT_TTL_S,
+    TOTALS_TTL_S,
+    StatsBuffer,
+    parse_totals,
+    recent_keys,
+    sum_recent,
+)
+
+pytestmark = [pytest.mark.redis]
+
+
+def test_a_flush_writes_every_count_once_and_they_read_back_as_totals(
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    buffer = StatsBuffer(prefix)
+    now = time.time()
+    for wait_s in (0.01, 0.3, 0.3, 400.0):
+        buffer.add_decision("search", "delay", "reserved", wait_s, now)
+    for _ in range(3):
+        buffer.add_decision("search", "admit", "admitted", 0.0, now)
+    buffer.add_decision("search", "fallback", "deadline", 0.0, now)
+    buffer.add_run("search", "success", 0.02)
+    buffer.add_run("search", "error", 7.0)
+    buffer.add_store_error("search")
+    assert buffer.flush(redis_client) > 0
+    assert buffer.flush(redis_client) == 0  # nothing left: a second flush writes nothing
+
+    totals = parse_totals(redis_client.hgetall(stats_key(prefix, "search")))
+    assert totals.decisions == {"delay": {"reserved": 4}, "admit": {"admitted": 3},
+                                "fallback": {"deadline": 1}}
+    assert totals.delay is not None
+    assert totals.delay.count == 4 and totals.delay.total == pytest.approx(400.61)
+    cumulative = dict(totals.delay.cumulative())
+    assert (cumulative["0.05"], cumulative["0.5"], cumulative["300"], cumulative["+Inf"]) == \
+        (1, 3, 3, 4)
+    assert set(totals.runs) == {"success", "error"}
+    assert dict(totals.runs["error"].cumulative())["5"] == 0
+    assert dict(totals.runs["error"].cumulative())["10"] == 1
+    assert totals.store_errors == 1
+
+    recent = [redis_client.hgetall(key) for key in recent_keys(prefix, "search", now)]
+    assert sum_recent(recent) == {"admit": 3, "delay": 4, "fallback": 1}
+    ttl = redis_client.ttl(recent_keys(prefix, "search", now)[0])
+    assert 0 < ttl <= RECENT_TTL_S
+    assert RECENT_TTL_S < redis_client.ttl(stats_key(prefix, "search")) <= TOTALS_TTL_S
+
+
+def test_counts_survive_a_failed_flush_and_are_written_once_later(
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    buffer = StatsBuffer(prefix)
+    buffer.add_decision("search", "admit", "admitted", 0.0, time.time())
+    down = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    with pytest.raises(redis.RedisError):
+        buffer.flush(down)
+    buffer.add_decision("search", "admit", "admitted", 0.0, time.time())
+    buffer.flush(redis_client)
+    totals = parse_totals(redis_client.hgetall(stats_key(prefix, "search")))
+    assert totals.outcome("admit") == 2
+
+
+def test_the_hooks_never_raise_into_a_task() -> None:
+    class Broken:
+        """Not a task: every attribute the hooks read is missing."""
+
+    metrics.observe_decision(Broken(), "admit", "admitted", 0.0)
+    metrics.observe_run(Broken(), "success", 0.1)
+    metrics.observe_store_error(Broken())
+
+
+def test_stats_keys_stand_apart_from_every_gate_key() -> None:
+    from throttle.keys import recent_stats_key, tool_keys
+
+    gate = tool_keys("p", "stats", pool="stats").as_list() + tool_keys("p", "stats").as_list()
+    ours = [stats_key("p", "stats"), recent_stats_key("p", "stats", 1_800_000_000)]
+    assert all(key.startswith("p:stats:{stats}") for key in ours)
+    assert not any(key.startswith("p:stats:") for key in gate)

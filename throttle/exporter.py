@@ -1,0 +1,163 @@
+"""`throttle exporter`: Prometheus metrics read from Redis at scrape time.
+
+Workers flush their counters to Redis (throttle/metrics.py), so one exporter serves the
+totals of every worker process on every host; gauges (window use, pool use, cooldowns,
+queue depths) are read live. See docs/observability.md for every metric.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+from prometheus_client import start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from throttle.config import format_ms
+from throttle.errors import ThrottleError
+from throttle.queues import QueueDepths
+from throttle.snapshot import Snapshot, read_snapshot
+from throttle.sources import Sources, resolve_sources, source_options
+from throttle.stats import OUTCOMES
+
+DEFAULT_PORT = 9808
+
+
+class ThrottleCollector(Collector):
+    """Yields every throttle metric from one snapshot of Redis (and the broker) per scrape."""
+
+    def __init__(self, client: redis.Redis, sources: Sources, queues: QueueDepths | None) -> None:
+        self.client = client
+        self.sources = sources
+        self.queues = queues
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("throttle_exporter_redis_up",
+                               "1 if the last scrape could read the gate's Redis.")
+        try:
+            snapshot = read_snapshot(self.client, self.sources.config, self.sources.prefix,
+                                     self.queues)
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from counters(snapshot)
+        yield from gauges(snapshot)
+
+
+def counters(snapshot: Snapshot) -> Iterator[Metric]:
+    """The counters workers flushed: decisions, delays, body durations, store errors."""
+    decisions = CounterMetricFamily("throttle_decisions_total", "Gate decisions by tool and "
+                                    "outcome.", labels=["tool", "outcome"])
+    exceeded = CounterMetricFamily("function_rate_limit_exceeded_total",
+                                   "Calls that fell back (their slot would miss the deadline, "
+                                   "or the store failed).", labels=["tool_name"])
+    delays = HistogramMetricFamily("throttle_delay_seconds", "Waits given to delayed calls.",
+                                   labels=["tool"])
+    durations = HistogramMetricFamily("function_call_duration_seconds",
+                                      "Durations of tool bodies by status.",
+                                      labels=["tool_name", "status"])
+    store_errors = 0
+    for view in snapshot.tools:
+        name, totals = view.tool.name, view.totals
+        for outcome in OUTCOMES:
+            decisions.add_metric([name, outcome], totals.outcome(outcome))
+        exceeded.add_metric([name], totals.outcome("fallback"))
+        if totals.delay is not None:
+            delays.add_metric([name], totals.delay.cumulative(), totals.delay.total)
+        for status, histogram in totals.runs.items():
+            durations.add_metric([name, status], histogram.cumulative(), histogram.total)
+        store_errors += totals.store_errors
+    yield decisions
+    yield exceeded
+    yield delays
+    yield durations
+    yield CounterMetricFamily("throttle_store_errors_total", "Failures of the gate's store seen by "
+                              "workers.", value=store_errors)
+
+
+def gauges(snapshot: Snapshot) -> Iterator[Metric]:
+    """What Redis and the broker hold now: window use, queues, cooldowns, pool use."""
+    in_window = GaugeMetricFamily("tool_requests_in_window",
+                                  "Calls admitted in the tool's shortest window, now.",
+                                  labels=["tool_name"])
+    limit_rate = GaugeMetricFamily("throttle_limit_per_second",
+                                   "The tool's tightest limit as a rate (max / window).",
+                                   labels=["tool"])
+    reserved = GaugeMetricFamily("throttle_reserved_slots",
+                                 "Reserved slots not yet used.", labels=["tool"])
+    depth = GaugeMetricFamily("throttle_queue_depth", "Calls waiting in the tool's broker queue.",
+                              labels=["tool"])
+    cooldown = GaugeMetricFamily("throttle_cooldown_seconds",
+                                 "Seconds left in the tool's (or its pool's) cooldown.",
+                                 labels=["tool"])
+    for view in snapshot.tools:
+        name = view.tool.name
+        rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
+        limit_rate.add_metric([name], rate)
+        if view.shortest is not None:
+            in_window.add_metric([name], view.shortest.used)
+        if view.reserved is not None:
+            reserved.add_metric([name], view.reserved)
+        if view.queue_depth is not None:
+            depth.add_metric([name], view.queue_depth)
+        if view.cooldown_s is not None:
+            cooldown.add_metric([name], view.cooldown_s)
+    pool_usage = GaugeMetricFamily("throttle_pool_usage",
+                                   "The pool's use over each class's allowance (share x max) "
+                                   "in its tightest window; a class admits while <= 1.",
+                                   labels=["pool", "class"])
+    pool_units = GaugeMetricFamily("throttle_pool_units_in_window",
+                                   "Units admitted in the pool's window, now.",
+                                   labels=["pool", "window"])
+    for pool in snapshot.pools.values():
+        for priority in pool.pool.shares:
+            pool_usage.add_metric([pool.pool.name, priority], pool.class_use(priority))
+        for use in pool.windows:
+            pool_units.add_metric([pool.pool.name, format_ms(use.limit.window_ms)], use.used)
+    yield from (in_window, limit_rate, reserved, depth, cooldown, pool_usage, pool_units)
+
+
+def _stop(signum: int, _: Any) -> None:
+    sys.exit(0)
+
+
+@click.command(short_help="Serve throttle's metrics to Prometheus.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0 inside a container).")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@source_options
+def exporter(host: str, port: int, redis_url: str, broker_url: str | None, prefix: str,
+             config_path: Path | None) -> None:
+    """Serve /metrics: the counters every worker flushed to Redis, and live gauges."""
+    try:
+        sources = resolve_sources(redis_url, broker_url, prefix, config_path)
+    except ThrottleError as exc:
+        raise click.ClickException(str(exc)) from None
+    registry = CollectorRegistry()
+    client = sources.redis()
+    registry.register(ThrottleCollector(client, sources, sources.queues()))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    signal.signal(signal.SIGTERM, _stop)
+    click.echo(f"throttle exporter on http://{host}:{server.server_port}/metrics "
+               f"({sources.describe()})", err=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        client.close()

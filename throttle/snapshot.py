@@ -1,0 +1,214 @@
+"""One reading of every tool's state, for `throttle status`, `throttle top` and the exporter.
+
+It takes a few round trips, whatever the number of tools: Redis TIME; one pipeline for the
+counters, cooldowns and reservations of every tool and pool; one for their windows; one
+more, only for logs holding weighted calls, for their members' costs. Queue depths come
+from the broker.
+
+Tools with per-key limits keep one log per key value: their window use and reservations
+would need a scan of the keyspace, so they are left out (None); their counters, queue
+depth and pool are read as for any tool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from throttle.config import Config, Limit, PoolConfig, ToolConfig
+from throttle.keys import ToolKeys, stats_key, tool_keys
+from throttle.queues import QueueDepths
+from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
+
+logger = logging.getLogger("throttle.snapshot")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    """Units admitted in a limit's trailing window, now."""
+
+    limit: Limit
+    used: float
+
+    @property
+    def fraction(self) -> float:
+        return self.used / self.limit.max
+
+
+@dataclass(frozen=True, slots=True)
+class ToolView:
+    """What one tool looks like now; None where it cannot be read cheaply."""
+
+    tool: ToolConfig
+    windows: tuple[WindowUse, ...] | None
+    reserved: int | None
+    queue_depth: int | None
+    cooldown_s: float | None
+    last_minute: Mapping[str, int]
+    totals: ToolTotals
+
+    @property
+    def shortest(self) -> WindowUse | None:
+        """The use of the tool's shortest window (what `tool_requests_in_window` reports)."""
+        if not self.windows:
+            return None
+        return min(self.windows, key=lambda use: use.limit.window_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """A pool's use in each of its windows, and each class's use of its allowance."""
+
+    pool: PoolConfig
+    windows: tuple[WindowUse, ...]
+    cooldown_s: float
+
+    def class_use(self, priority: str) -> float:
+        """The pool's use over the class's allowance (share x max), in its tightest window;
+        a class admits only while this stays at or under 1."""
+        share = self.pool.shares[priority]
+        return max(use.used / (share * use.limit.max) for use in self.windows)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every tool and pool at Redis time `at_s`."""
+
+    at_s: float
+    tools: tuple[ToolView, ...]
+    pools: Mapping[str, PoolView] = field(default_factory=dict)
+
+    def pool_use(self, view: ToolView) -> float | None:
+        """The use of the tool's class allowance in its pool, or None without a pool."""
+        tool = view.tool
+        if not tool.pool or not tool.priority or tool.pool not in self.pools:
+            return None
+        return self.pools[tool.pool].class_use(tool.priority)
+
+
+def _keys(prefix: str, tool: ToolConfig) -> ToolKeys:
+    # A per-key tool's key value is not known here; its pool keys do not depend on it.
+    return tool_keys(prefix, tool.name, None, pool=tool.pool,
+                     concurrency=tool.concurrency is not None)
+
+
+def _range(now_ms: float, limit: Limit) -> tuple[str, float]:
+    return f"({now_ms - limit.window_ms}", now_ms  # half-open: (now - window, now]
+
+
+def _cooldown_s(pttl: Any) -> float:
+    return max(0, int(pttl)) / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """A window to measure: a log, its cost hash, and its reservations (tool logs only)."""
+
+    limit: Limit
+    log: str
+    cost: str
+    rsv: str | None = None
+
+
+def _window_units(client: redis.Redis, now_ms: float, windows: list[_Window]) -> list[float]:
+    """Units admitted in each window now: counts, then costs where a log holds weighted calls.
+
+    A tool's log also holds reservations; those in the window are due but not yet admitted.
+    """
+    pipe = client.pipeline(transaction=False)
+    for window in windows:
+        low, high = _range(now_ms, window.limit)
+        pipe.hlen(window.cost)
+        pipe.zcount(window.log, low, high)
+        if window.rsv:
+            pipe.zcount(window.rsv, low, high)
+    counts = iter(pipe.execute())
+    units: list[float] = []
+    weighted: list[int] = []
+    for index, window in enumerate(windows):
+        if int(next(counts)) > 0:
+            weighted.append(index)
+        logged = int(next(counts))
+        due = int(next(counts)) if window.rsv else 0
+        units.append(float(logged - due))
+    if not weighted:
+        return units
+    pipe = client.pipeline(transaction=False)
+    for index in weighted:
+        window = windows[index]
+        low, high = _range(now_ms, window.limit)
+        pipe.zrangebyscore(window.log, low, high)
+        pipe.hgetall(window.cost)
+        if window.rsv:
+            pipe.zrangebyscore(window.rsv, low, high)
+    raw = iter(pipe.execute())
+    for index in weighted:
+        members, costs = next(raw), next(raw)
+        due_members = set(next(raw)) if windows[index].rsv else set()
+        units[index] = sum(float(costs.get(m, 1)) for m in members if m not in due_members)
+    return units
+
+
+def read_snapshot(
+    client: redis.Redis, config: Config, prefix: str, queues: QueueDepths | None = None
+) -> Snapshot:
+    """Read every tool and pool of `config` under `prefix` (raises redis.RedisError)."""
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros / 1000
+    tools = list(config.tools.values())
+    pools: dict[str, tuple[PoolConfig, ToolKeys]] = {}
+    for tool in tools:
+        if tool.pool and tool.pool in config.pools:
+            pools.setdefault(tool.pool, (config.pools[tool.pool], _keys(prefix, tool)))
+
+    pipe = client.pipeline(transaction=False)
+    for tool in tools:
+        keys = _keys(prefix, tool)
+        pipe.hgetall(stats_key(prefix, tool.name))
+        for name in recent_keys(prefix, tool.name, now_ms / 1000):
+            pipe.hgetall(name)
+        pipe.pttl(keys.cooldown)
+        pipe.zcount(keys.rsv, now_ms - tool.longest_window_ms, "+inf")
+    for _, keys in pools.values():
+        pipe.pttl(keys.cooldown)
+    raw: Iterator[Any] = iter(pipe.execute())
+
+    windows = [_Window(limit, keys.log, keys.cost, keys.rsv)
+               for tool in tools if tool.key is None
+               for keys in [_keys(prefix, tool)] for limit in tool.limits]
+    windows += [_Window(limit, str(keys.pool_log), str(keys.pool_cost))
+                for pool, keys in pools.values() for limit in pool.limits]
+    units = iter(_window_units(client, now_ms, windows))
+
+    depths: Mapping[str, int | None] = {}
+    if queues is not None:
+        try:
+            depths = queues.depths([tool.queue for tool in tools])
+        except Exception as exc:  # a broker that does not answer must not hide the rest
+            logger.warning("queue depths unavailable from %r: %s", queues, exc)
+    views = []
+    for tool in tools:
+        totals = parse_totals(next(raw))
+        recent = sum_recent([next(raw) for _ in range(RECENT_BUCKETS)])
+        cooldown_s, reserved = _cooldown_s(next(raw)), int(next(raw))
+        per_key = tool.key is not None
+        views.append(ToolView(
+            tool=tool,
+            windows=None if per_key else tuple(WindowUse(lim, next(units)) for lim in tool.limits),
+            reserved=None if per_key else reserved,
+            queue_depth=depths.get(tool.queue),
+            # A per-key tool outside a pool has a cooldown per key value: not read here.
+            cooldown_s=None if per_key and not tool.pool else cooldown_s,
+            last_minute=recent,
+            totals=totals,
+        ))
+    pool_views = {
+        name: PoolView(pool, cooldown_s=_cooldown_s(next(raw)),
+                       windows=tuple(WindowUse(lim, next(units)) for lim in pool.limits))
+        for name, (pool, _) in pools.items()
+    }
+    return Snapshot(at_s=now_ms / 1000, tools=tuple(views), pools=pool_views)

@@ -1,0 +1,238 @@
+"""HTTP to an OpenAI-compatible upstream, one `httpx.Client` per worker process.
+
+Settings come from the worker's environment (read at each call; a change makes a new client):
+  THROTTLE_LLM_BASE_URL            e.g. https://api.openai.com/v1 (default: the stub,
+                                   http://127.0.0.1:8089/v1); requests go to <base>/chat/completions
+  THROTTLE_LLM_API_KEY             sent as `Authorization: Bearer ...`; never logged, returned
+                                   or put in an error message (it is replaced by "***")
+  THROTTLE_LLM_CONNECT_TIMEOUT_S   default 5
+  THROTTLE_LLM_READ_TIMEOUT_S      default 60: the longest wait for the answer
+  THROTTLE_LLM_MAX_RETRIES         default 2: extra attempts after a 5xx, a timeout or a
+                                   connection error, each after a backoff with jitter
+  THROTTLE_LLM_BACKOFF_S           default 0.5: the first backoff; it doubles per attempt
+
+A 429, or a 503 with a retry hint, raises `UpstreamBusy` (the worker pauses the tool or its
+pool everywhere); any other 4xx raises `UpstreamError` with the upstream's message at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from throttle.errors import UpstreamBusy
+from throttle.gate import mask_url
+from workers.tools.retry_hints import pause_s
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8089/v1"
+DEFAULT_PAUSE_S = 1.0  # a 429 that names no pause
+MAX_PAUSE_S = 3600.0  # no upstream hint pauses a tool longer than this
+MAX_BACKOFF_S = 10.0
+MESSAGE_CHARS = 500  # upstream messages are cut to this length
+
+
+class LLMError(Exception):
+    """The LLM tool could not produce an answer; the message says why and what to check."""
+
+
+class UpstreamError(LLMError):
+    """The upstream refused the request (4xx) or kept failing (5xx, timeouts) past the retries."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where and how this process calls the upstream (read from the environment)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    connect_timeout_s: float
+    read_timeout_s: float
+    max_retries: int
+    backoff_s: float
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        return cls(
+            base_url=env.get("THROTTLE_LLM_BASE_URL") or DEFAULT_BASE_URL,
+            api_key=_api_key(env.get("THROTTLE_LLM_API_KEY", "")),
+            connect_timeout_s=_number("THROTTLE_LLM_CONNECT_TIMEOUT_S", 5.0),
+            read_timeout_s=_number("THROTTLE_LLM_READ_TIMEOUT_S", 60.0),
+            max_retries=int(_number("THROTTLE_LLM_MAX_RETRIES", 2)),
+            backoff_s=_number("THROTTLE_LLM_BACKOFF_S", 0.5),
+        )
+
+    @property
+    def where(self) -> str:
+        """The base URL for messages (any password in it masked)."""
+        return mask_url(self.base_url)
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key, cut to a readable length."""
+        if self.api_key:
+            text = text.replace(self.api_key, "***")
+        return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
+
+
+def _api_key(raw: str) -> str:
+    """The key without surrounding blanks; refused (never shown) if a header cannot hold it."""
+    key = raw.strip()
+    if not all(" " < char < "\x7f" for char in key):
+        raise LLMError("THROTTLE_LLM_API_KEY holds spaces or characters an HTTP header cannot "
+                       "carry; check the value set in the worker's environment (not shown)")
+    return key
+
+
+def _number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LLMError(f"{name}={raw!r} is not a number; set it to e.g. {default:g}") from None
+    if not value >= 0:
+        raise LLMError(f"{name}={raw!r} must be zero or more")
+    return value
+
+
+class _Upstream:
+    """This process's settings and client."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        headers = {"Accept": "application/json"}
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        self.client = httpx.Client(
+            base_url=self.settings.base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(
+                self.settings.read_timeout_s, connect=self.settings.connect_timeout_s
+            ),
+        )
+        self.pid = os.getpid()
+
+
+_upstream: _Upstream | None = None
+
+
+def upstream() -> _Upstream:
+    """The process's upstream client: created on first use, again after a fork (a client's
+    connections must not be shared across processes) and when the settings change."""
+    global _upstream
+    settings = Settings.from_env()
+    if _upstream is None or _upstream.pid != os.getpid() or _upstream.settings != settings:
+        # The old client is not closed: another thread of this process may still use it.
+        _upstream = _Upstream(settings)
+    return _upstream
+
+
+def post_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """POST `body` to <base>/chat/completions; the parsed answer, or an error that says why.
+
+    5xx answers, timeouts and connection errors are retried up to THROTTLE_LLM_MAX_RETRIES
+    times with exponential backoff and jitter.
+    """
+    current = upstream()
+    settings = current.settings
+    attempts = settings.max_retries + 1
+    failure = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(_backoff_s(settings.backoff_s, attempt))
+        try:
+            response = current.client.post("chat/completions", json=body)
+        except httpx.TimeoutException as exc:
+            failure = (f"timed out ({type(exc).__name__}; read timeout "
+                       f"{settings.read_timeout_s:g}s, connect {settings.connect_timeout_s:g}s)")
+        except httpx.TransportError as exc:
+            failure = f"could not be reached ({type(exc).__name__}: {settings.redact(str(exc))})"
+        else:
+            if response.status_code < 400:
+                return _json_of(response, settings)
+            _raise_if_final(response, settings)
+            failure = f"answered {response.status_code}: {_message_of(response, settings)}"
+        logger.warning("LLM upstream %s %s (attempt %d of %d)", settings.where, failure,
+                       attempt + 1, attempts)
+    raise UpstreamError(
+        f"the LLM upstream at {settings.where} failed all {attempts} attempt(s); the last "
+        f"{failure}. Check that it runs and answers at THROTTLE_LLM_BASE_URL, or raise "
+        "THROTTLE_LLM_READ_TIMEOUT_S / THROTTLE_LLM_MAX_RETRIES"
+    )
+
+
+def _backoff_s(base_s: float, attempt: int) -> float:
+    """Exponential backoff with jitter: base x 2^(attempt-1), times 0.5 to 1.5."""
+    return min(MAX_BACKOFF_S, base_s * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def _raise_if_final(response: httpx.Response, settings: Settings) -> None:
+    """Raise for a pause request (429, or 503 with a hint) and for other 4xx; else return."""
+    status = response.status_code
+    message = _message_of(response, settings)
+    if status in (429, 503):
+        hint_s = pause_s(response.headers)
+        if status == 429 and _error_code(response) == "insufficient_quota":
+            raise UpstreamError(
+                f"the LLM upstream at {settings.where} answered 429 (insufficient quota): "
+                f"{message}; check the account's plan and billing"
+            )
+        if hint_s is not None or status == 429:
+            pause = min(MAX_PAUSE_S, DEFAULT_PAUSE_S if hint_s is None else hint_s)
+            raise UpstreamBusy(pause, f"the LLM upstream answered {status}: {message}")
+    if 400 <= status < 500 and status != 408:
+        fix = ("check THROTTLE_LLM_API_KEY in the worker's environment"
+               if status in (401, 403) else "check the call's arguments and model")
+        raise UpstreamError(
+            f"the LLM upstream at {settings.where} refused the request ({status}): "
+            f"{message}; {fix}"
+        )
+
+
+def _json_of(response: httpx.Response, settings: Settings) -> dict[str, Any]:
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise UpstreamError(
+            f"the LLM upstream at {settings.where} answered {response.status_code} without a "
+            f"JSON object ({settings.redact(response.text[:200])!r}); check that "
+            "THROTTLE_LLM_BASE_URL is an OpenAI-compatible API (it usually ends in /v1)"
+        )
+    return answer
+
+
+def _error_body(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    error = _error_body(response)
+    code = error.get("code") if isinstance(error, dict) else None
+    return str(code) if code is not None else None
+
+
+def _message_of(response: httpx.Response, settings: Settings) -> str:
+    """The upstream's error message (OpenAI's `error.message`, else the body), key removed."""
+    error = _error_body(response)
+    if isinstance(error, dict) and error.get("message"):
+        text = str(error["message"])
+    elif isinstance(error, str):
+        text = error
+    else:
+        text = response.text.strip() or response.reason_phrase
+    return settings.redact(text.strip().rstrip("."))
