@@ -7,7 +7,10 @@ same app for its own process with `build(env)`.
                          and <prefix>:ended maps task ids to when their bodies ended
   THROTTLE_REDIS_URL, THROTTLE_BROKER_URL, THROTTLE_RESULT_BACKEND
   THROTTLE_TEST_BODY_S   seconds each body sleeps (default 0)
-  THROTTLE_TEST_POISON   a value of `n` whose body kills its own process
+  THROTTLE_TEST_POISON   a value of `n` whose body kills its own process (counting each
+                         attempt in <prefix>:poisoned first)
+  THROTTLE_TEST_LEDGER_URL  where the ledger is written (default THROTTLE_REDIS_URL), so
+                         the gate's store can be taken down while the ledger keeps working
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
     app.conf.worker_hijack_root_logger = False
     config = load_config(json.loads(env["THROTTLE_TEST_CONFIG"]))
     throttle = Throttle(app, config, redis_url, prefix=prefix)
-    store = redis.Redis.from_url(redis_url)
+    store = redis.Redis.from_url(env.get("THROTTLE_TEST_LEDGER_URL", redis_url))
     body_s = float(env.get("THROTTLE_TEST_BODY_S", "0"))
     poison = env.get("THROTTLE_TEST_POISON")
 
     def make(tool: str) -> Any:
         def body(n: int, **_: Any) -> dict[str, Any]:
             if poison is not None and str(n) == poison:
+                store.incr(f"{prefix}:poisoned")
                 os.kill(os.getpid(), signal.SIGKILL)
             request = current_task.request
             running = store.incr(f"{prefix}:running:{tool}")
