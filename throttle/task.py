@@ -193,6 +193,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         headers = {ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time()}
         if getattr(request, DEADLINE_S, None) is not None:
             headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+        if busy.retry_after_s > self._deadline_left_s():
+            self._fall_back("cooldown")  # the pause outlasts the deadline
         self._register(request.id, kwargs, headers)
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")

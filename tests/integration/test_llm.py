@@ -298,9 +298,9 @@ def test_a_burst_of_random_prompts_stays_within_the_token_budget_in_every_window
     assert [cost for _, cost in admitted] == used  # every charge settled to its usage
     assert all(e >= u for e, u in zip(estimates, used, strict=True))
     assert peak <= budget
-    # The upstream counts arrivals, some ms after admission (a lag that jitters): within a
-    # whole window it may see one call more; a window shorter by 0.5 s holds the budget.
-    assert at_stub_short <= budget
+    # The upstream counts arrivals, some ms after admission: the pool's windows are checked
+    # with half the slot margin added, so the upstream's own windows hold the budget too.
+    assert at_stub <= budget
     assert stats["total_tokens"] == sum(used) and stats["requests"] == len(calls)
     assert elapsed >= (sum(used) - budget) / budget * window_s * 0.9  # it was throttled
 

@@ -96,6 +96,9 @@ local function trim(zset, hash, before)
   return weighted
 end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
+-- The pool's windows get the same half margin: the upstream counts a call when it arrives.
+for i = 1, pn do pool_windows[i] = pool_windows[i] + margin / 2 end
+pool_longest = pool_longest + margin
 longest = longest + margin
 local weighted = trim(log, costs, now - longest)
 redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest)
