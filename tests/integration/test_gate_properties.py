@@ -273,7 +273,14 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
         if expected <= now and held is None and effective_deadline_ms < 0:
             assert (decision.action, decision.reason) == (Action.FALLBACK, "deadline")
             continue
-        if expected <= now:
+        if expected <= now and held is not None and effective_deadline_ms + grace_ms < TOLERANCE_MS:
+            # A due reservation that comes back after its deadline plus the grace falls back
+            # even when the windows hold it: admitted now, it would run past its deadline.
+            allowed = {(Action.FALLBACK, "deadline")}
+            if effective_deadline_ms + grace_ms > -TOLERANCE_MS:  # on the boundary: either
+                allowed.add((Action.ADMIT, outcomes[0]))
+            assert (decision.action, decision.reason) in allowed, decision
+        elif expected <= now:
             assert (decision.action, decision.reason) == (Action.ADMIT, outcomes[0])
         elif abs(expected - now - effective_deadline_ms - grace_ms) > TOLERANCE_MS:
             if expected - now > effective_deadline_ms + grace_ms:
@@ -312,8 +319,11 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
 @settings(
     max_examples=100,
     deadline=None,
-    # Fixed examples in CI: a random seed (2) found a case after the slot-order change for
-    # held-up due calls that is still being looked into (see the project's open issue notes).
+    # Fixed examples in CI, for determinism. With derandomize=False the random seeds 1..80
+    # pass (since the model expects a due reservation that comes back past its deadline plus
+    # the grace to fall back). A case with limits 1/1s + 3/8s, pace "even" and late calls
+    # found that the script cut slots to 3 decimals in its bounds; it now keeps them exact
+    # (test_gate_semantics.py, test_a_due_call_with_a_fractional_slot_...).
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -332,6 +342,21 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
             Arrival(gap_ms=0, cost=1, lateness_ms=0, deadline_ms=None),
             Arrival(gap_ms=12_500, cost=1, lateness_ms=0, deadline_ms=None),
             Arrival(gap_ms=8_500, cost=1, lateness_ms=0, deadline_ms=5_000),
+        ),
+    )
+)
+@example(  # m3 comes back 1001 ms after its deadline: a free window, yet FALLBACK (the grace is 1 s)
+    scenario=Scenario(
+        limits=((1, 5_000),),
+        max_delay_ms=7_337,
+        pace="earliest",
+        late=True,
+        margin_ms=74,
+        arrivals=(
+            Arrival(gap_ms=0, cost=1, lateness_ms=0, deadline_ms=None),
+            Arrival(gap_ms=0, cost=1, lateness_ms=0, deadline_ms=None),
+            Arrival(gap_ms=0, cost=1, lateness_ms=0, deadline_ms=None),
+            Arrival(gap_ms=2_811, cost=1, lateness_ms=1_001, deadline_ms=None),
         ),
     )
 )

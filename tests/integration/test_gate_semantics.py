@@ -339,3 +339,24 @@ def test_the_margin_counts_in_the_lifetime_of_the_keys(
     gate.acquire("margined", "A", now_s=P)
     # window + margin + 1 s, plus a window (and margin) of headroom
     assert 61_250 <= redis_client.pttl(tool_keys(prefix, "margined").log) <= 2 * 60_250 + 1000
+
+
+def test_a_due_call_with_a_fractional_slot_is_not_counted_out_twice(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    # Even pacing gives slots such as ...13333.3333 ms. The due check once cut bounds to
+    # 3 decimals, so a call's own reservation fell inside "the due calls behind it" and was
+    # subtracted twice: m6 was admitted into a full window.
+    config = load_config({"tools": {"even3": {
+        "limits": ["3/8s"], "max_delay": "60s", "pace": "even", "slot_margin": "0ms",
+    }}})
+    gate = Gate(redis_client, config, prefix=prefix)
+    for member in ("m0", "m1", "m2"):
+        assert gate.acquire("even3", member, now_s=P).action is Action.ADMIT
+    slots = [gate.acquire("even3", f"m{i}", now_s=P).slot_at - P for i in range(3, 7)]
+    assert slots == pytest.approx([8, 8 + 8 / 3, 8 + 16 / 3, 16])
+    for member, back_at in (("m3", 8.005), ("m4", 10.667), ("m5", 13.334)):
+        assert gate.acquire("even3", member, now_s=P + back_at).action is Action.ADMIT
+    decision = gate.acquire("even3", "m6", now_s=P + 16.001)
+    assert (decision.action, decision.reason) == (Action.DELAY, "late")
+    assert decision.slot_at == pytest.approx(P + 16.005)

@@ -82,7 +82,8 @@ local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
 local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
 
 local LATE_GRACE_MS = 1000
-local function fmt(x) return string.format('%.3f', x) end
+-- Exact (17 significant digits): bounds built from slots must match the stored scores.
+local function fmt(x) return string.format('%.17g', x) end
 
 -- Trim what no window can see any more; unused reservations expire with it.
 local function trim(zset, hash, before)

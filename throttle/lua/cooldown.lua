@@ -21,7 +21,7 @@ local cooldown = KEYS[#KEYS]
 local until_ms = now + pause
 local current = tonumber(redis.call('GET', cooldown) or '0')
 if current < until_ms then
-  redis.call('SET', cooldown, string.format('%.3f', until_ms), 'PX', math.ceil(pause) + 1)
+  redis.call('SET', cooldown, string.format('%.3f', until_ms), 'PX', math.ceil(pause))
 else
   until_ms = current
 end
