@@ -345,7 +345,7 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
         ),
     )
 )
-@example(  # m3 comes back 1001 ms after its deadline: a free window, yet FALLBACK (the grace is 1 s)
+@example(  # m3 back 1001 ms after its deadline: a free window, yet FALLBACK (grace 1 s)
     scenario=Scenario(
         limits=((1, 5_000),),
         max_delay_ms=7_337,

@@ -1,4 +1,5 @@
-"""Real `celery worker` processes running `tests.apps.ledger`, and the ledger they write."""
+"""Real `celery worker` processes running `tests.apps.ledger`, the ledger they write, and the
+checker that reads it: calls lost, bodies run twice, the most admissions in any window."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import states
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,6 +86,52 @@ class Cluster:
 def ledger(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     """Every body execution the workers recorded, in the order they ran."""
     return [json.loads(raw) for raw in client.lrange(f"{prefix}:ledger", 0, -1)]
+
+
+def await_outcomes(results: Sequence[Any], timeout_s: float) -> Counter[str]:
+    """Wait for every call to end; count "result", "fallback", "failure" and "lost" (never
+    ended within `timeout_s`)."""
+    from throttle import outcome
+
+    deadline = time.monotonic() + timeout_s
+    counts: Counter[str] = Counter()
+    for result in results:
+        while result.state not in states.READY_STATES and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if result.state == states.SUCCESS:
+            counts[outcome(result)] += 1
+        else:
+            counts["lost" if result.state not in states.READY_STATES else "failure"] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """What the ledger says about a burst: how calls ended, bodies run twice, busiest window."""
+
+    ended: Counter[str]
+    run_twice: int
+    most: int
+
+    @property
+    def lost(self) -> int:
+        return self.ended["lost"]
+
+    def __str__(self) -> str:
+        return (f"{dict(self.ended)}, lost {self.lost}, bodies run twice {self.run_twice}, "
+                f"most admitted in a window {self.most}")
+
+
+def check_ledger(
+    results: Sequence[Any], client: redis.Redis, prefix: str, *, window_s: float,
+    timeout_s: float, tool: str | None = None,
+) -> LedgerCheck:
+    """Wait for `results`, then check the ledger (of `tool` only, if given)."""
+    ended = await_outcomes(results, timeout_s)
+    runs = [run for run in ledger(client, prefix) if tool is None or run["tool"] == tool]
+    admitted = {run["id"]: run["admitted_at"] for run in runs}
+    return LedgerCheck(ended, len(runs) - len(admitted),
+                       most_in_window(list(admitted.values()), window_s))
 
 
 def most_in_window(times: Sequence[float], window_s: float) -> int:
