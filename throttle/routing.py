@@ -65,6 +65,9 @@ class Throttle:
         self._gate: Gate | None = None
         self._gate_pid = 0
         apply_defaults(app, self.config)
+        # Only kombu's Redis transport can lose a message a consumer was handed (see
+        # throttle/recovery.py); RabbitMQ requeues whatever a dead consumer left unacked.
+        self.register_calls = not _is_amqp(app)
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
         app.steps["worker"].add(FireDueTimers)

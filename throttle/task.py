@@ -100,6 +100,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call so the reaper can re-publish it if the broker loses it."""
+        if not self.throttle.register_calls:
+            return False
         budget_s = self.tool.max_delay_ms / 1000
         if DEADLINE_S in headers:
             budget_s = min(budget_s, float(headers[DEADLINE_S]))
