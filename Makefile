@@ -27,6 +27,7 @@ test: services
 bench: services
 	$(BIN)/python -m bench.gate
 	$(BIN)/python -m bench.celery
+	$(BIN)/python -m bench.gateway
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check throttle workers tests bench

@@ -23,6 +23,7 @@ from throttle.config import Config, format_ms, load_config
 from throttle.errors import ThrottleError
 from throttle.exporter import exporter
 from throttle.flower_cmd import flower
+from throttle.gateway.command import gateway
 from throttle.status import status, top
 from throttle.stub.command import stub_llm
 
@@ -174,6 +175,7 @@ main.add_command(status)
 main.add_command(top)
 main.add_command(exporter)
 main.add_command(flower)
+main.add_command(gateway)
 
 if __name__ == "__main__":
     main()

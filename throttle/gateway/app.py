@@ -1,0 +1,158 @@
+"""The HTTP side: FastAPI routes over one `Gateway`.
+
+  POST /v1/chat/completions   an OpenAI chat completion, gated by a throttle tool
+  GET  /metrics               Prometheus text (see `throttle.gateway.metrics`)
+  GET  /healthz               200 when the gate's Redis, the result backend and the broker
+                              answer, else 503 naming what failed
+
+The caller's Authorization header is checked against THROTTLE_GATEWAY_KEYS (when set) and
+goes no further: not into the call's arguments, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from throttle.gateway.chat import read_call
+from throttle.gateway.errors import ApiError
+from throttle.gateway.metrics import GatewayMetrics
+from throttle.gateway.service import Gateway
+from throttle.gateway.settings import KEYS_VARIABLE, GatewaySettings
+
+logger = logging.getLogger("throttle.gateway")
+
+DEADLINE_HEADER = "x-throttle-max-delay"
+
+
+def make_app(settings: GatewaySettings) -> FastAPI:
+    """The gateway's ASGI app; it connects to Redis when the server starts it (lifespan)."""
+    gateway = Gateway(settings)
+    metrics = GatewayMetrics(lambda: gateway.waiter.watched)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="throttle gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        message = {404: "no such route; the gateway serves POST /v1/chat/completions, "
+                        "GET /metrics and GET /healthz",
+                   405: "method not allowed on this route; chat completions are POSTed to "
+                        "/v1/chat/completions"}.get(exc.status_code, str(exc.detail))
+        metrics.observe(None, exc.status_code, 0.0)
+        return error_response(ApiError(exc.status_code, message, code="not_found"
+                                       if exc.status_code == 404 else None))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        tool: str | None = None
+        try:
+            check_key(request.headers.get("authorization"), settings)
+            deadline_s = read_deadline(request.headers.get(DEADLINE_HEADER))
+            body = await read_json(request, settings.max_body_bytes)
+            call = read_call(body, settings.config, settings.default_tool)
+            tool = call.tool
+            answer = await gateway.complete(call, deadline_s)
+            response: Response = JSONResponse(answer.body, answer.status, answer.headers)
+        except ApiError as error:
+            response = error_response(error)
+        except Exception:
+            logger.exception("gateway: a request failed unexpectedly")
+            response = error_response(ApiError(
+                500, "the gateway failed unexpectedly; see its log", code="internal_error"))
+        metrics.observe(tool, response.status_code, time.perf_counter() - started,
+                        response.headers.get("x-throttle-fallback-reason"))
+        return response
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        checks = await gateway.health()
+        healthy = all(answer == "ok" for answer in checks.values())
+        return JSONResponse({"status": "ok" if healthy else "unavailable", "checks": checks},
+                            200 if healthy else 503)
+
+    return app
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), error.status, error.headers)
+
+
+def check_key(header: str | None, settings: GatewaySettings) -> None:
+    """Refuse the request (401) unless it carries one of the configured keys, if any."""
+    if not settings.key_digests:
+        return
+    scheme, _, token = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "no API key: send 'Authorization: Bearer <key>' with a key the "
+                       f"gateway accepts (listed in its {KEYS_VARIABLE})",
+                       code="missing_api_key")
+    if not settings.accepts(token.strip()):
+        raise ApiError(401, "the API key sent is not one the gateway accepts (it is not "
+                       f"shown); use a key listed in the gateway's {KEYS_VARIABLE}",
+                       code="invalid_api_key")
+
+
+def read_deadline(raw: str | None) -> float | None:
+    """A caller's tighter deadline in seconds (header X-Throttle-Max-Delay), if sent."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ApiError(400, f"X-Throttle-Max-Delay {raw[:40]!r} is not a number of seconds "
+                       "(0 or more); send e.g. 'X-Throttle-Max-Delay: 5' or leave it out",
+                       code="invalid_header")
+    return value
+
+
+async def read_json(request: Request, limit_bytes: int) -> Any:
+    """The request's JSON body; 413 past `limit_bytes` (declared or streamed), 400 if unreadable."""
+    too_large = ApiError(413, f"the request body is larger than the gateway's limit of "
+                         f"{limit_bytes} bytes; send a shorter conversation, or start the "
+                         "gateway with a higher --max-body-bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise too_large
+        chunks.append(chunk)
+    if not size:
+        raise ApiError(400, "the request has no body; send a JSON chat-completions request "
+                       "(messages, tools, tool_choice)", code="invalid_json")
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object "
+                       "with Content-Type: application/json", code="invalid_json") from None
