@@ -44,7 +44,18 @@ class LLMError(Exception):
 
 
 class UpstreamError(LLMError):
-    """The upstream refused the request (4xx) or kept failing (5xx, timeouts) past the retries."""
+    """The upstream refused the request (4xx) or kept failing (5xx, timeouts) past the retries.
+
+    `status` is the upstream's last HTTP status (None after timeouts or connection errors),
+    kept as the second argument so it survives Celery's JSON result.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.status = status
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -146,27 +157,32 @@ def post_chat(body: dict[str, Any]) -> dict[str, Any]:
     settings = current.settings
     attempts = settings.max_retries + 1
     failure = ""
+    status: int | None = None
     for attempt in range(attempts):
         if attempt:
             time.sleep(_backoff_s(settings.backoff_s, attempt))
         try:
             response = current.client.post("chat/completions", json=body)
         except httpx.TimeoutException as exc:
+            status = None
             failure = (f"timed out ({type(exc).__name__}; read timeout "
                        f"{settings.read_timeout_s:g}s, connect {settings.connect_timeout_s:g}s)")
         except httpx.TransportError as exc:
+            status = None
             failure = f"could not be reached ({type(exc).__name__}: {settings.redact(str(exc))})"
         else:
             if response.status_code < 400:
                 return _json_of(response, settings)
             _raise_if_final(response, settings)
-            failure = f"answered {response.status_code}: {_message_of(response, settings)}"
+            status = response.status_code
+            failure = f"answered {status}: {_message_of(response, settings)}"
         logger.warning("LLM upstream %s %s (attempt %d of %d)", settings.where, failure,
                        attempt + 1, attempts)
     raise UpstreamError(
         f"the LLM upstream at {settings.where} failed all {attempts} attempt(s); the last "
         f"{failure}. Check that it runs and answers at THROTTLE_LLM_BASE_URL, or raise "
-        "THROTTLE_LLM_READ_TIMEOUT_S / THROTTLE_LLM_MAX_RETRIES"
+        "THROTTLE_LLM_READ_TIMEOUT_S / THROTTLE_LLM_MAX_RETRIES",
+        status,
     )
 
 
@@ -184,7 +200,8 @@ def _raise_if_final(response: httpx.Response, settings: Settings) -> None:
         if status == 429 and _error_code(response) == "insufficient_quota":
             raise UpstreamError(
                 f"the LLM upstream at {settings.where} answered 429 (insufficient quota): "
-                f"{message}; check the account's plan and billing"
+                f"{message}; check the account's plan and billing",
+                status,
             )
         if hint_s is not None or status == 429:
             pause = min(MAX_PAUSE_S, DEFAULT_PAUSE_S if hint_s is None else hint_s)
@@ -194,7 +211,8 @@ def _raise_if_final(response: httpx.Response, settings: Settings) -> None:
                if status in (401, 403) else "check the call's arguments and model")
         raise UpstreamError(
             f"the LLM upstream at {settings.where} refused the request ({status}): "
-            f"{message}; {fix}"
+            f"{message}; {fix}",
+            status,
         )
 
 
