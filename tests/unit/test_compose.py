@@ -45,7 +45,7 @@ def test_docker_compose_accepts_the_file() -> None:
 
 def test_every_part_of_the_system_has_a_service(compose: dict[str, Any]) -> None:
     expected = {"redis", "broker", "flower", "exporter", "prometheus", "grafana", "llm-stub",
-                "demo", *WORKERS}
+                "gateway", "demo", *WORKERS}
     assert expected <= set(services(compose))
     redis_command = services(compose)["redis"]["command"]
     assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
@@ -79,6 +79,8 @@ def test_uis_listen_on_loopback_and_flower_needs_a_password(compose: dict[str, A
     assert "--insecure-no-auth" not in flower["command"]
     assert "THROTTLE_FLOWER_PASSWORD" in flower["environment"]
     assert services(compose)["exporter"]["command"][:2] == ["throttle", "exporter"]
+    assert services(compose)["gateway"]["command"][:2] == ["throttle", "gateway"]
+    assert "THROTTLE_GATEWAY_KEYS" in services(compose)["gateway"]["environment"]
     assert services(compose)["demo"]["command"][:3] == ["python", "-m", "workers.produce"]
 
 
