@@ -26,6 +26,7 @@ import redis
 from celery import Celery
 from jsonschema import Draft202012Validator
 
+from tests.support.servers import free_port, server, throttle_cmd
 from tests.support.workers import Cluster
 from throttle import Config, Throttle, outcome
 from throttle.demo.tomltext import dumps
@@ -410,30 +411,43 @@ def every_value(client: redis.Redis, match: str = "*") -> Iterator[bytes]:
             yield from (member for member, _ in client.zrange(key, 0, -1, withscores=True))
 
 
-def test_the_api_key_is_found_nowhere_in_results_errors_logs_or_redis(
+def test_the_api_key_is_found_nowhere_in_results_errors_logs_flower_or_redis(
     llm_stack: Callable[..., LLMStack], redis_dbs: tuple[str, str], redis_client: redis.Redis,
-    prefix: str,
+    prefix: str, tmp_path: Path,
 ) -> None:
     canary = f"sk-canary-{uuid.uuid4().hex}"
     stack = llm_stack(level="DEBUG", env={"THROTTLE_LLM_API_KEY": canary,
                                           "THROTTLE_LLM_MAX_RETRIES": "0"})
-    steps: list[tuple[dict[str, Any], int]] = [
-        ({"api_key": canary}, 1),                                # served
-        ({"answer": "bad_json"}, 1),                             # a bad answer
-        ({"answer": "tool_call", "api_key": "another-key"}, 1),  # a 401 that echoes our key
-        ({"api_key": canary, "busy_next": 1, "retry_after_s": 1}, 2),  # a 429, a cooldown
-        ({"fail_for_s": 60}, 1),                                 # a 5xx, no retry left
-    ]
-    texts: list[str] = []
-    for settings, count in steps:
-        stack.stub.configure(**settings)
-        for result in [stack.call() for _ in range(count)]:
-            try:
-                texts.append(repr(result.get(timeout=30)))
-            except Exception as exc:
-                texts += [str(exc), repr(exc), str(result.traceback)]
+    # Flower, watching the workers' task events (on by default in the `workers` app).
+    port, login = free_port(), ("ops", f"pw-{uuid.uuid4().hex[:8]}")
+    flower_env = {**stack.cluster.env, "THROTTLE_FLOWER_USER": login[0],
+                  "THROTTLE_FLOWER_PASSWORD": login[1]}
+    with server(throttle_cmd("flower", "--port", str(port)), tmp_path / "flower.log",
+                f"http://127.0.0.1:{port}/healthcheck", env=flower_env, timeout_s=45):
+        steps: list[tuple[dict[str, Any], int]] = [
+            ({"api_key": canary}, 1),                                # served
+            ({"answer": "bad_json"}, 1),                             # a bad answer
+            ({"answer": "tool_call", "api_key": "another-key"}, 1),  # a 401 that echoes our key
+            ({"api_key": canary, "busy_next": 1, "retry_after_s": 1}, 2),  # a 429, a cooldown
+            ({"fail_for_s": 60}, 1),                                 # a 5xx, no retry left
+        ]
+        texts: list[str] = []
+        for settings, count in steps:
+            stack.stub.configure(**settings)
+            for result in [stack.call() for _ in range(count)]:
+                try:
+                    texts.append(repr(result.get(timeout=30)))
+                except Exception as exc:
+                    texts += [str(exc), repr(exc), str(result.traceback)]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=login, timeout=10) as api:
+            tasks = api.get("/api/tasks")
+            flower_api = tasks.content + b"".join(
+                api.get(f"/api/task/info/{task_id}").content for task_id in tasks.json()
+            )
     stack.cluster.stop()
     sources = {
+        "Flower's task API": flower_api,
+        "Flower's log": (tmp_path / "flower.log").read_bytes(),
         "results and errors": "\n".join(texts).encode(),
         "worker logs": stack.cluster.logs().encode(),
         "result backend": b"\n".join(every_value(redis.Redis.from_url(redis_dbs[1]))),
@@ -444,6 +458,7 @@ def test_the_api_key_is_found_nowhere_in_results_errors_logs_or_redis(
     print(f"\ncanary: {stats['authorized']} requests carried it, statuses {stats['statuses']}; "
           + ", ".join(f"{name} {len(data)} bytes" for name, data in sources.items()))
     assert stats["authorized"] >= 4 and stats["statuses"].get("401") == 1
+    assert flower_api.count(b'"uuid"') >= 6  # Flower saw the calls
     assert "Incorrect API key provided: ***" in "\n".join(texts)  # the echo was redacted
     for name, data in sources.items():
         assert canary.encode() not in data, f"the API key leaked into the {name}"
