@@ -1,9 +1,9 @@
 """The OpenAI-compatible gateway, called with the official `openai` client.
 
 Everything is real: `throttle gateway` and `throttle stub-llm` run in their own processes on
-127.0.0.1, `celery worker` processes serve the tools (`tests.apps.chat_tools`: the deployable
-`workers` app plus the LLM body under `get_weather`, a chat tool with its own limits), and
-the gate, broker and result backend are the real Redis.
+127.0.0.1, `celery worker` processes of the deployable `workers` app serve the tools (the
+LLM body under `chat_completion` and under `get_weather`, a chat tool with its own limits),
+and the gate, broker and result backend are the real Redis.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def gateway_stack(
         for index in range(workers):
             log = (tmp_path / f"worker{index}.log").open("wb")
             cluster.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.apps.chat_tools", "worker", "-Q",
+                [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
                  "tool.chat_completion,tool.get_weather", "-c", "2", "-n",
                  f"gw{index}-{uuid.uuid4().hex[:6]}@%h", "-l", level, "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],

@@ -1,7 +1,9 @@
-"""The LLM tool as a throttled Celery task (body in `llm`, HTTP in `llm_http`).
+"""The LLM tool as throttled Celery tasks (body in `llm`, HTTP in `llm_http`).
 
-It is served when the config declares `chat_completion`; a deployment without an LLM
-leaves the tool (and its pool) out of its tools file.
+The body is served as `chat_completion` when the config declares it, and under every other
+tool whose params take chat arguments (`messages`): the gateway sends requests forcing such
+a tool to its own queue and limits (docs/gateway.md). A deployment without an LLM leaves
+these tools (and their pool) out of its tools file.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
+from throttle.gateway.chat import takes_chat
 from workers import throttle
 from workers.tools import llm, llm_http
 
 logger = logging.getLogger(__name__)
 
-chat_completion = (
-    throttle.tool(llm.chat_completion) if "chat_completion" in throttle.config.tools else None
-)
+chat_tasks = {
+    name: throttle.tool(name)(llm.chat_completion)
+    for name, tool in throttle.config.tools.items()
+    if name == "chat_completion" or takes_chat(tool)
+}
+chat_completion = chat_tasks.get("chat_completion")
 
 
 def _open_client(**_: Any) -> None:
@@ -36,4 +42,4 @@ def _open_client(**_: Any) -> None:
 worker_process_init.connect(_open_client, weak=False)
 
 
-__all__ = ["chat_completion"]
+__all__ = ["chat_completion", "chat_tasks"]
