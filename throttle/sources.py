@@ -70,7 +70,7 @@ def source_options(command: F) -> F:
         click.option("--prefix", envvar="THROTTLE_PREFIX", default=DEFAULT_PREFIX,
                      show_default=True, help="The gate's key prefix [env THROTTLE_PREFIX]."),
         click.option("--broker-url", envvar="THROTTLE_BROKER_URL", metavar="URL",
-                     help="Broker, for queue depths (default: the Redis URL) "
+                     help="The Celery broker (default: the Redis URL) "
                      "[env THROTTLE_BROKER_URL]."),
         click.option("--redis-url", envvar="THROTTLE_REDIS_URL", default=DEFAULT_REDIS_URL,
                      metavar="URL", show_default=True,
