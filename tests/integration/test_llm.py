@@ -26,6 +26,7 @@ import redis
 from celery import Celery
 from jsonschema import Draft202012Validator
 
+from tests.support.gateway import StubServer, every_value
 from tests.support.servers import free_port, server, throttle_cmd
 from tests.support.workers import Cluster
 from throttle import Config, Throttle, outcome
@@ -59,49 +60,9 @@ MESSAGES = [{"role": "system", "content": "You call tools."},
             {"role": "user", "content": "What will the weather be in Lyon this week?"}]
 
 
-class StubProcess:
-    """`throttle stub-llm --port 0` in its own process, and its admin endpoints."""
-
-    def __init__(self, log_dir: Path, *args: str) -> None:
-        self.out = log_dir / "stub.out"
-        with self.out.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "throttle.cli", "stub-llm", "--port", "0", *args],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while "listening on http://" not in self.out.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the stub did not start:\n{self.out.read_text()}")
-            time.sleep(0.05)
-        line = self.out.read_text().split("listening on ", 1)[1].split()[0]
-        self.url = line  # http://127.0.0.1:<port>/v1
-        self.admin = httpx.Client(base_url=line.removesuffix("/v1"), timeout=10)
-
-    def configure(self, **settings: Any) -> dict[str, Any]:
-        response = self.admin.post("/_stub/config", json=settings)
-        response.raise_for_status()
-        return dict(response.json())
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self.admin.get("/_stub/stats").json())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "admin"):
-            self.admin.close()
-
-
 @pytest.fixture
-def stub(tmp_path: Path) -> Iterator[StubProcess]:
-    process = StubProcess(tmp_path, "--latency", "0.05")
+def stub(tmp_path: Path) -> Iterator[StubServer]:
+    process = StubServer(tmp_path / "stub.log", "--latency", "0.05")
     yield process
     process.stop()
 
@@ -113,7 +74,7 @@ class LLMStack:
     cluster: Cluster
     config: Config
     task: Any
-    stub: StubProcess
+    stub: StubServer
 
     def call(self, **kwargs: Any) -> Any:
         arguments = {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "get_weather",
@@ -123,7 +84,7 @@ class LLMStack:
 
 @pytest.fixture
 def llm_stack(
-    make_cluster: Callable[..., Cluster], tmp_path: Path, stub: StubProcess, redis_url: str,
+    make_cluster: Callable[..., Cluster], tmp_path: Path, stub: StubServer, redis_url: str,
     prefix: str,
 ) -> Callable[..., LLMStack]:
     """Call to start `workers` worker processes on `tool.chat_completion` (config overrides
@@ -391,24 +352,6 @@ def test_timeouts_are_retried_up_to_the_bound_then_fail_and_the_client_recovers(
 
 
 # --- 5. the API key never leaks -------------------------------------------------------------
-
-
-def every_value(client: redis.Redis, match: str = "*") -> Iterator[bytes]:
-    """Every key name and value of a database (strings, hashes, lists, sets, sorted sets)."""
-    for key in client.scan_iter(match=match, count=1000):
-        yield key
-        kind = client.type(key).decode()
-        if kind == "string":
-            yield client.get(key) or b""
-        elif kind == "hash":
-            for field, value in client.hgetall(key).items():
-                yield field + b"=" + value
-        elif kind == "list":
-            yield from client.lrange(key, 0, -1)
-        elif kind == "set":
-            yield from client.smembers(key)
-        elif kind == "zset":
-            yield from (member for member, _ in client.zrange(key, 0, -1, withscores=True))
 
 
 def test_the_api_key_is_found_nowhere_in_results_errors_logs_flower_or_redis(
