@@ -377,7 +377,8 @@ end
 
 local answer = decide()
 if answer[1] ~= 'delay' and KEYS[cooldown_at + 1] then
-  redis.call('ZREM', KEYS[cooldown_at + 1], member)
-  redis.call('HDEL', KEYS[cooldown_at + 2], member)
+  if redis.call('ZREM', KEYS[cooldown_at + 1], member) == 1 then
+    redis.call('HDEL', KEYS[cooldown_at + 2], member)
+  end
 end
 return answer
