@@ -60,7 +60,10 @@ class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
         if throttle is None:
             return
         consumed = set(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
-        tools = [tool.name for tool in throttle.config.tools.values() if tool.queue in consumed]
+        tools = [
+            tool.name for tool in throttle.config.tools.values()
+            if tool.queue in consumed and tool.queue in worker.app.tasks  # served here
+        ]
         if tools:
             self._timer = worker.timer.call_repeatedly(
                 recovery.REAP_EVERY_S, self._reap, (throttle, tools)
