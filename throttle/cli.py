@@ -142,9 +142,12 @@ def worker(args: tuple[str, ...]) -> None:
               help="Real mode only: broker and result backend for the demo's calls "
               "(default: THROTTLE_REDIS_URL with db 1).")
 @click.option("--seed", default=7, show_default=True, help="Seed of the scenario's randomness.")
+@click.option("--llm/--no-llm", default=True, show_default=True,
+              help="Sessions also ask the model (chat_completion) through a stub upstream the "
+              "demo starts; skipped when the config has no chat_completion.")
 def demo(
     sessions: int, duration_s: float, config_path: Path | None, time_scale: float,
-    out_dir: Path, broker_url: str | None, seed: int,
+    out_dir: Path, broker_url: str | None, seed: int, llm: bool,
 ) -> None:
     """The seed's e-commerce burst through the throttle, shown live, then summed up.
 
@@ -160,7 +163,7 @@ def demo(
         config_path = Path(configured) if configured else local
     settings = DemoSettings(
         config_path=config_path, sessions=sessions, duration_s=duration_s,
-        time_scale=time_scale, out_dir=out_dir, broker_url=broker_url, seed=seed,
+        time_scale=time_scale, out_dir=out_dir, broker_url=broker_url, seed=seed, llm=llm,
     )
     try:
         run_demo(settings, _console())

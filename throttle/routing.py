@@ -28,6 +28,7 @@ from throttle.task import ThrottledTask
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 
 SAFE_DEFAULTS: dict[str, Any] = {
     "task_serializer": "json",
@@ -67,7 +68,7 @@ class Throttle:
         apply_defaults(app, self.config)
         # Only kombu's Redis transport can lose a message a consumer was handed (see
         # throttle/recovery.py); RabbitMQ requeues whatever a dead consumer left unacked.
-        self.register_calls = not _is_amqp(app)
+        self.register_calls = _scheme(app) in REDIS_SCHEMES
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
         app.steps["worker"].add(FireDueTimers)
@@ -139,8 +140,12 @@ def apply_defaults(app: Celery, config: Config) -> None:
         conf[key] = options
 
 
+def _scheme(app: Celery) -> str:
+    return str(app.conf.broker_url or "").split(":", 1)[0]
+
+
 def _is_amqp(app: Celery) -> bool:
-    return str(app.conf.broker_url or "").split(":", 1)[0] in ("amqp", "pyamqp", "amqps")
+    return _scheme(app) in ("amqp", "pyamqp", "amqps")
 
 
 def delivery_priorities(app: Celery) -> tuple[int | None, int | None]:
@@ -150,8 +155,7 @@ def delivery_priorities(app: Celery) -> tuple[int | None, int | None]:
     that have not met the gate yet, so re-published calls go first. Redis polls priority
     0 first; RabbitMQ serves higher numbers first (queues get x-max-priority).
     """
-    scheme = str(app.conf.broker_url or "").split(":", 1)[0]
-    if scheme in ("redis", "rediss", "sentinel"):
+    if _scheme(app) in REDIS_SCHEMES:
         return 9, 0
     if _is_amqp(app):
         return 0, AMQP_MAX_PRIORITY

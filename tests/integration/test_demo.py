@@ -3,7 +3,8 @@
 The demo's own summary (`summary.json`) is checked: every call answered, no window of any
 limit ever held more admissions than the limit, and no window of the shared pool more than
 its max, nor more than a class's allowance when that class admitted (measured on the gate's
-admission logs).
+admission logs). The sessions ask the model too: `chat_completion` calls the stub upstream
+the demo starts, and the `llm_tokens` pool never holds more tokens in a window than its max.
 """
 
 from __future__ import annotations
@@ -70,12 +71,20 @@ def check_summary(out: Path, mode: str) -> dict[str, Any]:
         for check in item["limits"]:
             assert check["most_used"] <= check["allowed"], (name, check)
     assert sum(item["admitted"] for item in classes.values()) == pool["admitted"]
-    assert pool["admitted"] == sum(tool["admitted"] for tool in tools.values())
+    assert pool["admitted"] == sum(tool["admitted"] for name, tool in tools.items()
+                                   if name != "chat_completion")
+    llm, tokens = tools["chat_completion"], summary["pools"]["llm_tokens"]
+    assert llm["calls"] > 0 and llm["admitted"] > 0, llm
+    for check in tokens["limits"]:
+        assert 0 < check["most_used"] <= check["allowed"], check
+    print(f"\n{mode}: chat_completion {llm['calls']} calls, {llm['admitted']} answered, "
+          f"{llm['fallbacks']} fallbacks; llm_tokens most in a window "
+          f"{tokens['limits'][0]['most_used']:g}/{tokens['limits'][0]['allowed']:g}")
     search, expensive = tools["search_products"], classes["expensive"]
     print(f"\n{mode}: search_products {search['calls']} calls, {search['admitted']} admitted "
           f"({search['delayed']} delayed, {expensive['delayed_by_pool']} by the pool), "
           f"{search['fallbacks']} fallbacks, most in a window "
-          f"{search['limits'][0]['most_admitted']}/{search['limits'][0]['max']}; pool "
+          f"{search['limits'][0]['most_admitted']:g}/{search['limits'][0]['max']}; pool "
           f"{pool['limits'][0]['most_used']:g}/{pool['limits'][0]['allowed']:g}, at search "
           f"admissions {expensive['limits'][0]['most_used']:g}/"
           f"{expensive['limits'][0]['allowed']:g}")

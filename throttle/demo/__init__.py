@@ -1,10 +1,12 @@
-"""`throttle demo`: the seed's e-commerce burst through the throttle, shown live.
+"""`throttle demo`: the seed's e-commerce burst through the throttle, shown live, with the
+sessions' model calls (the LLM tool) when the config declares it.
 
 Without THROTTLE_REDIS_URL it runs embedded, in one process (memory broker, in-process worker,
 fakeredis running the gate's Lua); with it, on that Redis with one worker process per tool.
 
   scenario  the sessions and their calls; time scaling of the config
   stack     what the demo runs on; embedded / real build one (tomltext: the workers' config)
+  upstream  the stub model API the LLM tool calls (`throttle stub-llm`, a subprocess)
   tracker   outcomes from the results, admission times from the gate's logs (tools, pools)
   live      banner and live table;  report / chart  the summary (per tool, per pool and
             priority class), its JSON and PNG

@@ -20,9 +20,9 @@ REAL_COMMAND = "THROTTLE_REDIS_URL=redis://127.0.0.1:6379/0 throttle demo"
 LEGEND = (
     f"queued = sent - answered · delayed = admitted over {DELAYED_AFTER_S:g} s after sending "
     "(waited for a slot or for the pool) · reserved = holding a slot now · window use = "
-    "admissions in the trailing window (gate log) · rate = admitted in the last window ÷ "
-    "window · a pool's row: its tools together, its window use from the pool's log (every "
-    "tool's admissions)"
+    "admissions in the trailing window (gate log; a tool with a cost counts its units, the "
+    "LLM's tokens) · rate = admitted in the last window ÷ window · a pool's row: its tools "
+    "together, its window use from the pool's log (every tool's admissions)"
 )
 
 
@@ -106,7 +106,7 @@ def live_view(
         view = tracker.gate.get(tool.name)
         use = view.window_use if view else tuple(0 for _ in tool.limits)
         longest_s = tool.longest_window_ms / 1000
-        recent = sum(1 for call in calls if call.admitted_at is not None
+        recent = sum(call.units for call in calls if call.admitted_at is not None
                      and tracker.now_s - longest_s < call.admitted_at <= tracker.now_s)
         table.add_row(
             tool.name,
@@ -114,7 +114,7 @@ def live_view(
             *_counts(calls),
             str(view.reserved if view else 0),
             _use(use, [limit.max for limit in tool.limits]),
-            f"{recent / longest_s:5.1f} / {_rate(tool.limits):.1f}",
+            f"{recent / longest_s:5.1f} / {_rate(tool.limits):.1f}" + _unit(tool.cost),
         )
     for pool in tracker.used_pools():
         calls = [call for tool in config.tools.values() if tool.pool == pool.name
@@ -134,6 +134,11 @@ def live_view(
             f"{_rate(pool.limits):.1f}",
         )
     return Group(header, table, Text(LEGEND, style="dim"))
+
+
+def _unit(cost: float | str) -> str:
+    """After a rate: the unit of a tool whose calls cost a function's units (tokens)."""
+    return " tok" if isinstance(cost, str) else ""
 
 
 def _counts(calls: Sequence[Call]) -> list[str]:

@@ -1,7 +1,9 @@
 """The demo's summary: per-tool counts, the busiest window against its limit, waits, a chart.
 
 "Most admitted in any window" is measured on the admission times the gate logged (Redis
-clock), grouped per key value for tools limited per key; it must never exceed the limit.
+clock), grouped per key value for tools limited per key; it must never exceed the limit. It
+counts units: calls, or for a tool with a cost (the LLM tool's tokens) the charges as
+settled, read from the tool's cost hash.
 
 Per pool and priority class: the calls admitted, the most units of the pool in use in a
 window ending at one of the class's admissions (never above the class's allowance, share x
@@ -42,7 +44,7 @@ class LimitCheck:
     limit: str
     max: int
     window_ms: int
-    most_admitted: int
+    most_admitted: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +96,21 @@ class PoolSummary:
     classes: tuple[ClassSummary, ...]
 
 
-def most_in_window(times: Sequence[float], window_s: float) -> int:
-    """The most times found in any half-open interval (t - window_s, t]."""
-    ordered = sorted(times)
-    best = start = 0
-    for end, at in enumerate(ordered):
-        while ordered[start] <= at - window_s + _EPSILON_S:
+def most_in_window(
+    times: Sequence[float], window_s: float, units: Sequence[float] | None = None
+) -> float:
+    """The most times (or the most of their `units`) in any half-open interval
+    (t - window_s, t]."""
+    weights = [1.0] * len(times) if units is None else list(units)
+    ordered = sorted(zip(times, weights, strict=True))
+    best = total = 0.0
+    start = 0
+    for at, weight in ordered:
+        total += weight
+        while ordered[start][0] <= at - window_s + _EPSILON_S:
+            total -= ordered[start][1]
             start += 1
-        best = max(best, end - start + 1)
+        best = max(best, total)
     return best
 
 
@@ -199,15 +208,16 @@ def _held_by_pool(
 
 
 def _summarize_tool(tool: ToolConfig, calls: list[Call]) -> ToolSummary:
-    by_key: dict[Any, list[float]] = defaultdict(list)
+    by_key: dict[Any, list[Call]] = defaultdict(list)
     for call in calls:
         if call.admitted_at is not None:
-            by_key[str(call.key_value)].append(call.admitted_at)
+            by_key[str(call.key_value)].append(call)
     checks = tuple(
         LimitCheck(
             str(limit), limit.max, limit.window_ms,
-            max((most_in_window(times, limit.window_ms / 1000) for times in by_key.values()),
-                default=0),
+            _whole(max((most_in_window([call.admitted_at or 0.0 for call in admitted],
+                                       limit.window_ms / 1000, [call.units for call in admitted])
+                        for admitted in by_key.values()), default=0.0)),
         )
         for limit in tool.limits
     )
@@ -242,7 +252,8 @@ def summary_table(summaries: Sequence[ToolSummary], *, keyed: set[str]) -> Table
         for index, check in enumerate(item.limits):
             ok = check.most_admitted <= check.max
             busiest.append(" · " if index else "")
-            busiest.append(f"{check.most_admitted} / {check.max} in {check.limit.split('/')[1]}",
+            busiest.append(f"{check.most_admitted:g} / {check.max} in "
+                           f"{check.limit.split('/')[1]}",
                            style="green" if ok else "bold red")
         if item.tool in keyed:
             busiest.append(" (busiest key)", style="dim")
@@ -290,6 +301,11 @@ def _checks(checks: Sequence[PoolCheck]) -> Text:
         text.append(f"{check.most_used:g} / {check.allowed:g} in {check.limit.split('/')[1]}",
                     style="green" if ok else "bold red")
     return text
+
+
+def _whole(value: float) -> float:
+    """`value`, as an int when it is whole (calls, and settled token counts)."""
+    return int(value) if value.is_integer() else value
 
 
 def _seconds(value: float | None) -> str:

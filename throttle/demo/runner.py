@@ -32,6 +32,7 @@ from throttle.demo.report import (
 )
 from throttle.demo.scenario import (
     DEMO_TOOLS,
+    LLM_TOOL,
     PlannedCall,
     demo_tools_only,
     plan_sessions,
@@ -39,6 +40,7 @@ from throttle.demo.scenario import (
 )
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import Tracker
+from throttle.demo.upstream import stub_upstream
 
 REFRESH_S = 0.25
 GRACE_S = 15.0
@@ -56,13 +58,18 @@ class DemoSettings:
     out_dir: Path = Path("demo-output")
     broker_url: str | None = None
     seed: int = 7
+    llm: bool = True
 
 
 def run_demo(settings: DemoSettings, console: Console) -> None:
-    """Run the scenario on the embedded default, or on Redis when THROTTLE_REDIS_URL is set."""
+    """Run the scenario on the embedded default, or on Redis when THROTTLE_REDIS_URL is set.
+
+    With `settings.llm` and a config declaring `chat_completion`, the sessions ask the model
+    too, and the LLM tool calls a stub upstream started for the run.
+    """
     original = load_config(settings.config_path)
     raw = tomllib.loads(settings.config_path.read_text(encoding="utf-8"))
-    document = scale_config(demo_tools_only(raw), settings.time_scale)
+    document = scale_config(demo_tools_only(raw, llm=settings.llm), settings.time_scale)
     scaled = load_config(document)
     if not set(DEMO_TOOLS) & set(scaled.tools):
         raise DemoError(f"the demo calls {', '.join(DEMO_TOOLS)}; {settings.config_path} "
@@ -70,6 +77,8 @@ def run_demo(settings: DemoSettings, console: Console) -> None:
     plan = plan_sessions(settings.sessions, settings.duration_s, scaled.tools, seed=settings.seed)
     with ExitStack() as exits:
         with console.status("starting the broker, workers and gate store…"):
+            if LLM_TOOL in scaled.tools:
+                exits.enter_context(stub_upstream())
             stack = exits.enter_context(_stack(settings, document, scaled))
         console.print(banner(stack, original, scaled, plan, settings.sessions,
                              settings.duration_s, settings.time_scale))

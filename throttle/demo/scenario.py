@@ -3,6 +3,9 @@
 Each session takes several turns; a turn fires its tool calls together, the way an LLM asks
 for several tools at once. Per session: about 47 catalog searches, 12 stock checks, 5 order
 lookups, and a refund in about one session in five — several times the configured limits.
+With the LLM tool in the config, every other turn also asks the model (`chat_completion`)
+which search to run next, with the session's browsing so far in the prompt: a few thousand
+tokens a call, over twice the tokens-per-minute pool at the demo's peak.
 
 The default limits are per minute, so the demo scales time: `scale_config` divides every
 window (the tools' and the pools') and max_delay by the time scale ("100/60s" at 10x becomes
@@ -20,6 +23,29 @@ from typing import Any
 from throttle.config import Limit, format_ms, parse_duration_ms
 
 DEMO_TOOLS = ("search_products", "get_inventory", "lookup_order", "process_refund")
+LLM_TOOL = "chat_completion"
+LLM_MAX_TOKENS = 96
+LLM_EVERY_TURNS = 2  # a model call every other turn: fewer, longer prompts
+SEEN_LINES = (160, 400)  # products of the session's browsing in a prompt (~17 tokens each)
+LLM_SYSTEM = ("You are a shopping assistant for an online store. Answer by calling "
+              "search_products with the next search that helps the customer.")
+SEARCH_FUNCTION = {
+    "type": "function",
+    "function": {
+        "name": "search_products",
+        "description": "Search the product catalog by keywords, optionally within one category",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["query"],
+            "properties": {
+                "query": {"type": "string", "minLength": 1, "maxLength": 200},
+                "category": {"enum": ["electronics", "kitchen", "outdoor", "office", "home"]},
+                "max_results": {"type": "integer", "minimum": 1, "maximum": 20},
+            },
+        },
+    },
+}
 SEARCHES = (40, 54)
 STOCK_CHECKS = (9, 15)
 ORDER_LOOKUPS = (3, 7)
@@ -51,11 +77,13 @@ def plan_sessions(
     """Every call of the run, in firing order.
 
     Sessions start over the first third of the duration and each lasts half of it, so the
-    last calls go out by five sixths and the rest of the run drains the delayed ones.
+    last calls go out by five sixths and the rest of the run drains the delayed ones. With
+    `chat_completion` among `tools`, every other turn starts with a model call.
     """
-    rng = random.Random(seed)
+    rng, llm_rng = random.Random(seed), random.Random(f"{seed}-llm")  # the same e-commerce plan
     start_span_s, session_s = duration_s / 3, duration_s / 2
-    wanted = [tool for tool in DEMO_TOOLS if tool in set(tools)]
+    offered = set(tools)
+    wanted = [tool for tool in DEMO_TOOLS if tool in offered]
     calls: list[PlannedCall] = []
     for number in range(sessions):
         session_id = f"session-{number:03d}"
@@ -66,6 +94,10 @@ def plan_sessions(
             for _ in range(_calls_of(rng, tool)):
                 at_s = rng.choice(turns) + rng.uniform(0, TURN_SPREAD_S)
                 calls.append(PlannedCall(at_s, session_id, tool, _arguments(rng, tool, session_id)))
+        if LLM_TOOL in offered:
+            for turn, at_s in enumerate(sorted(turns)[::LLM_EVERY_TURNS]):
+                arguments = _llm_arguments(llm_rng, session_id, turn)
+                calls.append(PlannedCall(at_s, session_id, LLM_TOOL, arguments))
     calls.sort(key=lambda call: call.at_s)
     return calls
 
@@ -96,17 +128,43 @@ def _arguments(rng: random.Random, tool: str, session_id: str) -> dict[str, Any]
     }
 
 
-def demo_tools_only(raw: Mapping[str, Any]) -> dict[str, Any]:
+def _llm_arguments(rng: random.Random, session_id: str, turn: int) -> dict[str, Any]:
+    """A model call: the session's browsing so far, and the next search to ask."""
+    seen = "\n".join(
+        f"- SKU-{rng.randint(1001, 1040)} {rng.choice(QUERIES)}"
+        f" ({rng.choice(CATEGORIES[3:])}), {rng.randint(500, 30000)} cents,"
+        f" rated {rng.randint(20, 50) / 10:g}, viewed {rng.randint(1, 9)} min ago"
+        for _ in range(rng.randint(*SEEN_LINES))
+    )
+    ask = (f"Question {turn + 1}. I am looking for a {rng.choice(QUERIES)}"
+           f" for {rng.choice(('home', 'work', 'a gift', 'travel'))}. What should I search next?")
+    return {
+        "messages": [
+            {"role": "system", "content": LLM_SYSTEM},
+            {"role": "user", "content": f"Products I viewed so far:\n{seen}\n\n{ask}"},
+        ],
+        "tools": [SEARCH_FUNCTION],
+        "tool_choice": "search_products",
+        "max_tokens": LLM_MAX_TOKENS,
+        "session_id": session_id,
+    }
+
+
+def demo_tools_only(raw: Mapping[str, Any], *, llm: bool = True) -> dict[str, Any]:
     """A parsed tools file with only the tools the scenario calls and the pools they use.
 
-    Other tools (the LLM tool) would only add idle workers and empty rows. A file declaring
-    none of the demo's tools is returned whole, for the runner to report.
+    Other tools would only add idle workers and empty rows; the LLM tool stays when `llm`
+    is on. A file declaring none of the demo's tools is returned whole, for the runner to
+    report.
     """
     document = dict(raw)
     tools, pools = raw.get("tools"), raw.get("pools")
     if not isinstance(tools, Mapping):
         return document
-    kept = {name: body for name, body in tools.items() if name in DEMO_TOOLS}
+    if not any(name in DEMO_TOOLS for name in tools):
+        return document
+    wanted = (*DEMO_TOOLS, LLM_TOOL) if llm else DEMO_TOOLS
+    kept = {name: body for name, body in tools.items() if name in wanted}
     if not kept:
         return document
     defaults = raw.get("defaults", {})

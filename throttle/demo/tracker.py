@@ -42,6 +42,7 @@ class Call:
     outcome: str | None = None
     slot_at: float | None = None
     reserved_after: float | None = None
+    units: float = 1.0
 
     @property
     def wait_s(self) -> float | None:
@@ -77,11 +78,12 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class GateView:
-    """A tool's log at one instant: admissions in each limit's trailing window, and
-    reservations. For a tool limited per key, the busiest key's figures.
+    """A tool's log at one instant: units admitted in each limit's trailing window (calls,
+    or e.g. tokens for a tool with a cost), and reservations. For a tool limited per key, the
+    busiest key's figures.
     """
 
-    window_use: tuple[int, ...]
+    window_use: tuple[float, ...]
     reserved: int
 
 
@@ -162,6 +164,7 @@ class Tracker:
             keys = self.keys_of(tool, value)
             pipe.zrange(keys.log, 0, -1, withscores=True)
             pipe.zrange(keys.rsv, 0, -1)
+            pipe.hgetall(keys.cost)
         for _, (pool_log, pool_cost) in pools:
             pipe.zrange(pool_log, 0, -1, withscores=True)
             pipe.hgetall(pool_cost)
@@ -170,10 +173,11 @@ class Tracker:
         now_ms = int(seconds) * 1000 + int(micros) / 1000
         views: dict[str, list[GateView]] = {}
         for index, (tool, _) in enumerate(targets):
-            log, reserved = answers[1 + 2 * index], set(answers[2 + 2 * index])
-            self._note_admissions(log, reserved, now_ms)
-            views.setdefault(tool.name, []).append(_view(tool, log, reserved, now_ms))
-        first = 1 + 2 * len(targets)
+            log, reserved, costs = answers[1 + 3 * index : 4 + 3 * index]
+            reserved = set(reserved)
+            self._note_admissions(log, reserved, costs, now_ms)
+            views.setdefault(tool.name, []).append(_view(tool, log, reserved, costs, now_ms))
+        first = 1 + 3 * len(targets)
         for index, (pool, _) in enumerate(pools):
             log, costs = answers[first + 2 * index], answers[first + 2 * index + 1]
             self._note_pool(pool.name, log, costs)
@@ -201,12 +205,14 @@ class Tracker:
         )
 
     def _note_admissions(
-        self, log: list[tuple[bytes, float]], reserved: set[bytes], now_ms: float
+        self, log: list[tuple[bytes, float]], reserved: set[bytes],
+        costs: Mapping[bytes, bytes], now_ms: float,
     ) -> None:
         for member, score in log:
             call = self.calls.get(member.decode())
             if call is None:
                 continue
+            call.units = float(costs.get(member, b"1"))  # settled once the body returned
             if member in reserved:
                 if call.reserved_after is None:
                     call.reserved_after = self.now_s
@@ -237,10 +243,11 @@ def pool_keys(prefix: str, config: Config, pool: PoolConfig) -> tuple[str, str]:
 
 
 def _view(
-    tool: ToolConfig, log: list[tuple[bytes, float]], reserved: set[bytes], now_ms: float
+    tool: ToolConfig, log: list[tuple[bytes, float]], reserved: set[bytes],
+    costs: Mapping[bytes, bytes], now_ms: float,
 ) -> GateView:
     use = tuple(
-        sum(1 for member, score in log
+        sum(float(costs.get(member, b"1")) for member, score in log
             if member not in reserved and now_ms - limit.window_ms < score <= now_ms)
         for limit in tool.limits
     )
