@@ -13,6 +13,7 @@ loader imports it for those two functions.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -117,9 +118,7 @@ def read_answer(
             f"the model's arguments for {name!r} are not valid JSON{cut}: {exc}; "
             f"max_tokens was {max_tokens}"
         ) from None
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(schema).iter_errors(arguments)
-    )
+    error = jsonschema.exceptions.best_match(_validator(_canonical(schema)).iter_errors(arguments))
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "arguments"
         raise ModelAnswerError(
@@ -155,12 +154,24 @@ def _schema_of(tools: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, An
     )
     schema: Mapping[str, Any] = function.get("parameters") or {"type": "object"}
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        _validator(_canonical(schema))
     except jsonschema.SchemaError as exc:
         raise LLMError(
             f"the parameters of tool {name!r} are not a valid JSON Schema: {exc.message}"
         ) from None
     return schema
+
+
+def _canonical(schema: Mapping[str, Any]) -> str:
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Any:
+    """A checked validator per schema, built once: checking a schema costs milliseconds."""
+    schema = json.loads(schema_json)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
 
 
 def _default_model() -> str:
