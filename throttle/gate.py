@@ -30,9 +30,9 @@ from throttle.keys import (
     DEFAULT_PREFIX,
     ToolKeys,
     check_prefix,
+    keys_for,
     redelivery_key,
     registry_keys,
-    tool_keys,
 )
 
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
@@ -157,13 +157,7 @@ class _GateBase:
                 tool.name, f"its limits apply per {tool.key!r}: pass key=<the call's {tool.key}>"
             )
         try:
-            return tool_keys(
-                self.prefix,
-                tool.name,
-                None if tool.key is None else key,
-                pool=tool.pool,
-                concurrency=tool.concurrency is not None,
-            )
+            return keys_for(self.prefix, tool, None if tool.key is None else key)
         except (TypeError, ValueError) as exc:
             raise InvalidToolCall(
                 tool.name, f"its key value must be a JSON value (a string, number, list or "

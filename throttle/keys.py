@@ -40,9 +40,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from throttle.errors import ConfigError
+
+if TYPE_CHECKING:
+    from throttle.config import ToolConfig
 
 DEFAULT_PREFIX = "throttle"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -127,6 +130,12 @@ def tool_keys(
         leases=f"{head}:leases" if concurrency else None,
         cooldown=f"{prefix}:{{{pool}}}:pool:cooldown" if pool else f"{base}:cooldown",
     )
+
+
+def keys_for(prefix: str, tool: ToolConfig, key_value: Any = None) -> ToolKeys:
+    """`tool_keys` for a configured tool: its pool and concurrency cap decide the layout."""
+    return tool_keys(prefix, tool.name, key_value, pool=tool.pool,
+                     concurrency=tool.concurrency is not None)
 
 
 def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str, str]:

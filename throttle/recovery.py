@@ -34,7 +34,6 @@ REAP_AFTER_S = 5.0  # past a call's deadline: later than any reservation's late 
 REAP_EVERY_S = 1.0
 RETRY_S = 5.0  # a claimed call still undecided is looked at again after this
 GIVE_UP_S = 600.0  # past its first check, a call that keeps getting lost is dropped
-REAPED = "throttle_reaped"
 
 
 def check_at_s(enqueued_at: float, deadline_s: float) -> float:
@@ -74,15 +73,13 @@ def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
         throttle.gate.forget_call(tool, task_id)
         return 0
     call = json.loads(raw)
-    headers = call["headers"]
     if now_s - float(call["check_at"]) > GIVE_UP_S:
         logger.error("tool %s: call %s was lost again and again; giving up on it", tool, task_id)
         throttle.gate.forget_call(tool, task_id)
         return 0
-    headers[REAPED] = int(headers.get(REAPED, 0)) + 1
     logger.warning("tool %s: call %s never reached the gate (the broker lost its message); "
                    "publishing it again", tool, task_id)
-    task.apply_async(kwargs=call["kwargs"], task_id=task_id, headers=headers,
+    task.apply_async(kwargs=call["kwargs"], task_id=task_id, headers=call["headers"],
                      priority=task.priority_again)
     return 1
 

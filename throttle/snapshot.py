@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
-from throttle.keys import ToolKeys, stats_key, tool_keys
+from throttle.keys import ToolKeys, keys_for, stats_key
 from throttle.queues import QueueDepths
 from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
 
@@ -92,8 +92,7 @@ class Snapshot:
 
 def _keys(prefix: str, tool: ToolConfig) -> ToolKeys:
     # A per-key tool's key value is not known here; its pool keys do not depend on it.
-    return tool_keys(prefix, tool.name, None, pool=tool.pool,
-                     concurrency=tool.concurrency is not None)
+    return keys_for(prefix, tool)
 
 
 def _range(now_ms: float, limit: Limit) -> tuple[str, float]:

@@ -190,14 +190,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
             logger.warning("tool %s: cooldown not shared (%s)", self.tool.name, exc)
-        # The gate forgot the call when it admitted it; the re-publish could be lost too.
-        request = self.request
-        headers = {ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time()}
-        if getattr(request, DEADLINE_S, None) is not None:
-            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
         if busy.retry_after_s > self._deadline_left_s():
             self._fall_back("cooldown")  # the pause outlasts the deadline
-        self._register(request.id, kwargs, headers)
+        # The gate forgot the call when it admitted it; the re-publish could be lost too.
+        self._register(self.request.id, kwargs, self._origin_headers())
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 
@@ -288,6 +284,14 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 self._republish(backoff_s, "store_unavailable", store_retries=tries + 1)
         return Decision(Action.FALLBACK, 0.0, time.time(), "store_unavailable")
 
+    def _origin_headers(self) -> dict[str, Any]:
+        """The call's first-enqueue time and caller deadline, carried by every re-publish."""
+        request = self.request
+        headers = {ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time()}
+        if getattr(request, DEADLINE_S, None) is not None:
+            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+        return headers
+
     def _republish(self, wait_s: float, reason: str, *, store_retries: int = 0) -> None:
         """Publish this call again (same id) due in `wait_s`, then ack the current message.
 
@@ -296,12 +300,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """
         request = self.request
         headers = {
-            ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time(),
+            **self._origin_headers(),
             DELAYS: int(getattr(request, DELAYS, 0) or 0) + 1,
             STORE_RETRIES: store_retries,
         }
-        if getattr(request, DEADLINE_S, None) is not None:
-            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
         try:
             self.signature_from_request(
                 request, countdown=wait_s, headers=headers, retries=request.retries,

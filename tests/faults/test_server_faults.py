@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.integration.test_celery_flow import AMQP_URL, burst, tool
+from tests.integration.test_celery_flow import burst, tool
+from tests.support.rabbit import rabbitmq_queue
 from tests.support.relay import Relay
 from tests.support.servers import RedisServer, private_redis
 from tests.support.workers import check_ledger
@@ -100,22 +101,8 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
 @pytest.fixture
 def rabbitmq_via_relay() -> Iterator[tuple[str, Relay]]:
     """RabbitMQ behind a loopback relay that can cut the connections (skip if absent)."""
-    from kombu import Connection
-
-    try:
-        with Connection(AMQP_URL, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:
-        pytest.skip(f"RabbitMQ does not answer at {AMQP_URL} ({exc}); `make test` starts it")
-
-    def drop_queue() -> None:
-        with Connection(AMQP_URL) as conn:
-            conn.default_channel.queue_delete("tool.rabbitcut")
-
-    drop_queue()
-    with Relay("127.0.0.1", 5672) as relay:
+    with rabbitmq_queue("tool.rabbitcut"), Relay("127.0.0.1", 5672) as relay:
         yield f"amqp://guest:guest@127.0.0.1:{relay.port}//", relay
-    drop_queue()
 
 
 @pytest.mark.rabbitmq

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import redis
 
 from tests.apps.ledger import build
+from tests.support.rabbit import rabbitmq_queue
 from tests.support.workers import ledger, most_in_window
 from throttle import outcome
 from throttle.task import fallback_reason
@@ -147,27 +147,11 @@ def test_a_bad_message_that_bypassed_the_caller_fails_once_and_is_not_retried(
     assert cluster.logs().count(f"Task tool.strict[{result.id}] received") == 1
 
 
-AMQP_URL = os.environ.get("THROTTLE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
 @pytest.fixture
 def rabbitmq() -> Iterator[str]:
     """RabbitMQ's URL, with the test tool's queue deleted before and after (skip if absent)."""
-    from kombu import Connection
-
-    try:
-        with Connection(AMQP_URL, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:
-        pytest.skip(f"RabbitMQ does not answer at {AMQP_URL} ({exc}); `make test` starts it")
-
-    def drop_queue() -> None:
-        with Connection(AMQP_URL) as conn:
-            conn.default_channel.queue_delete("tool.burst")
-
-    drop_queue()
-    yield AMQP_URL
-    drop_queue()
+    with rabbitmq_queue("tool.burst") as url:
+        yield url
 
 
 @pytest.mark.rabbitmq

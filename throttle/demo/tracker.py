@@ -24,7 +24,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from throttle.config import Config, PoolConfig, ToolConfig
-from throttle.keys import ToolKeys, tool_keys
+from throttle.keys import ToolKeys, keys_for, tool_keys
 from throttle.task import outcome
 
 DELAYED_AFTER_S = 0.5
@@ -186,8 +186,7 @@ class Tracker:
 
     def keys_of(self, tool: ToolConfig, value: Any) -> ToolKeys:
         """The gate's keys of `tool` (and key value), where the gate keeps them."""
-        return tool_keys(self.prefix, tool.name, value, pool=tool.pool,
-                         concurrency=tool.concurrency is not None)
+        return keys_for(self.prefix, tool, value)
 
     def used_pools(self) -> list[PoolConfig]:
         """The pools that at least one tool of the config is in."""

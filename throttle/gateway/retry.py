@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 
 from throttle.config import ToolConfig
-from throttle.keys import tool_keys
+from throttle.keys import keys_for
 
 logger = logging.getLogger("throttle.gateway")
 
@@ -27,8 +27,7 @@ async def retry_after_s(
     budget_s: float,
 ) -> int:
     """Whole seconds (at least 1) until a call of `tool` with this deadline could fit."""
-    keys = tool_keys(prefix, tool.name, key_value, pool=tool.pool,
-                     concurrency=tool.concurrency is not None)
+    keys = keys_for(prefix, tool, key_value)
     unit_limits = tool.limits if tool.cost == 1 else ()
     try:
         pipe = client.pipeline(transaction=False)
