@@ -40,6 +40,8 @@ SAFE_DEFAULTS: dict[str, Any] = {
     "worker_prefetch_multiplier": 1,
     "worker_eta_task_limit": ETA_TASK_LIMIT,
     "broker_connection_retry_on_startup": True,
+    # Survives a broker Redis dying mid-poll (see throttle/consumer.py).
+    "worker_consumer": "throttle.consumer:Consumer",
     "task_publish_retry_policy": {
         "max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
     },

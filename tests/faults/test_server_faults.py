@@ -80,7 +80,7 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     """2,000 calls at 200/1s; the broker's Redis is SIGKILLed mid-burst and restarted 1 s
     later from its append-only file. Calls whose messages die with it are re-published by
     the reaper (throttle/recovery.py); bodies run twice at most as often as messages were
-    unacked at the kill."""
+    unacked at the kill. Every worker survives the kill (throttle/consumer.py)."""
     config = {"broker": {"visibility_timeout": "90s"}, "tools": {"busy": tool(["200/1s"], "60s")}}
     broker = spare_redis.url(1)
     cluster = make_cluster(config, broker_url=broker)
@@ -90,9 +90,13 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     unacked = redis.Redis.from_url(broker).hlen("unacked")
     spare_redis.restart(hard=True, down_s=1)
     check = check_ledger(results, redis_client, prefix, window_s=1.0, timeout_s=75)
-    reaped = cluster.logs().count("never reached the gate")
+    logs = cluster.logs()
+    reaped = logs.count("never reached the gate")
     print(f"\nbroker Redis SIGKILLed and restarted (AOF): {check}/200; unacked at the kill "
-          f"{unacked}, calls re-published by the reaper {reaped}")
+          f"{unacked}, calls re-published by the reaper {reaped}; workers alive "
+          f"{cluster.alive()}/3, connections closed uncleanly "
+          f"{logs.count('could not be closed')}")
+    assert "Unrecoverable error" not in logs and cluster.alive() == 3, logs[-3000:]
     assert check.lost == 0 and check.ended["failure"] == 0
     assert check.run_twice <= unacked
     assert check.most <= 200

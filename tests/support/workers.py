@@ -79,6 +79,10 @@ class Cluster:
                 proc.kill()
                 proc.wait()
 
+    def alive(self) -> int:
+        """How many started worker nodes are still running."""
+        return sum(proc.poll() is None for proc in self.procs)
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
 

@@ -1,0 +1,48 @@
+"""`Throttle(app, config)` sets what throttle needs wherever the user kept Celery's default
+value, and keeps every value the user changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from throttle import ConfigError, Throttle, load_config
+
+TOOLS: dict[str, Any] = {"tools": {"search": {"limits": ["5/1s"], "max_delay": "30s"}}}
+
+
+def app_with(**settings: Any) -> Celery:
+    app = Celery("defaults", broker="redis://127.0.0.1:6379/15", set_as_current=False)
+    app.conf.update(settings)
+    return app
+
+
+def test_an_untouched_app_gets_every_safe_default() -> None:
+    app = app_with()
+    Throttle(app, load_config(TOOLS))
+    conf = app.conf
+    assert (conf.task_serializer, conf.result_serializer) == ("json", "json")
+    assert conf.accept_content == ["json"] and conf.result_accept_content == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_consumer == "throttle.consumer:Consumer"
+    assert conf.broker_transport_options["visibility_timeout"] > 30
+    assert conf.task_routes  # one route per tool
+    assert "tool.search" in {queue.name for queue in conf.task_queues}
+
+
+def test_a_setting_the_user_chose_is_kept() -> None:
+    app = app_with(worker_prefetch_multiplier=2, worker_consumer="myapp.consumer:Consumer",
+                   broker_transport_options={"visibility_timeout": 120})
+    Throttle(app, load_config(TOOLS))
+    assert app.conf.worker_prefetch_multiplier == 2
+    assert app.conf.worker_consumer == "myapp.consumer:Consumer"
+    assert app.conf.broker_transport_options["visibility_timeout"] == 120
+
+
+def test_a_visibility_timeout_below_a_max_delay_is_refused_with_the_fix() -> None:
+    app = app_with(broker_transport_options={"visibility_timeout": 10})
+    with pytest.raises(ConfigError, match=r"not above the longest max_delay \(30.0s\).*raise it"):
+        Throttle(app, load_config(TOOLS))
