@@ -30,6 +30,7 @@ from throttle.keys import (
     DEFAULT_PREFIX,
     ToolKeys,
     check_prefix,
+    cooldown_left_s,
     keys_for,
     redelivery_key,
     registry_keys,
@@ -310,7 +311,7 @@ class Gate(_GateBase):
         """Seconds left in `tool`'s cooldown (its pool's, for a pooled tool); 0 if none."""
         name = self._keys(self.config.tool(tool), key).cooldown
         try:
-            return max(0, int(self.client.pttl(name))) / 1000
+            return cooldown_left_s(self.client.pttl(name))
         except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 
@@ -454,7 +455,7 @@ class AsyncGate(_GateBase):
         """Seconds left in `tool`'s cooldown; 0 if none."""
         name = self._keys(self.config.tool(tool), key).cooldown
         try:
-            return max(0, int(await self.client.pttl(name))) / 1000
+            return cooldown_left_s(await self.client.pttl(name))
         except STORE_ERRORS as exc:
             raise self._store_error(exc) from exc
 

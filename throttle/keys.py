@@ -138,6 +138,11 @@ def keys_for(prefix: str, tool: ToolConfig, key_value: Any = None) -> ToolKeys:
                      concurrency=tool.concurrency is not None)
 
 
+def cooldown_left_s(pttl: Any) -> float:
+    """Seconds left in a cooldown, from its key's PTTL (negative when there is none)."""
+    return max(0, int(pttl)) / 1000
+
+
 def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str, str]:
     """The registry of `tool`'s undecided calls: (ZSET of ids by check time, HASH of messages).
 

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
-from throttle.keys import ToolKeys, keys_for, stats_key
+from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key
 from throttle.queues import QueueDepths
 from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
 
@@ -97,10 +97,6 @@ def _keys(prefix: str, tool: ToolConfig) -> ToolKeys:
 
 def _range(now_ms: float, limit: Limit) -> tuple[str, float]:
     return f"({now_ms - limit.window_ms}", now_ms  # half-open: (now - window, now]
-
-
-def _cooldown_s(pttl: Any) -> float:
-    return max(0, int(pttl)) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +189,7 @@ def read_snapshot(
     for tool in tools:
         totals = parse_totals(next(raw))
         recent = sum_recent([next(raw) for _ in range(RECENT_BUCKETS)])
-        cooldown_s, reserved = _cooldown_s(next(raw)), int(next(raw))
+        cooldown_s, reserved = cooldown_left_s(next(raw)), int(next(raw))
         per_key = tool.key is not None
         views.append(ToolView(
             tool=tool,
@@ -206,7 +202,7 @@ def read_snapshot(
             totals=totals,
         ))
     pool_views = {
-        name: PoolView(pool, cooldown_s=_cooldown_s(next(raw)),
+        name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),
                        windows=tuple(WindowUse(lim, next(units)) for lim in pool.limits))
         for name, (pool, _) in pools.items()
     }

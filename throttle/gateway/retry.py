@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 
 from throttle.config import ToolConfig
-from throttle.keys import keys_for
+from throttle.keys import cooldown_left_s, keys_for
 
 logger = logging.getLogger("throttle.gateway")
 
@@ -43,7 +43,7 @@ async def retry_after_s(
         return 1
     seconds, micros = raw[0]
     now_ms = seconds * 1000 + micros / 1000
-    cooldown_s = max(0, int(raw[1])) / 1000
+    cooldown_s = cooldown_left_s(raw[1])
     free_ms = max([now_ms] + [score for _, score in raw[2]])
     for limit, entry in zip(unit_limits, raw[3:], strict=True):
         for _, score in entry:

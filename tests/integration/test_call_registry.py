@@ -1,0 +1,65 @@
+"""Calls are registered for recovery (throttle/recovery.py) only where a broker can lose them:
+kombu's Redis transport. RabbitMQ requeues what a dead consumer held, and the in-memory
+broker loses nothing, so their calls cost no registration round trip."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from celery import Celery
+
+from throttle import Throttle, load_config
+
+pytestmark = pytest.mark.redis
+
+TOOLS = {"tools": {"search": {"limits": ["5/1s"], "max_delay": "30s"}}}
+
+
+def throttle_on(broker: str, redis_url: str, prefix: str) -> Throttle:
+    app = Celery("registry", broker=broker, backend="cache+memory://", set_as_current=False)
+    return Throttle(app, load_config(TOOLS), redis_url, prefix=prefix)
+
+
+@pytest.mark.parametrize(("broker", "registers"), [
+    ("redis://127.0.0.1:6379/15", True),
+    ("rediss://127.0.0.1:6380/15", True),
+    ("sentinel://127.0.0.1:26379", True),
+    ("amqp://guest:guest@127.0.0.1:5672//", False),
+    ("pyamqp://guest:guest@127.0.0.1:5672//", False),
+    ("memory://", False),
+])
+def test_only_redis_brokers_register_calls(
+    broker: str, registers: bool, redis_url: str, prefix: str
+) -> None:
+    assert throttle_on(broker, redis_url, prefix).register_calls is registers
+
+
+def test_a_call_on_the_in_memory_broker_leaves_no_registry_entry(
+    redis_url: str, redis_client: redis.Redis, prefix: str
+) -> None:
+    throttle = throttle_on("memory://", redis_url, prefix)
+
+    @throttle.tool
+    def search(query: str = "") -> str:
+        return query
+
+    search.delay(query="lamp")
+    assert list(redis_client.scan_iter(match=f"{prefix}:*")) == []
+
+
+def test_a_call_on_a_redis_broker_is_registered_until_the_gate_decides_it(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    throttle = throttle_on(redis_dbs[0], redis_url, prefix)
+
+    @throttle.tool
+    def search(query: str = "") -> str:
+        return query
+
+    result = search.delay(query="lamp")
+    calls, messages = throttle.gate.registry("search")
+    assert redis_client.zscore(calls, result.id) is not None
+    assert redis_client.hexists(messages, result.id)
+    throttle.gate.acquire("search", result.id)  # the gate decides: out of the registry
+    assert redis_client.zscore(calls, result.id) is None
+    assert not redis_client.hexists(messages, result.id)
