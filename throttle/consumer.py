@@ -7,7 +7,8 @@ AttributeError on the missing transport. Celery treats that as unrecoverable and
 exits, so one broker restart could stop every worker of a tool at once. This consumer logs
 those cases and carries on. The messages the dead channel held stay unacked in Redis: kombu
 restores them after the visibility timeout, and the reaper (throttle/recovery.py)
-re-publishes delayed calls sooner.
+re-publishes delayed calls sooner. (With RabbitMQ, acks on a closed connection are skipped
+the same way; the broker requeues those messages when the connection dies.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _unless_transport_gone(ack: Callable[..., Any], *args: Any, **kwargs: Any) -
     if transport is not None and getattr(transport, "client", True) is None:
         logger.warning(
             "throttle: message %s came on a broker connection that was lost; it cannot be "
-            "acked or rejected now and returns after the visibility timeout",
+            "acked or rejected now, and the broker delivers it again (RabbitMQ at once, "
+            "Redis after the visibility timeout)",
             getattr(message, "delivery_tag", "?"),
         )
         return None
