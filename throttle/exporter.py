@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import redis
 from prometheus_client import start_http_server
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
+from throttle.gate import STORE_ERRORS, StoreClient
 from throttle.queues import QueueDepths
 from throttle.snapshot import Snapshot, read_snapshot
 from throttle.sources import Sources, resolve_sources, source_options
@@ -37,18 +37,24 @@ DEFAULT_PORT = 9808
 class ThrottleCollector(Collector):
     """Yields every throttle metric from one snapshot of Redis (and the broker) per scrape."""
 
-    def __init__(self, client: redis.Redis, sources: Sources, queues: QueueDepths | None) -> None:
-        self.client = client
+    def __init__(self, sources: Sources, queues: QueueDepths | None) -> None:
         self.sources = sources
         self.queues = queues
+        self.client: StoreClient | None = None  # made at the first scrape that reaches Redis
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("throttle_exporter_redis_up",
                                "1 if the last scrape could read the gate's Redis.")
         try:
+            if self.client is None:
+                self.client = self.sources.redis()
             snapshot = read_snapshot(self.client, self.sources.config, self.sources.prefix,
                                      self.queues)
-        except redis.RedisError:
+        except STORE_ERRORS:
             up.add_metric([], 0)
             yield up
             return
@@ -148,8 +154,8 @@ def exporter(host: str, port: int, redis_url: str, broker_url: str | None, prefi
     except ThrottleError as exc:
         raise click.ClickException(str(exc)) from None
     registry = CollectorRegistry()
-    client = sources.redis()
-    registry.register(ThrottleCollector(client, sources, sources.queues()))
+    collector = ThrottleCollector(sources, sources.queues())
+    registry.register(collector)
     server, thread = start_http_server(port, addr=host, registry=registry)
     signal.signal(signal.SIGTERM, _stop)
     click.echo(f"throttle exporter on http://{host}:{server.server_port}/metrics "
@@ -160,4 +166,4 @@ def exporter(host: str, port: int, redis_url: str, broker_url: str | None, prefi
         pass
     finally:
         server.shutdown()
-        client.close()
+        collector.close()

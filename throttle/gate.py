@@ -81,6 +81,46 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# The synchronous clients the gate and the monitoring commands work with.
+StoreClient = redis.Redis | redis.cluster.RedisCluster
+
+
+def _cluster_url(url: str) -> str | None:
+    """The node URL in a `redis+cluster://` (or `rediss+cluster://`) URL, else None."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.removesuffix('+cluster')}://{rest}" if scheme in CLUSTER_SCHEMES else None
+
+
+def connect(url: str, **options: Any) -> StoreClient:
+    """A client for the gate's Redis. `redis+cluster://host:port` (or `rediss+cluster://`)
+    reaches a Redis Cluster through that node; any other URL is one server.
+
+    A single server is connected on first use; a cluster client asks the node for the
+    cluster's layout at once, and raises one of STORE_ERRORS if it does not answer.
+    """
+    node = _cluster_url(url)
+    if node is not None:
+        return redis.cluster.RedisCluster.from_url(node, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def connect_async(url: str, **options: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    """`connect` for asyncio clients."""
+    node = _cluster_url(url)
+    if node is not None:
+        return redis.asyncio.RedisCluster.from_url(node, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def _unreachable(url: str, exc: Exception) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the gate's Redis at {url} failed: {type(exc).__name__}: {exc}; check that "
+        "Redis runs and that THROTTLE_REDIS_URL points at it",
+        url,
+    )
+
+
 def _describe_client(client: Any) -> str:
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
     if "path" in kwargs:
@@ -214,11 +254,7 @@ class _GateBase:
         return keys, [member or "", seconds * 1000, now, "1" if tool.pool else "0"]
 
     def _store_error(self, exc: Exception) -> StoreUnavailable:
-        return StoreUnavailable(
-            f"the gate's Redis at {self.url} failed: {type(exc).__name__}: {exc}; check that "
-            "Redis runs and that THROTTLE_REDIS_URL points at it",
-            self.url,
-        )
+        return _unreachable(self.url, exc)
 
     @staticmethod
     def _decision(raw: Sequence[Any]) -> Decision:
@@ -241,9 +277,12 @@ class Gate(_GateBase):
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
-            self.client: redis.Redis | redis.cluster.RedisCluster = redis.Redis.from_url(
-                redis_url_or_client, **_client_options(socket_timeout_s)
-            )
+            try:
+                self.client: StoreClient = connect(
+                    redis_url_or_client, **_client_options(socket_timeout_s)
+                )
+            except STORE_ERRORS as exc:
+                raise _unreachable(url, exc) from exc
         else:
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)
@@ -392,9 +431,12 @@ class AsyncGate(_GateBase):
             options["retry"] = redis.asyncio.retry.Retry(
                 NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
             )
-            self.client: redis.asyncio.Redis | redis.asyncio.RedisCluster = (
-                redis.asyncio.Redis.from_url(redis_url_or_client, **options)
-            )
+            try:
+                self.client: redis.asyncio.Redis | redis.asyncio.RedisCluster = connect_async(
+                    redis_url_or_client, **options
+                )
+            except STORE_ERRORS as exc:
+                raise _unreachable(url, exc) from exc
         else:
             self.client = redis_url_or_client
             url = _describe_client(redis_url_or_client)

@@ -22,9 +22,10 @@ import time
 import weakref
 from typing import Any
 
-import redis
 from celery import signals
 
+from throttle.errors import StoreUnavailable
+from throttle.gate import STORE_ERRORS
 from throttle.stats import StatsBuffer
 
 logger = logging.getLogger("throttle.metrics")
@@ -72,7 +73,7 @@ def flush() -> None:
     for throttle, buffer in pending:
         try:
             buffer.flush(throttle.gate.client)
-        except redis.RedisError as exc:
+        except (*STORE_ERRORS, StoreUnavailable) as exc:
             logger.debug("metrics flush to Redis failed (%s); kept for the next one", exc)
         except Exception:  # the flusher thread must outlive any surprise
             logger.warning("metrics flush failed", exc_info=True)

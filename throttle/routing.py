@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import redis
 from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
@@ -21,7 +20,7 @@ from kombu import Queue  # type: ignore[attr-defined]
 from throttle.bootsteps import THROTTLES, FireDueTimers, ReapLostCalls
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
-from throttle.gate import Gate
+from throttle.gate import Gate, StoreClient
 from throttle.keys import DEFAULT_PREFIX
 from throttle.task import ThrottledTask
 
@@ -58,7 +57,7 @@ class Throttle:
         redis_url: str | None = None,
         *,
         prefix: str = DEFAULT_PREFIX,
-        redis_client: redis.Redis | None = None,
+        redis_client: StoreClient | None = None,
     ) -> None:
         self.app = app
         self.config = config if isinstance(config, Config) else load_config(config)

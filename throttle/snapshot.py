@@ -17,9 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
+from throttle.gate import StoreClient
 from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key
 from throttle.queues import QueueDepths
 from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
@@ -109,7 +108,7 @@ class _Window:
     rsv: str | None = None
 
 
-def _window_units(client: redis.Redis, now_ms: float, windows: list[_Window]) -> list[float]:
+def _window_units(client: StoreClient, now_ms: float, windows: list[_Window]) -> list[float]:
     """Units admitted in each window now: counts, then costs where a log holds weighted calls.
 
     A tool's log also holds reservations; those in the window are due but not yet admitted.
@@ -149,7 +148,7 @@ def _window_units(client: redis.Redis, now_ms: float, windows: list[_Window]) ->
 
 
 def read_snapshot(
-    client: redis.Redis, config: Config, prefix: str, queues: QueueDepths | None = None
+    client: StoreClient, config: Config, prefix: str, queues: QueueDepths | None = None
 ) -> Snapshot:
     """Read every tool and pool of `config` under `prefix` (raises redis.RedisError)."""
     seconds, micros = client.time()

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from throttle.config import Config, load_config
-from throttle.gate import mask_url
+from throttle.gate import StoreClient, connect, mask_url
 from throttle.keys import DEFAULT_PREFIX, check_prefix
 from throttle.queues import QueueDepths
 
@@ -39,8 +38,8 @@ class Sources:
     prefix: str
     config: Config
 
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
+    def redis(self) -> StoreClient:
+        return connect(
             self.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
         )

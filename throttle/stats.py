@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from throttle.gate import StoreClient
 from throttle.keys import recent_stats_key, stats_key
 
 DELAY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -93,7 +94,7 @@ class StatsBuffer:
         self._sums.clear()
         self._recent.clear()
 
-    def flush(self, client: redis.Redis) -> int:
+    def flush(self, client: StoreClient) -> int:
         """Write the pending counts in one pipeline; returns how many fields it wrote.
 
         On a Redis error the counts are kept for the next flush, and the error is raised.

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import click
-import redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -20,6 +19,7 @@ from rich.text import Text
 
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
+from throttle.gate import STORE_ERRORS, StoreClient
 from throttle.queues import QueueDepths
 from throttle.snapshot import Snapshot, ToolView, read_snapshot
 from throttle.sources import Sources, resolve_sources, source_options
@@ -107,12 +107,23 @@ def _sources(redis_url: str, broker_url: str | None, prefix: str,
         raise click.ClickException(str(exc)) from None
 
 
-def _read(client: redis.Redis, sources: Sources, queues: QueueDepths) -> Snapshot:
+def _connect(sources: Sources) -> StoreClient:
+    try:
+        return sources.redis()
+    except STORE_ERRORS as exc:  # a cluster client asks for the cluster's layout at once
+        raise _unreadable(exc, sources) from None
+
+
+def _read(client: StoreClient, sources: Sources, queues: QueueDepths) -> Snapshot:
     try:
         return read_snapshot(client, sources.config, sources.prefix, queues)
-    except redis.RedisError as exc:
-        raise click.ClickException(f"cannot read the gate's Redis ({exc}); "
-                                   f"reading {sources.describe()}") from None
+    except STORE_ERRORS as exc:
+        raise _unreadable(exc, sources) from None
+
+
+def _unreadable(exc: Exception, sources: Sources) -> click.ClickException:
+    return click.ClickException(f"cannot read the gate's Redis ({exc}); "
+                                f"reading {sources.describe()}")
 
 
 def _title(snapshot: Snapshot, sources: Sources) -> str:
@@ -126,7 +137,7 @@ def status(redis_url: str, broker_url: str | None, prefix: str, config_path: Pat
     """Print each tool's limits and state now: window use, reserved slots, queue depth,
     admitted / delayed / fallback in the last minute, cooldown left and pool use."""
     sources = _sources(redis_url, broker_url, prefix, config_path)
-    client, queues = sources.redis(), sources.queues()
+    client, queues = _connect(sources), sources.queues()
     try:
         snapshot = _read(client, sources, queues)
         _console().print(render(snapshot, _title(snapshot, sources)))
@@ -145,7 +156,7 @@ def top(interval: float, count: int, redis_url: str, broker_url: str | None, pre
         config_path: Path | None) -> None:
     """The `status` table, refreshed every --interval seconds until Ctrl-C."""
     sources = _sources(redis_url, broker_url, prefix, config_path)
-    client, queues = sources.redis(), sources.queues()
+    client, queues = _connect(sources), sources.queues()
     console = _console()
     done = 0
     try:

@@ -199,13 +199,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def _decide(self, kwargs: dict[str, Any]) -> Decision:
         """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
-        gate = self.throttle.gate
         member = self.request.id
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
         for _ in range(MAX_SLEEPS):
             try:
-                decision = gate.acquire(
+                decision = self.throttle.gate.acquire(
                     self.tool.name, member, key=key, cost=cost,
                     deadline_s=self._deadline_left_s(),
                 )

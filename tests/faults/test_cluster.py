@@ -22,9 +22,12 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.crc import key_slot
 
-from tests.support.servers import RedisServer, redis_cluster
-from throttle import Action, AsyncGate, Gate, load_config
+from tests.support.servers import RedisServer, free_port, redis_cluster
+from throttle import Action, AsyncGate, Gate, StoreUnavailable, load_config
+from throttle.exporter import ThrottleCollector
 from throttle.keys import redelivery_key, tool_keys
+from throttle.snapshot import read_snapshot
+from throttle.sources import Sources
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -161,3 +164,49 @@ def test_pools_leases_and_the_other_gate_calls_work_on_the_cluster(
     assert async_actions == {"admit": 50, "delay": 50}
     client.close()
 
+
+
+def test_a_cluster_url_serves_the_gate_status_and_the_exporter(
+    cluster_nodes: list[RedisServer],
+) -> None:
+    """`redis+cluster://host:port` (THROTTLE_REDIS_URL) reaches the cluster through one node:
+    the gate (sync and asyncio), `throttle status`'s snapshot and the exporter all work."""
+    url = f"redis+cluster://127.0.0.1:{cluster_nodes[0].port}"
+    prefix = f"{PREFIX}-url"
+    config = load_config({"tools": {
+        "search": {"limits": ["3/60s"], "max_delay": "90s"},
+        "orders": {"limits": ["3/60s"], "max_delay": "90s"},
+    }})
+    gate = Gate(url, config, prefix=prefix)
+    assert isinstance(gate.client, redis.cluster.RedisCluster)
+    searches = [gate.acquire("search", f"s{i}").action for i in range(5)]
+
+    async def async_orders() -> list[Action]:
+        agate = AsyncGate(url, config, prefix=prefix)
+        try:
+            return [(await agate.acquire("orders", f"o{i}")).action for i in range(4)]
+        finally:
+            await agate.client.aclose()
+
+    orders = asyncio.run(async_orders())
+    sources = Sources(redis_url=url, broker_url="memory://", prefix=prefix, config=config)
+    snapshot = read_snapshot(sources.redis(), config, prefix)
+    used = {view.tool.name: (view.shortest.used if view.shortest else None, view.reserved)
+            for view in snapshot.tools}
+    scraped = {metric.name: metric.samples for metric in ThrottleCollector(sources, None).collect()}
+    in_window = {s.labels["tool_name"]: s.value for s in scraped["tool_requests_in_window"]}
+    print(f"\ncluster URL: search {Counter(a.value for a in searches)}, orders (asyncio) "
+          f"{Counter(a.value for a in orders)}; status (used, reserved) {used}; exporter "
+          f"in window {in_window}")
+    assert searches == [Action.ADMIT] * 3 + [Action.DELAY] * 2
+    assert orders == [Action.ADMIT] * 3 + [Action.DELAY]
+    assert used == {"search": (3, 2), "orders": (3, 1)}
+    assert scraped["throttle_exporter_redis_up"][0].value == 1
+    assert in_window == {"search": 3, "orders": 3}
+    gate.client.close()
+
+
+def test_an_unreachable_cluster_url_is_a_store_error_with_the_fix() -> None:
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    with pytest.raises(StoreUnavailable, match="check that Redis runs and that THROTTLE_REDIS_URL"):
+        Gate(url, load_config(CONFIG), socket_timeout_s=0.5)

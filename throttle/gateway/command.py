@@ -16,7 +16,7 @@ import click
 import redis
 
 from throttle.errors import ThrottleError
-from throttle.gate import mask_url
+from throttle.gate import connect, mask_url
 from throttle.gateway.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PUBLISH_THREADS,
@@ -117,7 +117,7 @@ def _check_reachable(settings: GatewaySettings) -> None:
     for name, url, variable in (("gate's Redis", settings.redis_url, "THROTTLE_REDIS_URL"),
                                 ("result backend", settings.result_backend,
                                  "THROTTLE_RESULT_BACKEND")):
-        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+        client = connect(url, socket_timeout=3, socket_connect_timeout=3)
         try:
             client.ping()
         except redis.RedisError as exc:

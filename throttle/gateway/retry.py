@@ -23,8 +23,8 @@ logger = logging.getLogger("throttle.gateway")
 
 
 async def retry_after_s(
-    client: redis.asyncio.Redis, prefix: str, tool: ToolConfig, key_value: object,
-    budget_s: float,
+    client: redis.asyncio.Redis | redis.asyncio.RedisCluster, prefix: str, tool: ToolConfig,
+    key_value: object, budget_s: float,
 ) -> int:
     """Whole seconds (at least 1) until a call of `tool` with this deadline could fit."""
     keys = keys_for(prefix, tool, key_value)

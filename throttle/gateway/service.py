@@ -28,7 +28,7 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.uuid import uuid
 
 from throttle.errors import InvalidToolCall
-from throttle.gate import mask_url
+from throttle.gate import connect_async, mask_url
 from throttle.gateway.chat import ChatCall, completion, takes_chat
 from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.retry import retry_after_s
@@ -83,7 +83,7 @@ class Gateway:
         options: dict[str, Any] = {"socket_connect_timeout": SOCKET_TIMEOUT_S,
                                    "socket_timeout": SOCKET_TIMEOUT_S}
         self.results = redis.asyncio.Redis.from_url(settings.result_backend, **options)
-        self.store = redis.asyncio.Redis.from_url(settings.redis_url, **options)
+        self.store = connect_async(settings.redis_url, **options)
         self.waiter = ResultWaiter(self.results, self._decode, sweep_s=settings.sweep_s)
 
     async def start(self) -> None:
@@ -194,7 +194,7 @@ class Gateway:
         return answers
 
     @staticmethod
-    async def _ping(client: redis.asyncio.Redis) -> None:
+    async def _ping(client: redis.asyncio.Redis | redis.asyncio.RedisCluster) -> None:
         await client.ping()
 
     def _check_broker(self) -> None:
