@@ -5,7 +5,8 @@ each EVALSHA goes to one node (the client refuses, and a node answers CROSSSLOT 
 several slots); scripts are loaded on the node that answers NOSCRIPT. 3 processes decide one
 call each of every tenant, in the same order, at a limit of 1/60s per tenant with a 90 s
 max_delay: each tenant must get exactly one admission, one reservation a window later and
-one fallback, whichever process asked first.
+one fallback, whichever process asked first. A `redis+cluster://` URL serves the gate, the
+monitoring commands and real Celery workers.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio.cluster
 import redis.cluster
 from redis.crc import key_slot
 
+from tests.integration.test_celery_flow import burst, tool
 from tests.support.servers import RedisServer, free_port, redis_cluster
+from tests.support.workers import check_ledger
 from throttle import Action, AsyncGate, Gate, StoreUnavailable, load_config
 from throttle.exporter import ThrottleCollector
 from throttle.keys import redelivery_key, tool_keys
@@ -81,10 +85,9 @@ def cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Red
 def test_every_decision_keeps_its_keys_in_one_slot(cluster_nodes: list[RedisServer]) -> None:
     config = load_config(CONFIG)
     for i in range(TENANTS):
-        for name, tool in config.tools.items():
-            keys = tool_keys(
-                PREFIX, name, tenant(i), pool=tool.pool, concurrency=tool.concurrency is not None
-            )
+        for name, configured in config.tools.items():
+            keys = tool_keys(PREFIX, name, tenant(i), pool=configured.pool,
+                             concurrency=configured.concurrency is not None)
             names = [*keys.as_list(), redelivery_key(keys, "some-task-id")]
             assert len({key_slot(key.encode()) for key in names}) == 1, names
 
@@ -210,3 +213,21 @@ def test_an_unreachable_cluster_url_is_a_store_error_with_the_fix() -> None:
     url = f"redis+cluster://127.0.0.1:{free_port()}"
     with pytest.raises(StoreUnavailable, match="check that Redis runs and that THROTTLE_REDIS_URL"):
         Gate(url, load_config(CONFIG), socket_timeout_s=0.5)
+
+
+@pytest.mark.celery
+def test_celery_workers_keep_a_limit_on_the_cluster_by_url(
+    cluster_nodes: list[RedisServer], make_cluster: Any, redis_url: str,
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    """Two worker nodes whose gate is `redis+cluster://`: 120 calls at 20/1s all run, no
+    window holds more than 20 (the ledger stays on the suite's private Redis)."""
+    url = f"redis+cluster://127.0.0.1:{cluster_nodes[1].port}"
+    workers = make_cluster({"tools": {"clustered": tool(["20/1s"], "30s")}},
+                           env={"THROTTLE_REDIS_URL": url, "THROTTLE_TEST_LEDGER_URL": redis_url})
+    results, _ = burst(workers, "clustered", 120)
+    workers.start(2, concurrency=2)
+    check = check_ledger(results, redis_client, prefix, window_s=1.0, timeout_s=40)
+    print(f"\ncelery workers, gate on the cluster by URL: {check}/20")
+    assert check.ended == {"result": 120} and check.run_twice == 0
+    assert check.most <= 20
