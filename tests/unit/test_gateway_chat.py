@@ -7,11 +7,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
+from tests.support.servers import free_port
 from throttle import Config, load_config
 from throttle.errors import ConfigError
 from throttle.gateway.chat import completion, read_call
+from throttle.gateway.command import _check_reachable
 from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.settings import GatewaySettings, keys_from_env
 
@@ -163,3 +166,14 @@ def test_the_settings_refuse_a_default_tool_that_does_not_take_chat_completions(
         {"THROTTLE_GATEWAY_KEYS": " k-1 ,, k-2 "}), **urls)
     assert settings.accepts("k-2") and not settings.accepts("k-3")
     assert "k-1" not in repr(settings) and "k-1" not in str(settings.key_digests)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_the_gateway_refuses_to_start_when_the_gate_s_redis_does_not_answer(
+    config: Config, scheme: str,
+) -> None:
+    port = free_port()
+    settings = GatewaySettings(config=config, redis_url=f"{scheme}://127.0.0.1:{port}",
+                               broker_url="memory://", result_backend=f"redis://127.0.0.1:{port}")
+    with pytest.raises(click.ClickException, match=r"does not answer.*set THROTTLE_REDIS_URL"):
+        _check_reachable(settings)

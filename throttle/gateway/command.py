@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import redis
 
 from throttle.errors import ThrottleError
-from throttle.gate import connect, mask_url
+from throttle.gate import STORE_ERRORS, connect, mask_url
 from throttle.gateway.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PUBLISH_THREADS,
@@ -117,14 +116,15 @@ def _check_reachable(settings: GatewaySettings) -> None:
     for name, url, variable in (("gate's Redis", settings.redis_url, "THROTTLE_REDIS_URL"),
                                 ("result backend", settings.result_backend,
                                  "THROTTLE_RESULT_BACKEND")):
-        client = connect(url, socket_timeout=3, socket_connect_timeout=3)
         try:
-            client.ping()
-        except redis.RedisError as exc:
+            client = connect(url, socket_timeout=3, socket_connect_timeout=3)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except STORE_ERRORS as exc:
             raise click.ClickException(f"the {name} at {mask_url(url)} does not answer ({exc}); "
                                        f"start it or set {variable}") from None
-        finally:
-            client.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
