@@ -3,7 +3,9 @@
 Settings come from the environment:
   THROTTLE_BROKER_URL      broker (default: THROTTLE_REDIS_URL); amqp://... for RabbitMQ
   THROTTLE_RESULT_BACKEND  result backend (default: THROTTLE_REDIS_URL)
-  THROTTLE_REDIS_URL       the gate's Redis (default redis://127.0.0.1:6379/0)
+  THROTTLE_REDIS_URL       the gate's Redis (default redis://127.0.0.1:6379/0); for a Redis
+                           Cluster, redis+cluster://host:port, with the broker and the
+                           result backend set on their own (Celery's are not cluster-aware)
   THROTTLE_CONFIG          tools file (default: config/tools.toml of this project)
   THROTTLE_PREFIX          Redis key prefix of the gate (default "throttle")
   THROTTLE_TASK_EVENTS     "0" turns off task events (on by default, so Flower shows calls,
