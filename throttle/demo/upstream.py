@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from throttle.errors import ThrottleError
+from throttle.demo.real import DemoError
 
 STUB_LATENCY_S = 0.05
 STUB_MODEL = "stub-1"
@@ -24,10 +24,6 @@ STUB_KEY = "demo"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 _READY = "listening on "
-
-
-class UpstreamError(ThrottleError):
-    """The stub upstream did not start."""
 
 
 @contextmanager
@@ -66,7 +62,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> str:
         if _READY + "http://" in text:
             return text.split(_READY, 1)[1].split()[0]
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise UpstreamError(f"the demo's stub LLM upstream (throttle stub-llm) did not "
+            raise DemoError(f"the demo's stub LLM upstream (throttle stub-llm) did not "
                                 f"start:\n{text[-2000:]}")
         time.sleep(0.05)
 
