@@ -50,11 +50,10 @@ def message(kwargs: Mapping[str, Any], headers: Mapping[str, Any], check_at: flo
 def reap(throttle: Throttle, tools: Iterable[str], *, now_s: float | None = None) -> int:
     """Re-publish the lost calls of `tools`; returns how many were re-published."""
     now_s = time.time() if now_s is None else now_s
-    gate = throttle.gate
     published = 0
     for tool in tools:
-        try:
-            claimed = gate.claim_lost(tool, retry_s=RETRY_S, now_s=now_s)
+        try:  # the gate too: a cluster client is made only once the cluster answers
+            claimed = throttle.gate.claim_lost(tool, retry_s=RETRY_S, now_s=now_s)
         except StoreUnavailable as exc:
             logger.warning("tool %s: lost calls not checked (%s)", tool, exc)
             return published

@@ -12,6 +12,7 @@ monitoring commands and real Celery workers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import time
 from collections import Counter, defaultdict
@@ -22,12 +23,13 @@ from typing import Any
 import pytest
 import redis.asyncio.cluster
 import redis.cluster
+from celery import Celery
 from redis.crc import key_slot
 
 from tests.integration.test_celery_flow import burst, tool
 from tests.support.servers import RedisServer, free_port, redis_cluster
 from tests.support.workers import check_ledger
-from throttle import Action, AsyncGate, Gate, StoreUnavailable, load_config
+from throttle import Action, AsyncGate, Gate, StoreUnavailable, Throttle, load_config, recovery
 from throttle.exporter import ThrottleCollector
 from throttle.keys import redelivery_key, tool_keys
 from throttle.snapshot import read_snapshot
@@ -209,10 +211,18 @@ def test_a_cluster_url_serves_the_gate_status_and_the_exporter(
     gate.client.close()
 
 
-def test_an_unreachable_cluster_url_is_a_store_error_with_the_fix() -> None:
+def test_an_unreachable_cluster_url_is_a_store_error_with_the_fix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     url = f"redis+cluster://127.0.0.1:{free_port()}"
     with pytest.raises(StoreUnavailable, match="check that Redis runs and that THROTTLE_REDIS_URL"):
         Gate(url, load_config(CONFIG), socket_timeout_s=0.5)
+    # A worker's reaper only warns (and tries again next second): it never stops the worker.
+    throttle = Throttle(Celery("unreachable", broker="memory://", set_as_current=False),
+                        load_config(CONFIG), url)
+    with caplog.at_level(logging.WARNING, logger="throttle"):
+        assert recovery.reap(throttle, ["per_tenant"]) == 0
+    assert "lost calls not checked" in caplog.text
 
 
 @pytest.mark.celery
