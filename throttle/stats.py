@@ -25,9 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
-from throttle.gate import StoreClient
+from throttle.gate import STORE_ERRORS, StoreClient
 from throttle.keys import recent_stats_key, stats_key
 
 DELAY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -116,7 +114,7 @@ class StatsBuffer:
             pipe.expire(key, RECENT_TTL_S)
         try:
             pipe.execute()
-        except redis.RedisError:
+        except STORE_ERRORS:
             with self._lock:
                 for item, count in counts.items():
                     self._counts[item] += count
