@@ -159,14 +159,10 @@ def demo_tools_only(raw: Mapping[str, Any], *, llm: bool = True) -> dict[str, An
     """
     document = dict(raw)
     tools, pools = raw.get("tools"), raw.get("pools")
-    if not isinstance(tools, Mapping):
-        return document
-    if not any(name in DEMO_TOOLS for name in tools):
+    if not isinstance(tools, Mapping) or not any(name in DEMO_TOOLS for name in tools):
         return document
     wanted = (*DEMO_TOOLS, LLM_TOOL) if llm else DEMO_TOOLS
     kept = {name: body for name, body in tools.items() if name in wanted}
-    if not kept:
-        return document
     defaults = raw.get("defaults", {})
     defaults = defaults if isinstance(defaults, Mapping) else {}
     used = {{**defaults, **body}.get("pool") for body in kept.values() if isinstance(body, Mapping)}

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from throttle.demo.real import DemoError
+from throttle.demo.real import DemoError, stop_processes
 
 STUB_LATENCY_S = 0.05
 STUB_MODEL = "stub-1"
@@ -52,7 +52,7 @@ def stub_upstream() -> Iterator[str]:
                     else:
                         os.environ[name] = value
         finally:
-            _stop(proc)
+            stop_processes([proc], STOP_TIMEOUT_S)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> str:
@@ -63,15 +63,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> str:
             return text.split(_READY, 1)[1].split()[0]
         if proc.poll() is not None or time.monotonic() > deadline:
             raise DemoError(f"the demo's stub LLM upstream (throttle stub-llm) did not "
-                                f"start:\n{text[-2000:]}")
+                            f"start:\n{text[-2000:]}")
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
