@@ -5,8 +5,9 @@
   GET  /healthz               200 when the gate's Redis, the result backend and the broker
                               answer, else 503 naming what failed
 
-The caller's Authorization header is checked against THROTTLE_GATEWAY_KEYS (when set) and
-goes no further: not into the call's arguments, a log line or an error message.
+The caller's Authorization header is checked against THROTTLE_GATEWAY_KEYS (when set); the
+tenant its key is bound to keys the call's limits. The key goes no further: not into the
+call's arguments, a log line or an error message.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from throttle.gateway.callers import KEYS_VARIABLE, LOCAL_TENANT
 from throttle.gateway.chat import read_call
 from throttle.gateway.errors import ApiError
 from throttle.gateway.metrics import GatewayMetrics
 from throttle.gateway.service import Gateway
-from throttle.gateway.settings import KEYS_VARIABLE, GatewaySettings
+from throttle.gateway.settings import GatewaySettings
 
 logger = logging.getLogger("throttle.gateway")
 
@@ -68,10 +70,10 @@ def make_app(settings: GatewaySettings) -> FastAPI:
         started = time.perf_counter()
         tool: str | None = None
         try:
-            check_key(request.headers.get("authorization"), settings)
+            tenant = tenant_of(request.headers.get("authorization"), settings)
             deadline_s = read_deadline(request.headers.get(DEADLINE_HEADER))
             body = await read_json(request, settings.max_body_bytes)
-            call = read_call(body, settings.config, settings.default_tool)
+            call = read_call(body, settings.config, settings.default_tool, tenant)
             tool = call.tool
             answer = await gateway.complete(call, deadline_s)
             response: Response = JSONResponse(answer.body, answer.status, answer.headers)
@@ -103,19 +105,22 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), error.status, error.headers)
 
 
-def check_key(header: str | None, settings: GatewaySettings) -> None:
-    """Refuse the request (401) unless it carries one of the configured keys, if any."""
-    if not settings.key_digests:
-        return
+def tenant_of(header: str | None, settings: GatewaySettings) -> str:
+    """The tenant the request's key is bound to; 401 unless it carries a configured key
+    (no key configured: every caller is tenant `local`)."""
+    if settings.callers.open:
+        return LOCAL_TENANT
     scheme, _, token = (header or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "no API key: send 'Authorization: Bearer <key>' with a key the "
                        f"gateway accepts (listed in its {KEYS_VARIABLE})",
                        code="missing_api_key")
-    if not settings.accepts(token.strip()):
+    tenant = settings.callers.tenant_of(token.strip())
+    if tenant is None:
         raise ApiError(401, "the API key sent is not one the gateway accepts (it is not "
                        f"shown); use a key listed in the gateway's {KEYS_VARIABLE}",
                        code="invalid_api_key")
+    return tenant
 
 
 def read_deadline(raw: str | None) -> float | None:
