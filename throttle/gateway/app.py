@@ -35,6 +35,9 @@ from throttle.gateway.settings import GatewaySettings
 logger = logging.getLogger("throttle.gateway")
 
 DEADLINE_HEADER = "x-throttle-max-delay"
+# Deeper bodies are refused before anything walks them (a schema check, pickling, a log):
+# OpenAI's own function schemas allow 5 levels of nesting; a request adds about 6 around one.
+MAX_BODY_DEPTH = 64
 
 
 def make_app(settings: GatewaySettings) -> FastAPI:
@@ -157,7 +160,47 @@ async def read_json(request: Request, limit_bytes: int) -> Any:
         raise ApiError(400, "the request has no body; send a JSON chat-completions request "
                        "(messages, tools, tool_choice)", code="invalid_json")
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks), parse_constant=_refuse_constant,
+                          parse_float=_finite_float)
+    except RecursionError:  # nested past Python's own limit
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object "
                        "with Content-Type: application/json", code="invalid_json") from None
+    if nesting_depth(body) > MAX_BODY_DEPTH:
+        raise _too_deep()
+    return body
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the request body nests arrays and objects more than "
+                    f"{MAX_BODY_DEPTH} levels deep; flatten it (no chat request needs that "
+                    "many)", code="too_deep")
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} does not fit a 64-bit float; send a finite number")
+    return value
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar: 0), without
+    recursion, so no depth can exhaust the stack."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_BODY_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
