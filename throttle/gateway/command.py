@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from throttle.errors import ThrottleError
+from throttle.extras import require_extra
 from throttle.gate import STORE_ERRORS, connect, mask_url
 from throttle.gateway.settings import (
     DEFAULT_MAX_BODY_BYTES,
@@ -67,6 +68,7 @@ def gateway(
     the upstream with their own THROTTLE_LLM_API_KEY. See docs/gateway.md.
     """
     try:
+        require_extra("gateway", "throttle gateway")
         sources = resolve_sources(redis_url, broker_url, prefix, config_path)
         settings = GatewaySettings(
             config=sources.config, redis_url=sources.redis_url, broker_url=sources.broker_url,
