@@ -25,11 +25,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
-from throttle.gate import STORE_ERRORS, StoreClient
 from throttle.queues import QueueDepths
 from throttle.snapshot import Snapshot, read_snapshot
 from throttle.sources import Sources, resolve_sources, source_options
 from throttle.stats import OUTCOMES
+from throttle.store import STORE_ERRORS, StoreClient
 
 DEFAULT_PORT = 9808
 

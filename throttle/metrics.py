@@ -25,8 +25,8 @@ from typing import Any
 from celery import signals
 
 from throttle.errors import StoreUnavailable
-from throttle.gate import STORE_ERRORS
 from throttle.stats import StatsBuffer
+from throttle.store import STORE_ERRORS
 
 logger = logging.getLogger("throttle.metrics")
 

@@ -16,7 +16,6 @@ import click
 
 from throttle.errors import ThrottleError
 from throttle.extras import require_extra
-from throttle.gate import STORE_ERRORS, connect, mask_url
 from throttle.gateway.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PUBLISH_THREADS,
@@ -27,6 +26,7 @@ from throttle.gateway.settings import (
     keys_from_env,
 )
 from throttle.sources import resolve_sources, source_options
+from throttle.store import STORE_ERRORS, connect, mask_url
 
 logger = logging.getLogger("throttle.gateway")
 
