@@ -21,11 +21,11 @@ from rich.text import Text
 
 from throttle.config import Config, format_ms, load_config
 from throttle.errors import ThrottleError
-from throttle.exporter import exporter
 from throttle.extras import require_extra
-from throttle.flower_cmd import flower
 from throttle.gateway.command import gateway
-from throttle.status import status, top
+from throttle.monitor.exporter import exporter
+from throttle.monitor.flower import flower
+from throttle.monitor.status import status, top
 from throttle.stub.command import stub_llm
 
 DEFAULT_CONFIG = Path("config") / "tools.toml"

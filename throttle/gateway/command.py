@@ -25,7 +25,7 @@ from throttle.gateway.settings import (
     GatewaySettings,
     keys_from_env,
 )
-from throttle.sources import resolve_sources, source_options
+from throttle.monitor.sources import resolve_sources, source_options
 from throttle.store import STORE_ERRORS, connect, mask_url
 
 logger = logging.getLogger("throttle.gateway")

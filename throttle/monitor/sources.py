@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from throttle.config import Config, load_config
 from throttle.keys import DEFAULT_PREFIX, check_prefix
-from throttle.queues import QueueDepths
+from throttle.monitor.queues import QueueDepths
 from throttle.store import DEFAULT_REDIS_URL, StoreClient, connect, mask_url
 
 LOCAL_CONFIG = Path("config") / "tools.toml"
