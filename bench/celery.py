@@ -44,8 +44,8 @@ from rich.table import Table
 
 from bench.apps import Node, build, start_nodes, stop_nodes
 from throttle import fallback_reason
-from throttle.gate import mask_url
 from throttle.routing import SAFE_DEFAULTS
+from throttle.store import mask_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SIZES = {  # name: (default, --quick)

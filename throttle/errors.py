@@ -5,7 +5,8 @@
     ├── StoreUnavailable     Redis could not be reached or answered with an error
     ├── Throttled            the call cannot run before its deadline; carries the fallback
     ├── InvalidToolCall      the arguments break the tool's parameter schema or size limit
-    └── UpstreamBusy         raised by a tool body: the upstream asked for a pause (429/503)
+    ├── UpstreamBusy         raised by a tool body: the upstream asked for a pause (429/503)
+    └── MissingExtra         a command needs an optional part: names the extra to install
 """
 
 from __future__ import annotations
@@ -71,3 +72,7 @@ class UpstreamBusy(ThrottleError):
 
     def __str__(self) -> str:
         return f"the upstream asked for a pause of {self.retry_after_s:g}s: {self.message}"
+
+
+class MissingExtra(ThrottleError):
+    """A command needs modules of an extra that is not installed; says which to install."""

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from throttle.errors import UpstreamBusy
-from throttle.gate import mask_url
+from throttle.store import mask_url
 from workers.tools.retry_hints import pause_s
 
 logger = logging.getLogger(__name__)
