@@ -35,8 +35,8 @@ from throttle.gateway.settings import GatewaySettings
 logger = logging.getLogger("throttle.gateway")
 
 DEADLINE_HEADER = "x-throttle-max-delay"
-# Deeper bodies are refused before anything walks them (a schema check, pickling, a log):
-# OpenAI's own function schemas allow 5 levels of nesting; a request adds about 6 around one.
+# Deeper bodies are refused before anything walks them (a schema check, pickling, a log). A
+# message's content parts sit 4 levels deep and a tool's parameters 4 plus their own nesting.
 MAX_BODY_DEPTH = 64
 
 

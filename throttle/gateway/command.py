@@ -62,7 +62,8 @@ def gateway(
 
     Each request becomes a call of a throttle tool (the forced function's, when it is a
     configured chat tool, else --default-tool) and is answered once a worker ran it: the
-    completion, or a 429 with Retry-After and the tool's fallback. Callers' keys are checked
+    completion, or a 429 with Retry-After and the tool's fallback (a 400 for a call costing
+    more than a limit allows). Callers' keys are checked
     against THROTTLE_GATEWAY_KEYS (tenant:key,...; none set: any caller, on loopback only),
     and the key's tenant keys the limits; the workers call the upstream with their own
     THROTTLE_LLM_API_KEY. See docs/gateway.md.
