@@ -1,10 +1,14 @@
 """Every error throttle raises, under one root (args are kept picklable and JSON-safe).
 
+The LLM tool's errors (`workers.tools.llm_http.LLMError` and its subclasses) and the demo's
+`DemoError` live beside the code that raises them, under the same root.
+
     ThrottleError
     ├── ConfigError          the config is wrong: names the file, the tool and the field
     ├── StoreUnavailable     Redis could not be reached or answered with an error
     ├── Throttled            the call cannot run before its deadline; carries the fallback
     ├── InvalidToolCall      the arguments break the tool's parameter schema or size limit
+    │                        (also a ValueError)
     ├── UpstreamBusy         raised by a tool body: the upstream asked for a pause (429/503)
     └── MissingExtra         a command needs an optional part: names the extra to install
 """
@@ -46,7 +50,7 @@ class Throttled(ThrottleError):
         return f"tool {self.tool!r} is throttled: {self.reason}"
 
 
-class InvalidToolCall(ThrottleError):
+class InvalidToolCall(ThrottleError, ValueError):
     """The call's arguments are invalid for the tool; never retried."""
 
     def __init__(self, tool: str, message: str) -> None:

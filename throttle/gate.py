@@ -175,7 +175,7 @@ class _GateBase:
     ) -> tuple[list[str], list[Any]]:
         tool = self.config.tool(tool_name)
         if not seconds > 0:
-            raise ValueError(f"a cooldown must last more than 0 s, got {seconds!r}")
+            raise InvalidToolCall(tool_name, f"a cooldown must last more than 0 s, got {seconds!r}")
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         keys = self._keys(tool, key).as_list()
         return keys, [member or "", seconds * 1000, now, "1" if tool.pool else "0"]
