@@ -28,6 +28,8 @@ from throttle.errors import StoreUnavailable
 from throttle.gate import STORE_ERRORS
 from throttle.stats import StatsBuffer
 
+DELAYS = "throttle_delays"  # the header throttle/task.py counts a call's delays in
+
 logger = logging.getLogger("throttle.metrics")
 
 FLUSH_INTERVAL_S = 1.0
@@ -43,7 +45,10 @@ _worker_task_events = False  # set from the worker's -E flag (see _note_task_eve
 def observe_decision(task: Any, outcome: str, reason: str, wait_s: float) -> None:
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
     try:
-        _buffer(task).add_decision(task.tool.name, outcome, reason, wait_s, time.time())
+        request = task.request
+        delays_before = int(getattr(request, DELAYS, 0) or 0)
+        _buffer(task).add_decision(task.tool.name, outcome, reason, wait_s, time.time(),
+                                   call_id=request.id, delays_before=delays_before)
         if outcome in EVENT_TYPES:
             _send_event(task, outcome, reason, wait_s)
     except Exception:  # metrics must never break a call

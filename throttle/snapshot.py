@@ -19,9 +19,10 @@ from typing import Any
 
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
 from throttle.gate import StoreClient
-from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key
+from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key, waiting_key
 from throttle.queues import QueueDepths
 from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
+from throttle.waiting import DELAY_REASONS, GRACE_S
 
 logger = logging.getLogger("throttle.snapshot")
 
@@ -49,6 +50,12 @@ class ToolView:
     cooldown_s: float | None
     last_minute: Mapping[str, int]
     totals: ToolTotals
+    waiting: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def waiting_calls(self) -> int:
+        """Calls held in workers with an ETA, whatever the reason."""
+        return sum(self.waiting.values())
 
     @property
     def shortest(self) -> WindowUse | None:
@@ -167,6 +174,8 @@ def read_snapshot(
             pipe.hgetall(name)
         pipe.pttl(keys.cooldown)
         pipe.zcount(keys.rsv, now_ms - tool.longest_window_ms, "+inf")
+        for reason in DELAY_REASONS:
+            pipe.zcount(waiting_key(prefix, tool.name, reason), now_ms - GRACE_S * 1000, "+inf")
     for _, keys in pools.values():
         pipe.pttl(keys.cooldown)
     raw: Iterator[Any] = iter(pipe.execute())
@@ -189,6 +198,7 @@ def read_snapshot(
         totals = parse_totals(next(raw))
         recent = sum_recent([next(raw) for _ in range(RECENT_BUCKETS)])
         cooldown_s, reserved = cooldown_left_s(next(raw)), int(next(raw))
+        waiting = {reason: int(next(raw)) for reason in DELAY_REASONS}
         per_key = tool.key is not None
         views.append(ToolView(
             tool=tool,
@@ -199,6 +209,7 @@ def read_snapshot(
             cooldown_s=None if per_key and not tool.pool else cooldown_s,
             last_minute=recent,
             totals=totals,
+            waiting=waiting,
         ))
     pool_views = {
         name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),

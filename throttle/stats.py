@@ -4,7 +4,9 @@ Each tool has one hash of running totals (`keys.stats_key`) and short-lived hash
 same counts per 10 s bucket (`keys.recent_stats_key`), so `throttle status` can show the
 last minute. Fields::
 
-    decision:<outcome>:<reason>     calls decided (outcome admit, delay or fallback)
+    decision:<outcome>:<reason>     gate decisions (outcome admit, delay or fallback); a call
+                                    delayed twice makes two delay decisions
+    delayed_calls:<reason>          calls delayed at least once, by the reason of their first
     delay:le:<bound>                delays given, per histogram bucket (not cumulative)
     delay:sum, delay:count          seconds of delay given, and how many
     run:<status>:le:<bound>         body durations per bucket; status success, error, busy
@@ -14,19 +16,22 @@ last minute. Fields::
 Workers add to a `StatsBuffer` in memory and flush it in one pipeline (HINCRBY /
 HINCRBYFLOAT), so no call pays a Redis round trip for its metrics. Each flush renews the
 totals' expiry (30 days): idle tools' counters go away, like every other throttle key.
+The same flush keeps the sets of calls waiting with an ETA (throttle/waiting.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from throttle.gate import STORE_ERRORS, StoreClient
-from throttle.keys import recent_stats_key, stats_key
+from throttle.keys import recent_stats_key, stats_key, waiting_key
+from throttle.waiting import DELAY_REASONS, KEY_TTL_S, STALE_S, reason_label
 
 DELAY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -55,11 +60,18 @@ class StatsBuffer:
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
         self._sums: dict[tuple[str, str], float] = defaultdict(float)
         self._recent: set[str] = set()
+        # (tool, task id) -> (reason, ETA ms) of a delay, or None; True: it may have waited
+        self._waiting: dict[tuple[str, str], tuple[tuple[str, float] | None, bool]] = {}
 
     def add_decision(
-        self, tool: str, outcome: str, reason: str, wait_s: float, at_s: float
+        self, tool: str, outcome: str, reason: str, wait_s: float, at_s: float,
+        call_id: str | None = None, delays_before: int | None = None,
     ) -> None:
-        """Count one decision (and, for a delay, the wait it gave) at wall time `at_s`."""
+        """Count one decision (and, for a delay, the wait it gave) at wall time `at_s`.
+
+        `call_id` and `delays_before` (how often the call was delayed before) keep the
+        waiting calls' sets and the count of delayed calls; without them only decisions count.
+        """
         totals = stats_key(self.prefix, tool)
         recent = recent_stats_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
         name = f"decision:{outcome}:{reason}"
@@ -67,6 +79,16 @@ class StatsBuffer:
             self._counts[totals, name] += 1
             self._counts[recent, name] += 1
             self._recent.add(recent)
+            if delays_before is None:
+                call_id, delays_before = None, 0
+            elif outcome == "delay" and delays_before == 0:
+                self._counts[totals, f"delayed_calls:{reason}"] += 1
+                self._counts[recent, f"delayed_calls:{reason}"] += 1
+            if call_id is not None and (outcome == "delay" or delays_before > 0):
+                held = ((reason_label("delay", reason), (at_s + wait_s) * 1000)
+                        if outcome == "delay" else None)
+                _, cleared = self._waiting.get((tool, call_id), (None, False))
+                self._waiting[tool, call_id] = (held, cleared or delays_before > 0)
             if outcome == "delay":
                 self._counts[totals, f"delay:le:{_bucket(DELAY_BUCKETS_S, wait_s)}"] += 1
                 self._counts[totals, "delay:count"] += 1
@@ -91,6 +113,7 @@ class StatsBuffer:
         self._counts.clear()
         self._sums.clear()
         self._recent.clear()
+        self._waiting.clear()
 
     def flush(self, client: StoreClient) -> int:
         """Write the pending counts in one pipeline; returns how many fields it wrote.
@@ -101,9 +124,11 @@ class StatsBuffer:
             counts, self._counts = self._counts, defaultdict(int)
             sums, self._sums = self._sums, defaultdict(float)
             recent, self._recent = self._recent, set()
-        if not counts and not sums:
+            waiting, self._waiting = self._waiting, {}
+        if not counts and not sums and not waiting:
             return 0
         pipe = client.pipeline(transaction=False)
+        self._write_waiting(pipe, waiting)
         for (key, name), count in counts.items():
             pipe.hincrby(key, name, count)
         for (key, name), total in sums.items():
@@ -121,8 +146,26 @@ class StatsBuffer:
                 for item, total in sums.items():
                     self._sums[item] += total
                 self._recent |= recent
+                self._waiting = waiting | self._waiting  # a newer decision wins
             raise
-        return len(counts) + len(sums)
+        return len(counts) + len(sums) + len(waiting)
+
+    def _write_waiting(
+        self, pipe: Any, waiting: Mapping[tuple[str, str], tuple[tuple[str, float] | None, bool]]
+    ) -> None:
+        """Take decided calls out of every reason's set; put delayed ones in their reason's."""
+        touched: set[str] = set()
+        for (tool, call_id), (held, cleared) in waiting.items():
+            if cleared:
+                for reason in DELAY_REASONS:
+                    pipe.zrem(waiting_key(self.prefix, tool, reason), call_id)
+            if held is not None:
+                key = waiting_key(self.prefix, tool, held[0])
+                pipe.zadd(key, {call_id: held[1]})
+                touched.add(key)
+        for key in touched:
+            pipe.zremrangebyscore(key, "-inf", f"({(time.time() - STALE_S) * 1000}")
+            pipe.expire(key, KEY_TTL_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +191,7 @@ class ToolTotals:
     """One tool's counters, read back from Redis."""
 
     decisions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    delayed_calls: Mapping[str, int] = field(default_factory=dict)
     delay: Histogram | None = None
     runs: Mapping[str, Histogram] = field(default_factory=dict)
     store_errors: int = 0
@@ -175,16 +219,20 @@ def parse_totals(raw: Mapping[Any, Any]) -> ToolTotals:
     """A tool's counters from the HGETALL of its stats hash (or of several, summed)."""
     fields = {_text(name): _text(value) for name, value in raw.items()}
     decisions: dict[str, dict[str, int]] = {}
+    delayed_calls: dict[str, int] = {}
     statuses: set[str] = set()
     for name, value in fields.items():
         kind, _, rest = name.partition(":")
         if kind == "decision":
             outcome, _, reason = rest.partition(":")
             decisions.setdefault(outcome, {})[reason] = int(value)
+        elif kind == "delayed_calls":
+            delayed_calls[rest] = int(value)
         elif kind == "run":
             statuses.add(rest.partition(":")[0])
     return ToolTotals(
         decisions=decisions,
+        delayed_calls=delayed_calls,
         delay=_histogram(fields, "delay", DELAY_BUCKETS_S),
         runs={status: _histogram(fields, f"run:{status}", DURATION_BUCKETS_S)
               for status in sorted(statuses)},
@@ -200,12 +248,14 @@ def recent_keys(prefix: str, tool: str, now_s: float) -> list[str]:
 
 
 def sum_recent(raws: list[Mapping[Any, Any]]) -> dict[str, int]:
-    """Decisions per outcome over the HGETALLs of a tool's recent buckets."""
-    totals = dict.fromkeys(OUTCOMES, 0)
+    """Decisions per outcome, and "delayed_calls", over the HGETALLs of a tool's recent buckets."""
+    totals = dict.fromkeys((*OUTCOMES, "delayed_calls"), 0)
     for raw in raws:
         for name, value in raw.items():
             kind, _, rest = _text(name).partition(":")
             if kind == "decision":
                 outcome = rest.partition(":")[0]
                 totals[outcome] = totals.get(outcome, 0) + int(value)
+            elif kind == "delayed_calls":
+                totals[kind] += int(value)
     return totals

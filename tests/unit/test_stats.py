@@ -54,7 +54,7 @@ def test_a_flush_writes_every_count_once_and_they_read_back_as_totals(
     assert totals.store_errors == 1
 
     recent = [redis_client.hgetall(key) for key in recent_keys(prefix, "search", now)]
-    assert sum_recent(recent) == {"admit": 3, "delay": 4, "fallback": 1}
+    assert sum_recent(recent) == {"admit": 3, "delay": 4, "fallback": 1, "delayed_calls": 0}
     ttl = redis_client.ttl(recent_keys(prefix, "search", now)[0])
     assert 0 < ttl <= RECENT_TTL_S
     assert RECENT_TTL_S < redis_client.ttl(stats_key(prefix, "search")) <= TOTALS_TTL_S
