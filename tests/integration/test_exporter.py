@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 
 from tests.apps.ledger import build
 from tests.support.monitoring import (
@@ -29,6 +30,7 @@ from throttle import outcome
 pytestmark = [pytest.mark.redis]
 
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "throttle.json"
+RULES = ROOT / "config" / "prometheus-rules.yml"
 
 
 def declared(text: str) -> set[str]:
@@ -119,6 +121,13 @@ def test_gauges_show_window_use_reservations_pool_use_cooldown_and_queue_depth(
                      for target in panel["targets"])
     named = set(re.findall(r"\b(?:throttle|tool|function)_[a-z_]+", exprs)) - {"tool_name"}
     assert named - declared(url_text) == set(), "the dashboard names metrics nobody exports"
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    recorded = {rule["record"] for group in rules for rule in group["rules"] if "record" in rule}
+    exprs = " ".join(rule["expr"] for group in rules for rule in group["rules"])
+    for name in recorded:
+        exprs = exprs.replace(name, "")
+    named = set(re.findall(r"\b(?:throttle|tool|function)_[a-z_]+", exprs))
+    assert named and named - declared(url_text) == set(), "the alerts name metrics nobody exports"
 
 
 def test_the_exporter_reports_redis_down_instead_of_failing_the_scrape(
