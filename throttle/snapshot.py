@@ -48,7 +48,7 @@ class ToolView:
     reserved: int | None
     queue_depth: int | None
     cooldown_s: float | None
-    last_minute: Mapping[str, int]
+    last_minute: Mapping[str, float]
     totals: ToolTotals
     waiting: Mapping[str, int] = field(default_factory=dict)
 

@@ -7,6 +7,8 @@ last minute. Fields::
     decision:<outcome>:<reason>     gate decisions (outcome admit, delay or fallback); a call
                                     delayed twice makes two delay decisions
     delayed_calls:<reason>          calls delayed at least once, by the reason of their first
+    arrived                         (10 s buckets only) calls decided for the first time
+    body:sum, body:count            (10 s buckets only) seconds of tool bodies, and how many
     delay:le:<bound>                delays given, per histogram bucket (not cumulative)
     delay:sum, delay:count          seconds of delay given, and how many
     run:<status>:le:<bound>         body durations per bucket; status success, error, busy
@@ -81,9 +83,11 @@ class StatsBuffer:
             self._recent.add(recent)
             if delays_before is None:
                 call_id, delays_before = None, 0
-            elif outcome == "delay" and delays_before == 0:
-                self._counts[totals, f"delayed_calls:{reason}"] += 1
-                self._counts[recent, f"delayed_calls:{reason}"] += 1
+            elif delays_before == 0:
+                self._counts[recent, "arrived"] += 1
+                if outcome == "delay":
+                    self._counts[totals, f"delayed_calls:{reason}"] += 1
+                    self._counts[recent, f"delayed_calls:{reason}"] += 1
             if call_id is not None and (outcome == "delay" or delays_before > 0):
                 held = ((reason_label("delay", reason), (at_s + wait_s) * 1000)
                         if outcome == "delay" else None)
@@ -94,10 +98,15 @@ class StatsBuffer:
                 self._counts[totals, "delay:count"] += 1
                 self._sums[totals, "delay:sum"] += wait_s
 
-    def add_run(self, tool: str, status: str, seconds: float) -> None:
-        """Count one body run of `seconds` that ended with `status`."""
+    def add_run(self, tool: str, status: str, seconds: float, at_s: float | None = None) -> None:
+        """Count one body run of `seconds` that ended with `status` at wall time `at_s`."""
         totals = stats_key(self.prefix, tool)
+        at_s = time.time() if at_s is None else at_s
+        recent = recent_stats_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
         with self._lock:
+            self._counts[recent, "body:count"] += 1
+            self._sums[recent, "body:sum"] += seconds
+            self._recent.add(recent)
             self._counts[totals, f"run:{status}:le:{_bucket(DURATION_BUCKETS_S, seconds)}"] += 1
             self._counts[totals, f"run:{status}:count"] += 1
             self._sums[totals, f"run:{status}:sum"] += seconds
@@ -247,15 +256,22 @@ def recent_keys(prefix: str, tool: str, now_s: float) -> list[str]:
             for i in range(RECENT_BUCKETS)]
 
 
-def sum_recent(raws: list[Mapping[Any, Any]]) -> dict[str, int]:
-    """Decisions per outcome, and "delayed_calls", over the HGETALLs of a tool's recent buckets."""
-    totals = dict.fromkeys((*OUTCOMES, "delayed_calls"), 0)
+RECENT_FIELDS = (*OUTCOMES, "delayed_calls", "arrived", "body:sum", "body:count")
+
+
+def sum_recent(raws: list[Mapping[Any, Any]]) -> dict[str, float]:
+    """Over the HGETALLs of a tool's recent buckets: decisions per outcome, calls delayed,
+    calls arrived, and the seconds and count of tool bodies (the keys of RECENT_FIELDS)."""
+    totals = dict.fromkeys(RECENT_FIELDS, 0.0)
     for raw in raws:
         for name, value in raw.items():
-            kind, _, rest = _text(name).partition(":")
+            field_name = _text(name)
+            kind, _, rest = field_name.partition(":")
             if kind == "decision":
                 outcome = rest.partition(":")[0]
                 totals[outcome] = totals.get(outcome, 0) + int(value)
             elif kind == "delayed_calls":
                 totals[kind] += int(value)
+            elif field_name in RECENT_FIELDS:
+                totals[field_name] += float(value)
     return totals
