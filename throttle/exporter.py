@@ -27,7 +27,7 @@ from throttle.config import format_ms
 from throttle.errors import ThrottleError
 from throttle.gate import STORE_ERRORS, StoreClient
 from throttle.queues import QueueDepths
-from throttle.snapshot import Snapshot, ToolView, read_snapshot
+from throttle.snapshot import Snapshot, read_snapshot
 from throttle.sources import Sources, resolve_sources, source_options
 from throttle.stats import OUTCOMES
 from throttle.waiting import OTHER, REASONS, reason_label
@@ -111,17 +111,6 @@ def by_label(outcome: str, counts: Mapping[str, int]) -> dict[str, int]:
     return labelled
 
 
-def effective_rate(snapshot: Snapshot, view: ToolView) -> float:
-    """The tool's tightest limit as a rate, lowered by its class's allowance in its pool."""
-    rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
-    pool = snapshot.pools.get(view.tool.pool or "")
-    if pool is not None and view.tool.priority in pool.pool.shares:
-        share = pool.pool.shares[view.tool.priority]
-        rate = min(rate, *(share * limit.max * 1000 / limit.window_ms
-                           for limit in pool.pool.limits))
-    return rate
-
-
 def gauges(snapshot: Snapshot) -> Iterator[Metric]:
     """What Redis and the broker hold now: window use, queues, cooldowns, pool use."""
     in_window = GaugeMetricFamily("tool_requests_in_window",
@@ -148,7 +137,7 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
         name = view.tool.name
         rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
         limit_rate.add_metric([name], rate)
-        effective.add_metric([name], effective_rate(snapshot, view))
+        effective.add_metric([name], snapshot.effective_rate(view))
         for reason, count in by_label("delay", view.waiting).items():
             waiting.add_metric([name, reason], count)
         if view.shortest is not None:

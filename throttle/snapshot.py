@@ -95,6 +95,17 @@ class Snapshot:
             return None
         return self.pools[tool.pool].class_use(tool.priority)
 
+    def effective_rate(self, view: ToolView) -> float:
+        """The tool's tightest limit as a rate (per second), lowered to its class's allowance
+        (share x max) in its pool; the allowance is shared by every tool of the class."""
+        rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
+        pool = self.pools.get(view.tool.pool or "")
+        if pool is not None and view.tool.priority in pool.pool.shares:
+            share = pool.pool.shares[view.tool.priority]
+            rate = min(rate, *(share * limit.max * 1000 / limit.window_ms
+                               for limit in pool.pool.limits))
+        return rate
+
 
 def _keys(prefix: str, tool: ToolConfig) -> ToolKeys:
     # A per-key tool's key value is not known here; its pool keys do not depend on it.

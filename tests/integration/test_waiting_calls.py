@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner
 
 from tests.apps.ledger import build
 from tests.support.monitoring import exporter, ledger_tool, scrape, total, value
+from tests.support.servers import write_config
 from tests.support.workers import ledger
 from throttle import metrics, task
+from throttle.cli import main
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -42,6 +46,10 @@ def test_every_call_held_by_two_workers_is_counted_once_then_leaves_the_count_wh
         while (held := waiting(scrape(url))) != (15, 0) and time.monotonic() < deadline:
             time.sleep(0.2)
         during = scrape(url)
+        shown = CliRunner().invoke(main, [
+            "status", "--redis-url", redis_url, "--broker-url", redis_dbs[0], "--prefix", prefix,
+            "--config", str(write_config(config, tmp_path / "tools.toml"))],
+            env={"COLUMNS": "80"}).output
         for result in results:
             result.get(timeout=60)
         time.sleep(2 * metrics.FLUSH_INTERVAL_S + 0.5)  # the last decisions' flush
@@ -53,6 +61,10 @@ def test_every_call_held_by_two_workers_is_counted_once_then_leaves_the_count_wh
           f"{decisions} delay decisions; held by {len({run['pid'] for run in runs})} processes")
     assert held == (15, 0), "15 calls were held in workers with an ETA, none queued"
     assert total(during, "throttle_waiting_calls", tool="paced", reason="reserved") == 15
+    row = next(line for line in shown.splitlines() if line.strip().startswith("paced "))
+    print(shown)
+    # tool, window, rsv, queue, wait: the 15 held calls hold 15 reserved slots
+    assert re.split(r"\s{2,}", row.strip())[2:5] == ["15", "0", "15"]
     assert len(runs) == 20 and delayed_runs == 15
     assert waiting(after) == (0, 0)
     assert total(after, "throttle_delayed_calls_total", tool="paced") == delayed_runs
