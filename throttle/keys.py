@@ -28,6 +28,7 @@ Counters for monitoring (written by the workers' metrics, never by a gate script
 
     <prefix>:stats:{t}           HASH  field -> running total (see throttle/stats.py)
     <prefix>:stats:{t}:<epoch s> HASH  the same fields for one 10 s bucket, expiring soon
+    <prefix>:stats:{t}:limits    STRING  the limits the tool's workers enforce ("100/1m")
     <prefix>:stats:{t}:waiting:<reason>  ZSET  calls held with an ETA, member = task id,
                                  score = ETA (ms); see throttle/waiting.py
 
@@ -170,6 +171,11 @@ def stats_key(prefix: str, tool: str) -> str:
 def recent_stats_key(prefix: str, tool: str, bucket_s: int) -> str:
     """The hash of `tool`'s counts in the short bucket starting at `bucket_s` (epoch seconds)."""
     return f"{stats_key(prefix, tool)}:{bucket_s}"
+
+
+def limits_key(prefix: str, tool: str) -> str:
+    """The limits `tool`'s workers last enforced, as text, so `status` can spot another config."""
+    return f"{stats_key(prefix, tool)}:limits"
 
 
 def waiting_key(prefix: str, tool: str, reason: str) -> str:

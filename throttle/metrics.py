@@ -47,12 +47,19 @@ def observe_decision(task: Any, outcome: str, reason: str, wait_s: float) -> Non
     try:
         request = task.request
         delays_before = int(getattr(request, DELAYS, 0) or 0)
-        _buffer(task).add_decision(task.tool.name, outcome, reason, wait_s, time.time(),
+        buffer = _buffer(task)
+        buffer.note_limits(task.tool.name, limits_text(task.tool))
+        buffer.add_decision(task.tool.name, outcome, reason, wait_s, time.time(),
                                    call_id=request.id, delays_before=delays_before)
         if outcome in EVENT_TYPES:
             _send_event(task, outcome, reason, wait_s)
     except Exception:  # metrics must never break a call
         logger.debug("could not count a decision of %s", _name(task), exc_info=True)
+
+
+def limits_text(tool: Any) -> str:
+    """A tool's limits as its config writes them ("100/1m, 1000/1h")."""
+    return ", ".join(str(limit) for limit in tool.limits)
 
 
 def observe_run(task: Any, status: str, seconds: float) -> None:

@@ -19,7 +19,14 @@ from typing import Any
 
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
 from throttle.gate import StoreClient
-from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key, waiting_key
+from throttle.keys import (
+    ToolKeys,
+    cooldown_left_s,
+    keys_for,
+    limits_key,
+    stats_key,
+    waiting_key,
+)
 from throttle.queues import QueueDepths
 from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
 from throttle.waiting import DELAY_REASONS, GRACE_S
@@ -51,6 +58,7 @@ class ToolView:
     last_minute: Mapping[str, float]
     totals: ToolTotals
     waiting: Mapping[str, int] = field(default_factory=dict)
+    enforced_limits: str | None = None  # what the tool's workers last enforced, if known
 
     @property
     def waiting_calls(self) -> int:
@@ -105,6 +113,10 @@ class Snapshot:
             rate = min(rate, *(share * limit.max * 1000 / limit.window_ms
                                for limit in pool.pool.limits))
         return rate
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _keys(prefix: str, tool: ToolConfig) -> ToolKeys:
@@ -185,6 +197,7 @@ def read_snapshot(
             pipe.hgetall(name)
         pipe.pttl(keys.cooldown)
         pipe.zcount(keys.rsv, now_ms - tool.longest_window_ms, "+inf")
+        pipe.get(limits_key(prefix, tool.name))
         for reason in DELAY_REASONS:
             pipe.zcount(waiting_key(prefix, tool.name, reason), now_ms - GRACE_S * 1000, "+inf")
     for _, keys in pools.values():
@@ -209,6 +222,7 @@ def read_snapshot(
         totals = parse_totals(next(raw))
         recent = sum_recent([next(raw) for _ in range(RECENT_BUCKETS)])
         cooldown_s, reserved = cooldown_left_s(next(raw)), int(next(raw))
+        enforced = next(raw)
         waiting = {reason: int(next(raw)) for reason in DELAY_REASONS}
         per_key = tool.key is not None
         views.append(ToolView(
@@ -221,6 +235,7 @@ def read_snapshot(
             last_minute=recent,
             totals=totals,
             waiting=waiting,
+            enforced_limits=None if enforced is None else _text(enforced),
         ))
     pool_views = {
         name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),

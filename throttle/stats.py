@@ -15,6 +15,9 @@ last minute. Fields::
     run:<status>:sum, :count
     store_errors                    the gate's store failed
 
+Beside them, `keys.limits_key` holds the limits the workers enforce (expiring an hour after
+the last call), so `throttle status` can warn when it reads with another config.
+
 Workers add to a `StatsBuffer` in memory and flush it in one pipeline (HINCRBY /
 HINCRBYFLOAT), so no call pays a Redis round trip for its metrics. Each flush renews the
 totals' expiry (30 days): idle tools' counters go away, like every other throttle key.
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from throttle.gate import STORE_ERRORS, StoreClient
-from throttle.keys import recent_stats_key, stats_key, waiting_key
+from throttle.keys import limits_key, recent_stats_key, stats_key, waiting_key
 from throttle.waiting import DELAY_REASONS, KEY_TTL_S, STALE_S, reason_label
 
 DELAY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -41,6 +44,7 @@ RECENT_BUCKET_S = 10
 RECENT_BUCKETS = 6  # the last minute: the current bucket and the five before it
 RECENT_TTL_S = RECENT_BUCKET_S * (RECENT_BUCKETS + 2)
 TOTALS_TTL_S = 30 * 86_400  # a tool idle for 30 days starts its counters again
+LIMITS_TTL_S = 3600
 OUTCOMES = ("admit", "delay", "fallback")
 
 
@@ -64,6 +68,7 @@ class StatsBuffer:
         self._recent: set[str] = set()
         # (tool, task id) -> (reason, ETA ms) of a delay, or None; True: it may have waited
         self._waiting: dict[tuple[str, str], tuple[tuple[str, float] | None, bool]] = {}
+        self._limits: dict[str, str] = {}
 
     def add_decision(
         self, tool: str, outcome: str, reason: str, wait_s: float, at_s: float,
@@ -98,6 +103,10 @@ class StatsBuffer:
                 self._counts[totals, "delay:count"] += 1
                 self._sums[totals, "delay:sum"] += wait_s
 
+    def note_limits(self, tool: str, limits: str) -> None:
+        """Record the limits this process enforces for `tool` (written at the next flush)."""
+        self._limits[tool] = limits
+
     def add_run(self, tool: str, status: str, seconds: float, at_s: float | None = None) -> None:
         """Count one body run of `seconds` that ended with `status` at wall time `at_s`."""
         totals = stats_key(self.prefix, tool)
@@ -123,6 +132,7 @@ class StatsBuffer:
         self._sums.clear()
         self._recent.clear()
         self._waiting.clear()
+        self._limits.clear()
 
     def flush(self, client: StoreClient) -> int:
         """Write the pending counts in one pipeline; returns how many fields it wrote.
@@ -134,9 +144,12 @@ class StatsBuffer:
             sums, self._sums = self._sums, defaultdict(float)
             recent, self._recent = self._recent, set()
             waiting, self._waiting = self._waiting, {}
+            limits, self._limits = self._limits, {}
         if not counts and not sums and not waiting:
             return 0
         pipe = client.pipeline(transaction=False)
+        for tool, text in limits.items():
+            pipe.set(limits_key(self.prefix, tool), text, ex=LIMITS_TTL_S)
         self._write_waiting(pipe, waiting)
         for (key, name), count in counts.items():
             pipe.hincrby(key, name, count)

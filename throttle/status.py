@@ -21,7 +21,7 @@ from throttle.gate import STORE_ERRORS, StoreClient
 from throttle.queues import QueueDepths
 from throttle.snapshot import Snapshot, read_snapshot
 from throttle.sources import Sources, resolve_sources, source_options
-from throttle.status_tables import render
+from throttle.status_tables import limit_warnings, render
 
 PIPED_WIDTH = 160
 
@@ -67,7 +67,8 @@ def _title(snapshot: Snapshot, sources: Sources) -> str:
 
 
 def _view(snapshot: Snapshot, sources: Sources, console: Console) -> Group:
-    return render(snapshot, _title(snapshot, sources), console.width)
+    warnings = limit_warnings(snapshot, str(sources.config.source))
+    return render(snapshot, _title(snapshot, sources), console.width, warnings)
 
 
 @click.command(short_help="Each tool's limits, window use, queue and recent decisions.")

@@ -117,7 +117,7 @@ def capacity_table(snapshot: Snapshot) -> Table:
     span_s = (RECENT_BUCKETS - 1) * RECENT_BUCKET_S + snapshot.at_s % RECENT_BUCKET_S
     table = Table(title="capacity, last minute", title_justify="left", header_style="bold",
                   box=box.SIMPLE, pad_edge=False, caption=CAPACITY_NOTE, caption_justify="left")
-    for name in ("tool", "arriving/s", "admitted/s", "limit/s", "body s", "slots needed"):
+    for name in ("tool", "arriving/s", "admitted/s", "limit/s", "body ms", "slots needed"):
         table.add_column(name, justify="left" if name == "tool" else "right",
                          no_wrap=name != "tool", overflow="ellipsis" if name == "tool" else "fold",
                          min_width=None if name == "tool" else len(name))
@@ -130,7 +130,7 @@ def capacity_table(snapshot: Snapshot) -> Table:
         calls_per_s = min(arriving, limit) if view.tool.cost == 1 else arriving
         slots = None if body_s is None else calls_per_s * body_s
         table.add_row(view.tool.name, _rate(arriving), _rate(admitted), _rate(limit),
-                      DASH if body_s is None else f"{body_s:.3g}",
+                      DASH if body_s is None else f"{body_s * 1000:.3g}",
                       DASH if slots is None else f"{slots:.1f}")
     return table
 
@@ -148,6 +148,20 @@ def pool_lines(snapshot: Snapshot) -> list[Text]:
     if any(pool.class_use(name) > 1 for pool in snapshot.pools.values()
            for name in pool.pool.shares):
         lines.append(Text(POOL_NOTE, style="dim"))
+    return lines
+
+
+def limit_warnings(snapshot: Snapshot, config_source: str) -> list[str]:
+    """A line per tool whose workers enforce other limits than the config read here says."""
+    lines = []
+    for view in snapshot.tools:
+        configured = ", ".join(str(limit) for limit in view.tool.limits)
+        if view.enforced_limits is not None and view.enforced_limits != configured:
+            lines.append(
+                f"{view.tool.name}: its workers enforce {view.enforced_limits}, but "
+                f"{config_source} says {configured}, so its windows here are wrong; pass the "
+                "workers' tools file (--config or THROTTLE_CONFIG)"
+            )
     return lines
 
 

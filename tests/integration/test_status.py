@@ -133,10 +133,10 @@ def test_status_advises_the_worker_slots_a_tool_needs_from_its_last_minute(
     lines = output.splitlines()
     capacity = lines[next(i for i, line in enumerate(lines) if "capacity" in line):]
     row = narrow_row("\n".join(capacity), "slow")
-    arriving, admitted, limit, body_s, slots = map(float, row[1:6])
+    arriving, admitted, limit, body_ms, slots = map(float, row[1:6])
     assert arriving == admitted > 0 and limit == 10  # every call admitted
-    assert 0.2 <= body_s < 1.0  # each body sleeps 0.2 s
-    assert slots == pytest.approx(min(arriving, limit) * body_s, abs=0.06)
+    assert 200 <= body_ms < 1000  # each body sleeps 0.2 s
+    assert slots == pytest.approx(min(arriving, limit) * body_ms / 1000, abs=0.06)
 
 
 def test_top_redraws_the_table_until_its_count_of_refreshes(
