@@ -46,15 +46,29 @@ def observe_decision(task: Any, outcome: str, reason: str, wait_s: float) -> Non
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
     try:
         request = task.request
-        delays_before = int(getattr(request, DELAYS, 0) or 0)
+        delays_before = _delays_before(request)
         buffer = _buffer(task)
         buffer.note_limits(task.tool.name, limits_text(task.tool))
         buffer.add_decision(task.tool.name, outcome, reason, wait_s, time.time(),
-                                   call_id=request.id, delays_before=delays_before)
+                            call_id=None if delays_before is None else str(request.id),
+                            delays_before=delays_before)
         if outcome in EVENT_TYPES:
             _send_event(task, outcome, reason, wait_s)
     except Exception:  # metrics must never break a call
         logger.debug("could not count a decision of %s", _name(task), exc_info=True)
+
+
+def _delays_before(request: Any) -> int | None:
+    """How often this call was delayed before, from its header; None if the header is not a
+    count (a message made by hand): the decision then counts, the call's waiting does not."""
+    value = getattr(request, DELAYS, None) or 0
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        return None
+    return count if 0 <= count < 1_000_000 and getattr(request, "id", None) else None
 
 
 def limits_text(tool: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -118,3 +119,14 @@ def test_stats_keys_stand_apart_from_every_gate_key() -> None:
     ours = [stats_key("p", "stats"), recent_stats_key("p", "stats", 1_800_000_000)]
     assert all(key.startswith("p:stats:{stats}") for key in ours)
     assert not any(key.startswith("p:stats:") for key in gate)
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, 0), (0, 0), (3, 3), ("2", 2), ("lots", None), (-1, None), (True, None),
+    ([1], None), (10**12, None),
+])
+def test_a_hand_made_delay_count_header_is_read_as_a_count_or_ignored(
+    header: object, expected: int | None,
+) -> None:
+    request = SimpleNamespace(id="call-1", throttle_delays=header)
+    assert metrics._delays_before(request) == expected
