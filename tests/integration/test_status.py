@@ -149,6 +149,10 @@ def test_top_redraws_the_table_until_its_count_of_refreshes(
                  broker_url=redis_dbs[0], prefix=prefix, config=config).output
     assert time.monotonic() - started < 10
     assert "10/10 per 1m" in output and "shared/batch 75%" in output
+    narrow = run("top", "--count", "1", redis_url=redis_url, broker_url=redis_dbs[0],
+                 prefix=prefix, config=config, columns=80).output
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert narrow_row(narrow, "light")[1:4] == ["10/10 1m", "2", "3"]
 
 
 def test_status_names_the_redis_it_cannot_reach(tmp_path: Path, prefix: str) -> None:

@@ -35,6 +35,13 @@ def test_prometheus_yml_loads_the_rules_and_promtool_accepts_both() -> None:
     assert "SUCCESS: 9 rules found" in checked.stdout
 
 
+def test_docker_compose_mounts_the_rules_beside_prometheus_yml() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    volumes = compose["services"]["prometheus"]["volumes"]
+    assert "./config/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in volumes
+    assert "./config/prometheus-rules.yml:/etc/prometheus/prometheus-rules.yml:ro" in volumes
+
+
 def test_the_rules_record_both_ratios_and_alert_on_each_failure() -> None:
     assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS
     assert {rule["record"] for rule in rules() if "record" in rule} >= RECORDED
