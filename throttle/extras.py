@@ -4,7 +4,7 @@
 `throttle` command's check / worker / status / top / exporter). The rest are extras:
 
     gateway   fastapi, uvicorn           throttle gateway
-    demo      fakeredis[lua], matplotlib, tornado    throttle demo, throttle stub-llm
+    demo      fakeredis[lua], matplotlib, tomli-w, tornado   throttle demo, stub-llm
     flower    flower                     throttle flower
     all       every extra above
 """
@@ -17,7 +17,7 @@ from throttle.errors import MissingExtra
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "gateway": ("fastapi", "uvicorn"),
-    "demo": ("fakeredis", "lupa", "matplotlib", "tornado"),
+    "demo": ("fakeredis", "lupa", "matplotlib", "tomli_w", "tornado"),
     "flower": ("flower",),
 }
 
