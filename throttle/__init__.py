@@ -12,6 +12,7 @@ from throttle.errors import (
 from throttle.gate import Action, AsyncGate, Decision, Gate
 from throttle.routing import Throttle
 from throttle.task import ThrottledTask, fallback_reason, outcome
+from throttle.waiting import wait
 
 __all__ = [
     "Action",
@@ -30,4 +31,5 @@ __all__ = [
     "fallback_reason",
     "load_config",
     "outcome",
+    "wait",
 ]
