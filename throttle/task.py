@@ -21,10 +21,11 @@ from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
-from throttle import eager, metrics, recovery
+from throttle import eager, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
+from throttle.monitor import metrics
 
 if TYPE_CHECKING:
     from throttle.routing import Throttle

@@ -22,7 +22,7 @@ from celery import states
 from celery.backends.redis import RedisBackend
 from celery.result import AsyncResult, EagerResult
 
-from throttle.gate import mask_url
+from throttle.store import mask_url
 from throttle.waiter import ResultWaiter
 
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
