@@ -1,5 +1,6 @@
 """throttle: a distributed throttler for LLM tool calls on Celery and Redis."""
 
+from throttle.awaiting import wait
 from throttle.config import Config, load_config
 from throttle.errors import (
     ConfigError,
@@ -12,7 +13,6 @@ from throttle.errors import (
 from throttle.gate import Action, AsyncGate, Decision, Gate
 from throttle.routing import Throttle
 from throttle.task import ThrottledTask, fallback_reason, outcome
-from throttle.waiting import wait
 
 __all__ = [
     "Action",
