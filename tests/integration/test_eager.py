@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 from celery import Celery, states
 from celery.result import EagerResult
 
-from throttle import Throttle, fallback_reason, load_config, outcome
+from throttle import Throttle, fallback_reason, load_config, outcome, wait
 
 pytestmark = [pytest.mark.redis]
 
@@ -82,6 +83,7 @@ def test_an_eager_call_whose_slot_misses_its_deadline_falls_back_at_once(eager: 
     assert late.get() == {"n": -1}
     assert outcome(late) == "fallback"
     assert fallback_reason(late) == "deadline"
+    assert asyncio.run(wait(late)) == {"n": -1}  # awaiting an eager call answers at once
     assert ran == [0, 1]
     # Nothing was reserved for it: the next call takes the first free slot.
     again = pair.delay(n=3)

@@ -15,6 +15,7 @@ from celery.exceptions import TaskRevokedError
 
 import throttle
 from tests.apps.ledger import build
+from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -123,6 +124,19 @@ def test_a_timeout_says_what_to_check_and_a_wrong_backend_is_refused(
         with pytest.raises(TimeoutError, match=r"no answer after 0\.3s.*serves its tool's queue"):
             await throttle.wait(result, timeout=0.3)
         assert time.monotonic() - started < 2.0
+        # A wait cancelled (say, the HTTP client went away) leaves nothing behind.
+        waiting = asyncio.create_task(throttle.wait(result))
+        await asyncio.sleep(0.3)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert len(asyncio.all_tasks()) == 1
+        # A result backend that does not answer: said plainly, without its password.
+        dead = Celery("dead", backend=f"redis://:s3cret@127.0.0.1:{free_port()}/0",
+                      set_as_current=False)
+        with pytest.raises(ConnectionError, match="cannot be reached") as info:
+            await throttle.wait(dead.AsyncResult("x"), timeout=5)
+        assert "s3cret" not in str(info.value) and "***" in str(info.value)
         with pytest.raises(TypeError, match="Redis result backend"):
             await throttle.wait(Celery("no-backend", set_as_current=False).AsyncResult("x"))
         with pytest.raises(TypeError, match="AsyncResult of one call"):
