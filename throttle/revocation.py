@@ -68,9 +68,12 @@ class HeldCallChecker:
         if revocations == self._seen:
             return 0
         self._seen = revocations
+        revoked, by_stamp = worker_state.revoked, bool(worker_state.revoked_stamps)
         discarded = 0
         for request in list(worker_state.scheduled_requests):
-            if isinstance(request.task, ThrottledTask) and request.revoked():
+            maybe = request.id in revoked or (by_stamp and request.stamped_headers)
+            # revoked() does Celery's full check and, if so, discards the call.
+            if maybe and isinstance(request.task, ThrottledTask) and request.revoked():
                 discarded += 1
         return discarded
 

@@ -163,3 +163,40 @@ def test_revoking_delayed_calls_frees_their_slots_with_rabbitmq_as_the_broker(
     cluster = make_cluster({"tools": {"pair": tool(["2/4s"])}}, broker_url=rabbitmq)
     cluster.start(1, concurrency=2)
     run_revoke_scenario(cluster, redis_client, prefix, by="id")
+
+
+def test_give_back_frees_a_keyed_reservation_and_shrugs_off_odd_requests(
+    redis_url: str, redis_client: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The `task_revoked` receiver alone (no worker): the reservation of the revoked call's
+    own key is freed; a request without its key, or with junk arguments, only logs."""
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from throttle import Throttle, load_config
+    from throttle.revocation import give_back
+
+    app = Celery("revoke-unit", broker="memory://", set_as_current=False)
+    config = load_config({"tools": {"keyed": {**tool(["1/10s"]), "key": "n"}}})
+    throttle = Throttle(app, config, redis_url, prefix=prefix)
+
+    @throttle.tool
+    def keyed(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    task = keyed
+    gate = throttle.gate
+    assert gate.acquire("keyed", "a", key=7).action.value == "admit"
+    reserved = gate.acquire("keyed", "b", key=7)
+    assert reserved.action.value == "delay"
+    rsv = tool_keys(prefix, "keyed", 7).rsv
+    give_back(sender=task, request=SimpleNamespace(id="b", kwargs={"n": 7}))
+    assert redis_client.zcard(rsv) == 0
+    assert gate.acquire("keyed", "c", key=7).slot_at == reserved.slot_at
+    for odd in ({}, "junk", None):
+        give_back(sender=task, request=SimpleNamespace(id="c", kwargs=odd))
+    assert "not given back" in caplog.text
+    give_back(sender=object(), request=SimpleNamespace(id="c", kwargs={}))  # not a tool task
+    assert redis_client.zscore(rsv, "c") is not None
+    gate.close()
