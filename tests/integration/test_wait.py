@@ -29,9 +29,12 @@ def tool(limits: list[str], max_delay: str) -> dict[str, Any]:
 
 
 def pubsub_connections(url: str) -> int:
+    """Pub/sub connections on `url`'s database (CLIENT LIST is server-wide: the broker's
+    pattern subscriptions on its own database are left out)."""
     client = redis.Redis.from_url(url)
+    db = client.connection_pool.connection_kwargs.get("db", 0)
     try:
-        return len(client.client_list(_type="pubsub"))
+        return sum(int(c["db"]) == db for c in client.client_list(_type="pubsub"))
     finally:
         client.close()
 
@@ -63,7 +66,9 @@ def test_many_concurrent_awaits_share_one_subscription_and_no_thread(
         answers = await asyncio.gather(*(throttle.wait(r, timeout=60) for r in results))
         done.set()
         await sampler
-        assert [throttle.outcome(r) for r in results] == ["result"] * calls
+        fell_back = [(n, throttle.fallback_reason(r)) for n, r in enumerate(results)
+                     if throttle.outcome(r) != "result"]
+        assert not fell_back, fell_back
         return (answers, most_threads - threads_before,
                 most_subscribers - subscribers_before, len(asyncio.all_tasks()))
 
