@@ -365,20 +365,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         result = self.tool.fallback
         request = self.request
         if not get_actual_ignore_result(self, request):
-            self._store_fallback(result, reason)
-            request.ignore_result = True  # read by the backend's mark_as_done: not stored twice
-            request.throttle_fallback = reason
+            self.backend.store_result(request.id, result, states.SUCCESS, request=request,
+                                      traceback=f"{FALLBACK_MARK} ({reason})")
+            # Read by the backend's mark_as_done: stored once. (Celery's backends never
+            # overwrite a SUCCESS either, so the stored fallback lists no children.)
+            request.ignore_result = True
         return result
 
-    def _store_fallback(self, result: Any, reason: str) -> None:
-        self.backend.store_result(
-            self.request.id, result, states.SUCCESS,
-            traceback=f"{FALLBACK_MARK} ({reason})", request=self.request,
-        )
-
-    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
-                     einfo: Any) -> None:
-        """Store a fallback again once Celery sent its callbacks, to record them as children."""
-        reason = getattr(self.request, "throttle_fallback", None)
-        if reason is not None and status == states.SUCCESS and self.request.children:
-            self._store_fallback(retval, reason)
