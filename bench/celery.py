@@ -44,8 +44,9 @@ from rich.table import Table
 
 from bench.apps import Node, build, start_nodes, stop_nodes
 from throttle import fallback_reason
-from throttle.gate import mask_url
 from throttle.routing import SAFE_DEFAULTS
+from throttle.store import mask_url
+from throttle.windows import most_in_window
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SIZES = {  # name: (default, --quick)
@@ -91,16 +92,6 @@ def tools_config(rate: int) -> dict[str, Any]:
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else math.nan
-
-
-def most_in_window(times: Sequence[float], window_s: float = 1.0) -> int:
-    """The most times in any half-open interval [t, t + window_s)."""
-    ordered, best, start = sorted(times), 0, 0
-    for end, at in enumerate(ordered):
-        while ordered[start] <= at - window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def rss_bytes(pid: int) -> int:
@@ -323,7 +314,8 @@ class Bench:
         late_ms = [(r["at"] - r["eta"]) * 1000 for r in delayed if r["eta"]]
         p50, p99 = percentile(late_ms, 50), percentile(late_ms, 99)
         calm_ms = [(r["at"] - r["eta"]) * 1000 for r in delayed if r["eta"] > began + first_pass_s]
-        top_admit, top_start = most_in_window(admitted), most_in_window([r["at"] for r in recs])
+        top_admit, top_start = (int(most_in_window(times, 1.0))
+                                for times in (admitted, [r["at"] for r in recs]))
         ratio = makespan / ideal_s
         cap = 1 + MARGIN_S + 0.01
         part = f"2 binding {BURST_LIMIT}/1s x3"
@@ -494,7 +486,7 @@ class Bench:
             steady = (len(starts) - 1 - lo) / (cut - starts[lo])
         else:
             steady = len(starts) / max(1e-9, cut - starts[0]) if starts else 0.0
-        top = most_in_window(starts)
+        top = int(most_in_window(starts, 1.0))
         part = f"4 rate {rate}/s, {nodes} node{'s' if nodes > 1 else ''}"
         done = f"{len(starts)}/{n} ran" + ("" if len(starts) >= n else " before cut-off")
         throttled = label.startswith("throttle")

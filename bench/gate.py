@@ -73,8 +73,8 @@ from rich.console import Console
 from rich.table import Table
 
 from throttle import AsyncGate, Decision, Gate, load_config
-from throttle.gate import mask_url
 from throttle.keys import tool_keys
+from throttle.store import mask_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_N = 20_000

@@ -45,10 +45,10 @@ from rich.table import Table
 
 from throttle import load_config
 from throttle.demo.tomltext import dumps
-from throttle.gate import mask_url
 from throttle.gateway.chat import read_call
 from throttle.gateway.service import running
 from throttle.gateway.settings import GatewaySettings
+from throttle.store import mask_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "redis://127.0.0.1:6379/0"

@@ -21,10 +21,11 @@ from rich.text import Text
 
 from throttle.config import Config, format_ms, load_config
 from throttle.errors import ThrottleError
-from throttle.exporter import exporter
-from throttle.flower_cmd import flower
+from throttle.extras import require_extra
 from throttle.gateway.command import gateway
-from throttle.status import status, top
+from throttle.monitor.exporter import exporter
+from throttle.monitor.flower import flower
+from throttle.monitor.status import status, top
 from throttle.stub.command import stub_llm
 
 DEFAULT_CONFIG = Path("config") / "tools.toml"
@@ -155,6 +156,10 @@ def demo(
     worker, fakeredis running the gate's Lua). With it, the gate runs on that Redis and one
     `celery -A workers worker` process serves each tool.
     """
+    try:
+        require_extra("demo", "throttle demo")
+    except ThrottleError as exc:
+        _fail(str(exc))
     from throttle.demo import DemoSettings, run_demo
 
     if config_path is None:

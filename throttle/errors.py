@@ -1,11 +1,16 @@
 """Every error throttle raises, under one root (args are kept picklable and JSON-safe).
 
+The LLM tool's errors (`workers.tools.llm_http.LLMError` and its subclasses) and the demo's
+`DemoError` live beside the code that raises them, under the same root.
+
     ThrottleError
     ├── ConfigError          the config is wrong: names the file, the tool and the field
     ├── StoreUnavailable     Redis could not be reached or answered with an error
     ├── Throttled            the call cannot run before its deadline; carries the fallback
     ├── InvalidToolCall      the arguments break the tool's parameter schema or size limit
-    └── UpstreamBusy         raised by a tool body: the upstream asked for a pause (429/503)
+    │                        (also a ValueError)
+    ├── UpstreamBusy         raised by a tool body: the upstream asked for a pause (429/503)
+    └── MissingExtra         a command needs an optional part: names the extra to install
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class Throttled(ThrottleError):
         return f"tool {self.tool!r} is throttled: {self.reason}"
 
 
-class InvalidToolCall(ThrottleError):
+class InvalidToolCall(ThrottleError, ValueError):
     """The call's arguments are invalid for the tool; never retried."""
 
     def __init__(self, tool: str, message: str) -> None:
@@ -71,3 +76,7 @@ class UpstreamBusy(ThrottleError):
 
     def __str__(self) -> str:
         return f"the upstream asked for a pause of {self.retry_after_s:g}s: {self.message}"
+
+
+class MissingExtra(ThrottleError):
+    """A command needs modules of an extra that is not installed; says which to install."""

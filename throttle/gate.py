@@ -17,15 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import redis
-import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from throttle.config import Config, ToolConfig
-from throttle.errors import InvalidToolCall, StoreUnavailable, Throttled
+from throttle.errors import InvalidToolCall, Throttled
 from throttle.keys import (
     DEFAULT_PREFIX,
     ToolKeys,
@@ -35,10 +29,18 @@ from throttle.keys import (
     redelivery_key,
     registry_keys,
 )
+from throttle.store import (
+    DEFAULT_SOCKET_TIMEOUT_S,
+    AsyncStoreClient,
+    StoreClient,
+    StoreErrors,
+    client_options,
+    connect,
+    connect_async,
+    describe_client,
+    mask_url,
+)
 
-DEFAULT_SOCKET_TIMEOUT_S = 2.0
-# What a failing store raises (redis-py's cluster errors are not RedisErrors).
-STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
 SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim", "register")
 
@@ -66,82 +68,6 @@ def load_script(name: str) -> str:
     return resources.files("throttle").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
-def mask_url(url: str) -> str:
-    """`url` with any password (in the netloc or the query) replaced by '***'."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if parts.query:
-        query = [
-            (name, "***" if name.lower() == "password" else value)
-            for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return urlunsplit(parts)
-
-
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-# The synchronous clients the gate and the monitoring commands work with.
-StoreClient = redis.Redis | redis.cluster.RedisCluster
-
-
-def _cluster_url(url: str) -> str | None:
-    """The node URL in a `redis+cluster://` (or `rediss+cluster://`) URL, else None."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme.removesuffix('+cluster')}://{rest}" if scheme in CLUSTER_SCHEMES else None
-
-
-def connect(url: str, **options: Any) -> StoreClient:
-    """A client for the gate's Redis. `redis+cluster://host:port` (or `rediss+cluster://`)
-    reaches a Redis Cluster through that node; any other URL is one server.
-
-    A single server is connected on first use; a cluster client asks the node for the
-    cluster's layout at once, and raises one of STORE_ERRORS if it does not answer.
-    """
-    node = _cluster_url(url)
-    if node is not None:
-        return redis.cluster.RedisCluster.from_url(node, **options)
-    return redis.Redis.from_url(url, **options)
-
-
-def connect_async(url: str, **options: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
-    """`connect` for asyncio clients."""
-    node = _cluster_url(url)
-    if node is not None:
-        return redis.asyncio.RedisCluster.from_url(node, **options)
-    return redis.asyncio.Redis.from_url(url, **options)
-
-
-def _unreachable(url: str, exc: Exception) -> StoreUnavailable:
-    return StoreUnavailable(
-        f"the gate's Redis at {url} failed: {type(exc).__name__}: {exc}; check that "
-        "Redis runs and that THROTTLE_REDIS_URL points at it",
-        url,
-    )
-
-
-def _describe_client(client: Any) -> str:
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    if "host" in kwargs:
-        scheme = "rediss" if kwargs.get("ssl") else "redis"
-        return f"{scheme}://{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-    return type(client).__name__
-
-
-def _client_options(socket_timeout_s: float) -> dict[str, Any]:
-    # Retry once on a dropped connection (a restarted server), never on a timeout: a call
-    # that times out raises within the socket timeout instead of hanging.
-    return {
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": socket_timeout_s,
-        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        "health_check_interval": 30,
-    }
-
-
 _ACTIONS: dict[str | bytes, Action] = {
     **{a.value: a for a in Action},
     **{a.value.encode(): a for a in Action},
@@ -159,6 +85,7 @@ class _GateBase:
         self.config = config
         self.prefix = check_prefix(prefix)
         self.url = url
+        self._errors = StoreErrors(url)
         # Per tool, built once: the fixed tail of the script's arguments, and its keys when
         # they do not depend on a key argument.
         self._tails = {
@@ -248,13 +175,10 @@ class _GateBase:
     ) -> tuple[list[str], list[Any]]:
         tool = self.config.tool(tool_name)
         if not seconds > 0:
-            raise ValueError(f"a cooldown must last more than 0 s, got {seconds!r}")
+            raise InvalidToolCall(tool_name, f"a cooldown must last more than 0 s, got {seconds!r}")
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         keys = self._keys(tool, key).as_list()
         return keys, [member or "", seconds * 1000, now, "1" if tool.pool else "0"]
-
-    def _store_error(self, exc: Exception) -> StoreUnavailable:
-        return _unreachable(self.url, exc)
 
     @staticmethod
     def _decision(raw: Sequence[Any]) -> Decision:
@@ -269,7 +193,7 @@ class Gate(_GateBase):
 
     def __init__(
         self,
-        redis_url_or_client: str | redis.Redis | redis.cluster.RedisCluster,
+        redis_url_or_client: str | StoreClient,
         config: Config,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -277,15 +201,13 @@ class Gate(_GateBase):
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
-            try:
+            with StoreErrors(url):
                 self.client: StoreClient = connect(
-                    redis_url_or_client, **_client_options(socket_timeout_s)
+                    redis_url_or_client, **client_options(socket_timeout_s)
                 )
-            except STORE_ERRORS as exc:
-                raise _unreachable(url, exc) from exc
         else:
             self.client = redis_url_or_client
-            url = _describe_client(redis_url_or_client)
+            url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
 
@@ -304,27 +226,21 @@ class Gate(_GateBase):
         `deadline_s` tightens the tool's max_delay; `now_s` pins the clock (tests only).
         """
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
-        try:
+        with self._errors:
             raw = self._acquire(keys=keys, args=args)
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
         return self._decision(raw)
 
     def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""
         keys = self._keys(self.config.tool(tool), key)
-        try:
+        with self._errors:
             return bool(self._release(keys=keys.as_list()[:3], args=[member]))
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
         """Correct `member`'s charge to what it really cost; False if it left the windows."""
         keys = self._settle_keys(tool, key, actual_units)
-        try:
+        with self._errors:
             return bool(self._settle(keys=keys, args=[member, actual_units]))
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def cool_down(
         self,
@@ -341,49 +257,39 @@ class Gate(_GateBase):
         cooldown ends (epoch seconds); a cooldown is only ever extended.
         """
         keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
-        try:
+        with self._errors:
             return float(self._cooldown(keys=keys, args=args)) / 1000
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def cooldown_left(self, tool: str, *, key: Any = None) -> float:
         """Seconds left in `tool`'s cooldown (its pool's, for a pooled tool); 0 if none."""
         name = self._keys(self.config.tool(tool), key).cooldown
-        try:
+        with self._errors:
             return cooldown_left_s(self.client.pttl(name))
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def register_call(self, tool: str, member: str, message: str, check_at_s: float) -> None:
         """Note an enqueued call of `tool`, to be counted lost if still undecided at
         `check_at_s` (epoch seconds); `message` is what re-publishes it."""
         ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
-        try:
+        with self._errors:
             self._register(keys=self.registry(tool),
                            args=[member, check_at_s * 1000, message, ttl_ms])
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def forget_call(self, tool: str, member: str) -> None:
         """Take a call out of `tool`'s registry (decided without the gate, or given up)."""
         calls, messages = self.registry(tool)
-        try:
+        with self._errors:
             pipe = self.client.pipeline(transaction=False)
             pipe.zrem(calls, member)
             pipe.hdel(messages, member)
             pipe.execute()
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def claim_lost(
         self, tool: str, *, retry_s: float, limit: int = 100, now_s: float | None = None
     ) -> list[tuple[str, str]]:
         """Claim `tool`'s registered calls whose check time has come: (id, message) pairs."""
         now_ms = (time.time() if now_s is None else now_s) * 1000
-        try:
+        with self._errors:
             raw = self._claim(keys=self.registry(tool), args=[now_ms, retry_s * 1000, limit])
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
         return [(_text(raw[i]), _text(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     def finish(self, tool: str, member: str, *, key: Any = None) -> None:
@@ -391,22 +297,18 @@ class Gate(_GateBase):
         leases = self._keys(self.config.tool(tool), key).leases
         if leases is None:
             return
-        try:
+        with self._errors:
             self.client.zrem(leases, member)
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     def note_redelivery(self, tool: str, member: str, *, key: Any = None) -> int:
         """Count one more delivery of an already admitted `member`; returns the count."""
         name = redelivery_key(self._keys(self.config.tool(tool), key), member)
         ttl_ms = self.config.visibility_timeout_ms * 10
-        try:
+        with self._errors:
             pipe = self.client.pipeline(transaction=False)
             pipe.incr(name)
             pipe.pexpire(name, ttl_ms)
             count, _ = pipe.execute()
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
         return int(count)
 
     def close(self) -> None:
@@ -419,7 +321,7 @@ class AsyncGate(_GateBase):
 
     def __init__(
         self,
-        redis_url_or_client: str | redis.asyncio.Redis | redis.asyncio.RedisCluster,
+        redis_url_or_client: str | AsyncStoreClient,
         config: Config,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -427,19 +329,13 @@ class AsyncGate(_GateBase):
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
-            options = _client_options(socket_timeout_s)
-            options["retry"] = redis.asyncio.retry.Retry(
-                NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
-            )
-            try:
-                self.client: redis.asyncio.Redis | redis.asyncio.RedisCluster = connect_async(
-                    redis_url_or_client, **options
+            with StoreErrors(url):
+                self.client: AsyncStoreClient = connect_async(
+                    redis_url_or_client, **client_options(socket_timeout_s, asyncio=True)
                 )
-            except STORE_ERRORS as exc:
-                raise _unreachable(url, exc) from exc
         else:
             self.client = redis_url_or_client
-            url = _describe_client(redis_url_or_client)
+            url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
 
@@ -455,27 +351,21 @@ class AsyncGate(_GateBase):
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
-        try:
+        with self._errors:
             raw = await self._acquire(keys=keys, args=args)
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
         return self._decision(raw)
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""
         keys = self._keys(self.config.tool(tool), key)
-        try:
+        with self._errors:
             return bool(await self._release(keys=keys.as_list()[:3], args=[member]))
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
         """Correct `member`'s charge to what it really cost; False if it left the windows."""
         keys = self._settle_keys(tool, key, actual_units)
-        try:
+        with self._errors:
             return bool(await self._settle(keys=keys, args=[member, actual_units]))
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     async def cool_down(
         self,
@@ -488,28 +378,22 @@ class AsyncGate(_GateBase):
     ) -> float:
         """Pause `tool` (or its pool) for `seconds`; the same contract as `Gate.cool_down`."""
         keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
-        try:
+        with self._errors:
             return float(await self._cooldown(keys=keys, args=args)) / 1000
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     async def cooldown_left(self, tool: str, *, key: Any = None) -> float:
         """Seconds left in `tool`'s cooldown; 0 if none."""
         name = self._keys(self.config.tool(tool), key).cooldown
-        try:
+        with self._errors:
             return cooldown_left_s(await self.client.pttl(name))
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     async def finish(self, tool: str, member: str, *, key: Any = None) -> None:
         """Give back `member`'s concurrency lease."""
         leases = self._keys(self.config.tool(tool), key).leases
         if leases is None:
             return
-        try:
+        with self._errors:
             await self.client.zrem(leases, member)
-        except STORE_ERRORS as exc:
-            raise self._store_error(exc) from exc
 
     @asynccontextmanager
     async def slot(

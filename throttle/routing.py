@@ -21,13 +21,13 @@ from kombu import Queue  # type: ignore[attr-defined]
 from throttle.bootsteps import THROTTLES, FireDueTimers, ReapLostCalls
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
-from throttle.gate import Gate, StoreClient
+from throttle.gate import Gate
 from throttle.keys import DEFAULT_PREFIX
+from throttle.store import DEFAULT_REDIS_URL, StoreClient
 from throttle.task import ThrottledTask
 
 logger = logging.getLogger("throttle")
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")

@@ -22,10 +22,11 @@ from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
-from throttle import metrics, recovery
+from throttle import recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
+from throttle.monitor import metrics
 from throttle.results import FALLBACK_MARK, due_at_s, fallback_reason, outcome
 
 if TYPE_CHECKING:

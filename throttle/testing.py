@@ -18,22 +18,26 @@ Redis; each test gets a key prefix of its own, whose keys are deleted afterwards
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from throttle.extras import require_extra
 
-import fakeredis
-import pytest
-import redis
-from celery import Celery
-from celery.contrib.testing.worker import start_worker
+require_extra("testing", "throttle.testing")
 
-from throttle.config import Config
-from throttle.errors import ConfigError
-from throttle.gate import StoreClient
-from throttle.routing import Throttle
+import os  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import fakeredis  # noqa: E402
+import pytest  # noqa: E402
+import redis  # noqa: E402
+from celery import Celery  # noqa: E402
+from celery.contrib.testing.worker import start_worker  # noqa: E402
+
+from throttle.config import Config  # noqa: E402
+from throttle.errors import ConfigError  # noqa: E402
+from throttle.routing import Throttle  # noqa: E402
+from throttle.store import StoreClient  # noqa: E402
 
 REDIS_URL_ENV = "THROTTLE_TEST_REDIS_URL"
 MEMORY_POLLING_S = 0.01  # the memory transport polls every second by default

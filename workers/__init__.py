@@ -21,7 +21,7 @@ from celery import Celery
 
 from throttle import Throttle
 from throttle.keys import DEFAULT_PREFIX
-from throttle.routing import DEFAULT_REDIS_URL
+from throttle.store import DEFAULT_REDIS_URL
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 

@@ -30,10 +30,10 @@ from tests.integration.test_celery_flow import burst, tool
 from tests.support.servers import RedisServer, free_port, redis_cluster
 from tests.support.workers import check_ledger
 from throttle import Action, AsyncGate, Gate, StoreUnavailable, Throttle, load_config, recovery
-from throttle.exporter import ThrottleCollector
 from throttle.keys import redelivery_key, tool_keys
-from throttle.snapshot import read_snapshot
-from throttle.sources import Sources
+from throttle.monitor.exporter import ThrottleCollector
+from throttle.monitor.snapshot import read_snapshot
+from throttle.monitor.sources import Sources
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

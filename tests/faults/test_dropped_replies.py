@@ -24,9 +24,9 @@ import redis
 
 from tests.support.relay import DroppingRelay
 from tests.support.servers import RedisServer
-from tests.support.workers import most_in_window
 from throttle import Action, Gate, StoreUnavailable, load_config
 from throttle.keys import tool_keys
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

@@ -27,8 +27,9 @@ from tests.support.servers import (
     private_redis,
     tls_supported,
 )
-from tests.support.workers import cluster, ledger, most_in_window
+from tests.support.workers import cluster, ledger
 from throttle import Action, Gate, StoreUnavailable, load_config, outcome
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

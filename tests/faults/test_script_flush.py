@@ -19,9 +19,10 @@ import redis
 from celery import states
 
 from tests.integration.test_celery_flow import burst, tool
-from tests.support.workers import ledger, most_in_window
+from tests.support.workers import ledger
 from throttle import outcome
 from throttle.task import fallback_reason
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 

@@ -22,9 +22,10 @@ from tests.apps.ledger import build
 from tests.integration.test_celery_flow import burst, tool
 from tests.support.messages import Tripwire, publish_raw
 from tests.support.servers import private_redis
-from tests.support.workers import Cluster, ledger, most_in_window
+from tests.support.workers import Cluster, ledger
 from throttle import outcome
 from throttle.task import fallback_reason
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 

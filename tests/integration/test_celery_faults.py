@@ -17,9 +17,10 @@ from celery.exceptions import TimeoutError
 from tests.apps.ledger import build
 from tests.integration.test_celery_flow import burst, tool
 from tests.support.relay import Relay
-from tests.support.workers import ledger, most_in_window
+from tests.support.workers import ledger
 from throttle import outcome, recovery
 from throttle.task import fallback_reason
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 

@@ -12,9 +12,10 @@ import redis
 
 from tests.apps.ledger import build
 from tests.support.rabbit import rabbitmq_queue
-from tests.support.workers import ledger, most_in_window
+from tests.support.workers import ledger
 from throttle import outcome
 from throttle.task import fallback_reason
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 

@@ -29,11 +29,12 @@ import redis
 from jsonschema import Draft202012Validator
 
 from tests.support.gateway import CommandServer, StubServer, every_value
-from tests.support.workers import Cluster, most_in_window
+from tests.support.workers import Cluster
 from throttle import Config, load_config
 from throttle.demo.tomltext import dumps
 from throttle.keys import tool_keys
 from throttle.tokens import prompt_tokens
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 

@@ -34,6 +34,7 @@ from throttle.demo.tomltext import dumps
 from throttle.keys import tool_keys
 from throttle.task import fallback_reason
 from throttle.tokens import prompt_tokens
+from throttle.windows import most_in_window
 from workers.tools import llm
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
@@ -210,19 +211,6 @@ class PoolWatcher(threading.Thread):
             self.seen[member.decode()] = (score / 1000, float(costs.get(member, 1)))
 
 
-def most_tokens(admissions: list[tuple[float, float]], window_s: float) -> float:
-    """The most tokens admitted in any window (t - window_s, t]."""
-    ordered = sorted(admissions)
-    best, start, total = 0.0, 0, 0.0
-    for at, tokens in ordered:
-        total += tokens
-        while ordered[start][0] <= at - window_s:
-            total -= ordered[start][1]
-            start += 1
-        best = max(best, total)
-    return best
-
-
 def test_a_burst_of_random_prompts_stays_within_the_token_budget_in_every_window(
     llm_stack: Callable[..., LLMStack], redis_client: redis.Redis, prefix: str
 ) -> None:
@@ -248,10 +236,13 @@ def test_a_burst_of_random_prompts_stays_within_the_token_budget_in_every_window
                                       "tools": [WEATHER], "max_tokens": 40}) for p in prompts]
     used = [v["usage"]["total_tokens"] for v in values]
     admitted = [watcher.seen[r.id] for r in calls]
-    peak = most_tokens(admitted, window_s)
+    peak = most_in_window([at for at, _ in admitted], window_s, [n for _, n in admitted])
     stats = stack.stub.stats()
     arrivals = [(e["at"], e["prompt_tokens"] + e["completion_tokens"]) for e in stats["log"]]
-    at_stub, at_stub_short = (most_tokens(arrivals, window_s - slack) for slack in (0, 0.5))
+    at_stub, at_stub_short = (
+        most_in_window([at for at, _ in arrivals], window_s - slack, [n for _, n in arrivals])
+        for slack in (0, 0.5)
+    )
     print(f"\nTPM: {len(calls)} calls, estimates {min(estimates)}-{max(estimates)} tokens "
           f"(sum {sum(estimates)}), used sum {sum(used)}; most admitted in any {window_s:g}s "
           f"window after settlement {peak:.0f} of {budget}; at the stub's arrival times "

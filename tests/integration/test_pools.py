@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import delete_prefix
-from tests.support.workers import most_in_window
 from throttle import Action, Gate, load_config
+from throttle.windows import most_in_window
 
 pytestmark = pytest.mark.redis
 
@@ -29,19 +29,6 @@ def pool_config(pool_limits: list[str], **tools: dict[str, Any]) -> Any:
             for name, body in tools.items()
         },
     })
-
-
-def most_units(admissions: list[tuple[float, float]], window_s: float) -> float:
-    """The most units admitted in any half-open window of `window_s`."""
-    ordered = sorted(admissions)
-    best, start, total = 0.0, 0, 0.0
-    for at, units in ordered:
-        total += units
-        while ordered[start][0] <= at - window_s:
-            total -= ordered[start][1]
-            start += 1
-        best = max(best, total)
-    return best
 
 
 def test_critical_calls_keep_their_headroom_while_an_expensive_tool_floods_the_pool(

@@ -19,6 +19,8 @@ from typing import Any
 import redis
 from celery import states
 
+from throttle.windows import most_in_window
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -135,18 +137,7 @@ def check_ledger(
     runs = [run for run in ledger(client, prefix) if tool is None or run["tool"] == tool]
     admitted = {run["id"]: run["admitted_at"] for run in runs}
     return LedgerCheck(ended, len(runs) - len(admitted),
-                       most_in_window(list(admitted.values()), window_s))
-
-
-def most_in_window(times: Sequence[float], window_s: float) -> int:
-    """The most times found in any half-open interval [t, t + window_s)."""
-    ordered = sorted(times)
-    best, start = 0, 0
-    for end, at in enumerate(ordered):
-        while ordered[start] <= at - window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+                       int(most_in_window(list(admitted.values()), window_s)))
 
 
 def clean_db(url: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from throttle.cli import main
-from throttle.flower_cmd import basic_auth_from_env, check_basic_auth
+from throttle.monitor.flower import basic_auth_from_env, check_basic_auth
 
 NO_AUTH = {"FLOWER_BASIC_AUTH": "", "THROTTLE_FLOWER_USER": "", "THROTTLE_FLOWER_PASSWORD": ""}
 

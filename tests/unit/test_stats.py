@@ -10,9 +10,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.support.servers import free_port
-from throttle import metrics
 from throttle.keys import stats_key
-from throttle.stats import (
+from throttle.monitor import metrics
+from throttle.monitor.stats import (
     RECENT_TTL_S,
     TOTALS_TTL_S,
     StatsBuffer,

@@ -27,8 +27,8 @@ from throttle.demo.scenario import DEMO_TOOLS
 from throttle.demo.stack import RESULT_CACHE_MAX, Stack, register_tools
 from throttle.demo.tomltext import dumps
 from throttle.errors import ThrottleError
-from throttle.gate import mask_url
 from throttle.routing import Throttle
+from throttle.store import mask_url
 
 WORKER_CONCURRENCY = 2
 READY_TIMEOUT_S = 90.0

@@ -31,10 +31,10 @@ from rich.text import Text
 
 from throttle.config import Config, PoolConfig, ToolConfig
 from throttle.demo.tracker import DELAYED_AFTER_S, Call, PoolAdmission, Tracker
+from throttle.windows import most_in_window
 
 CHART_NAME = "throttle-demo.png"
 SUMMARY_NAME = "summary.json"
-_EPSILON_S = 1e-7  # scores carry microseconds; two entries a window apart share no window
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,24 +94,6 @@ class PoolSummary:
     delayed_by_pool: int
     limits: tuple[PoolCheck, ...]
     classes: tuple[ClassSummary, ...]
-
-
-def most_in_window(
-    times: Sequence[float], window_s: float, units: Sequence[float] | None = None
-) -> float:
-    """The most times (or the most of their `units`) in any half-open interval
-    (t - window_s, t]."""
-    weights = [1.0] * len(times) if units is None else list(units)
-    ordered = sorted(zip(times, weights, strict=True))
-    best = total = 0.0
-    start = 0
-    for at, weight in ordered:
-        total += weight
-        while ordered[start][0] <= at - window_s + _EPSILON_S:
-            total -= ordered[start][1]
-            start += 1
-        best = max(best, total)
-    return best
 
 
 def percentile(values: Sequence[float], share: float) -> float | None:

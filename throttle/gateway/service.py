@@ -28,13 +28,13 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.uuid import uuid
 
 from throttle.errors import InvalidToolCall
-from throttle.gate import connect_async, mask_url
 from throttle.gateway.chat import ChatCall, completion, takes_chat
 from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
 from throttle.gateway.waiter import ResultWaiter
 from throttle.routing import Throttle
+from throttle.store import connect_async, mask_url
 from throttle.task import FALLBACK_MARK
 
 logger = logging.getLogger("throttle.gateway")

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 
 from throttle.config import Config
 from throttle.errors import ConfigError
-from throttle.gate import mask_url
 from throttle.gateway.chat import takes_chat
 from throttle.keys import DEFAULT_PREFIX, check_prefix
+from throttle.store import mask_url
 
 DEFAULT_TOOL = "chat_completion"
 DEFAULT_MAX_BODY_BYTES = 1_048_576

@@ -10,6 +10,6 @@ and `/_stub/stats` counts requests and tokens. See docs/llm.md.
 from __future__ import annotations
 
 from throttle.stub.behaviour import Stub, StubSettings
-from throttle.stub.server import make_app, serve
 
-__all__ = ["Stub", "StubSettings", "make_app", "serve"]
+# The HTTP server (`throttle.stub.server`: make_app, serve) needs tornado, from the `demo` extra.
+__all__ = ["Stub", "StubSettings"]

@@ -7,8 +7,9 @@ import sys
 
 import click
 
+from throttle.errors import MissingExtra
+from throttle.extras import require_extra
 from throttle.stub.behaviour import StubSettings
-from throttle.stub.server import serve
 
 
 @click.command("stub-llm")
@@ -39,6 +40,12 @@ def stub_llm(host: str, port: int, **options: object) -> None:
     `usage` numbers. Change its behaviour at run time with POST /_stub/config (e.g.
     {"busy_for_s": 3, "retry_after_s": 3}); read GET /_stub/stats; POST /_stub/reset.
     """
+    try:
+        require_extra("demo", "throttle stub-llm", ("tornado",))
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from None
+    from throttle.stub.server import serve
+
     settings = StubSettings.model_validate(options)
     # tornado logs every 4xx and 5xx it answers (method, path, client, time; no headers).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from throttle.errors import UpstreamBusy
-from throttle.gate import mask_url
+from throttle.errors import ThrottleError, UpstreamBusy
+from throttle.store import mask_url
 from workers.tools.retry_hints import pause_s
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ MAX_BACKOFF_S = 10.0
 MESSAGE_CHARS = 500  # upstream messages are cut to this length
 
 
-class LLMError(Exception):
+class LLMError(ThrottleError):
     """The LLM tool could not produce an answer; the message says why and what to check."""
 
 

@@ -26,10 +26,10 @@ from typing import Any
 from celery import signals
 
 from throttle.errors import StoreUnavailable
-from throttle.gate import STORE_ERRORS
-from throttle.stats import StatsBuffer
+from throttle.monitor.stats import StatsBuffer
+from throttle.store import STORE_ERRORS
 
-logger = logging.getLogger("throttle.metrics")
+logger = logging.getLogger("throttle.monitor.metrics")
 
 FLUSH_INTERVAL_S = 1.0
 EVENT_TYPES = {"delay": "task-delayed", "fallback": "task-fallback"}

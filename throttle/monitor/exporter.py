@@ -1,6 +1,6 @@
 """`throttle exporter`: Prometheus metrics read from Redis at scrape time.
 
-Workers flush their counters to Redis (throttle/metrics.py), so one exporter serves the
+Workers flush their counters to Redis (throttle/monitor/metrics.py), so one exporter serves the
 totals of every worker process on every host; gauges (window use, pool use, cooldowns,
 queue depths) are read live. See docs/observability.md for every metric.
 """
@@ -25,11 +25,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
-from throttle.gate import STORE_ERRORS, StoreClient
-from throttle.queues import QueueDepths
-from throttle.snapshot import Snapshot, read_snapshot
-from throttle.sources import Sources, resolve_sources, source_options
-from throttle.stats import OUTCOMES
+from throttle.monitor.queues import QueueDepths
+from throttle.monitor.snapshot import Snapshot, read_snapshot
+from throttle.monitor.sources import Sources, resolve_sources, source_options
+from throttle.monitor.stats import OUTCOMES
+from throttle.store import STORE_ERRORS, StoreClient
 
 DEFAULT_PORT = 9808
 

@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from throttle.gate import mask_url
+from throttle.store import mask_url
 
 # kombu's Redis transport defaults (priority_steps, sep); a broker configured otherwise
 # needs the same options here.

@@ -14,6 +14,9 @@ import sys
 
 import click
 
+from throttle.errors import MissingExtra
+from throttle.extras import require_extra
+
 AUTH_ENV = "FLOWER_BASIC_AUTH"
 USER_ENV, PASSWORD_ENV = "THROTTLE_FLOWER_USER", "THROTTLE_FLOWER_PASSWORD"
 HOW_TO = (
@@ -66,6 +69,10 @@ def flower(host: str, port: int, app_name: str, insecure_no_auth: bool,
     Workers must send task events for Flower to show calls: the deployable app
     (workers/__init__.py) turns them on; other apps need `celery worker -E`.
     """
+    try:
+        require_extra("flower", "throttle flower")
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from None
     env = dict(os.environ)
     auth = basic_auth_from_env(env)
     if any(arg.startswith("--basic-auth") or arg.startswith("--basic_auth") for arg in flower_args):

@@ -17,11 +17,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from throttle.config import Config, load_config
-from throttle.gate import StoreClient, connect, mask_url
 from throttle.keys import DEFAULT_PREFIX, check_prefix
-from throttle.queues import QueueDepths
+from throttle.monitor.queues import QueueDepths
+from throttle.store import DEFAULT_REDIS_URL, StoreClient, connect, mask_url
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOCAL_CONFIG = Path("config") / "tools.toml"
 PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 SOCKET_TIMEOUT_S = 2.0

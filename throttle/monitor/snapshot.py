@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
-from throttle.gate import StoreClient
 from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key
-from throttle.queues import QueueDepths
-from throttle.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
+from throttle.monitor.queues import QueueDepths
+from throttle.monitor.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
+from throttle.store import StoreClient
 
-logger = logging.getLogger("throttle.snapshot")
+logger = logging.getLogger("throttle.monitor.snapshot")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,10 +19,10 @@ from rich.text import Text
 
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
-from throttle.gate import STORE_ERRORS, StoreClient
-from throttle.queues import QueueDepths
-from throttle.snapshot import Snapshot, ToolView, read_snapshot
-from throttle.sources import Sources, resolve_sources, source_options
+from throttle.monitor.queues import QueueDepths
+from throttle.monitor.snapshot import Snapshot, ToolView, read_snapshot
+from throttle.monitor.sources import Sources, resolve_sources, source_options
+from throttle.store import STORE_ERRORS, StoreClient
 
 DASH = "—"
 PIPED_WIDTH = 160

@@ -1,0 +1,35 @@
+"""Optional parts of throttle and the extra that installs each.
+
+`pip install throttle` is the library a web app needs (Celery, Redis, the gate, the
+`throttle` command's check / worker / status / top / exporter). The rest are extras:
+
+    gateway   fastapi, uvicorn           throttle gateway
+    demo      fakeredis[lua], matplotlib, tornado    throttle demo, throttle stub-llm
+    flower    flower                     throttle flower
+    testing   fakeredis[lua], pytest, pytest-celery    throttle.testing (tests of your tools)
+    all       every extra above
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+from throttle.errors import MissingExtra
+
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "gateway": ("fastapi", "uvicorn"),
+    "demo": ("fakeredis", "lupa", "matplotlib", "tornado"),
+    "flower": ("flower",),
+    "testing": ("fakeredis", "lupa", "pytest", "pytest_celery"),
+}
+
+
+def require_extra(extra: str, what: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise `MissingExtra` naming `extra` when one of `modules` (default: every module the
+    extra installs) is not importable."""
+    missing = [module for module in modules or EXTRAS[extra] if find_spec(module) is None]
+    if missing:
+        raise MissingExtra(
+            f"{what} needs {', '.join(missing)}, which the {extra!r} extra installs: "
+            f"pip install 'throttle[{extra}]'"
+        )
