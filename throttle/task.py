@@ -97,7 +97,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if not request.called_directly and not request.is_eager:
             if eta is None and countdown is None:
                 countdown = self.default_retry_delay
-            headers = {key: value for key, value in (request.headers or {}).items()
+            headers = {key: value for key, value in self._caller_headers().items()
                        if key not in THROTTLE_HEADERS}
             headers |= options.pop("headers", None) or {}
             headers[ENQUEUED_AT] = due_at_s(countdown, eta)
@@ -320,6 +320,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 self._republish(backoff_s, "store_unavailable", store_retries=tries + 1)
         return Decision(Action.FALLBACK, 0.0, time.time(), "store_unavailable")
 
+    def _caller_headers(self) -> dict[str, Any]:
+        """The call's custom headers (the caller's and throttle's; RabbitMQ's x-death left out),
+        carried by every re-publish and retry."""
+        return dict(self.request.as_execution_options()["headers"])
+
     def _origin_headers(self) -> dict[str, Any]:
         """The call's first-enqueue time and caller deadline, carried by every re-publish."""
         request = self.request
@@ -336,6 +341,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """
         request = self.request
         headers = {
+            **self._caller_headers(),
             **self._origin_headers(),
             DELAYS: int(getattr(request, DELAYS, 0) or 0) + 1,
             STORE_RETRIES: store_retries,
