@@ -9,6 +9,7 @@ same app for its own process with `build(env)`.
   THROTTLE_TEST_BODY_S   seconds each body sleeps (default 0)
   THROTTLE_TEST_POISON   a value of `n` whose body kills its own process (counting each
                          attempt in <prefix>:poisoned first)
+  THROTTLE_TEST_TASK_OPTIONS  JSON: tool name -> Celery task options for its task
   THROTTLE_TEST_BUSY     a value of `n` whose body raises UpstreamBusy (a 60 s pause)
   THROTTLE_TEST_LEDGER_URL  where the ledger is written (default THROTTLE_REDIS_URL), so
                          the gate's store can be taken down while the ledger keeps working
@@ -77,7 +78,9 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
         body.__name__ = tool
         return body
 
-    tasks = {name: throttle.tool(name)(make(name)) for name in config.tools}
+    options = json.loads(env.get("THROTTLE_TEST_TASK_OPTIONS", "{}"))
+    tasks = {name: throttle.tool(name, **options.get(name, {}))(make(name))
+             for name in config.tools}
     tasks |= helpers(app, store, prefix)
     return app, throttle, tasks
 
