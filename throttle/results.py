@@ -13,12 +13,15 @@ FALLBACK_MARK = "throttle: fallback"
 
 def due_at_s(countdown: float | None, eta: datetime | str | None) -> float:
     """When a call sent now with Celery's `countdown` / `eta` is due (countdown wins, as in
-    Celery); a naive `eta` is read as UTC."""
+    Celery; never before now); a naive `eta` is read as UTC."""
     now_s = time.time()
     if countdown:
-        return now_s + float(countdown)
+        return now_s + max(0.0, float(countdown))
     if isinstance(eta, str):
-        eta = datetime.fromisoformat(eta)
+        try:
+            eta = datetime.fromisoformat(eta)
+        except ValueError:
+            raise ValueError(f"eta {eta!r} is not an ISO 8601 time; pass a datetime") from None
     if isinstance(eta, datetime):
         if eta.tzinfo is None:
             eta = eta.replace(tzinfo=UTC)
