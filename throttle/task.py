@@ -72,6 +72,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         headers = dict(options.pop("headers", None) or {})
         if ENQUEUED_AT in headers:  # published again by the worker or the reaper
             return super().apply_async(args, kwargs, headers=headers, **options)
+        if args and options.get("parent_id") is not None:
+            # A chain step or callback handed the previous result positionally: the worker
+            # refuses it as this step's failure, so the canvas fails here, not its parent.
+            return super().apply_async(args, kwargs, headers=headers, **options)
         checked = self.check_arguments(args, kwargs)
         headers[ENQUEUED_AT] = due_at_s(options.get("countdown"), options.get("eta"))
         if deadline_s is not None:
@@ -144,7 +148,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""
         if args:
             raise InvalidToolCall(
-                self.tool.name, "pass arguments by keyword, e.g. .delay(query='...')"
+                self.tool.name, "pass arguments by keyword, e.g. .delay(query='...'); after a "
+                "chain step, give the tool an immutable signature, .si(query='...')"
             )
         checked: dict[str, Any] = dict(kwargs or {})
         try:

@@ -199,6 +199,20 @@ def test_a_refused_call_is_a_failure_for_link_error_a_chain_and_a_chord(
     assert [run["n"] for run in ledger(redis_client, prefix)] == [2]  # only the valid call
 
 
+def test_a_tool_step_handed_the_previous_result_fails_as_that_step(
+    canvas: tuple[Cluster, dict[str, Any]],
+) -> None:
+    """`fast.s()` after a step gets its result positionally: that step fails with
+    InvalidToolCall (saying to use `.si`), the step before keeps its answer or fallback."""
+    _, tasks = canvas
+    fast = tasks["fast"]
+    for first, kind in ((fast.s(n=1), "result"), (fast.s(n=1).set(deadline_s=0), "fallback")):
+        steps = chain(first, fast.s()).apply_async()
+        with pytest.raises(InvalidToolCall, match=r"immutable signature, \.si\("):
+            steps.get(timeout=TIMEOUT_S)
+        assert steps.parent.state == "SUCCESS" and outcome(steps.parent) == kind
+
+
 def test_starmap_chunks_and_map_are_refused_with_the_way_to_do_it(make_cluster: Any) -> None:
     cluster = make_cluster({"tools": TOOLS})
     _, _, tasks = build(cluster.env)
