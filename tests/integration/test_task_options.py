@@ -66,7 +66,7 @@ def throttle_redis_url(redis_url: str) -> str:
 def throttle_tools(throttle: Throttle) -> Iterator[dict[str, Any]]:
     RUNS.clear()
 
-    @throttle.tool("bound", bind=True)
+    @throttle.tool("bound", bind=True, acks_late=False)
     def bound(self: Any, n: int) -> dict[str, Any]:
         return record(self, n, task_name=self.name)
 
@@ -111,11 +111,13 @@ def gate_log(throttle: Throttle, tool_name: str) -> list[str]:
     return sorted(member.decode() for member in members)
 
 
-def test_bind_gives_the_body_its_task(throttle_tools: dict[str, Any],
+def test_bind_gives_the_body_its_task_and_options_pass_through(throttle_tools: dict[str, Any],
                                       throttle_worker: Any) -> None:
     result = throttle_tools["bound"].delay(n=1)
     assert result.get(timeout=10) == {"n": 1}
     assert RUNS[0]["task_name"] == "tool.bound" and RUNS[0]["id"] == result.id
+    assert throttle_tools["bound"].acks_late is False  # the option beats throttle's default
+    assert throttle_tools["flaky"].acks_late is True
 
 
 def test_a_body_retry_is_a_new_admission_and_throttle_delays_never_use_its_retries(
