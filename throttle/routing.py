@@ -125,6 +125,11 @@ def check_task_options(tool: str, options: dict[str, Any]) -> None:
             f"tool {tool!r}: Celery's rate_limit would throttle the tool a second time, "
             "per worker and inexactly; drop it and set the tool's `limits` in the config"
         )
+    if options.get("serializer", "json") != "json":
+        raise ConfigError(
+            f"tool {tool!r}: serializer={options['serializer']!r} would be refused by the "
+            "workers, which accept JSON only; drop the option"
+        )
     for owned in ("name", "base", "queue"):
         if owned in options:
             raise ConfigError(

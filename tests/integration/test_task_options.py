@@ -214,6 +214,8 @@ def test_a_throttled_tool_refuses_celerys_rate_limit_and_the_options_throttle_se
 ) -> None:
     with pytest.raises(ConfigError, match="rate_limit would throttle the tool a second time"):
         throttle.tool("bound", rate_limit="5/s")(lambda n: n)
+    with pytest.raises(ConfigError, match="accept JSON only"):
+        throttle.tool("bound", serializer="pickle")(lambda n: n)
     for option in ("name", "base", "queue"):
         with pytest.raises(ConfigError, match=f"the task option '{option}' is set by throttle"):
             throttle.tool("bound", **{option: "x"})(lambda n: n)
