@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Install the programs some tests drive, when they are missing and apt-get can be used:
-# prometheus (scrapes the exporter), chromium + chromium-driver (loads Flower's dashboard),
-# docker-compose (validates docker-compose.yml). Never fails: a test whose program is
-# absent skips and says so.
+# prometheus and promtool (scrape the exporter, check the rules), chromium + chromium-driver
+# (loads Flower's dashboard), docker-compose (validates docker-compose.yml). Never fails: a
+# test whose program is absent skips and says so, except that the promtool and kubectl tests
+# fail when CI is set (kubectl is not an apt package here: https://kubernetes.io/docs/tasks/tools/).
 set -u
 need=()
-command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    need+=(prometheus)              # Debian's package ships promtool too
+fi
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -eq 0 ]; then
-    echo "test tools present: prometheus, chromium, chromedriver, docker-compose"
+    echo "test tools present: prometheus, promtool, chromium, chromedriver, docker-compose"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -47,9 +47,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, *, import_functions: bool = True) -> Config:
     try:
-        return load_config(path)
+        return load_config(path, import_functions=import_functions)
     except ThrottleError as exc:
         _fail(str(exc))
 
@@ -63,13 +63,18 @@ def main() -> None:
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-def check(path: Path | None) -> None:
+@click.option("--import", "import_functions", is_flag=True,
+              help="Import the modules of `cost` / `settle` functions and check that they are "
+              "callable (runs their import-time code).")
+def check(path: Path | None, import_functions: bool) -> None:
     """Validate a tools file and list its tools (default: THROTTLE_CONFIG or config/tools.toml).
 
-    Exits 1 and prints what is wrong when the file is not a valid config.
+    Exits 1 and prints what is wrong when the file is not a valid config. A `cost` or
+    `settle` function is checked by reading its module's source (it must exist and define
+    the name), without importing it, unless --import is given or the source cannot tell.
     """
     path = path or Path(os.environ.get("THROTTLE_CONFIG") or DEFAULT_CONFIG)
-    config = _load(path)
+    config = _load(path, import_functions=import_functions)
     table = Table(
         title=f"{path}: {len(config.tools)} tools",
         caption=f"broker visibility_timeout {format_ms(config.visibility_timeout_ms)}",

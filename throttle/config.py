@@ -7,11 +7,9 @@ milliseconds (`window_ms`, `max_delay_ms`).
 
 from __future__ import annotations
 
-import functools
-import importlib
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,15 +19,18 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from throttle import bounds
 from throttle.errors import ConfigError
+from throttle.functions import check_function_path, load_function
+from throttle.tool_rules import tool_problems
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)?\s*([A-Za-z]*)\s*")
-_TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
 DEFAULT_SLOT_MARGIN_MS = 40
 
@@ -47,7 +48,7 @@ def parse_duration_ms(text: str) -> int:
         raise ValueError(f"{text!r} must be greater than zero")
     if value * _UNITS_MS[unit] < 1:
         raise ValueError(f"{text!r} is below the 1ms resolution; use at least '1ms'")
-    return round(value * _UNITS_MS[unit])
+    return bounds.check_duration(text, round(value * _UNITS_MS[unit]), bounds.MAX_DURATION_MS)
 
 
 class Limit(BaseModel):
@@ -70,7 +71,11 @@ class Limit(BaseModel):
             raise ValueError(f"{text!r}: max {head.strip()!r} must be a whole number") from None
         if count <= 0:
             raise ValueError(f"{text!r}: max must be a positive whole number, got {count}")
-        return cls(max=count, window_ms=parse_duration_ms(window))
+        if count > bounds.MAX_UNITS:
+            raise ValueError(f"{text!r}: max must be at most {bounds.MAX_UNITS:_}")
+        window_ms = bounds.check_duration(window.strip(), parse_duration_ms(window),
+                                          bounds.MAX_WINDOW_MS)
+        return cls(max=count, window_ms=window_ms)
 
     def __str__(self) -> str:
         return f"{self.max}/{format_ms(self.window_ms)}"
@@ -136,31 +141,26 @@ class ToolConfig(BaseModel):
     def _parse_max_delay(cls, value: Any) -> int:
         if not isinstance(value, str):
             raise ValueError(f"{value!r} needs a unit; write it as a string such as \"30s\"")
-        return parse_duration_ms(value)
+        return bounds.check_duration(value, parse_duration_ms(value), bounds.MAX_MAX_DELAY_MS)
 
     @field_validator("lease_timeout_ms", mode="before")
     @classmethod
     def _parse_lease_timeout(cls, value: Any) -> int:
         if not isinstance(value, str):
             raise ValueError(f"{value!r} needs a unit; write it as a string such as \"60s\"")
-        return parse_duration_ms(value)
+        return bounds.check_duration(value, parse_duration_ms(value),
+                                     bounds.MAX_LEASE_TIMEOUT_MS, bounds.MIN_LEASE_TIMEOUT_MS)
 
-    @field_validator("cost")
+    @field_validator("cost", "settle")
     @classmethod
-    def _check_cost(cls, value: float | str) -> float | str:
+    def _check_cost(cls, value: float | str | None, info: ValidationInfo) -> float | str | None:
+        """A number of units, or a 'module:function' path (imported only when the context
+        says `import_functions`, as the workers' loading does)."""
         if isinstance(value, str):
-            cost_function(value)
-        elif not value > 0:
-            raise ValueError(
-                f"must be a positive number of units or 'module:function', got {value}"
-            )
-        return value
-
-    @field_validator("settle")
-    @classmethod
-    def _check_settle(cls, value: str | None) -> str | None:
-        if value is not None:
-            cost_function(value)
+            check_function_path(value, import_it=bool((info.context or {}).get(
+                "import_functions", True)))
+        elif value is not None:
+            bounds.check_units(value, "a fixed cost (or 'module:function')")
         return value
 
     @field_validator("slot_margin_ms", mode="before")
@@ -168,7 +168,9 @@ class ToolConfig(BaseModel):
     def _parse_slot_margin(cls, value: Any) -> int:
         if not isinstance(value, str):
             raise ValueError(f"{value!r} needs a unit; write it as a string such as \"40ms\"")
-        return 0 if value.strip() in ("0", "0ms", "0s") else parse_duration_ms(value)
+        if value.strip() in ("0", "0ms", "0s"):
+            return 0
+        return bounds.check_duration(value, parse_duration_ms(value), bounds.MAX_SLOT_MARGIN_MS)
 
     @field_validator("params", "result")
     @classmethod
@@ -192,30 +194,14 @@ class ToolConfig(BaseModel):
     def units(self, arguments: Mapping[str, Any]) -> float:
         """What one call with these arguments costs, in the units of its limits and pool."""
         if isinstance(self.cost, str):
-            return float(cost_function(self.cost)(dict(arguments)))
+            return float(load_function(self.cost)(dict(arguments)))
         return float(self.cost)
 
     def settled_units(self, arguments: Mapping[str, Any], result: Any) -> float | None:
         """What the call really cost, from its result (None when the tool sets no `settle`)."""
         if self.settle is None:
             return None
-        return float(cost_function(self.settle)(dict(arguments), result))
-
-
-@functools.cache
-def cost_function(path: str) -> Callable[..., float]:
-    """Import 'package.module:function': a cost function of the call's arguments -> units,
-    or a settle function of (arguments, result) -> units."""
-    module_name, _, attribute = path.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"{path!r} is not 'module:function', e.g. 'workers.tools.llm:tokens'")
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import cost function {path!r}: {exc}") from None
-    if not callable(function):
-        raise ValueError(f"{path!r} is not callable")
-    return function  # type: ignore[no-any-return]
+        return float(load_function(self.settle)(dict(arguments), result))
 
 
 class PoolConfig(BaseModel):
@@ -237,6 +223,7 @@ class PoolConfig(BaseModel):
         if not value:
             raise ValueError("expected a share per priority class, e.g. { critical = 1.0 }")
         for name, share in value.items():
+            bounds.check_name(name, "priority class")
             if not 0 < share <= 1:
                 raise ValueError(f"share of {name!r} must be in (0, 1], got {share}")
         return value
@@ -265,13 +252,22 @@ _TOP_LEVEL = {"broker", "defaults", "tools", "pools"}
 _BROKER_FIELDS = {"visibility_timeout"}
 
 
-def load_config(source: str | Path | Mapping[str, Any]) -> Config:
-    """Load a config from a TOML file path or an already-parsed mapping."""
+def load_config(
+    source: str | Path | Mapping[str, Any], *, import_functions: bool = True,
+) -> Config:
+    """Load a config from a TOML file path or an already-parsed mapping.
+
+    `import_functions=False` checks the `cost` / `settle` paths without importing their
+    modules where it can (`throttle check` does; see throttle.functions).
+    """
     if isinstance(source, Mapping):
-        return _build(dict(source), "<mapping>")
+        return _build(dict(source), "<mapping>", import_functions)
     path = Path(source)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save the file as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; pass the path of a tools TOML file") from None
     except IsADirectoryError:
@@ -281,10 +277,10 @@ def load_config(source: str | Path | Mapping[str, Any]) -> Config:
         if "twice" in detail or "overwrite" in detail:
             raise ConfigError(f"{path}: duplicate tool or field ({detail})") from None
         raise ConfigError(f"{path}: not valid TOML: {detail}") from None
-    return _build(raw, str(path))
+    return _build(raw, str(path), import_functions)
 
 
-def _build(raw: dict[str, Any], where: str) -> Config:
+def _build(raw: dict[str, Any], where: str, import_functions: bool = True) -> Config:
     unknown = set(raw) - _TOP_LEVEL
     if unknown:
         raise ConfigError(
@@ -312,7 +308,8 @@ def _build(raw: dict[str, Any], where: str) -> Config:
         if not isinstance(body, Mapping):
             raise ConfigError(f"{where}: tool {name!r} must be a table ([tools.{name}])")
     tools = {
-        name: _build_tool(name, {**defaults, **body}, where) for name, body in tools_raw.items()
+        name: _build_tool(name, {**defaults, **body}, where, import_functions)
+        for name, body in tools_raw.items()
     }
     pools = _build_pools(raw.get("pools", {}), where)
     for tool in tools.values():
@@ -331,6 +328,10 @@ def _build_pools(raw: Any, where: str) -> dict[str, PoolConfig]:
     for name, body in dict(raw).items():
         if not isinstance(body, Mapping):
             raise ConfigError(f"{where}: pool {name!r} must be a table ([pools.{name}])")
+        try:
+            bounds.check_name(name, "pool")
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         try:
             pools[name] = PoolConfig.model_validate({**body, "name": name})
         except ValidationError as exc:
@@ -370,8 +371,8 @@ def _tools_from_list(items: list[Any], where: str) -> dict[str, Any]:
     return tools
 
 
-def _build_tool(name: str, body: dict[str, Any], where: str) -> ToolConfig:
-    if not _TOOL_NAME.fullmatch(name):
+def _build_tool(name: str, body: dict[str, Any], where: str, import_functions: bool) -> ToolConfig:
+    if not bounds.NAME.fullmatch(name):
         raise ConfigError(
             f"{where}: tool {name!r}: the name must be lowercase letters, digits and '_', "
             "starting with a letter (it becomes the queue 'tool.<name>')"
@@ -379,18 +380,14 @@ def _build_tool(name: str, body: dict[str, Any], where: str) -> ToolConfig:
     if "max_delay" not in body:
         raise ConfigError(f"{where}: tool {name!r}, field 'max_delay': required (e.g. \"30s\")")
     try:
-        tool = ToolConfig.model_validate({**body, "name": name})
+        tool = ToolConfig.model_validate({**body, "name": name},
+                                         context={"import_functions": import_functions})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, name, where)) from None
-    if tool.fallback is not None and tool.result:
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(tool.result).iter_errors(tool.fallback)
-        )
-        if error is not None:
-            raise ConfigError(
-                f"{where}: tool {name!r}, field 'fallback': does not validate against the "
-                f"tool's result schema: {error.message}"
-            )
+    problems = [f"{where}: tool {name!r}, field {field!r}: {problem}"
+                for field, problem in tool_problems(tool)]
+    if problems:
+        raise ConfigError("\n".join(problems))
     return tool
 
 

@@ -26,8 +26,11 @@ per-key logs at <prefix>:{t}|h:... under the same tag.
 
 Counters for monitoring (written by the workers' metrics, never by a gate script)::
 
-    <prefix>:stats:{t}           HASH  field -> running total (see throttle/stats.py)
+    <prefix>:stats:{t}           HASH  field -> running total (see throttle/monitor/stats.py)
     <prefix>:stats:{t}:<epoch s> HASH  the same fields for one 10 s bucket, expiring soon
+    <prefix>:stats:{t}:limits    STRING  the limits the tool's workers enforce ("100/1m")
+    <prefix>:stats:{t}:waiting:<reason>  ZSET  calls held with an ETA, member = task id,
+                                 score = ETA (ms); see throttle/monitor/waiting.py
 
 All keys of one decision share the `{...}` hash tag, so a decision stays on one Redis Cluster
 shard. Values taken from task arguments are hashed and length-bounded: no argument can reach
@@ -168,3 +171,13 @@ def stats_key(prefix: str, tool: str) -> str:
 def recent_stats_key(prefix: str, tool: str, bucket_s: int) -> str:
     """The hash of `tool`'s counts in the short bucket starting at `bucket_s` (epoch seconds)."""
     return f"{stats_key(prefix, tool)}:{bucket_s}"
+
+
+def limits_key(prefix: str, tool: str) -> str:
+    """The limits `tool`'s workers last enforced, as text, so `status` can spot another config."""
+    return f"{stats_key(prefix, tool)}:limits"
+
+
+def waiting_key(prefix: str, tool: str, reason: str) -> str:
+    """The set of `tool`'s calls held with an ETA because of `reason`, scored by ETA (ms)."""
+    return f"{stats_key(prefix, tool)}:waiting:{reason}"

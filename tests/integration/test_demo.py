@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -20,8 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
+from click.testing import CliRunner
 
 from tests.support.workers import clean_db
+from throttle.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DB = 8
@@ -139,4 +142,56 @@ def test_the_real_demo_runs_on_redis_with_worker_processes_and_leaves_no_keys(
         assert [key for key in broker_client.scan_iter(match="tool.*")] == []
         broker_client.close()
     finally:
+        clean_db(broker)
+
+
+def printed_command(line: str) -> list[str]:
+    """A command line from the banner, without the panel's borders."""
+    return shlex.split(line.strip().strip("│").strip())
+
+
+@pytest.mark.redis
+@pytest.mark.celery
+@pytest.mark.slow
+def test_the_real_demo_prints_the_status_command_that_reads_its_run_and_status_warns_without_it(
+    tmp_path: Path, redis_url: str,
+) -> None:
+    broker = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BROKER_DB}"))
+    clean_db(broker)
+    env = demo_env(THROTTLE_REDIS_URL=redis_url, PYTHONUNBUFFERED="1", COLUMNS="400")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "throttle.cli", "demo", *REAL_RUN, "--broker", broker,
+         "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert demo.stdout is not None
+        commands: dict[str, list[str]] = {}
+        for line in demo.stdout:
+            if "throttle status --redis-url" in line or "throttle exporter --port" in line:
+                command = printed_command(line)
+                commands[command[1]] = command
+            if len(commands) == 2:
+                break
+        status, exporter = commands["status"], commands["exporter"]
+        assert status[status.index("--redis-url") + 1] == redis_url
+        prefix = status[status.index("--prefix") + 1]
+        assert prefix.startswith("throttle-demo-") and exporter[-6:] == status[-6:]
+        runner, shown, warned = CliRunner(), "", ""
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not ("per 15s" in shown and "warning" in warned):
+            shown = runner.invoke(main, status[1:], env={"COLUMNS": "200"}).output
+            # The same run read with the default tools file: its windows are a minute long.
+            default = status[1:status.index("--config")]
+            warned = runner.invoke(main, default, env={"COLUMNS": "200",
+                                                       "THROTTLE_CONFIG": ""}).output
+            time.sleep(0.5)
+        print("\n" + shown + "\n" + warned)
+        assert "per 15s" in shown and "warning" not in shown
+        assert ("warning: search_products: its workers enforce 100/15s, but "
+                in " ".join(warned.split()))
+        assert demo.wait(timeout=REAL_BUDGET_S * 2) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
         clean_db(broker)

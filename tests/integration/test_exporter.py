@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 
 from tests.apps.ledger import build
 from tests.support.monitoring import (
@@ -19,6 +20,7 @@ from tests.support.monitoring import (
     ledger_tool,
     scrape,
     seed_pooled_state,
+    total,
     value,
 )
 from tests.support.servers import ROOT, free_port
@@ -28,6 +30,7 @@ from throttle import outcome
 pytestmark = [pytest.mark.redis]
 
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "throttle.json"
+RULES = ROOT / "config" / "prometheus-rules.yml"
 
 
 def declared(text: str) -> set[str]:
@@ -42,7 +45,7 @@ def declared(text: str) -> set[str]:
 
 
 def decisions(samples: dict[Any, float], tool: str) -> dict[str, float | None]:
-    return {kind: value(samples, "throttle_decisions_total", tool=tool, outcome=kind)
+    return {kind: total(samples, "throttle_decisions_total", tool=tool, outcome=kind)
             for kind in ("admit", "delay", "fallback")}
 
 
@@ -79,14 +82,14 @@ def test_scraped_totals_equal_the_decisions_two_worker_processes_made(
     assert scraped == expected
     assert expected["admit"] >= 10 and expected["delay"] >= 1 and expected["fallback"] >= 1
     assert len(pids) >= 2
-    assert value(samples, "function_rate_limit_exceeded_total", tool_name="burst") == \
-        expected["fallback"]
+    assert value(samples, "function_rate_limit_exceeded_total", tool="burst",
+                 tool_name="burst") == expected["fallback"]
     assert value(samples, "throttle_delay_seconds_count", tool="burst") == expected["delay"]
-    assert value(samples, "function_call_duration_seconds_count", tool_name="burst",
+    assert value(samples, "function_call_duration_seconds_count", tool="burst", tool_name="burst",
                  status="success") == expected["admit"]
     assert value(samples, "throttle_queue_depth", tool="burst") == 0
     assert value(samples, "throttle_store_errors_total") == 0
-    in_window = value(samples, "tool_requests_in_window", tool_name="burst")
+    in_window = value(samples, "tool_requests_in_window", tool="burst", tool_name="burst")
     assert in_window is not None and 0 <= in_window <= 5
 
 
@@ -99,8 +102,9 @@ def test_gauges_show_window_use_reservations_pool_use_cooldown_and_queue_depth(
         samples = scrape(url)
         url_text = httpx.get(url, timeout=10).text
     assert value(samples, "throttle_exporter_redis_up") == 1
-    assert value(samples, "tool_requests_in_window", tool_name="light") == 10
-    assert value(samples, "tool_requests_in_window", tool_name="heavy") == 5  # 2 calls x 2.5
+    assert value(samples, "tool_requests_in_window", tool="light", tool_name="light") == 10
+    # 2 calls x 2.5
+    assert value(samples, "tool_requests_in_window", tool="heavy", tool_name="heavy") == 5
     assert value(samples, "throttle_reserved_slots", tool="light") == 2
     assert value(samples, "throttle_queue_depth", tool="light") == 3
     assert value(samples, "throttle_queue_depth", tool="heavy") == 0
@@ -112,11 +116,20 @@ def test_gauges_show_window_use_reservations_pool_use_cooldown_and_queue_depth(
         cooldown = value(samples, "throttle_cooldown_seconds", tool=tool)
         assert cooldown is not None and 20 < cooldown <= 30
     assert value(samples, "throttle_limit_per_second", tool="light") == pytest.approx(10 / 60)
-    assert value(samples, "throttle_decisions_total", tool="light", outcome="admit") == 0
-    exprs = " ".join(target["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"]
-                     for target in panel["targets"])
-    named = set(re.findall(r"\b(?:throttle|tool|function)_[a-z_]+", exprs)) - {"tool_name"}
-    assert named - declared(url_text) == set(), "the dashboard names metrics nobody exports"
+    assert total(samples, "throttle_decisions_total", tool="light", outcome="admit") == 0
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    recorded = {rule["record"] for group in rules for rule in group["rules"] if "record" in rule}
+    for source, exprs in (
+        ("dashboard", [target["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"]
+                       for target in panel["targets"]]),
+        ("alerts", [rule["expr"] for group in rules for rule in group["rules"]]),
+    ):
+        text = " ".join(exprs)
+        for name in recorded:  # the recording rules' own names (tested by promtool)
+            text = text.replace(name, "")
+        named = set(re.findall(r"\b(?:throttle|tool|function)_[a-z_]+", text)) - {"tool_name"}
+        assert named and named - declared(url_text) == set(), \
+            f"the {source} names metrics nobody exports"
 
 
 def test_the_exporter_reports_redis_down_instead_of_failing_the_scrape(

@@ -98,13 +98,15 @@ def gateway_stack(
     make_cluster: Callable[..., Cluster], tmp_path: Path, stub: StubServer,
 ) -> Iterator[Callable[..., Stack]]:
     """Call to start workers (0 for none) and the gateway; `weather_limits` and
-    `weather_delay` set the get_weather tool's limits and max_delay."""
+    `weather_delay` set the get_weather tool's limits and max_delay, `weather_extra` any
+    other of its fields."""
     gateways: list[CommandServer] = []
 
     def start(
         *, workers: int = 1, weather_limits: tuple[str, ...] = ("1000/1s",),
         weather_delay: str = "30s", level: str = "INFO", gateway_args: tuple[str, ...] = (),
         gateway_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None,
+        weather_extra: dict[str, Any] | None = None,
     ) -> Stack:
         document = tomllib.loads(CONFIG.read_text(encoding="utf-8"))
         document["pools"]["llm_tokens"]["limits"] = ["10000000/60s"]
@@ -114,7 +116,7 @@ def gateway_stack(
         for name in ("cost", "settle", "pool", "priority"):  # requests, not tokens
             weather.pop(name, None)
         weather.update(description="Calls that force get_weather", limits=list(weather_limits),
-                       max_delay=weather_delay)
+                       max_delay=weather_delay, **(weather_extra or {}))
         document["tools"]["get_weather"] = weather
         path = tmp_path / "tools.toml"
         path.write_text(dumps(document), encoding="utf-8")

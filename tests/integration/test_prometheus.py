@@ -22,9 +22,11 @@ pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
 
 def prometheus_config(exporter_url: str, path: Path) -> Path:
-    """config/prometheus.yml scraping the test's exporter every 0.5 s (Flower is not run here)."""
+    """config/prometheus.yml scraping the test's exporter every 0.5 s (Flower is not run here),
+    with its rule files (named relative to config/) given as absolute paths."""
     config = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text(encoding="utf-8"))
     config["global"] = {"scrape_interval": "500ms", "evaluation_interval": "500ms"}
+    config["rule_files"] = [str(ROOT / "config" / name) for name in config["rule_files"]]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     target = exporter_url.removeprefix("http://").removesuffix("/metrics")
     jobs["throttle"]["static_configs"] = [{"targets": [target]}]
@@ -66,7 +68,7 @@ def test_prometheus_reads_the_decisions_of_a_burst_back_from_the_exporter(
             runs = ledger(redis_client, prefix)
             expected = {"admit": len(runs), "delay": sum(run["delays"] for run in runs),
                         "fallback": sum(outcome(r) == "fallback" for r in results)}
-            promql = 'throttle_decisions_total{tool="burst", job="throttle"}'
+            promql = 'sum by (outcome) (throttle_decisions_total{tool="burst", job="throttle"})'
             deadline = time.monotonic() + 30
             while True:
                 seen = {row["metric"]["outcome"]: int(float(row["value"][1]))
@@ -75,6 +77,11 @@ def test_prometheus_reads_the_decisions_of_a_burst_back_from_the_exporter(
                     break
                 time.sleep(0.5)
             up = query(base, 'up{job="throttle"}')
+            groups = httpx.get(f"{base}/api/v1/rules", timeout=10).raise_for_status().json()
+    rules = {rule["name"]: rule["health"] for group in groups["data"]["groups"]
+             for rule in group["rules"]}
     print(f"\nprometheus: expected {expected}, queried {seen}")
     assert seen == expected
     assert [row["value"][1] for row in up] == ["1"]
+    assert "ThrottlePoolAtCap" in rules and "tool:throttle_fallback_ratio:rate5m" in rules
+    assert set(rules.values()) <= {"ok", "unknown"}, rules

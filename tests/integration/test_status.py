@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ pytestmark = [pytest.mark.redis]
 
 
 def run(command: str, *args: str, redis_url: str, broker_url: str, prefix: str,
-        config: Path) -> Result:
+        config: Path, columns: int = 200) -> Result:
     done = CliRunner().invoke(main, [command, "--redis-url", redis_url, "--broker-url",
                                      broker_url, "--prefix", prefix, "--config", str(config),
-                                     *args], env={"COLUMNS": "200"})
+                                     *args], env={"COLUMNS": str(columns)})
     assert done.exit_code == 0, done.output
     return done
 
@@ -44,11 +45,12 @@ def test_status_shows_window_use_reservations_queue_cooldown_and_pool_use(
                  config=config).output
     print("\n" + output)
     light, heavy = row_of(output, "light"), row_of(output, "heavy")
-    # tool, limits, in window, reserved, queued, admitted, delayed, fallback, cooldown, pool
-    assert light[1:5] == ["10/1m", "10/10 per 1m", "2", "3"]
-    assert heavy[1:5] == ["100/1m", "5/100 per 1m", "0", "0"]
-    assert light[9] == "shared/batch 75%" and heavy[9] == "shared/critical 38%"
-    assert 20 < float(light[8].rstrip("s")) <= 30
+    # tool, limits, in window, reserved, queued, waiting, admitted, delayed, fallback,
+    # cooldown, pool
+    assert light[1:6] == ["10/1m", "10/10 per 1m", "2", "3", "0"]
+    assert heavy[1:6] == ["100/1m", "5/100 per 1m", "0", "0", "0"]
+    assert light[10] == "shared/batch 75%" and heavy[10] == "shared/critical 38%"
+    assert 20 < float(light[9].rstrip("s")) <= 30
     assert ("pool shared: 15/40 per 1m; class use critical 38% (share 1), batch 75% (share 0.5)"
             in output)
 
@@ -67,18 +69,74 @@ def test_status_counts_the_last_minute_of_decisions_that_workers_made(
     for result in results:
         result.get(timeout=60)
     runs = ledger(redis_client, prefix)
-    expected = [str(len(runs)), str(sum(run["delays"] for run in runs)),
+    delayed_calls = sum(run["delays"] > 0 for run in runs)
+    decisions = sum(run["delays"] for run in runs)
+    expected = [str(len(runs)),
+                f"{delayed_calls} ({decisions})" if decisions != delayed_calls else str(decisions),
                 str(sum(outcome(r) == "fallback" for r in results))]
     config = write_config(tools, tmp_path / "tools.toml")
     deadline = time.monotonic() + 15  # the workers flush every second
     while True:
         output = run("status", redis_url=redis_url, broker_url=redis_dbs[0], prefix=prefix,
                      config=config).output
-        if row_of(output, "tight")[5:8] == expected or time.monotonic() > deadline:
+        if row_of(output, "tight")[6:9] == expected or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     print("\n" + output)
-    assert row_of(output, "tight")[5:8] == expected
+    assert row_of(output, "tight")[6:9] == expected
+
+
+def narrow_row(output: str, tool: str) -> list[str]:
+    """The cells of `tool`'s row in the narrow table (columns two or more spaces apart)."""
+    line = next(line for line in output.splitlines() if line.strip().startswith(f"{tool} "))
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_status_at_80_columns_shows_every_number_with_a_key(
+    redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path,
+) -> None:
+    seed_pooled_state(redis_url, prefix, *redis_dbs)
+    config = write_config(POOLED, tmp_path / "tools.toml")
+    output = run("status", redis_url=redis_url, broker_url=redis_dbs[0], prefix=prefix,
+                 config=config, columns=80).output
+    print("\n" + output)
+    assert max(len(line) for line in output.splitlines()) <= 80
+    header = next(line for line in output.splitlines() if line.strip().startswith("tool "))
+    assert header.split() == ["tool", "window", "rsv", "queue", "wait", "adm", "dly", "fb",
+                              "cool", "pool"]
+    light, heavy = narrow_row(output, "light"), narrow_row(output, "heavy")
+    assert light[1:8] == ["10/10 1m", "2", "3", "0", "0", "0", "0"]
+    assert heavy[1:8] == ["5/100 1m", "0", "0", "0", "0", "0", "0"]
+    assert 20 < float(light[8].rstrip("s")) <= 30 and light[9] == "75%"
+    assert heavy[9] == "38%"
+    assert "rsv: reserved slots" in " ".join(output.split())  # the key, however it wraps
+    assert "arriving/s" in output and "slots needed" in output
+
+
+@pytest.mark.celery
+@pytest.mark.slow
+def test_status_advises_the_worker_slots_a_tool_needs_from_its_last_minute(
+    make_cluster: Any, prefix: str, redis_url: str, redis_dbs: tuple[str, str],
+    tmp_path: Path,
+) -> None:
+    tools = {"slow": ledger_tool(["10/1s"], "30s")}
+    cluster = make_cluster({"tools": tools}, env={"THROTTLE_TEST_BODY_S": "0.2"})
+    cluster.start(1, concurrency=4)
+    _, _, tasks = build(cluster.env)
+    for result in [tasks["slow"].delay(n=n) for n in range(24)]:
+        result.get(timeout=60)
+    time.sleep(2.5)  # the workers flush every second
+    config = write_config({"tools": tools}, tmp_path / "tools.toml")
+    output = run("status", redis_url=redis_url, broker_url=redis_dbs[0], prefix=prefix,
+                 config=config, columns=80).output
+    print("\n" + output)
+    lines = output.splitlines()
+    capacity = lines[next(i for i, line in enumerate(lines) if "capacity" in line):]
+    row = narrow_row("\n".join(capacity), "slow")
+    arriving, admitted, limit, body_ms, slots = map(float, row[1:6])
+    assert arriving == admitted > 0 and limit == 10  # every call admitted
+    assert 200 <= body_ms < 1000  # each body sleeps 0.2 s
+    assert slots == pytest.approx(min(arriving, limit) * body_ms / 1000, abs=0.06)
 
 
 def test_top_redraws_the_table_until_its_count_of_refreshes(
@@ -91,6 +149,10 @@ def test_top_redraws_the_table_until_its_count_of_refreshes(
                  broker_url=redis_dbs[0], prefix=prefix, config=config).output
     assert time.monotonic() - started < 10
     assert "10/10 per 1m" in output and "shared/batch 75%" in output
+    narrow = run("top", "--count", "1", redis_url=redis_url, broker_url=redis_dbs[0],
+                 prefix=prefix, config=config, columns=80).output
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert narrow_row(narrow, "light")[1:4] == ["10/10 1m", "2", "3"]
 
 
 def test_status_names_the_redis_it_cannot_reach(tmp_path: Path, prefix: str) -> None:

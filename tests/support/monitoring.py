@@ -54,6 +54,13 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def total(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sum of every sample of `name` whose labels include `labels` (None if there is none)."""
+    found = [v for (sample, have), v in samples.items()
+             if sample == name and set(labels.items()) <= set(have)]
+    return sum(found) if found else None
+
+
 # A pool shared by a batch tool limited to 10/1m and a critical tool whose calls cost 2.5.
 POOLED: dict[str, Any] = {
     "pools": {"shared": {"limits": ["40/60s"], "shares": {"critical": 1.0, "batch": 0.5}}},

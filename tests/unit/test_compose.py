@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,36 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
     return dict(compose["services"])
 
 
-def test_docker_compose_accepts_the_file() -> None:
+SECRETS = {"FLOWER_PASSWORD": "x", "GRAFANA_PASSWORD": "y", "THROTTLE_GATEWAY_KEYS": "t:k"}
+
+
+def compose_config(**secrets: str) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config -q` with only these of the secrets set (none from .env)."""
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (`make test` installs Debian's "
                     "docker-compose package where apt-get can)")
-    env = {**os.environ, "FLOWER_PASSWORD": "x"}
-    done = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
+    with tempfile.NamedTemporaryFile(suffix=".env") as empty:  # not the checkout's .env
+        return subprocess.run(
+            [binary, "-f", str(COMPOSE), "--env-file", empty.name, "config", "-q"], cwd=ROOT,
+            env={**env, **secrets}, capture_output=True, text=True, timeout=60)
+
+
+def test_docker_compose_accepts_the_file() -> None:
+    done = compose_config(**SECRETS)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_the_stack_refuses_to_start_until_each_secret_is_set(missing: str) -> None:
+    for value in (None, ""):
+        secrets = {name: given for name, given in SECRETS.items() if name != missing}
+        if value is not None:
+            secrets[missing] = value
+        done = compose_config(**secrets)
+        assert done.returncode != 0, (missing, value)
+        assert f"set {missing}" in done.stderr, done.stderr
 
 
 def test_every_part_of_the_system_has_a_service(compose: dict[str, Any]) -> None:
@@ -81,6 +103,11 @@ def test_uis_listen_on_loopback_and_flower_needs_a_password(compose: dict[str, A
     assert services(compose)["exporter"]["command"][:2] == ["throttle", "exporter"]
     assert services(compose)["gateway"]["command"][:2] == ["throttle", "gateway"]
     assert "THROTTLE_GATEWAY_KEYS" in services(compose)["gateway"]["environment"]
+    grafana = services(compose)["grafana"]["environment"]
+    for variable in (flower["environment"]["THROTTLE_FLOWER_PASSWORD"],
+                     grafana["GF_SECURITY_ADMIN_PASSWORD"],
+                     services(compose)["gateway"]["environment"]["THROTTLE_GATEWAY_KEYS"]):
+        assert variable.startswith("${") and ":?" in variable, variable  # no default
     assert services(compose)["demo"]["command"][:3] == ["python", "-m", "workers.produce"]
 
 

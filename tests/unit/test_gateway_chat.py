@@ -13,10 +13,11 @@ import pytest
 from tests.support.servers import free_port
 from throttle import Config, load_config
 from throttle.errors import ConfigError
+from throttle.gateway.callers import callers_from_env
 from throttle.gateway.chat import completion, read_call
 from throttle.gateway.command import _check_reachable
 from throttle.gateway.errors import ApiError, failure_error
-from throttle.gateway.settings import GatewaySettings, keys_from_env
+from throttle.gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,10 +71,11 @@ def test_other_forced_names_and_unforced_requests_go_through_the_default_tool(
 def test_only_the_forwarded_fields_become_the_task_s_arguments(config: Config) -> None:
     body = request("a", choice=forcing("a"), max_completion_tokens=9, temperature=0.5,
                    top_p=0.9, user="u-1", seed=3)
-    kwargs = read_call(body, config, "chat_completion").kwargs
+    kwargs = read_call(body, config, "chat_completion", "acme").kwargs
     assert sorted(kwargs) == ["max_tokens", "messages", "model", "session_id", "temperature",
-                              "tool_choice", "tools"]
-    assert kwargs["max_tokens"] == 9 and kwargs["session_id"] == "u-1"  # keys per-session limits
+                              "tenant", "tool_choice", "tools"]
+    assert kwargs["max_tokens"] == 9
+    assert (kwargs["session_id"], kwargs["tenant"]) == ("acme/u-1", "acme")  # from the key
 
 
 @pytest.mark.parametrize(("body", "code", "param"), [
@@ -162,10 +164,10 @@ def test_the_settings_refuse_a_default_tool_that_does_not_take_chat_completions(
         GatewaySettings(config=config, default_tool="nope", **urls)
     with pytest.raises(ConfigError, match="is not Redis"):
         GatewaySettings(config=config, **{**urls, "result_backend": "rpc://"})
-    settings = GatewaySettings(config=config, api_keys=keys_from_env(
+    settings = GatewaySettings(config=config, callers=callers_from_env(
         {"THROTTLE_GATEWAY_KEYS": " k-1 ,, k-2 "}), **urls)
-    assert settings.accepts("k-2") and not settings.accepts("k-3")
-    assert "k-1" not in repr(settings) and "k-1" not in str(settings.key_digests)
+    assert settings.callers.tenant_of("k-2") and not settings.callers.tenant_of("k-3")
+    assert "k-1" not in repr(settings) and "k-1" not in str(settings.callers.tenants_by_digest)
 
 
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -10,7 +11,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.support.servers import free_port
-from throttle.keys import stats_key
+from throttle.keys import stats_key, waiting_key
 from throttle.monitor import metrics
 from throttle.monitor.stats import (
     RECENT_TTL_S,
@@ -34,8 +35,8 @@ def test_a_flush_writes_every_count_once_and_they_read_back_as_totals(
     for _ in range(3):
         buffer.add_decision("search", "admit", "admitted", 0.0, now)
     buffer.add_decision("search", "fallback", "deadline", 0.0, now)
-    buffer.add_run("search", "success", 0.02)
-    buffer.add_run("search", "error", 7.0)
+    buffer.add_run("search", "success", 0.02, now)
+    buffer.add_run("search", "error", 7.0, now)
     buffer.add_store_error("search")
     assert buffer.flush(redis_client) > 0
     assert buffer.flush(redis_client) == 0  # nothing left: a second flush writes nothing
@@ -54,10 +55,38 @@ def test_a_flush_writes_every_count_once_and_they_read_back_as_totals(
     assert totals.store_errors == 1
 
     recent = [redis_client.hgetall(key) for key in recent_keys(prefix, "search", now)]
-    assert sum_recent(recent) == {"admit": 3, "delay": 4, "fallback": 1}
+    assert sum_recent(recent) == pytest.approx({
+        "admit": 3, "delay": 4, "fallback": 1, "delayed_calls": 0, "arrived": 0,
+        "body:sum": 7.02, "body:count": 2})
     ttl = redis_client.ttl(recent_keys(prefix, "search", now)[0])
     assert 0 < ttl <= RECENT_TTL_S
     assert RECENT_TTL_S < redis_client.ttl(stats_key(prefix, "search")) <= TOTALS_TTL_S
+
+
+def test_a_call_waits_from_its_delay_until_its_next_decision_whichever_process_makes_it(
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    first, second = StatsBuffer(prefix), StatsBuffer(prefix)  # two worker processes
+    now = time.time()
+    first.add_decision("search", "delay", "reserved", 30.0, now, call_id="a", delays_before=0)
+    first.add_decision("search", "delay", "pool", 5.0, now, call_id="b", delays_before=0)
+    first.add_decision("search", "admit", "admitted", 0.0, now, call_id="c", delays_before=0)
+    first.flush(redis_client)
+    assert redis_client.zrange(waiting_key(prefix, "search", "reserved"), 0, -1) == [b"a"]
+    assert redis_client.zscore(waiting_key(prefix, "search", "pool"), "b") == \
+        pytest.approx((now + 5.0) * 1000)
+    # b comes back to the other process, is delayed again for the tool; a is admitted.
+    second.add_decision("search", "delay", "reserved", 10.0, now, call_id="b", delays_before=1)
+    second.add_decision("search", "admit", "reservation", 0.0, now, call_id="a", delays_before=1)
+    second.flush(redis_client)
+    assert redis_client.zrange(waiting_key(prefix, "search", "reserved"), 0, -1) == [b"b"]
+    assert redis_client.zcard(waiting_key(prefix, "search", "pool")) == 0
+
+    totals = parse_totals(redis_client.hgetall(stats_key(prefix, "search")))
+    assert totals.delayed_calls == {"reserved": 1, "pool": 1}  # calls, by their first delay
+    assert totals.outcome("delay") == 3  # decisions
+    recent = sum_recent([redis_client.hgetall(k) for k in recent_keys(prefix, "search", now)])
+    assert (recent["arrived"], recent["delayed_calls"], recent["delay"]) == (3, 2, 3)
 
 
 def test_counts_survive_a_failed_flush_and_are_written_once_later(
@@ -90,3 +119,14 @@ def test_stats_keys_stand_apart_from_every_gate_key() -> None:
     ours = [stats_key("p", "stats"), recent_stats_key("p", "stats", 1_800_000_000)]
     assert all(key.startswith("p:stats:{stats}") for key in ours)
     assert not any(key.startswith("p:stats:") for key in gate)
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, 0), (0, 0), (3, 3), ("2", 2), ("lots", None), (-1, None), (True, None),
+    ([1], None), (10**12, None),
+])
+def test_a_hand_made_delay_count_header_is_read_as_a_count_or_ignored(
+    header: object, expected: int | None,
+) -> None:
+    request = SimpleNamespace(id="call-1", throttle_delays=header)
+    assert metrics._delays_before(request) == expected

@@ -2,11 +2,13 @@
 
 The scaled config goes to a TOML file the workers load (THROTTLE_CONFIG); the gate's keys
 get a prefix of this run's own, deleted at the end with the results and queued messages.
+The banner prints the `status`, `top` and `exporter` command lines that read this run.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -72,13 +74,27 @@ def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str) -> 
                 details=(
                     f"gate on Redis {mask_url(redis_url)} (keys {prefix}:*), broker "
                     f"{mask_url(broker_url)}, {len(workers.procs)} worker processes "
-                    f"(celery -A workers worker -Q tool.<name> -c {WORKER_CONCURRENCY})"
+                    f"(celery -A workers worker -Q tool.<name> -c {WORKER_CONCURRENCY})\n"
+                    "Watch this run from another terminal while it runs:\n"
+                    + "\n".join(f"  {line}" for line in
+                                watch_commands(redis_url, broker_url, prefix, config_path))
                 ),
             )
         finally:
             workers.stop()
             _clean(app, store, prefix, config)
             store.close()
+
+
+def watch_commands(redis_url: str, broker_url: str, prefix: str, config: Path) -> list[str]:
+    """`throttle status`, `top` and `exporter` command lines reading this run's keys and config.
+
+    A password in a URL is shown masked (put it back to run them).
+    """
+    sources = ["--redis-url", mask_url(redis_url), "--broker-url", mask_url(broker_url),
+               "--prefix", prefix, "--config", str(config)]
+    return [shlex.join(["throttle", "status", *sources]), shlex.join(["throttle", "top", *sources]),
+            shlex.join(["throttle", "exporter", "--port", "9808", *sources])]
 
 
 def _check_answers(url: str) -> None:

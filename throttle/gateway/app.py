@@ -5,8 +5,9 @@
   GET  /healthz               200 when the gate's Redis, the result backend and the broker
                               answer, else 503 naming what failed
 
-The caller's Authorization header is checked against THROTTLE_GATEWAY_KEYS (when set) and
-goes no further: not into the call's arguments, a log line or an error message.
+The caller's Authorization header is checked against THROTTLE_GATEWAY_KEYS (when set); the
+tenant its key is bound to keys the call's limits. The key goes no further: not into the
+call's arguments, a log line or an error message.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from throttle.gateway.callers import KEYS_VARIABLE, LOCAL_TENANT
 from throttle.gateway.chat import read_call
 from throttle.gateway.errors import ApiError
 from throttle.gateway.metrics import GatewayMetrics
 from throttle.gateway.service import Gateway
-from throttle.gateway.settings import KEYS_VARIABLE, GatewaySettings
+from throttle.gateway.settings import GatewaySettings
 
 logger = logging.getLogger("throttle.gateway")
 
 DEADLINE_HEADER = "x-throttle-max-delay"
+# Deeper bodies are refused before anything walks them (a schema check, pickling, a log). A
+# message's content parts sit 4 levels deep and a tool's parameters 4 plus their own nesting.
+MAX_BODY_DEPTH = 64
 
 
 def make_app(settings: GatewaySettings) -> FastAPI:
@@ -68,10 +73,10 @@ def make_app(settings: GatewaySettings) -> FastAPI:
         started = time.perf_counter()
         tool: str | None = None
         try:
-            check_key(request.headers.get("authorization"), settings)
+            tenant = tenant_of(request.headers.get("authorization"), settings)
             deadline_s = read_deadline(request.headers.get(DEADLINE_HEADER))
             body = await read_json(request, settings.max_body_bytes)
-            call = read_call(body, settings.config, settings.default_tool)
+            call = read_call(body, settings.config, settings.default_tool, tenant)
             tool = call.tool
             answer = await gateway.complete(call, deadline_s)
             response: Response = JSONResponse(answer.body, answer.status, answer.headers)
@@ -103,19 +108,22 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), error.status, error.headers)
 
 
-def check_key(header: str | None, settings: GatewaySettings) -> None:
-    """Refuse the request (401) unless it carries one of the configured keys, if any."""
-    if not settings.key_digests:
-        return
+def tenant_of(header: str | None, settings: GatewaySettings) -> str:
+    """The tenant the request's key is bound to; 401 unless it carries a configured key
+    (no key configured: every caller is tenant `local`)."""
+    if settings.callers.open:
+        return LOCAL_TENANT
     scheme, _, token = (header or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "no API key: send 'Authorization: Bearer <key>' with a key the "
                        f"gateway accepts (listed in its {KEYS_VARIABLE})",
                        code="missing_api_key")
-    if not settings.accepts(token.strip()):
+    tenant = settings.callers.tenant_of(token.strip())
+    if tenant is None:
         raise ApiError(401, "the API key sent is not one the gateway accepts (it is not "
                        f"shown); use a key listed in the gateway's {KEYS_VARIABLE}",
                        code="invalid_api_key")
+    return tenant
 
 
 def read_deadline(raw: str | None) -> float | None:
@@ -152,7 +160,47 @@ async def read_json(request: Request, limit_bytes: int) -> Any:
         raise ApiError(400, "the request has no body; send a JSON chat-completions request "
                        "(messages, tools, tool_choice)", code="invalid_json")
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks), parse_constant=_refuse_constant,
+                          parse_float=_finite_float)
+    except RecursionError:  # nested past Python's own limit
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object "
                        "with Content-Type: application/json", code="invalid_json") from None
+    if nesting_depth(body) > MAX_BODY_DEPTH:
+        raise _too_deep()
+    return body
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the request body nests arrays and objects more than "
+                    f"{MAX_BODY_DEPTH} levels deep; flatten it (no chat request needs that "
+                    "many)", code="too_deep")
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} does not fit a 64-bit float; send a finite number")
+    return value
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar: 0), without
+    recursion, so no depth can exhaust the stack."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_BODY_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

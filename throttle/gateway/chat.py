@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from throttle.config import Config, ToolConfig
+from throttle.gateway.callers import LOCAL_TENANT, session_of
 from throttle.gateway.errors import ApiError
 
 # Request fields that become the task's keyword arguments (max_completion_tokens, the newer
-# name, is sent as max_tokens; `user` as session_id where the tool takes one). Other OpenAI
-# fields are not forwarded (docs/gateway.md).
+# name, is sent as max_tokens). `session_id` and `tenant` come from the caller's key, the
+# request's `user` only narrowing session_id (throttle.gateway.callers). Other OpenAI fields
+# are not forwarded (docs/gateway.md).
 FORWARDED = ("messages", "tools", "tool_choice", "model", "max_tokens", "temperature")
 UNFORCED = (None, "auto", "required")
+MAX_USER_CHARS = 128
 FORCE_EXAMPLE = '{"type": "function", "function": {"name": "<tool>"}}'
 
 
@@ -42,8 +45,10 @@ def takes_chat(tool: ToolConfig) -> bool:
     return isinstance(properties, Mapping) and "messages" in properties
 
 
-def read_call(body: Any, config: Config, default_tool: str) -> ChatCall:
-    """The throttled call for a parsed request body, or an ApiError (400) saying what to fix."""
+def read_call(body: Any, config: Config, default_tool: str,
+              tenant: str = LOCAL_TENANT) -> ChatCall:
+    """The throttled call for a parsed request body from `tenant` (the one its key proves),
+    or an ApiError (400) saying what to fix."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object with messages, tools and "
                        f"tool_choice, e.g. {{\"messages\": [...], \"tools\": [...], "
@@ -77,8 +82,16 @@ def read_call(body: Any, config: Config, default_tool: str) -> ChatCall:
     tool = config.tools.get(forced or "")
     if tool is None or not takes_chat(tool):
         tool = config.tool(default_tool)
-    if isinstance(body.get("user"), str) and "session_id" in tool.params.get("properties", {}):
-        kwargs["session_id"] = body["user"]  # OpenAI's end-user id keys per-session limits
+    user = body.get("user")
+    if user is not None and not (isinstance(user, str) and len(user) <= MAX_USER_CHARS):
+        raise ApiError(400, f"user must be a string of at most {MAX_USER_CHARS} characters "
+                       f"(your end-user's id), got {json.dumps(user)[:80]}; send a shorter "
+                       "string or leave it out", param="user", code="invalid_user")
+    declared = tool.params.get("properties", {})
+    if "session_id" in declared:  # keys per-session limits: the key's tenant, then `user`
+        kwargs["session_id"] = session_of(tenant, user)
+    if "tenant" in declared:  # keys per-tenant limits, which no `user` escapes
+        kwargs["tenant"] = tenant
     return ChatCall(tool=tool.name, kwargs=kwargs, forced=forced)
 
 

@@ -16,14 +16,13 @@ import click
 
 from throttle.errors import ThrottleError
 from throttle.extras import require_extra
+from throttle.gateway.callers import KEYS_FILE_VARIABLE, KEYS_VARIABLE, callers_from_env
 from throttle.gateway.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PUBLISH_THREADS,
     DEFAULT_RUN_TIMEOUT_S,
     DEFAULT_TOOL,
-    KEYS_VARIABLE,
     GatewaySettings,
-    keys_from_env,
 )
 from throttle.monitor.sources import resolve_sources, source_options
 from throttle.store import STORE_ERRORS, connect, mask_url
@@ -37,7 +36,7 @@ logger = logging.getLogger("throttle.gateway")
               help="Where the workers store results (default: the Redis URL) "
               "[env THROTTLE_RESULT_BACKEND].")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind (0.0.0.0 inside a container; then set THROTTLE_GATEWAY_KEYS).")
+              help="Address to bind; other than loopback, THROTTLE_GATEWAY_KEYS must be set.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="Port to bind; 0 picks a free one (printed at start).")
 @click.option("--default-tool", default=DEFAULT_TOOL, show_default=True,
@@ -63,9 +62,11 @@ def gateway(
 
     Each request becomes a call of a throttle tool (the forced function's, when it is a
     configured chat tool, else --default-tool) and is answered once a worker ran it: the
-    completion, or a 429 with Retry-After and the tool's fallback. Callers' keys are checked
-    against THROTTLE_GATEWAY_KEYS (comma-separated; none set: any caller); the workers call
-    the upstream with their own THROTTLE_LLM_API_KEY. See docs/gateway.md.
+    completion, or a 429 with Retry-After and the tool's fallback (a 400 for a call costing
+    more than a limit allows). Callers' keys are checked
+    against THROTTLE_GATEWAY_KEYS (tenant:key,...; none set: any caller, on loopback only),
+    and the key's tenant keys the limits; the workers call the upstream with their own
+    THROTTLE_LLM_API_KEY. See docs/gateway.md.
     """
     try:
         require_extra("gateway", "throttle gateway")
@@ -73,15 +74,17 @@ def gateway(
         settings = GatewaySettings(
             config=sources.config, redis_url=sources.redis_url, broker_url=sources.broker_url,
             result_backend=result_backend or sources.redis_url, prefix=sources.prefix,
-            api_keys=keys_from_env(), **options,
+            callers=callers_from_env(), **options,
         )
     except ThrottleError as exc:
         raise click.ClickException(str(exc)) from None
+    if settings.callers.open and not _is_loopback(host):
+        raise click.ClickException(
+            f"--host {host} is reachable from other hosts, and no caller key is set: any "
+            f"caller could spend the upstream's budget as anyone. Set {KEYS_VARIABLE}="
+            f"tenant:key,... (or {KEYS_FILE_VARIABLE}=<file>), or bind --host 127.0.0.1")
     _check_reachable(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    if not settings.key_digests and not _is_loopback(host):
-        logger.warning("gateway: %s is not set and %s is reachable from other hosts: any "
-                       "caller can spend the upstream's budget", KEYS_VARIABLE, host)
     try:
         sock = _bind(host, port)
     except OSError as exc:

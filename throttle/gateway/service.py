@@ -40,13 +40,14 @@ from throttle.task import FALLBACK_MARK
 logger = logging.getLogger("throttle.gateway")
 
 HEALTH_TIMEOUT_S = 3.0
+NEVER_FITS = "cost_exceeds_limit"  # the fallback reason of a call no window can ever hold
 SOCKET_TIMEOUT_S = 5.0
 REASONS = {
     "deadline": "its next free slot lies past this call's deadline ({budget:g}s)",
     "cooldown": "the upstream asked for a pause longer than this call could wait",
     "store_unavailable": "the gate's Redis could not be reached (on_store_error = fallback)",
-    "cost_exceeds_limit": "this call alone costs more than one of its limits allows: "
-                          "retrying does not help; shorten the prompt or lower max_tokens",
+    NEVER_FITS: "this call alone costs more than one of its limits allows, so retrying "
+                "does not help; shorten the prompt or lower max_tokens",
     "redelivery_cap": "the call's worker was lost too many times",
 }
 
@@ -164,15 +165,20 @@ class Gateway:
     async def _throttled(self, call: ChatCall, reason: str, budget_s: float, fallback: Any,
                          headers: dict[str, str]) -> ApiError:
         tool = self.config.tool(call.tool)
+        why = REASONS.get(reason, f"the gate answered with the fallback ({reason})")
+        fallback_headers = {**headers, "X-Throttle-Outcome": "fallback",
+                            "X-Throttle-Fallback-Reason": reason}
+        if reason == NEVER_FITS:  # no wait helps, so no Retry-After (clients would loop)
+            return ApiError(400, f"tool {call.tool!r} cannot run this call: {why}. The "
+                            "tool's fallback is in 'fallback'", code=NEVER_FITS,
+                            headers=fallback_headers, extra={"fallback": fallback})
         key_value = call.kwargs.get(tool.key) if tool.key else None
         wait_s = await retry_after_s(self.store, self.settings.prefix, tool, key_value,
                                      budget_s)
-        why = REASONS.get(reason, f"the gate answered with the fallback ({reason})")
         return ApiError(
             429, f"tool {call.tool!r} is at its limit: {why.format(budget=budget_s)}; retry "
             f"after {wait_s}s. The tool's fallback is in 'fallback'", code="rate_limit_exceeded",
-            headers={**headers, "Retry-After": str(wait_s), "X-Throttle-Outcome": "fallback",
-                     "X-Throttle-Fallback-Reason": reason},
+            headers={**fallback_headers, "Retry-After": str(wait_s)},
             extra={"fallback": fallback},
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from throttle.monitor.queues import QueueDepths
 from throttle.monitor.snapshot import Snapshot, read_snapshot
 from throttle.monitor.sources import Sources, resolve_sources, source_options
 from throttle.monitor.stats import OUTCOMES
+from throttle.monitor.waiting import OTHER, REASONS, reason_label
 from throttle.store import STORE_ERRORS, StoreClient
 
 DEFAULT_PORT = 9808
@@ -66,28 +67,35 @@ class ThrottleCollector(Collector):
 
 def counters(snapshot: Snapshot) -> Iterator[Metric]:
     """The counters workers flushed: decisions, delays, body durations, store errors."""
-    decisions = CounterMetricFamily("throttle_decisions_total", "Gate decisions by tool and "
-                                    "outcome.", labels=["tool", "outcome"])
+    decisions = CounterMetricFamily("throttle_decisions_total", "Gate decisions by tool, "
+                                    "outcome and reason (a call delayed twice makes two).",
+                                    labels=["tool", "outcome", "reason"])
+    delayed = CounterMetricFamily("throttle_delayed_calls_total", "Calls delayed at least once, "
+                                  "by the reason of their first delay.", labels=["tool", "reason"])
     exceeded = CounterMetricFamily("function_rate_limit_exceeded_total",
                                    "Calls that fell back (their slot would miss the deadline, "
-                                   "or the store failed).", labels=["tool_name"])
+                                   "or the store failed).", labels=["tool", "tool_name"])
     delays = HistogramMetricFamily("throttle_delay_seconds", "Waits given to delayed calls.",
                                    labels=["tool"])
     durations = HistogramMetricFamily("function_call_duration_seconds",
                                       "Durations of tool bodies by status.",
-                                      labels=["tool_name", "status"])
+                                      labels=["tool", "tool_name", "status"])
     store_errors = 0
     for view in snapshot.tools:
         name, totals = view.tool.name, view.totals
         for outcome in OUTCOMES:
-            decisions.add_metric([name, outcome], totals.outcome(outcome))
-        exceeded.add_metric([name], totals.outcome("fallback"))
+            for reason, count in by_label(outcome, totals.decisions.get(outcome, {})).items():
+                decisions.add_metric([name, outcome, reason], count)
+        for reason, count in by_label("delay", totals.delayed_calls).items():
+            delayed.add_metric([name, reason], count)
+        exceeded.add_metric([name, name], totals.outcome("fallback"))
         if totals.delay is not None:
             delays.add_metric([name], totals.delay.cumulative(), totals.delay.total)
         for status, histogram in totals.runs.items():
-            durations.add_metric([name, status], histogram.cumulative(), histogram.total)
+            durations.add_metric([name, name, status], histogram.cumulative(), histogram.total)
         store_errors += totals.store_errors
     yield decisions
+    yield delayed
     yield exceeded
     yield delays
     yield durations
@@ -95,17 +103,32 @@ def counters(snapshot: Snapshot) -> Iterator[Metric]:
                               "workers.", value=store_errors)
 
 
+def by_label(outcome: str, counts: Mapping[str, int]) -> dict[str, int]:
+    """Counts per reason label: every known reason of `outcome` (0 if none), the rest as "other"."""
+    labelled = dict.fromkeys((*REASONS[outcome], OTHER), 0)
+    for reason, count in counts.items():
+        labelled[reason_label(outcome, reason)] += count
+    return labelled
+
+
 def gauges(snapshot: Snapshot) -> Iterator[Metric]:
     """What Redis and the broker hold now: window use, queues, cooldowns, pool use."""
     in_window = GaugeMetricFamily("tool_requests_in_window",
                                   "Calls admitted in the tool's shortest window, now.",
-                                  labels=["tool_name"])
+                                  labels=["tool", "tool_name"])
     limit_rate = GaugeMetricFamily("throttle_limit_per_second",
                                    "The tool's tightest limit as a rate (max / window).",
                                    labels=["tool"])
+    effective = GaugeMetricFamily("throttle_effective_limit_per_second",
+                                  "The tool's tightest limit as a rate, lowered by its class's "
+                                  "allowance (share x max) in its pool.", labels=["tool"])
+    waiting = GaugeMetricFamily("throttle_waiting_calls", "Calls held in workers with an ETA "
+                                "(delayed, not yet run), by the reason of their last delay.",
+                                labels=["tool", "reason"])
     reserved = GaugeMetricFamily("throttle_reserved_slots",
                                  "Reserved slots not yet used.", labels=["tool"])
-    depth = GaugeMetricFamily("throttle_queue_depth", "Calls waiting in the tool's broker queue.",
+    depth = GaugeMetricFamily("throttle_queue_depth", "Calls in the tool's broker queue (not yet "
+                              "taken by a worker).",
                               labels=["tool"])
     cooldown = GaugeMetricFamily("throttle_cooldown_seconds",
                                  "Seconds left in the tool's (or its pool's) cooldown.",
@@ -114,8 +137,11 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
         name = view.tool.name
         rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
         limit_rate.add_metric([name], rate)
+        effective.add_metric([name], snapshot.effective_rate(view))
+        for reason, count in by_label("delay", view.waiting).items():
+            waiting.add_metric([name, reason], count)
         if view.shortest is not None:
-            in_window.add_metric([name], view.shortest.used)
+            in_window.add_metric([name, name], view.shortest.used)
         if view.reserved is not None:
             reserved.add_metric([name], view.reserved)
         if view.queue_depth is not None:
@@ -134,7 +160,8 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             pool_usage.add_metric([pool.pool.name, priority], pool.class_use(priority))
         for use in pool.windows:
             pool_units.add_metric([pool.pool.name, format_ms(use.limit.window_ms)], use.used)
-    yield from (in_window, limit_rate, reserved, depth, cooldown, pool_usage, pool_units)
+    yield from (in_window, limit_rate, effective, waiting, reserved, depth, cooldown,
+                pool_usage, pool_units)
 
 
 def _stop(signum: int, _: Any) -> None:

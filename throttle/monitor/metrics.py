@@ -29,6 +29,8 @@ from throttle.errors import StoreUnavailable
 from throttle.monitor.stats import StatsBuffer
 from throttle.store import STORE_ERRORS
 
+DELAYS = "throttle_delays"  # the header throttle/task.py counts a call's delays in
+
 logger = logging.getLogger("throttle.monitor.metrics")
 
 FLUSH_INTERVAL_S = 1.0
@@ -44,11 +46,35 @@ _worker_task_events = False  # set from the worker's -E flag (see _note_task_eve
 def observe_decision(task: Any, outcome: str, reason: str, wait_s: float) -> None:
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
     try:
-        _buffer(task).add_decision(task.tool.name, outcome, reason, wait_s, time.time())
+        request = task.request
+        delays_before = _delays_before(request)
+        buffer = _buffer(task)
+        buffer.note_limits(task.tool.name, limits_text(task.tool))
+        buffer.add_decision(task.tool.name, outcome, reason, wait_s, time.time(),
+                            call_id=None if delays_before is None else str(request.id),
+                            delays_before=delays_before)
         if outcome in EVENT_TYPES:
             _send_event(task, outcome, reason, wait_s)
     except Exception:  # metrics must never break a call
         logger.debug("could not count a decision of %s", _name(task), exc_info=True)
+
+
+def _delays_before(request: Any) -> int | None:
+    """How often this call was delayed before, from its header; None if the header is not a
+    count (a message made by hand): the decision then counts, the call's waiting does not."""
+    value = getattr(request, DELAYS, None) or 0
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        return None
+    return count if 0 <= count < 1_000_000 and getattr(request, "id", None) else None
+
+
+def limits_text(tool: Any) -> str:
+    """A tool's limits as its config writes them ("100/1m, 1000/1h")."""
+    return ", ".join(str(limit) for limit in tool.limits)
 
 
 def observe_run(task: Any, status: str, seconds: float) -> None:

@@ -18,9 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from throttle.config import Config, Limit, PoolConfig, ToolConfig
-from throttle.keys import ToolKeys, cooldown_left_s, keys_for, stats_key
+from throttle.keys import (
+    ToolKeys,
+    cooldown_left_s,
+    keys_for,
+    limits_key,
+    stats_key,
+    waiting_key,
+)
 from throttle.monitor.queues import QueueDepths
 from throttle.monitor.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
+from throttle.monitor.waiting import DELAY_REASONS, GRACE_S
 from throttle.store import StoreClient
 
 logger = logging.getLogger("throttle.monitor.snapshot")
@@ -47,8 +55,15 @@ class ToolView:
     reserved: int | None
     queue_depth: int | None
     cooldown_s: float | None
-    last_minute: Mapping[str, int]
+    last_minute: Mapping[str, float]
     totals: ToolTotals
+    waiting: Mapping[str, int] = field(default_factory=dict)
+    enforced_limits: str | None = None  # what the tool's workers last enforced, if known
+
+    @property
+    def waiting_calls(self) -> int:
+        """Calls held in workers with an ETA, whatever the reason."""
+        return sum(self.waiting.values())
 
     @property
     def shortest(self) -> WindowUse | None:
@@ -87,6 +102,21 @@ class Snapshot:
         if not tool.pool or not tool.priority or tool.pool not in self.pools:
             return None
         return self.pools[tool.pool].class_use(tool.priority)
+
+    def effective_rate(self, view: ToolView) -> float:
+        """The tool's tightest limit as a rate (per second), lowered to its class's allowance
+        (share x max) in its pool; the allowance is shared by every tool of the class."""
+        rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
+        pool = self.pools.get(view.tool.pool or "")
+        if pool is not None and view.tool.priority in pool.pool.shares:
+            share = pool.pool.shares[view.tool.priority]
+            rate = min(rate, *(share * limit.max * 1000 / limit.window_ms
+                               for limit in pool.pool.limits))
+        return rate
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _keys(prefix: str, tool: ToolConfig) -> ToolKeys:
@@ -167,6 +197,9 @@ def read_snapshot(
             pipe.hgetall(name)
         pipe.pttl(keys.cooldown)
         pipe.zcount(keys.rsv, now_ms - tool.longest_window_ms, "+inf")
+        pipe.get(limits_key(prefix, tool.name))
+        for reason in DELAY_REASONS:
+            pipe.zcount(waiting_key(prefix, tool.name, reason), now_ms - GRACE_S * 1000, "+inf")
     for _, keys in pools.values():
         pipe.pttl(keys.cooldown)
     raw: Iterator[Any] = iter(pipe.execute())
@@ -189,6 +222,8 @@ def read_snapshot(
         totals = parse_totals(next(raw))
         recent = sum_recent([next(raw) for _ in range(RECENT_BUCKETS)])
         cooldown_s, reserved = cooldown_left_s(next(raw)), int(next(raw))
+        enforced = next(raw)
+        waiting = {reason: int(next(raw)) for reason in DELAY_REASONS}
         per_key = tool.key is not None
         views.append(ToolView(
             tool=tool,
@@ -199,6 +234,8 @@ def read_snapshot(
             cooldown_s=None if per_key and not tool.pool else cooldown_s,
             last_minute=recent,
             totals=totals,
+            waiting=waiting,
+            enforced_limits=None if enforced is None else _text(enforced),
         ))
     pool_views = {
         name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),

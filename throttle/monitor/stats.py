@@ -4,28 +4,38 @@ Each tool has one hash of running totals (`keys.stats_key`) and short-lived hash
 same counts per 10 s bucket (`keys.recent_stats_key`), so `throttle status` can show the
 last minute. Fields::
 
-    decision:<outcome>:<reason>     calls decided (outcome admit, delay or fallback)
+    decision:<outcome>:<reason>     gate decisions (outcome admit, delay or fallback); a call
+                                    delayed twice makes two delay decisions
+    delayed_calls:<reason>          calls delayed at least once, by the reason of their first
+    arrived                         (10 s buckets only) calls decided for the first time
+    body:sum, body:count            (10 s buckets only) seconds of tool bodies, and how many
     delay:le:<bound>                delays given, per histogram bucket (not cumulative)
     delay:sum, delay:count          seconds of delay given, and how many
     run:<status>:le:<bound>         body durations per bucket; status success, error, busy
     run:<status>:sum, :count
     store_errors                    the gate's store failed
 
+Beside them, `keys.limits_key` holds the limits the workers enforce (expiring an hour after
+the last call), so `throttle status` can warn when it reads with another config.
+
 Workers add to a `StatsBuffer` in memory and flush it in one pipeline (HINCRBY /
 HINCRBYFLOAT), so no call pays a Redis round trip for its metrics. Each flush renews the
 totals' expiry (30 days): idle tools' counters go away, like every other throttle key.
+The same flush keeps the sets of calls waiting with an ETA (throttle/monitor/waiting.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from throttle.keys import recent_stats_key, stats_key
+from throttle.keys import limits_key, recent_stats_key, stats_key, waiting_key
+from throttle.monitor.waiting import DELAY_REASONS, KEY_TTL_S, STALE_S, reason_label
 from throttle.store import STORE_ERRORS, StoreClient
 
 DELAY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -34,6 +44,7 @@ RECENT_BUCKET_S = 10
 RECENT_BUCKETS = 6  # the last minute: the current bucket and the five before it
 RECENT_TTL_S = RECENT_BUCKET_S * (RECENT_BUCKETS + 2)
 TOTALS_TTL_S = 30 * 86_400  # a tool idle for 30 days starts its counters again
+LIMITS_TTL_S = 3600
 OUTCOMES = ("admit", "delay", "fallback")
 
 
@@ -55,11 +66,19 @@ class StatsBuffer:
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
         self._sums: dict[tuple[str, str], float] = defaultdict(float)
         self._recent: set[str] = set()
+        # (tool, task id) -> (reason, ETA ms) of a delay, or None; True: it may have waited
+        self._waiting: dict[tuple[str, str], tuple[tuple[str, float] | None, bool]] = {}
+        self._limits: dict[str, str] = {}
 
     def add_decision(
-        self, tool: str, outcome: str, reason: str, wait_s: float, at_s: float
+        self, tool: str, outcome: str, reason: str, wait_s: float, at_s: float,
+        call_id: str | None = None, delays_before: int | None = None,
     ) -> None:
-        """Count one decision (and, for a delay, the wait it gave) at wall time `at_s`."""
+        """Count one decision (and, for a delay, the wait it gave) at wall time `at_s`.
+
+        `call_id` and `delays_before` (how often the call was delayed before) keep the
+        waiting calls' sets and the count of delayed calls; without them only decisions count.
+        """
         totals = stats_key(self.prefix, tool)
         recent = recent_stats_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
         name = f"decision:{outcome}:{reason}"
@@ -67,15 +86,36 @@ class StatsBuffer:
             self._counts[totals, name] += 1
             self._counts[recent, name] += 1
             self._recent.add(recent)
+            if delays_before is None:
+                call_id, delays_before = None, 0
+            elif delays_before == 0:
+                self._counts[recent, "arrived"] += 1
+                if outcome == "delay":
+                    self._counts[totals, f"delayed_calls:{reason}"] += 1
+                    self._counts[recent, f"delayed_calls:{reason}"] += 1
+            if call_id is not None and (outcome == "delay" or delays_before > 0):
+                held = ((reason_label("delay", reason), (at_s + wait_s) * 1000)
+                        if outcome == "delay" else None)
+                _, cleared = self._waiting.get((tool, call_id), (None, False))
+                self._waiting[tool, call_id] = (held, cleared or delays_before > 0)
             if outcome == "delay":
                 self._counts[totals, f"delay:le:{_bucket(DELAY_BUCKETS_S, wait_s)}"] += 1
                 self._counts[totals, "delay:count"] += 1
                 self._sums[totals, "delay:sum"] += wait_s
 
-    def add_run(self, tool: str, status: str, seconds: float) -> None:
-        """Count one body run of `seconds` that ended with `status`."""
+    def note_limits(self, tool: str, limits: str) -> None:
+        """Record the limits this process enforces for `tool` (written at the next flush)."""
+        self._limits[tool] = limits
+
+    def add_run(self, tool: str, status: str, seconds: float, at_s: float | None = None) -> None:
+        """Count one body run of `seconds` that ended with `status` at wall time `at_s`."""
         totals = stats_key(self.prefix, tool)
+        at_s = time.time() if at_s is None else at_s
+        recent = recent_stats_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
         with self._lock:
+            self._counts[recent, "body:count"] += 1
+            self._sums[recent, "body:sum"] += seconds
+            self._recent.add(recent)
             self._counts[totals, f"run:{status}:le:{_bucket(DURATION_BUCKETS_S, seconds)}"] += 1
             self._counts[totals, f"run:{status}:count"] += 1
             self._sums[totals, f"run:{status}:sum"] += seconds
@@ -91,6 +131,8 @@ class StatsBuffer:
         self._counts.clear()
         self._sums.clear()
         self._recent.clear()
+        self._waiting.clear()
+        self._limits.clear()
 
     def flush(self, client: StoreClient) -> int:
         """Write the pending counts in one pipeline; returns how many fields it wrote.
@@ -101,9 +143,14 @@ class StatsBuffer:
             counts, self._counts = self._counts, defaultdict(int)
             sums, self._sums = self._sums, defaultdict(float)
             recent, self._recent = self._recent, set()
-        if not counts and not sums:
+            waiting, self._waiting = self._waiting, {}
+            limits, self._limits = self._limits, {}
+        if not counts and not sums and not waiting:
             return 0
         pipe = client.pipeline(transaction=False)
+        for tool, text in limits.items():
+            pipe.set(limits_key(self.prefix, tool), text, ex=LIMITS_TTL_S)
+        self._write_waiting(pipe, waiting)
         for (key, name), count in counts.items():
             pipe.hincrby(key, name, count)
         for (key, name), total in sums.items():
@@ -121,8 +168,26 @@ class StatsBuffer:
                 for item, total in sums.items():
                     self._sums[item] += total
                 self._recent |= recent
+                self._waiting = waiting | self._waiting  # a newer decision wins
             raise
-        return len(counts) + len(sums)
+        return len(counts) + len(sums) + len(waiting)
+
+    def _write_waiting(
+        self, pipe: Any, waiting: Mapping[tuple[str, str], tuple[tuple[str, float] | None, bool]]
+    ) -> None:
+        """Take decided calls out of every reason's set; put delayed ones in their reason's."""
+        touched: set[str] = set()
+        for (tool, call_id), (held, cleared) in waiting.items():
+            if cleared:
+                for reason in DELAY_REASONS:
+                    pipe.zrem(waiting_key(self.prefix, tool, reason), call_id)
+            if held is not None:
+                key = waiting_key(self.prefix, tool, held[0])
+                pipe.zadd(key, {call_id: held[1]})
+                touched.add(key)
+        for key in touched:
+            pipe.zremrangebyscore(key, "-inf", f"({(time.time() - STALE_S) * 1000}")
+            pipe.expire(key, KEY_TTL_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +213,7 @@ class ToolTotals:
     """One tool's counters, read back from Redis."""
 
     decisions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    delayed_calls: Mapping[str, int] = field(default_factory=dict)
     delay: Histogram | None = None
     runs: Mapping[str, Histogram] = field(default_factory=dict)
     store_errors: int = 0
@@ -175,16 +241,20 @@ def parse_totals(raw: Mapping[Any, Any]) -> ToolTotals:
     """A tool's counters from the HGETALL of its stats hash (or of several, summed)."""
     fields = {_text(name): _text(value) for name, value in raw.items()}
     decisions: dict[str, dict[str, int]] = {}
+    delayed_calls: dict[str, int] = {}
     statuses: set[str] = set()
     for name, value in fields.items():
         kind, _, rest = name.partition(":")
         if kind == "decision":
             outcome, _, reason = rest.partition(":")
             decisions.setdefault(outcome, {})[reason] = int(value)
+        elif kind == "delayed_calls":
+            delayed_calls[rest] = int(value)
         elif kind == "run":
             statuses.add(rest.partition(":")[0])
     return ToolTotals(
         decisions=decisions,
+        delayed_calls=delayed_calls,
         delay=_histogram(fields, "delay", DELAY_BUCKETS_S),
         runs={status: _histogram(fields, f"run:{status}", DURATION_BUCKETS_S)
               for status in sorted(statuses)},
@@ -199,13 +269,22 @@ def recent_keys(prefix: str, tool: str, now_s: float) -> list[str]:
             for i in range(RECENT_BUCKETS)]
 
 
-def sum_recent(raws: list[Mapping[Any, Any]]) -> dict[str, int]:
-    """Decisions per outcome over the HGETALLs of a tool's recent buckets."""
-    totals = dict.fromkeys(OUTCOMES, 0)
+RECENT_FIELDS = (*OUTCOMES, "delayed_calls", "arrived", "body:sum", "body:count")
+
+
+def sum_recent(raws: list[Mapping[Any, Any]]) -> dict[str, float]:
+    """Over the HGETALLs of a tool's recent buckets: decisions per outcome, calls delayed,
+    calls arrived, and the seconds and count of tool bodies (the keys of RECENT_FIELDS)."""
+    totals = dict.fromkeys(RECENT_FIELDS, 0.0)
     for raw in raws:
         for name, value in raw.items():
-            kind, _, rest = _text(name).partition(":")
+            field_name = _text(name)
+            kind, _, rest = field_name.partition(":")
             if kind == "decision":
                 outcome = rest.partition(":")[0]
                 totals[outcome] = totals.get(outcome, 0) + int(value)
+            elif kind == "delayed_calls":
+                totals[kind] += int(value)
+            elif field_name in RECENT_FIELDS:
+                totals[field_name] += float(value)
     return totals

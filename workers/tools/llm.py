@@ -39,12 +39,13 @@ def chat_completion(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float | None = None,
     session_id: str | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
     """Ask the model for a call of the forced tool; its arguments, the model and `usage`.
 
     `tool_choice` names the tool to force (a name, or OpenAI's `{"type": "function",
     "function": {"name": ...}}`); it may be left out when `tools` holds exactly one.
-    `model` defaults to THROTTLE_LLM_MODEL. `session_id` only keys the limits.
+    `model` defaults to THROTTLE_LLM_MODEL. `session_id` and `tenant` only key the limits.
     """
     name = forced_tool(tools, tool_choice)
     schema = _schema_of(tools, name)

@@ -1,0 +1,33 @@
+"""Decision reasons (a fixed set, the `reason` label) and the registry of calls held with an ETA.
+
+A delayed call is held in a worker's memory until its ETA: the broker's queue no longer has
+it and nothing else in Redis says why it waits. So the metrics record it: each call's delay
+adds its task id to `keys.waiting_key(prefix, tool, reason)` scored by its ETA, and its
+next decision (admit, fallback or another delay) takes it out of every reason's set. The
+writes go out with the counters' once-a-second flush, from whichever process decided, so
+the sets hold every waiting call of every worker on every host.
+
+A call counts as waiting from its delay until its next decision, or until `GRACE_S` past its
+ETA, whichever comes first: a call whose worker died, or whose revocation skipped the
+next decision, leaves the count by itself, and so does the rare entry written after that
+call's next decision (two processes flushing out of order, for waits under a second).
+"""
+
+from __future__ import annotations
+
+ADMIT_REASONS = ("admitted", "reservation", "readmitted", "store_unavailable")
+DELAY_REASONS = ("reserved", "early", "late", "pool", "concurrency", "cooldown",
+                 "store_unavailable")
+FALLBACK_REASONS = ("deadline", "cost_exceeds_limit", "cooldown", "store_unavailable",
+                    "redelivery_cap")
+REASONS = {"admit": ADMIT_REASONS, "delay": DELAY_REASONS, "fallback": FALLBACK_REASONS}
+OTHER = "other"
+
+GRACE_S = 5.0  # a call still counts this long past its ETA (flush interval and lateness)
+STALE_S = 600.0  # entries this far past their ETA are deleted at the next flush
+KEY_TTL_S = 2 * 86_400  # a tool with no delays for this long loses its sets
+
+
+def reason_label(outcome: str, reason: str) -> str:
+    """`reason` if it is one of `outcome`'s known reasons, else "other" (a fixed label set)."""
+    return reason if reason in REASONS.get(outcome, ()) else OTHER
