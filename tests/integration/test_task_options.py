@@ -38,6 +38,7 @@ CONFIG = {"tools": {
     "quiet": tool(["100/1s"], "5s"),
     "prompt": tool(["100/1s"], "0.5s"),  # a deadline shorter than the countdowns below
     "scarce": tool(["1/2s"], "10s"),
+    "later": tool(["100/1s"], "0.5s"),  # its retry is due 1 s later: past the first deadline
 }}
 RUNS: list[dict[str, Any]] = []  # what bodies saw; the worker runs in this process
 
@@ -95,12 +96,19 @@ def throttle_tools(throttle: Throttle) -> Iterator[dict[str, Any]]:
     def scarce(self: Any, n: int) -> dict[str, Any]:
         return record(self, n)
 
+    @throttle.tool("later", bind=True)
+    def later(self: Any, n: int) -> dict[str, Any]:
+        record(self, n)
+        if not self.request.retries:
+            raise self.retry(countdown=1.0)
+        return {"n": n}
+
     @throttle.app.task(name="tests.keep", shared=False)
     def keep(value: Any) -> None:
         RUNS.append({"tool": "keep", "value": value})
 
     yield {"bound": bound, "flaky": flaky, "broken": broken, "quiet": quiet,
-           "prompt": prompt, "scarce": scarce, "keep": keep}
+           "prompt": prompt, "scarce": scarce, "later": later, "keep": keep}
     RUNS.clear()
 
 
@@ -123,8 +131,9 @@ def test_bind_gives_the_body_its_task_and_options_pass_through(throttle_tools: d
 def test_a_body_retry_is_a_new_admission_and_throttle_delays_never_use_its_retries(
     throttle: Throttle, throttle_tools: dict[str, Any], throttle_worker: Any
 ) -> None:
-    result = throttle_tools["flaky"].delay(n=7)
+    result = throttle_tools["flaky"].apply_async(kwargs={"n": 7}, headers={"trace_id": "t-7"})
     assert result.get(timeout=20) == {"n": 7, "attempts": 3}
+    assert [run["headers"].get("trace_id") for run in RUNS] == ["t-7"] * 3
     print(f"\nretries at 1/1s: {[(run['retries'], run['delays']) for run in RUNS]} "
           "(retry number, throttle delays of that attempt)")
     assert [run["retries"] for run in RUNS] == [0, 1, 2]
@@ -137,6 +146,16 @@ def test_a_body_retry_is_a_new_admission_and_throttle_delays_never_use_its_retri
     assert all(later - earlier >= 0.95 for earlier, later in itertools.pairwise(admitted))
     assert gate_log(throttle, "flaky") == [f"{result.id}~retry2"]
     assert outcome(result) == "result"
+
+
+def test_a_retry_s_deadline_counts_from_when_the_retry_is_due(
+    throttle_tools: dict[str, Any], throttle_worker: Any
+) -> None:
+    """max_delay is 0.5 s and the retry is due 1 s after the first attempt: it still runs."""
+    result = throttle_tools["later"].delay(n=5)
+    assert result.get(timeout=10) == {"n": 5}
+    assert outcome(result) == "result"
+    assert [run["retries"] for run in RUNS] == [0, 1]
 
 
 def test_autoretry_for_retries_through_the_gate_until_max_retries(
