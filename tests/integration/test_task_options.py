@@ -38,7 +38,7 @@ CONFIG = {"tools": {
     "quiet": tool(["100/1s"], "5s"),
     "prompt": tool(["100/1s"], "0.5s"),  # a deadline shorter than the countdowns below
     "scarce": tool(["1/2s"], "10s"),
-    "later": tool(["100/1s"], "0.5s"),  # its retry is due 1 s later: past the first deadline
+    "later": tool(["100/1s"], "0.5s"),  # its retry is due 1.5 s later: past the first deadline
 }}
 RUNS: list[dict[str, Any]] = []  # what bodies saw; the worker runs in this process
 
@@ -100,7 +100,7 @@ def throttle_tools(throttle: Throttle) -> Iterator[dict[str, Any]]:
     def later(self: Any, n: int) -> dict[str, Any]:
         record(self, n)
         if not self.request.retries:
-            raise self.retry(countdown=1.0)
+            raise self.retry(countdown=1.5)
         return {"n": n}
 
     @throttle.app.task(name="tests.keep", shared=False)
@@ -151,7 +151,7 @@ def test_a_body_retry_is_a_new_admission_and_throttle_delays_never_use_its_retri
 def test_a_retry_s_deadline_counts_from_when_the_retry_is_due(
     throttle_tools: dict[str, Any], throttle_worker: Any
 ) -> None:
-    """max_delay is 0.5 s and the retry is due 1 s after the first attempt: it still runs."""
+    """max_delay is 0.5 s and the retry is due 1.5 s after the first attempt: it still runs."""
     result = throttle_tools["later"].delay(n=5)
     assert result.get(timeout=10) == {"n": 5}
     assert outcome(result) == "result"
