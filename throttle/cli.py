@@ -29,7 +29,7 @@ from throttle.monitor.status import status, top
 from throttle.stub.command import stub_llm
 
 DEFAULT_CONFIG = Path("config") / "tools.toml"
-# The file the deployed workers load when THROTTLE_CONFIG is not set (see workers/__init__.py).
+# The file the deployed workers load when THROTTLE_CONFIG is not set (see workers/celery.py).
 PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 PIPED_WIDTH = 140
 

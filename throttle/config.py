@@ -191,6 +191,13 @@ class ToolConfig(BaseModel):
         """The Celery queue that carries this tool's calls."""
         return f"tool.{self.name}"
 
+    @property
+    def takes_chat(self) -> bool:
+        """Whether the task takes chat-completion arguments (its params declare messages):
+        the LLM tool's body serves it, and the gateway may send requests to it."""
+        properties = self.params.get("properties")
+        return isinstance(properties, Mapping) and "messages" in properties
+
     def units(self, arguments: Mapping[str, Any]) -> float:
         """What one call with these arguments costs, in the units of its limits and pool."""
         if isinstance(self.cost, str):

@@ -13,7 +13,7 @@ from collections import Counter
 
 import click
 
-from throttle.demo.scenario import plan_sessions
+from workers.scenario import plan_sessions
 from workers.tools import ecommerce
 
 

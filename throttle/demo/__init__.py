@@ -4,7 +4,8 @@ sessions' model calls (the LLM tool) when the config declares it.
 Without THROTTLE_REDIS_URL it runs embedded, in one process (memory broker, in-process worker,
 fakeredis running the gate's Lua); with it, on that Redis with one worker process per tool.
 
-  scenario  the sessions and their calls; time scaling of the config
+  seed      the seed's scenario and tool bodies, driven by name from `workers/`
+  configs   the demo's tools only, with time scaled
   stack     what the demo runs on; embedded / real build one (tomltext: the workers' config)
   upstream  the stub model API the LLM tool calls (`throttle stub-llm`, a subprocess)
   tracker   outcomes from the results, admission times from the gate's logs (tools, pools)

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from throttle.config import Config, Limit
-from throttle.demo.scenario import PlannedCall
+from throttle.demo.seed import PlannedCall
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import DELAYED_AFTER_S, Call, Tracker
 

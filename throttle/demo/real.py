@@ -25,7 +25,7 @@ import redis
 from celery import Celery
 
 from throttle.config import Config, load_config
-from throttle.demo.scenario import DEMO_TOOLS
+from throttle.demo.seed import DEMO_TOOLS
 from throttle.demo.stack import RESULT_CACHE_MAX, Stack, register_tools
 from throttle.demo.tomltext import dumps
 from throttle.errors import ThrottleError

@@ -18,6 +18,7 @@ from rich.live import Live
 
 from throttle.config import Config, load_config
 from throttle.demo.chart import write_chart
+from throttle.demo.configs import demo_tools_only, scale_config
 from throttle.demo.embedded import embedded_stack
 from throttle.demo.live import banner, live_view
 from throttle.demo.real import DemoError, real_stack
@@ -30,14 +31,7 @@ from throttle.demo.report import (
     summary_table,
     write_summary,
 )
-from throttle.demo.scenario import (
-    DEMO_TOOLS,
-    LLM_TOOL,
-    PlannedCall,
-    demo_tools_only,
-    plan_sessions,
-    scale_config,
-)
+from throttle.demo.seed import DEMO_TOOLS, LLM_TOOL, PlannedCall, plan_sessions
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import Tracker
 from throttle.demo.upstream import stub_upstream

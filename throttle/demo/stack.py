@@ -9,9 +9,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from throttle.demo.scenario import DEMO_TOOLS, LLM_TOOL
+from throttle.demo.seed import DEMO_TOOLS, LLM_TOOL, body
 from throttle.routing import Throttle
-from workers.tools import catalog, llm
 
 # Finished results are kept in the backend's cache, so `outcome()` reads no key twice.
 RESULT_CACHE_MAX = 1_000_000
@@ -42,18 +41,14 @@ class Stack:
 
 
 def register_tools(throttle: Throttle) -> dict[str, Any]:
-    """The seed's tool bodies (`workers.tools.catalog`, and `workers.tools.llm` for the LLM
-    tool) as tasks of `throttle`'s app.
+    """The seed's tool bodies (see `throttle.demo.seed`) as tasks of `throttle`'s app.
 
-    Only the tools the config declares; the task names match the deployed workers'.
-    Importing the bodies builds the deployed app too; the demo's tasks are created at once
-    (`lazy=False`) and, like every throttle tool, not shared with other apps.
+    Only the tools the config declares; the task names match the deployed workers'. The
+    tasks are created at once (`lazy=False`) and, like every throttle tool, not shared with
+    other apps.
     """
-    tasks = {
-        name: throttle.tool(getattr(catalog, name), lazy=False)
-        for name in DEMO_TOOLS
+    return {
+        name: throttle.tool(name, lazy=False)(body(name))
+        for name in (*DEMO_TOOLS, LLM_TOOL)
         if name in throttle.config.tools
     }
-    if LLM_TOOL in throttle.config.tools:
-        tasks[LLM_TOOL] = throttle.tool(llm.chat_completion, lazy=False)
-    return tasks

@@ -12,11 +12,10 @@ Forcing a function that the request's `tools` do not define is a 400 (`unknown_t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from throttle.config import Config, ToolConfig
+from throttle.config import Config
 from throttle.gateway.callers import LOCAL_TENANT, session_of
 from throttle.gateway.errors import ApiError
 
@@ -37,12 +36,6 @@ class ChatCall:
     tool: str
     kwargs: dict[str, Any]
     forced: str | None
-
-
-def takes_chat(tool: ToolConfig) -> bool:
-    """Whether a tool's task takes chat-completion arguments (its params declare messages)."""
-    properties = tool.params.get("properties")
-    return isinstance(properties, Mapping) and "messages" in properties
 
 
 def read_call(body: Any, config: Config, default_tool: str,
@@ -80,7 +73,7 @@ def read_call(body: Any, config: Config, default_tool: str,
     else:
         kwargs["tool_choice"] = {"type": "function", "function": {"name": forced}}
     tool = config.tools.get(forced or "")
-    if tool is None or not takes_chat(tool):
+    if tool is None or not tool.takes_chat:
         tool = config.tool(default_tool)
     user = body.get("user")
     if user is not None and not (isinstance(user, str) and len(user) <= MAX_USER_CHARS):

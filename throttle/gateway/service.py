@@ -28,7 +28,7 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.uuid import uuid
 
 from throttle.errors import InvalidToolCall
-from throttle.gateway.chat import ChatCall, completion, takes_chat
+from throttle.gateway.chat import ChatCall, completion
 from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
@@ -76,7 +76,7 @@ class Gateway:
         self.throttle = Throttle(self.celery, self.config, settings.redis_url,
                                  prefix=settings.prefix)
         self.tasks = {name: self.throttle.tool(name)(_runs_on_workers)
-                      for name, tool in self.config.tools.items() if takes_chat(tool)}
+                      for name, tool in self.config.tools.items() if tool.takes_chat}
         # Only to name and read result keys as the workers write them; never connects.
         self.backend = RedisBackend(app=self.celery, url=settings.result_backend)
         self.publisher = ThreadPoolExecutor(settings.publish_threads,

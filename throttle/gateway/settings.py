@@ -8,7 +8,6 @@ from urllib.parse import urlsplit
 from throttle.config import Config
 from throttle.errors import ConfigError
 from throttle.gateway.callers import Callers
-from throttle.gateway.chat import takes_chat
 from throttle.keys import DEFAULT_PREFIX, check_prefix
 from throttle.store import mask_url
 
@@ -46,7 +45,7 @@ class GatewaySettings:
         if tool is None:
             raise ConfigError(f"--default-tool {self.default_tool!r} is not a tool of "
                               f"{self.config.source}; use one of: {tools}")
-        if not takes_chat(tool):
+        if not tool.takes_chat:
             raise ConfigError(f"--default-tool {self.default_tool!r} does not take chat "
                               "completions (its params declare no 'messages'); name the LLM "
                               "tool, e.g. chat_completion")

@@ -67,7 +67,7 @@ def flower(host: str, port: int, app_name: str, insecure_no_auth: bool,
     """Run `celery -A workers flower` on --host:--port with basic auth from the environment.
 
     Workers must send task events for Flower to show calls: the deployable app
-    (workers/__init__.py) turns them on; other apps need `celery worker -E`.
+    (workers/celery.py) turns them on; other apps need `celery worker -E`.
     """
     try:
         require_extra("flower", "throttle flower")

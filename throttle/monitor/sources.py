@@ -1,6 +1,6 @@
 """Where `throttle status`, `top` and `exporter` read: shared options and the clients they open.
 
-Every option falls back to the environment the workers use (see workers/__init__.py):
+Every option falls back to the environment the workers use (see workers/celery.py):
 THROTTLE_REDIS_URL, THROTTLE_BROKER_URL, THROTTLE_PREFIX, THROTTLE_CONFIG.
 """
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers import throttle
+from workers.celery import throttle
 from workers.tools import catalog
 
 search_products = throttle.tool(catalog.search_products)

@@ -13,8 +13,7 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
-from throttle.gateway.chat import takes_chat
-from workers import throttle
+from workers.celery import throttle
 from workers.tools import llm, llm_http
 
 logger = logging.getLogger(__name__)
@@ -22,7 +21,7 @@ logger = logging.getLogger(__name__)
 chat_tasks = {
     name: throttle.tool(name)(llm.chat_completion)
     for name, tool in throttle.config.tools.items()
-    if name == "chat_completion" or takes_chat(tool)
+    if name == "chat_completion" or tool.takes_chat
 }
 chat_completion = chat_tasks.get("chat_completion")
 

@@ -7,20 +7,16 @@ With the LLM tool in the config, every other turn also asks the model (`chat_com
 which search to run next, with the session's browsing so far in the prompt: a few thousand
 tokens a call, over twice the tokens-per-minute pool at the demo's peak.
 
-The default limits are per minute, so the demo scales time: `scale_config` divides every
-window (the tools' and the pools') and max_delay by the time scale ("100/60s" at 10x becomes
-"100/6s").
+`throttle demo` and `python -m workers.produce` both send this plan (the demo drives this
+module by name; see throttle/demo/seed.py).
 """
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from throttle.config import Limit, format_ms, parse_duration_ms
 
 DEMO_TOOLS = ("search_products", "get_inventory", "lookup_order", "process_refund")
 LLM_TOOL = "chat_completion"
@@ -148,66 +144,3 @@ def _llm_arguments(rng: random.Random, session_id: str, turn: int) -> dict[str, 
         "max_tokens": LLM_MAX_TOKENS,
         "session_id": session_id,
     }
-
-
-def demo_tools_only(raw: Mapping[str, Any], *, llm: bool = True) -> dict[str, Any]:
-    """A parsed tools file with only the tools the scenario calls and the pools they use.
-
-    Other tools would only add idle workers and empty rows; the LLM tool stays when `llm`
-    is on. A file declaring none of the demo's tools is returned whole, for the runner to
-    report.
-    """
-    document = dict(raw)
-    tools, pools = raw.get("tools"), raw.get("pools")
-    if not isinstance(tools, Mapping) or not any(name in DEMO_TOOLS for name in tools):
-        return document
-    wanted = (*DEMO_TOOLS, LLM_TOOL) if llm else DEMO_TOOLS
-    kept = {name: body for name, body in tools.items() if name in wanted}
-    defaults = raw.get("defaults", {})
-    defaults = defaults if isinstance(defaults, Mapping) else {}
-    used = {{**defaults, **body}.get("pool") for body in kept.values() if isinstance(body, Mapping)}
-    document["tools"] = kept
-    if isinstance(pools, Mapping):
-        document["pools"] = {name: pool for name, pool in pools.items() if name in used}
-    return document
-
-
-def scale_config(raw: Mapping[str, Any], time_scale: float) -> dict[str, Any]:
-    """A copy of a parsed tools file with every window (of the tools and of the pools) and
-    every max_delay divided by `time_scale`.
-
-    Values that do not parse are left as they are, for `load_config` to report.
-    """
-    document = copy.deepcopy(dict(raw))
-    tools = document.get("tools", {})
-    pools = document.get("pools", {})
-    tables = [document.get("defaults", {})]
-    tables += list(tools.values()) if isinstance(tools, Mapping) else list(tools)
-    tables += list(pools.values()) if isinstance(pools, Mapping) else []
-    for table in tables:
-        if not isinstance(table, dict):
-            continue
-        try:
-            if "limits" in table:
-                limits = table["limits"]
-                items = [limits] if isinstance(limits, str) else list(limits)
-                table["limits"] = [_scale_limit(str(item), time_scale) for item in items]
-            if "max_delay" in table:
-                table["max_delay"] = _scale_duration(table["max_delay"], time_scale)
-        except (TypeError, ValueError):
-            continue
-    return document
-
-
-def _scale_limit(text: str, time_scale: float) -> str:
-    limit = Limit.parse(text)
-    return f"{limit.max}/{_ms_text(limit.window_ms / time_scale)}"
-
-
-def _scale_duration(value: Any, time_scale: float) -> str:
-    ms = value if isinstance(value, int) else parse_duration_ms(str(value))
-    return _ms_text(ms / time_scale)
-
-
-def _ms_text(ms: float) -> str:
-    return format_ms(max(1, round(ms)))

@@ -1,0 +1,44 @@
+"""The deployable Celery app (`celery -A workers worker -Q tool.search_products`) and its tools.
+
+Settings come from the environment:
+  THROTTLE_BROKER_URL      broker (default: THROTTLE_REDIS_URL); amqp://... for RabbitMQ
+  THROTTLE_RESULT_BACKEND  result backend (default: THROTTLE_REDIS_URL)
+  THROTTLE_REDIS_URL       the gate's Redis (default redis://127.0.0.1:6379/0); for a Redis
+                           Cluster, redis+cluster://host:port, with the broker and the
+                           result backend set on their own (Celery's are not cluster-aware)
+  THROTTLE_CONFIG          tools file (default: config/tools.toml of this project)
+  THROTTLE_PREFIX          Redis key prefix of the gate (default "throttle")
+  THROTTLE_TASK_EVENTS     "0" turns off task events (on by default, so Flower shows calls,
+                           delays and fallbacks; the same as `celery worker -E`)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery import Celery
+
+from throttle import Throttle
+from throttle.keys import DEFAULT_PREFIX
+from throttle.store import DEFAULT_REDIS_URL
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
+
+redis_url = os.environ.get("THROTTLE_REDIS_URL", DEFAULT_REDIS_URL)
+app = Celery(
+    "workers",
+    broker=os.environ.get("THROTTLE_BROKER_URL", redis_url),
+    backend=os.environ.get("THROTTLE_RESULT_BACKEND", redis_url),
+)
+app.conf.worker_send_task_events = os.environ.get("THROTTLE_TASK_EVENTS", "1") != "0"
+throttle = Throttle(
+    app,
+    os.environ.get("THROTTLE_CONFIG", str(DEFAULT_CONFIG)),
+    redis_url,
+    prefix=os.environ.get("THROTTLE_PREFIX", DEFAULT_PREFIX),
+)
+
+from workers.tools import ecommerce, llm_tasks  # noqa: E402  (registers the tools on `app`)
+
+__all__ = ["app", "ecommerce", "llm_tasks", "throttle"]
