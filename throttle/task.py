@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import jsonschema
 from celery import Task, states
 from celery.app.task import get_actual_ignore_result
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
@@ -108,6 +108,19 @@ class ThrottledTask(Task):  # type: ignore[misc]
             if getattr(request, DEADLINE_S, None) is not None:
                 headers[DEADLINE_S] = getattr(request, DEADLINE_S)
             options["headers"] = headers
+            member = recovery.member_of(str(request.id), (request.retries or 0) + 1)
+            call = request.kwargs if kwargs is None else kwargs
+            registered = self._register(member, dict(call or {}), headers)
+            try:
+                return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
+                                     **options)
+            except (Retry, Reject):  # sent (or its publish failed: the reaper sends it)
+                raise
+            except BaseException:  # not retried (max_retries): nothing to recover
+                if registered:
+                    with contextlib.suppress(StoreUnavailable):
+                        self.throttle.gate.forget_call(self.tool.name, member)
+                raise
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def starmap(self, *_: Any, **__: Any) -> Any:
@@ -126,8 +139,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
             f"per call instead: group({self.tool.name}.s(**kwargs) for kwargs in calls)",
         )
 
-    def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
-        """Register the call so the reaper can re-publish it if the broker loses it."""
+    def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
+        """Register the call (its gate member) so the reaper can re-publish it if the broker
+        loses it."""
         if not self.throttle.register_calls:
             return False
         budget_s = self.tool.max_delay_ms / 1000
@@ -136,11 +150,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
         try:
             self.throttle.gate.register_call(
-                self.tool.name, task_id, recovery.message(kwargs, headers, check_at), check_at
+                self.tool.name, member, recovery.message(kwargs, headers, check_at), check_at
             )
         except StoreUnavailable as exc:
             logger.warning("tool %s: call %s not registered for recovery (%s)",
-                           self.tool.name, task_id, exc)
+                           self.tool.name, member, exc)
             return False
         return True
 
@@ -188,8 +202,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         A body's own retry (`self.retry()`, `autoretry_for`) is a new admission, counted in
         the windows like any call; a throttle delay keeps the member (and `retries`).
         """
-        request = self.request
-        return f"{request.id}~retry{request.retries}" if request.retries else str(request.id)
+        return recovery.member_of(str(self.request.id), self.request.retries or 0)
 
     def _run(self, kwargs: dict[str, Any]) -> Any:
         """Run the body; settle its charge, give back its lease, and obey an upstream pause."""
@@ -233,9 +246,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if busy.retry_after_s > self._deadline_left_s():
             return self._fall_back("cooldown")  # the pause outlasts the deadline
         # The gate forgot the call when it admitted it; the re-publish could be lost too.
-        # (The registry holds task ids: a body's retry is not registered.)
-        if not self.request.retries:
-            self._register(self.request.id, kwargs, self._origin_headers())
+        self._register(self._member(), kwargs, self._origin_headers())
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 
