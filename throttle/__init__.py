@@ -1,5 +1,6 @@
 """throttle: a distributed throttler for LLM tool calls on Celery and Redis."""
 
+from throttle.awaiting import wait
 from throttle.config import Config, load_config
 from throttle.errors import (
     ConfigError,
@@ -30,4 +31,5 @@ __all__ = [
     "fallback_reason",
     "load_config",
     "outcome",
+    "wait",
 ]

@@ -7,6 +7,9 @@ waiting for everybody behind. `FireDueTimers` lets the loop fire every due timer
 
 `ReapLostCalls` runs `throttle.recovery.reap` every second for the tools whose queues the
 worker consumes.
+
+`GiveBackRevokedCalls` makes revoked tool calls give back their slots, leases and registry
+entries as soon as they are revoked (see throttle/revocation.py).
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from kombu.asynchronous.hub import Hub
 
-from throttle import recovery
+from throttle import recovery, revocation
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -75,6 +78,39 @@ class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
             recovery.reap(throttle, tools)
         except Exception:  # never let the reaper stop the worker's loop
             logger.exception("throttle: reaping lost calls failed")
+
+    def stop(self, worker: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class GiveBackRevokedCalls(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Give back what revoked tool calls hold; discard held ones as soon as revoked."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._timer: Any = None
+
+    def start(self, worker: Any) -> None:
+        if THROTTLES.get(worker.app) is None:
+            return
+        signals.task_revoked.connect(revocation.give_back, weak=False,
+                                     dispatch_uid="throttle.revocation.give_back")
+        signals.task_received.connect(revocation.check_on_arrival, weak=False,
+                                      dispatch_uid="throttle.revocation.check_on_arrival")
+        self._timer = worker.timer.call_repeatedly(
+            revocation.CHECK_EVERY_S, self._check, (revocation.HeldCallChecker(),)
+        )
+
+    @staticmethod
+    def _check(checker: revocation.HeldCallChecker) -> None:
+        try:
+            checker()
+        except Exception:  # never let the check stop the worker's loop
+            logger.exception("throttle: discarding revoked calls failed")
 
     def stop(self, worker: Any) -> None:
         if self._timer is not None:

@@ -4,7 +4,7 @@
 `throttle` command's check / worker / status / top / exporter). The rest are extras:
 
     gateway   fastapi, uvicorn           throttle gateway
-    demo      fakeredis[lua], matplotlib, tornado    throttle demo, throttle stub-llm
+    demo      fakeredis[lua], matplotlib, tomli-w, tornado   throttle demo, stub-llm
     flower    flower                     throttle flower
     testing   fakeredis[lua], pytest, pytest-celery    throttle.testing (tests of your tools)
     all       every extra above
@@ -18,7 +18,7 @@ from throttle.errors import MissingExtra
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "gateway": ("fastapi", "uvicorn"),
-    "demo": ("fakeredis", "lupa", "matplotlib", "tornado"),
+    "demo": ("fakeredis", "lupa", "matplotlib", "tomli_w", "tornado"),
     "flower": ("flower",),
     "testing": ("fakeredis", "lupa", "pytest", "pytest_celery"),
 }

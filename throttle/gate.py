@@ -133,7 +133,8 @@ class _GateBase:
             ) from None
 
     def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[str]:
-        keys = self._keys(tool, key).as_list()
+        tool_keys = self._keys(tool, key)
+        keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
         return keys
@@ -162,6 +163,10 @@ class _GateBase:
         args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         return keys, args
+
+    @staticmethod
+    def _release_keys(keys: ToolKeys) -> list[str]:
+        return [keys.log, keys.rsv, keys.cost, keys.free]
 
     def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
         if not units >= 0:
@@ -234,7 +239,7 @@ class Gate(_GateBase):
         """Free `member`'s unused reservation; True if it held one."""
         keys = self._keys(self.config.tool(tool), key)
         with self._errors:
-            return bool(self._release(keys=keys.as_list()[:3], args=[member]))
+            return bool(self._release(keys=self._release_keys(keys), args=[member]))
 
     def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
         """Correct `member`'s charge to what it really cost; False if it left the windows."""
@@ -359,7 +364,7 @@ class AsyncGate(_GateBase):
         """Free `member`'s unused reservation; True if it held one."""
         keys = self._keys(self.config.tool(tool), key)
         with self._errors:
-            return bool(await self._release(keys=keys.as_list()[:3], args=[member]))
+            return bool(await self._release(keys=self._release_keys(keys), args=[member]))
 
     async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
         """Correct `member`'s charge to what it really cost; False if it left the windows."""

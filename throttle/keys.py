@@ -6,6 +6,8 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
     <prefix>:{t}:rsv       ZSET  members holding a reservation not yet admitted, score = slot
     <prefix>:{t}:cost      HASH  member -> units, only for members costing more or less than 1
     <prefix>:{t}:cooldown  STRING  until when (ms) the upstream asked for no calls
+    <prefix>:{t}:free      ZSET  slots given back by released (revoked) reservations, member =
+                                 '<units>:<task id>', score = slot (ms), for the next new calls
     <prefix>:{t}:calls     ZSET  calls enqueued and not yet admitted or refused, score = when
                                  to count one as lost (ms); see throttle/recovery.py
     <prefix>:{t}:calls:msg HASH  task id -> the call's arguments and headers (to re-publish)
@@ -14,7 +16,7 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
 
 A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
 
-    <prefix>:{p}:tool:<t>[|h]:log, :rsv, :cost    the tool's keys
+    <prefix>:{p}:tool:<t>[|h]:log, :rsv, :cost, :free    the tool's keys
     <prefix>:{p}:pool:log  ZSET  admissions of every tool in the pool, score = time (ms)
     <prefix>:{p}:pool:cost HASH  member -> units, for members whose cost is not 1
     <prefix>:{p}:tool:<t>:leases  ZSET  running calls of a capped tool, score = lease end
@@ -89,6 +91,7 @@ class ToolKeys:
     pool_cost: str | None = None
     leases: str | None = None
     cooldown: str = ""
+    free: str = ""
 
     def as_list(self) -> list[str]:
         """Keys in the order acquire.lua expects them: log, rsv, cost[, pool log, pool cost]
@@ -120,7 +123,8 @@ def tool_keys(
         tag = tool if digest is None else f"{tool}|{digest}"
         base = f"{prefix}:{{{tag}}}"
         return ToolKeys(
-            log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost", cooldown=f"{base}:cooldown"
+            log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost",
+            cooldown=f"{base}:cooldown", free=f"{base}:free",
         )
     head = f"{prefix}:{{{pool}}}:tool:{tool}" if pool else f"{prefix}:{{{tool}}}"
     base = head if digest is None else f"{head}|{digest}"
@@ -132,6 +136,7 @@ def tool_keys(
         pool_cost=f"{prefix}:{{{pool}}}:pool:cost" if pool else None,
         leases=f"{head}:leases" if concurrency else None,
         cooldown=f"{prefix}:{{{pool}}}:pool:cooldown" if pool else f"{base}:cooldown",
+        free=f"{base}:free",
     )
 
 

@@ -18,7 +18,7 @@ from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
 
-from throttle.bootsteps import THROTTLES, FireDueTimers, ReapLostCalls
+from throttle.bootsteps import THROTTLES, FireDueTimers, GiveBackRevokedCalls, ReapLostCalls
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate
@@ -77,6 +77,7 @@ class Throttle:
         declare_queues(app, self.config, amqp=_is_amqp(app))
         app.steps["worker"].add(FireDueTimers)
         app.steps["worker"].add(ReapLostCalls)
+        app.steps["worker"].add(GiveBackRevokedCalls)
         THROTTLES[app] = self
 
     @property

@@ -22,7 +22,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
-from throttle import recovery
+from throttle import eager, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
@@ -123,26 +123,19 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 raise
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
-    def starmap(self, *_: Any, **__: Any) -> Any:
-        raise self._one_task_per_call("starmap")
-
-    def chunks(self, *_: Any, **__: Any) -> Any:
-        raise self._one_task_per_call("chunks")
-
-    def map(self, *_: Any, **__: Any) -> Any:
-        raise self._one_task_per_call("map")
-
-    def _one_task_per_call(self, how: str) -> InvalidToolCall:
-        return InvalidToolCall(
+    def _one_task_per_call(self, *_: Any, **__: Any) -> Any:
+        raise InvalidToolCall(
             self.tool.name,
-            f"{how}() would run every call inside one task, past the gate; send one task "
-            f"per call instead: group({self.tool.name}.s(**kwargs) for kwargs in calls)",
+            "starmap(), chunks() and map() would run every call inside one task, past the "
+            f"gate; send one task per call: group({self.tool.name}.s(**kwargs) for kwargs in ...)",
         )
+
+    starmap = chunks = map = _one_task_per_call
 
     def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call (its gate member) so the reaper can re-publish it if the broker
         loses it."""
-        if not self.throttle.register_calls:
+        if not self.throttle.register_calls or self.app.conf.task_always_eager:
             return False
         budget_s = self.tool.max_delay_ms / 1000
         if DEADLINE_S in headers:
@@ -181,6 +174,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"
             raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")
         return checked
+
+    def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Run the call in this process (eager mode): waits are slept here, never re-published."""
+        headers = {ENQUEUED_AT: time.time(), **(options.pop("headers", None) or {})}
+        return eager.apply(self, super().apply, args, kwargs, headers=headers,
+                           fallback_mark=FALLBACK_MARK, **options)
 
     # -- worker side --------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -291,10 +290,17 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """The value of the tool's key argument (None when its limits are not per key)."""
         return kwargs.get(self.tool.key) if self.tool.key else None
 
+    def _header(self, name: str) -> Any:
+        """A header of the call: a request attribute on a worker, in `headers` when eager."""
+        value = getattr(self.request, name, None)
+        if value is None and self.request.is_eager:
+            value = (self.request.headers or {}).get(name)
+        return value
+
     def _deadline_left_s(self) -> float:
-        enqueued_at = getattr(self.request, ENQUEUED_AT, None) or time.time()
+        enqueued_at = self._header(ENQUEUED_AT) or time.time()
         budget_s = self.tool.max_delay_ms / 1000
-        caller_s = getattr(self.request, DEADLINE_S, None)
+        caller_s = self._header(DEADLINE_S)
         if caller_s is not None:
             budget_s = min(budget_s, float(caller_s))
         return budget_s - (time.time() - float(enqueued_at))  # negative once it has passed
@@ -356,6 +362,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
         requeued, and its reservation is honoured when it comes back.
         """
         request = self.request
+        if request.is_eager:
+            metrics.observe_decision(self, "delay", reason, wait_s)
+            raise eager.WaitEagerly(wait_s, reason)
         headers = {
             **self._caller_headers(),
             **self._origin_headers(),
@@ -385,6 +394,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         given back any reservation it refused.
         """
         metrics.observe_decision(self, "fallback", reason, 0.0)
+        if self.request.is_eager:
+            raise eager.FallBackEagerly(reason)
         result = self.tool.fallback
         request = self.request
         if not get_actual_ignore_result(self, request):

@@ -26,12 +26,12 @@ import httpx
 import openai
 import pytest
 import redis
+import tomli_w
 from jsonschema import Draft202012Validator
 
 from tests.support.gateway import CommandServer, StubServer, every_value
 from tests.support.workers import Cluster
 from throttle import Config, load_config
-from throttle.demo.tomltext import dumps
 from throttle.keys import tool_keys
 from throttle.tokens import prompt_tokens
 from throttle.windows import most_in_window
@@ -119,7 +119,7 @@ def gateway_stack(
                        max_delay=weather_delay, **(weather_extra or {}))
         document["tools"]["get_weather"] = weather
         path = tmp_path / "tools.toml"
-        path.write_text(dumps(document), encoding="utf-8")
+        path.write_text(tomli_w.dumps(document), encoding="utf-8")
         cluster = make_cluster({"tools": {"chat_completion": {}}}, env={
             "THROTTLE_CONFIG": str(path), "THROTTLE_LLM_BASE_URL": stub.url,
             "THROTTLE_LLM_API_KEY": "worker-key", "THROTTLE_LLM_BACKOFF_S": "0.1",

@@ -16,7 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from throttle.gateway.waiter import ResultWaiter
+from throttle.waiter import ResultWaiter
 
 pytestmark = [pytest.mark.redis]
 

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import tomli_w
 from celery import Celery
 from jsonschema import Draft202012Validator
 
@@ -30,7 +31,6 @@ from tests.support.gateway import StubServer, every_value
 from tests.support.servers import free_port, server, throttle_cmd
 from tests.support.workers import Cluster
 from throttle import Config, Throttle, outcome
-from throttle.demo.tomltext import dumps
 from throttle.keys import tool_keys
 from throttle.task import fallback_reason
 from throttle.tokens import prompt_tokens
@@ -100,7 +100,7 @@ def llm_stack(
         document["pools"]["llm_tokens"]["limits"] = list(pool_limits)
         document["tools"]["chat_completion"].update(limits=["10000000/60s"], max_delay=max_delay)
         path = tmp_path / "tools.toml"
-        path.write_text(dumps(document), encoding="utf-8")
+        path.write_text(tomli_w.dumps(document), encoding="utf-8")
         cluster = make_cluster({"tools": {"chat_completion": {}}}, env={
             "THROTTLE_CONFIG": str(path), "THROTTLE_LLM_BASE_URL": stub.url,
             "THROTTLE_LLM_API_KEY": "test-key", "THROTTLE_LLM_BACKOFF_S": "0.2",

@@ -23,8 +23,7 @@ from typing import Any
 
 import httpx
 import redis
-
-from throttle.demo.tomltext import dumps
+import tomli_w
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +37,7 @@ def free_port() -> int:
 
 def write_config(config: Mapping[str, Any], path: Path) -> Path:
     """Write a tools config (a mapping) as the TOML file the commands take with --config."""
-    path.write_text(dumps(config), encoding="utf-8")
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
     return path
 
 

@@ -17,6 +17,8 @@ DOCUMENTED = {
     "StoreUnavailable",
     "Throttled",
     "load_config",
+    "outcome",
+    "wait",
 }
 
 

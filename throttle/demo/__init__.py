@@ -6,7 +6,7 @@ fakeredis running the gate's Lua); with it, on that Redis with one worker proces
 
   seed      the seed's scenario and tool bodies, driven by name from `workers/`
   configs   the demo's tools only, with time scaled
-  stack     what the demo runs on; embedded / real build one (tomltext: the workers' config)
+  stack     what the demo runs on; embedded / real build one (real: the workers' config file)
   upstream  the stub model API the LLM tool calls (`throttle stub-llm`, a subprocess)
   tracker   outcomes from the results, admission times from the gate's logs (tools, pools)
   live      banner and live table;  report / chart  the summary (per tool, per pool and

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import tomli_w
 from celery import Celery
 
 from throttle.config import Config, load_config
 from throttle.demo.seed import DEMO_TOOLS
 from throttle.demo.stack import RESULT_CACHE_MAX, Stack, register_tools
-from throttle.demo.tomltext import dumps
 from throttle.errors import ThrottleError
 from throttle.routing import Throttle
 from throttle.store import mask_url
@@ -49,7 +49,7 @@ def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str) -> 
     prefix = f"throttle-demo-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="throttle-demo-") as folder:
         config_path = Path(folder) / "tools.toml"
-        config_path.write_text(dumps(document), encoding="utf-8")
+        config_path.write_text(tomli_w.dumps(document), encoding="utf-8")
         config = load_config(config_path)
         missing = [tool for tool in DEMO_TOOLS if tool not in config.tools]
         if missing:

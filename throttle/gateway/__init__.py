@@ -9,8 +9,7 @@ tenant the caller's key proves. Waiting requests hold no thread. See docs/gatewa
   callers   API key -> tenant (THROTTLE_GATEWAY_KEYS); the session_id / tenant arguments
   chat      request -> ChatCall (which tool, which arguments); result -> chat.completion
   errors    OpenAI's error format; a failed call's exception -> status and message
-  service   Gateway: publish, await the result, answer
-  waiter    ResultWaiter: many results awaited on one Redis pub/sub connection
+  service   Gateway: publish, await the result (throttle.waiter.ResultWaiter), answer
   retry     the 429's Retry-After, read from the gate's keys
   app       FastAPI routes (`make_app(GatewaySettings(...))`); metrics: Prometheus
   command   `throttle gateway` (FastAPI and uvicorn load only when it runs)

@@ -32,10 +32,10 @@ from throttle.gateway.chat import ChatCall, completion
 from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
-from throttle.gateway.waiter import ResultWaiter
 from throttle.routing import Throttle
 from throttle.store import connect_async, mask_url
 from throttle.task import FALLBACK_MARK
+from throttle.waiter import ResultWaiter
 
 logger = logging.getLogger("throttle.gateway")
 

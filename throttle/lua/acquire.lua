@@ -8,6 +8,8 @@ KEYS[5]  pool cost  HASH  (tools in a pool) member -> units, for members whose c
 KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = lease end (ms)
 KEYS[next] cooldown  STRING until when (ms) the upstream asked for no calls (the pool's, or
                       the tool's); set by cooldown.lua
+KEYS[next] free      ZSET  slots given back by released reservations (release.lua), member =
+                      '<units>:<task id>', score = slot (ms); the next new calls take them
 KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
 KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
                       admitted or refused (throttle/recovery.py)
@@ -80,6 +82,7 @@ local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
 local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
 local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
+local free = KEYS[cooldown_at + 1]
 
 local LATE_GRACE_MS = 1000
 -- Exact (17 significant digits): bounds built from slots must match the stored scores.
@@ -266,6 +269,60 @@ local function expire(last)
   if cost ~= 1 then keep(costs, last) end
 end
 
+-- Whether a call placed at `s` leaves every window that would hold it, (x - w, x] for x
+-- from s up to s + w, within its limit (w = window + margin, as reservations are placed).
+-- Entries on both sides of `s` count: later reservations lie ahead of it.
+local function fits_at(s)
+  for i = 1, n do
+    local w = windows[i] + margin / 2
+    local page = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(s - w), '(' .. fmt(s + w),
+                            'WITHSCORES')
+    local times, units = {}, {}
+    for j = 1, #page, 2 do
+      times[#times + 1] = tonumber(page[j + 1])
+      units[#units + 1] = weighted and tonumber(redis.call('HGET', costs, page[j]) or '1') or 1
+    end
+    local hi, lo, sum = 1, 1, 0
+    local function held_at(x)  -- units in (x - w, x]; x only grows
+      while hi <= #times and times[hi] <= x do sum = sum + units[hi]; hi = hi + 1 end
+      while lo < hi and times[lo] <= x - w do sum = sum - units[lo]; lo = lo + 1 end
+      return sum
+    end
+    if held_at(s) + cost > maxes[i] then return false end
+    for j = 1, #times do
+      if times[j] >= s and held_at(times[j]) + cost > maxes[i] then return false end
+    end
+  end
+  return true
+end
+
+-- A slot a released reservation gave back (a revoked call's), for a new call whose own
+-- slot `t` would come later, if the windows still hold it (admissions and reservations
+-- made since may have used its units). New calls are otherwise placed after the latest
+-- slot taken (FIFO), and a freed slot before it would stay idle.
+local function take_freed(t)
+  redis.call('ZREMRANGEBYSCORE', free, '-inf', fmt(math.max(now, cool_until)))
+  local slots = redis.call('ZRANGEBYSCORE', free, '(' .. fmt(now), fmt(now + deadline),
+                           'WITHSCORES', 'LIMIT', 0, 16)
+  for i = 1, #slots, 2 do
+    local units = tonumber(string.match(slots[i], '^([^:]+):'))
+    local at = tonumber(slots[i + 1])
+    if at >= t then break end
+    if units and units >= cost and fits_at(at) then
+      t = at
+      redis.call('ZREM', free, slots[i])
+      if units > cost then redis.call('ZADD', free, t, fmt(units - cost) .. ':' .. member) end
+      redis.call('ZADD', log, t, member)
+      redis.call('ZADD', rsv, t, member)
+      if cost ~= 1 then redis.call('HSET', costs, member, cost) end
+      expire(t)
+      keep(rsv, t)
+      return {'delay', fmt(t - now), fmt(t), 'reserved'}
+    end
+  end
+  return nil
+end
+
 -- The decision; every return below is the script's answer.
 local function decide()
   local held = redis.call('ZSCORE', log, member)
@@ -356,6 +413,10 @@ local function decide()
     if paced > t then t = paced end
   end
 
+  if t > now then
+    local freed = take_freed(t)
+    if freed then return freed end
+  end
   if t <= now then
     if deadline < 0 then return {'fallback', '0', fmt(now), 'deadline'} end
     local refused = blocked()
@@ -376,9 +437,9 @@ local function decide()
 end
 
 local answer = decide()
-if answer[1] ~= 'delay' and KEYS[cooldown_at + 1] then
-  if redis.call('ZREM', KEYS[cooldown_at + 1], member) == 1 then
-    redis.call('HDEL', KEYS[cooldown_at + 2], member)
+if answer[1] ~= 'delay' and KEYS[cooldown_at + 2] then
+  if redis.call('ZREM', KEYS[cooldown_at + 2], member) == 1 then
+    redis.call('HDEL', KEYS[cooldown_at + 3], member)
   end
 end
 return answer

@@ -3,15 +3,27 @@
 KEYS[1]  log   ZSET  member = task id, score = admission time or reserved slot (ms)
 KEYS[2]  rsv   ZSET  members holding a reservation not yet admitted
 KEYS[3]  cost  HASH  member -> units
+KEYS[4]  free  ZSET  slots given back, member = '<units>:<task id>', score = slot (ms);
+                     acquire.lua gives them to the next new calls
 ARGV[1]  member
 
 Returns 1 when a reservation was freed, 0 when the member held none. An admission that
-already happened is never released: its units were used.
+already happened is never released: its units were used. The freed slot is kept until it
+passes (and a minute more), so a new call can take it instead of queueing behind the
+latest reservation.
 ]]
 
-local log, rsv, costs = KEYS[1], KEYS[2], KEYS[3]
+local log, rsv, costs, free = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member = ARGV[1]
-if redis.call('ZREM', rsv, member) == 0 then return 0 end
+local slot = redis.call('ZSCORE', rsv, member)
+if not slot then return 0 end
+local units = redis.call('HGET', costs, member) or '1'
+redis.call('ZREM', rsv, member)
 redis.call('ZREM', log, member)
 redis.call('HDEL', costs, member)
+redis.call('ZADD', free, slot, units .. ':' .. member)
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+local ttl = math.ceil(math.max(tonumber(slot) - now, 0)) + 60000
+if redis.call('PTTL', free) < ttl then redis.call('PEXPIRE', free, ttl) end
 return 1

@@ -5,7 +5,7 @@ channel named like the key (`celery-task-meta-<id>`). `ResultWaiter.watch(key)` 
 to that channel before the call is published, so no result can slip by; one reader task
 hands each message to the waiting request. A sweep every `sweep_s` reads every watched key
 with MGET, which catches a result published while the connection was being re-established.
-No thread waits, however many requests do.
+No thread waits, however many requests do. The gateway and `throttle.wait` share it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-logger = logging.getLogger("throttle.gateway")
+logger = logging.getLogger("throttle")
 
 Decode = Callable[[bytes], dict[str, Any] | None]
 MGET_CHUNK = 500
@@ -39,7 +39,8 @@ class ResultWaiter:
         self._client = client
         self._decode = decode
         self._sweep_s = sweep_s
-        self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        # Several waits may watch one key (the same call awaited twice).
+        self._pending: dict[bytes, list[asyncio.Future[dict[str, Any]]]] = {}
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -52,7 +53,7 @@ class ResultWaiter:
         """Open the subscription (raises redis.RedisError when Redis cannot be reached)."""
         self._pubsub = self._client.pubsub()
         # A channel of our own keeps the connection subscribed while nothing else is.
-        await self._pubsub.subscribe(f"throttle-gateway-{uuid.uuid4().hex}")
+        await self._pubsub.subscribe(f"throttle-waiter-{uuid.uuid4().hex}")
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._sweep())]
 
     async def close(self) -> None:
@@ -63,26 +64,31 @@ class ResultWaiter:
                 await task
         if self._pubsub is not None:
             await self._pubsub.aclose()
-        for future in self._pending.values():
-            future.cancel()
+        for futures in self._pending.values():
+            for future in futures:
+                future.cancel()
 
     @contextlib.asynccontextmanager
     async def watch(self, key: bytes) -> AsyncIterator[asyncio.Future[dict[str, Any]]]:
         """Subscribe to `key`'s channel; the future gets its result meta. Publish the call
         inside the block, then await the future (with a timeout)."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+        futures = self._pending.setdefault(key, [])
+        futures.append(future)
         try:
-            await self._pubsub.subscribe(key)
+            if len(futures) == 1:
+                await self._pubsub.subscribe(key)
             yield future
         finally:
-            self._pending.pop(key, None)
-            with contextlib.suppress(redis.RedisError, OSError):
-                await self._pubsub.unsubscribe(key)
+            futures.remove(future)
+            if not futures:
+                del self._pending[key]
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await self._pubsub.unsubscribe(key)
 
     def _deliver(self, key: bytes, payload: bytes | str | None) -> None:
-        future = self._pending.get(key)
-        if future is None or future.done() or payload is None:
+        futures = [f for f in self._pending.get(key, ()) if not f.done()]
+        if not futures or payload is None:
             return
         try:
             meta = self._decode(payload.encode() if isinstance(payload, str) else payload)
@@ -90,7 +96,8 @@ class ResultWaiter:
             logger.warning("result %s cannot be decoded (%s)", key.decode(errors="replace"), exc)
             return
         if meta is not None:
-            future.set_result(meta)
+            for future in futures:
+                future.set_result(meta)
 
     async def _read(self) -> None:
         while True:
