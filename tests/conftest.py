@@ -42,3 +42,7 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
     batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     for start in range(0, len(batch), 500):
         client.delete(*batch[start : start + 500])
+
+
+# The test kit users get (throttle/testing.py), on pytest-celery's in-process fixtures.
+pytest_plugins = ["throttle.testing"]

@@ -6,6 +6,7 @@
     gateway   fastapi, uvicorn           throttle gateway
     demo      fakeredis[lua], matplotlib, tomli-w, tornado   throttle demo, stub-llm
     flower    flower                     throttle flower
+    testing   fakeredis[lua], pytest, pytest-celery    throttle.testing (tests of your tools)
     all       every extra above
 """
 
@@ -19,6 +20,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gateway": ("fastapi", "uvicorn"),
     "demo": ("fakeredis", "lupa", "matplotlib", "tomli_w", "tornado"),
     "flower": ("flower",),
+    "testing": ("fakeredis", "lupa", "pytest", "pytest_celery"),
 }
 
 

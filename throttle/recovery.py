@@ -34,6 +34,12 @@ REAP_AFTER_S = 5.0  # past a call's deadline: later than any reservation's late 
 REAP_EVERY_S = 1.0
 RETRY_S = 5.0  # a claimed call still undecided is looked at again after this
 GIVE_UP_S = 600.0  # past its first check, a call that keeps getting lost is dropped
+RETRY_MARK = "~retry"  # a body's retry n is registered (and gated) as <task id>~retry<n>
+
+
+def member_of(task_id: str, retries: int) -> str:
+    """The gate's member for delivery `retries` of a task: its id, then `~retry<n>`."""
+    return f"{task_id}{RETRY_MARK}{retries}" if retries else task_id
 
 
 def check_at_s(enqueued_at: float, deadline_s: float) -> float:
@@ -68,7 +74,7 @@ def reap(throttle: Throttle, tools: Iterable[str], *, now_s: float | None = None
 
 def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
                now_s: float) -> int:
-    if not raw or _finished(task, task_id):
+    if not raw or _finished(task, task_id.partition(RETRY_MARK)[0]):
         throttle.gate.forget_call(tool, task_id)
         return 0
     call = json.loads(raw)
@@ -78,8 +84,9 @@ def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
         return 0
     logger.warning("tool %s: call %s never reached the gate (the broker lost its message); "
                    "publishing it again", tool, task_id)
-    task.apply_async(kwargs=call["kwargs"], task_id=task_id, headers=call["headers"],
-                     priority=task.priority_again)
+    real_id, _, retries = task_id.partition(RETRY_MARK)
+    task.apply_async(kwargs=call["kwargs"], task_id=real_id, headers=call["headers"],
+                     priority=task.priority_again, retries=int(retries or 0))
     return 1
 
 

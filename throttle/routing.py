@@ -7,6 +7,7 @@ redelivery on worker loss, prefetch 1, a visibility timeout above every max_dela
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ from throttle.gate import Gate
 from throttle.keys import DEFAULT_PREFIX
 from throttle.store import DEFAULT_REDIS_URL, StoreClient
 from throttle.task import ThrottledTask
+
+logger = logging.getLogger("throttle")
 
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
@@ -90,10 +93,12 @@ class Throttle:
         """Decorate a plain function as the task of a configured tool.
 
         `@throttle.tool` uses the function's name; `@throttle.tool("search_products")` names
-        the tool. Extra options go to `app.task`.
+        the tool. Extra options go to `app.task` (`bind=True`, `autoretry_for`, `max_retries`,
+        `time_limit`, `acks_late`, `ignore_result`, ...), except those throttle owns.
         """
         def register(fn: Callable[..., Any], name: str) -> Any:
             tool = self.config.tool(name)
+            check_task_options(name, options)
             base = type(
                 f"{name.title().replace('_', '')}Task",
                 (ThrottledTask,),
@@ -114,9 +119,35 @@ class Throttle:
         return lambda fn: register(fn, name_or_fn or fn.__name__)
 
 
+def check_task_options(tool: str, options: dict[str, Any]) -> None:
+    """Refuse the Celery task options throttle sets itself, or that would fight its gate."""
+    if options.get("rate_limit"):
+        raise ConfigError(
+            f"tool {tool!r}: Celery's rate_limit would throttle the tool a second time, "
+            "per worker and inexactly; drop it and set the tool's `limits` in the config"
+        )
+    if options.get("serializer", "json") != "json":
+        raise ConfigError(
+            f"tool {tool!r}: serializer={options['serializer']!r} would be refused by the "
+            "workers, which accept JSON only; drop the option"
+        )
+    for owned in ("name", "base", "queue"):
+        if owned in options:
+            raise ConfigError(
+                f"tool {tool!r}: the task option {owned!r} is set by throttle (name and queue "
+                "are tool.<name>, base is ThrottledTask); drop it"
+            )
+
+
 def apply_defaults(app: Celery, config: Config) -> None:
     """Set the settings throttle needs wherever the user kept Celery's default."""
     conf = app.conf
+    if conf.task_default_rate_limit and not conf.worker_disable_rate_limits:
+        logger.warning(
+            "task_default_rate_limit=%r also applies to throttle's tools: each call is then "
+            "limited twice, per worker and inexactly; set worker_disable_rate_limits=True or "
+            "give the other tasks their own rate_limit", conf.task_default_rate_limit,
+        )
     for key, value in SAFE_DEFAULTS.items():
         if key in DEFAULTS and conf.get(key) == DEFAULTS[key]:
             conf[key] = value

@@ -13,11 +13,12 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
 from celery import Task, states
-from celery.exceptions import Ignore, Reject
+from celery.app.task import get_actual_ignore_result
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
@@ -26,39 +27,25 @@ from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
 from throttle.monitor import metrics
+from throttle.results import FALLBACK_MARK, due_at_s, fallback_reason, outcome
 
 if TYPE_CHECKING:
     from throttle.routing import Throttle
 
 logger = logging.getLogger("throttle")
 
-ENQUEUED_AT = "throttle_enqueued_at"
+__all__ = ["FALLBACK_MARK", "ThrottledTask", "due_at_s", "fallback_reason", "outcome"]
+
+ENQUEUED_AT = "throttle_enqueued_at"  # when the call was first due (sent, or its countdown/eta)
 DEADLINE_S = "throttle_deadline_s"
 DELAYS = "throttle_delays"
 STORE_RETRIES = "throttle_store_retries"
-FALLBACK_MARK = "throttle: fallback"
+THROTTLE_HEADERS = (ENQUEUED_AT, DEADLINE_S, DELAYS, STORE_RETRIES)
 SLEEP_BELOW_S = 0.05
 CONTENDED = frozenset({"pool", "concurrency", "cooldown"})
 MAX_SLEEPS = 5
 STORE_BACKOFF_MAX_S = 30.0
 STORE_LAST_TRY_S = 0.5  # the last store retry comes this long before the deadline
-
-
-def outcome(result: AsyncResult) -> Literal["result", "fallback"]:
-    """Whether a finished call's `.get()` returned the tool's answer or its fallback.
-
-    A fallback is stored as a normal SUCCESS whose `traceback` field reads
-    "throttle: fallback (<reason>)"; `fallback_reason` returns that reason.
-    """
-    return "fallback" if fallback_reason(result) is not None else "result"
-
-
-def fallback_reason(result: AsyncResult) -> str | None:
-    """The reason a call fell back ('deadline', 'store_unavailable', ...), or None."""
-    mark = result.traceback
-    if isinstance(mark, str) and mark.startswith(FALLBACK_MARK):
-        return mark[len(FALLBACK_MARK) :].strip(" ()")
-    return None
 
 
 class ThrottledTask(Task):  # type: ignore[misc]
@@ -85,8 +72,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         headers = dict(options.pop("headers", None) or {})
         if ENQUEUED_AT in headers:  # published again by the worker or the reaper
             return super().apply_async(args, kwargs, headers=headers, **options)
+        if args and options.get("parent_id") is not None:
+            # A chain step or callback handed the previous result positionally: the worker
+            # refuses it as this step's failure, so the canvas fails here, not its parent.
+            return super().apply_async(args, kwargs, headers=headers, **options)
         checked = self.check_arguments(args, kwargs)
-        headers[ENQUEUED_AT] = time.time()
+        headers[ENQUEUED_AT] = due_at_s(options.get("countdown"), options.get("eta"))
         if deadline_s is not None:
             headers[DEADLINE_S] = float(deadline_s)
         task_id = options.pop("task_id", None) or uuid()
@@ -99,8 +90,51 @@ class ThrottledTask(Task):  # type: ignore[misc]
                     self.throttle.gate.forget_call(self.tool.name, task_id)
             raise
 
-    def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
-        """Register the call so the reaper can re-publish it if the broker loses it."""
+    def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
+              eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
+        """Celery's retry, sent back through the gate as a new admission.
+
+        The retry's deadline counts from when it is due; it carries no throttle delays.
+        """
+        request = self.request
+        if not request.called_directly and not request.is_eager:
+            if eta is None and countdown is None:
+                countdown = self.default_retry_delay
+            headers = {key: value for key, value in self._caller_headers().items()
+                       if key not in THROTTLE_HEADERS}
+            headers |= options.pop("headers", None) or {}
+            headers[ENQUEUED_AT] = due_at_s(countdown, eta)
+            if getattr(request, DEADLINE_S, None) is not None:
+                headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+            options["headers"] = headers
+            member = recovery.member_of(str(request.id), (request.retries or 0) + 1)
+            call = request.kwargs if kwargs is None else kwargs
+            registered = self._register(member, dict(call or {}), headers)
+            try:
+                return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
+                                     **options)
+            except (Retry, Reject):  # sent (or its publish failed: the reaper sends it)
+                raise
+            except BaseException:  # not retried (max_retries): nothing to recover
+                if registered:
+                    with contextlib.suppress(StoreUnavailable):
+                        self.throttle.gate.forget_call(self.tool.name, member)
+                raise
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    def _one_task_per_call(self, *_: Any, **__: Any) -> Any:
+        raise InvalidToolCall(
+            self.tool.name,
+            "starmap(), chunks() and map() would run every call inside one task, past the "
+            f"gate; send one task per call: group({self.tool.name}.s(**kwargs) for kwargs in ...)",
+        )
+
+    starmap = chunks = map = _one_task_per_call
+
+    def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
+        """Register the call (its gate member) so the reaper can re-publish it if the broker
+        loses it."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:
             return False
         budget_s = self.tool.max_delay_ms / 1000
@@ -109,11 +143,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
         try:
             self.throttle.gate.register_call(
-                self.tool.name, task_id, recovery.message(kwargs, headers, check_at), check_at
+                self.tool.name, member, recovery.message(kwargs, headers, check_at), check_at
             )
         except StoreUnavailable as exc:
             logger.warning("tool %s: call %s not registered for recovery (%s)",
-                           self.tool.name, task_id, exc)
+                           self.tool.name, member, exc)
             return False
         return True
 
@@ -121,7 +155,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""
         if args:
             raise InvalidToolCall(
-                self.tool.name, "pass arguments by keyword, e.g. .delay(query='...')"
+                self.tool.name, "pass arguments by keyword, e.g. .delay(query='...'); after a "
+                "chain step, give the tool an immutable signature, .si(query='...')"
             )
         checked: dict[str, Any] = dict(kwargs or {})
         try:
@@ -160,6 +195,14 @@ class ThrottledTask(Task):  # type: ignore[misc]
             self._republish(decision.wait_s, decision.reason)
         return self._fall_back(decision.reason)
 
+    def _member(self) -> str:
+        """This delivery's member at the gate: the task id, with the body's retry number.
+
+        A body's own retry (`self.retry()`, `autoretry_for`) is a new admission, counted in
+        the windows like any call; a throttle delay keeps the member (and `retries`).
+        """
+        return recovery.member_of(str(self.request.id), self.request.retries or 0)
+
     def _run(self, kwargs: dict[str, Any]) -> Any:
         """Run the body; settle its charge, give back its lease, and obey an upstream pause."""
         started = time.perf_counter()
@@ -169,8 +212,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
             status = "success"
         except UpstreamBusy as busy:
             status = "busy"
-            self._cool_down(busy, kwargs)
-            raise  # not reached: _cool_down re-publishes the call
+            return self._cool_down(busy, kwargs)  # the fallback, or it re-publishes the call
         finally:
             metrics.observe_run(self, status, time.perf_counter() - started)
             if self.tool.concurrency is not None:
@@ -179,34 +221,37 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if units is not None:
             try:
                 self.throttle.gate.settle(
-                    self.tool.name, self.request.id, units, key=self._key_of(kwargs)
+                    self.tool.name, self._member(), units, key=self._key_of(kwargs)
                 )
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
                 logger.warning("tool %s: charge not settled (%s)", self.tool.name, exc)
         return result
 
-    def _cool_down(self, busy: UpstreamBusy, kwargs: dict[str, Any]) -> None:
-        """Pause the tool (or its pool) everywhere, then send this call back to wait it out."""
+    def _cool_down(self, busy: UpstreamBusy, kwargs: dict[str, Any]) -> Any:
+        """Pause the tool (or its pool) everywhere, then send this call back to wait it out.
+
+        Returns the fallback when the pause outlasts the call's deadline.
+        """
         logger.warning("tool %s: %s; pausing it on every worker", self.tool.name, busy)
         try:
             self.throttle.gate.cool_down(
                 self.tool.name, busy.retry_after_s, key=self._key_of(kwargs),
-                member=self.request.id,
+                member=self._member(),
             )
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
             logger.warning("tool %s: cooldown not shared (%s)", self.tool.name, exc)
         if busy.retry_after_s > self._deadline_left_s():
-            self._fall_back("cooldown")  # the pause outlasts the deadline
+            return self._fall_back("cooldown")  # the pause outlasts the deadline
         # The gate forgot the call when it admitted it; the re-publish could be lost too.
-        self._register(self.request.id, kwargs, self._origin_headers())
+        self._register(self._member(), kwargs, self._origin_headers())
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 
     def _decide(self, kwargs: dict[str, Any]) -> Decision:
         """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
-        member = self.request.id
+        member = self._member()
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
         for _ in range(MAX_SLEEPS):
@@ -234,7 +279,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
     def _finish_lease(self, kwargs: dict[str, Any]) -> None:
         key = self._key_of(kwargs)
         try:
-            self.throttle.gate.finish(self.tool.name, self.request.id, key=key)
+            self.throttle.gate.finish(self.tool.name, self._member(), key=key)
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
             logger.warning(
@@ -297,6 +342,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 self._republish(backoff_s, "store_unavailable", store_retries=tries + 1)
         return Decision(Action.FALLBACK, 0.0, time.time(), "store_unavailable")
 
+    def _caller_headers(self) -> dict[str, Any]:
+        """The call's custom headers (the caller's and throttle's; RabbitMQ's x-death left out),
+        carried by every re-publish and retry."""
+        return dict(self.request.as_execution_options()["headers"])
+
     def _origin_headers(self) -> dict[str, Any]:
         """The call's first-enqueue time and caller deadline, carried by every re-publish."""
         request = self.request
@@ -316,6 +366,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
             metrics.observe_decision(self, "delay", reason, wait_s)
             raise eager.WaitEagerly(wait_s, reason)
         headers = {
+            **self._caller_headers(),
             **self._origin_headers(),
             DELAYS: int(getattr(request, DELAYS, 0) or 0) + 1,
             STORE_RETRIES: store_retries,
@@ -335,17 +386,23 @@ class ThrottledTask(Task):  # type: ignore[misc]
         raise Ignore(f"delayed {wait_s:.3f}s ({reason})")
 
     def _fall_back(self, reason: str) -> Any:
-        """Store the tool's fallback as this call's result, marked as a fallback.
+        """Return the tool's fallback as this call's result, stored marked as a fallback.
 
-        The gate has already given back any reservation it refused.
+        It goes through Celery's normal return path (chain, chord, link callbacks, the
+        task-succeeded event); the marked result is stored first and Celery's own store is
+        skipped, so no reader ever sees the SUCCESS without its mark. The gate has already
+        given back any reservation it refused.
         """
         metrics.observe_decision(self, "fallback", reason, 0.0)
         if self.request.is_eager:
             raise eager.FallBackEagerly(reason)
         result = self.tool.fallback
-        if not self.request.ignore_result:
-            self.backend.store_result(
-                self.request.id, result, states.SUCCESS,
-                traceback=f"{FALLBACK_MARK} ({reason})", request=self.request,
-            )
-        raise Ignore(f"fallback ({reason})")
+        request = self.request
+        if not get_actual_ignore_result(self, request):
+            self.backend.store_result(request.id, result, states.SUCCESS, request=request,
+                                      traceback=f"{FALLBACK_MARK} ({reason})")
+            # Read by the backend's mark_as_done: stored once. (Celery's backends never
+            # overwrite a SUCCESS either, so the stored fallback lists no children.)
+            request.ignore_result = True
+        return result
+

@@ -9,6 +9,8 @@ same app for its own process with `build(env)`.
   THROTTLE_TEST_BODY_S   seconds each body sleeps (default 0)
   THROTTLE_TEST_POISON   a value of `n` whose body kills its own process (counting each
                          attempt in <prefix>:poisoned first)
+  THROTTLE_TEST_TASK_OPTIONS  JSON: tool name -> Celery task options for its task
+  THROTTLE_TEST_BUSY     a value of `n` whose body raises UpstreamBusy (a 60 s pause)
   THROTTLE_TEST_LEDGER_URL  where the ledger is written (default THROTTLE_REDIS_URL), so
                          the gate's store can be taken down while the ledger keeps working
 """
@@ -25,7 +27,9 @@ from typing import Any
 import redis
 from celery import Celery, current_task
 
-from throttle import Throttle, load_config
+from throttle import Throttle, UpstreamBusy, load_config
+
+BUSY_PAUSE_S = 60.0
 
 
 def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
@@ -43,12 +47,15 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
     store = redis.Redis.from_url(env.get("THROTTLE_TEST_LEDGER_URL", redis_url))
     body_s = float(env.get("THROTTLE_TEST_BODY_S", "0"))
     poison = env.get("THROTTLE_TEST_POISON")
+    busy = env.get("THROTTLE_TEST_BUSY")
 
     def make(tool: str) -> Any:
         def body(n: int, **_: Any) -> dict[str, Any]:
             if poison is not None and str(n) == poison:
                 store.incr(f"{prefix}:poisoned")
                 os.kill(os.getpid(), signal.SIGKILL)
+            if busy is not None and str(n) == busy:
+                raise UpstreamBusy(BUSY_PAUSE_S, "the test upstream is busy")
             request = current_task.request
             running = store.incr(f"{prefix}:running:{tool}")
             try:
@@ -71,8 +78,28 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
         body.__name__ = tool
         return body
 
-    tasks = {name: throttle.tool(name)(make(name)) for name in config.tools}
+    options = json.loads(env.get("THROTTLE_TEST_TASK_OPTIONS", "{}"))
+    tasks = {name: throttle.tool(name, **options.get(name, {}))(make(name))
+             for name in config.tools}
+    tasks |= helpers(app, store, prefix)
     return app, throttle, tasks
+
+
+def helpers(app: Celery, store: redis.Redis, prefix: str) -> dict[str, Any]:
+    """Plain tasks on the default queue that record what canvases hand them:
+    `collect` (a chain's next step, a chord's body, a link) and `record_error` (link_error)."""
+
+    @app.task(name="helpers.collect", shared=False)
+    def collect(result: Any, label: str) -> Any:
+        store.rpush(f"{prefix}:collected:{label}", json.dumps(result))
+        return result
+
+    @app.task(name="helpers.record_error", shared=False)
+    def record_error(request: Any, exc: BaseException, traceback: Any, label: str) -> None:
+        entry = {"id": request.id, "type": type(exc).__name__, "message": str(exc)}
+        store.rpush(f"{prefix}:errors:{label}", json.dumps(entry))
+
+    return {"collect": collect, "record_error": record_error}
 
 
 if "THROTTLE_TEST_CONFIG" in os.environ:

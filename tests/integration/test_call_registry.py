@@ -4,11 +4,16 @@ broker loses nothing, so their calls cost no registration round trip."""
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import MaxRetriesExceededError, Retry
 
-from throttle import Throttle, load_config
+from throttle import Throttle, load_config, recovery
 
 pytestmark = pytest.mark.redis
 
@@ -63,3 +68,56 @@ def test_a_call_on_a_redis_broker_is_registered_until_the_gate_decides_it(
     throttle.gate.acquire("search", result.id)  # the gate decides: out of the registry
     assert redis_client.zscore(calls, result.id) is None
     assert not redis_client.hexists(messages, result.id)
+
+
+def test_a_body_retry_is_registered_under_its_retry_member_until_the_gate_decides_it(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    """`self.retry()` in a worker registers `<id>~retry<n>` (the member the gate decides);
+    a retry refused by max_retries leaves nothing registered."""
+    throttle = throttle_on(redis_dbs[0], redis_url, prefix)
+
+    @throttle.tool("search", bind=True, max_retries=1)
+    def search(self: Any, query: str = "") -> str:
+        return query
+
+    calls, _ = throttle.gate.registry("search")
+    search.push_request(id="call-1", retries=0, kwargs={"query": "lamp"}, called_directly=False)
+    try:
+        with pytest.raises(Retry):
+            search.retry(countdown=60)
+    finally:
+        search.pop_request()
+    assert redis_client.zscore(calls, "call-1~retry1") is not None
+    throttle.gate.acquire("search", "call-1~retry1")
+    assert redis_client.zscore(calls, "call-1~retry1") is None
+
+    search.push_request(id="call-2", retries=1, kwargs={"query": "desk"}, called_directly=False)
+    try:
+        with pytest.raises(MaxRetriesExceededError):
+            search.retry(countdown=60)
+    finally:
+        search.pop_request()
+    assert redis_client.zrange(calls, 0, -1) == []
+
+
+def test_the_reaper_sends_a_lost_retry_again_with_its_task_id_and_retry_number(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    throttle = throttle_on(redis_dbs[0], redis_url, prefix)
+
+    @throttle.tool
+    def search(query: str = "") -> str:
+        return query
+
+    lost_at = time.time() - 100
+    headers = {"throttle_enqueued_at": lost_at}
+    throttle.gate.register_call("search", "call-9~retry2",
+                                recovery.message({"query": "lamp"}, headers, lost_at), lost_at)
+    assert recovery.reap(throttle, ["search"]) == 1
+    broker = redis.Redis.from_url(redis_dbs[0])
+    sent = [json.loads(raw) for key in broker.scan_iter(match="tool.search*")
+            for raw in broker.lrange(key, 0, -1)]
+    assert [(m["headers"]["id"], m["headers"]["retries"]) for m in sent] == [("call-9", 2)]
+    calls, _ = throttle.gate.registry("search")
+    assert redis_client.zrange(calls, 0, -1) == [b"call-9~retry2"]  # until the gate decides

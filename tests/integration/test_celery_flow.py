@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -146,6 +147,26 @@ def test_a_bad_message_that_bypassed_the_caller_fails_once_and_is_not_retried(
     assert result.state == "FAILURE"
     assert ledger(redis_client, prefix) == []
     assert cluster.logs().count(f"Task tool.strict[{result.id}] received") == 1
+
+
+def test_task_time_limits_pass_through_to_the_tools_task(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    """soft_time_limit given to @throttle.tool stops a body that runs too long (prefork)."""
+    options = {"slow": {"soft_time_limit": 0.3, "time_limit": 20}}
+    cluster = make_cluster({"tools": {"slow": tool(["5/1s"], "2s")}},
+                           env={"THROTTLE_TEST_BODY_S": "10",
+                                "THROTTLE_TEST_TASK_OPTIONS": json.dumps(options)})
+    cluster.start(1, concurrency=1)
+    _, _, tasks = build(cluster.env)
+    assert (tasks["slow"].soft_time_limit, tasks["slow"].time_limit) == (0.3, 20)
+    started = time.monotonic()
+    result = tasks["slow"].delay(n=1)
+    with pytest.raises(Exception) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "SoftTimeLimitExceeded"
+    assert time.monotonic() - started < 8  # stopped, not left to sleep its 10 s
+    assert [run["n"] for run in ledger(redis_client, prefix)] == [1]
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ thread (started on first use, and again in a forked child) writes them every
 the totals to Prometheus, however many processes and hosts wrote them.
 
 Delays and fallbacks are also sent as Celery events (`task-delayed`, `task-fallback`)
-when the worker sends task events (`-E` or `worker_send_task_events`), so Flower shows them
-as the states DELAYED and FALLBACK.
+when the worker sends task events (`-E` or `worker_send_task_events`): Flower shows a
+waiting call as DELAYED, and a fallback (a success to Celery, followed by `task-succeeded`)
+as SUCCESS with the fallback mark in its traceback field.
 """
 
 from __future__ import annotations
