@@ -3,7 +3,6 @@ delayed and fallback calls told apart from plain results (API and a real browser
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import redis
 
 from tests.apps.ledger import build
 from tests.support.monitoring import ledger_tool
+from tests.support.needs import program
 from tests.support.servers import free_port, server, throttle_cmd
 from tests.support.workers import Cluster, ledger
 
@@ -116,10 +116,7 @@ def test_flower_shows_the_tool_queue_its_workers_and_delayed_and_fallback_calls(
 def test_headless_chromium_loads_the_dashboard_with_the_login(
     flower: Flower, tmp_path: Path,
 ) -> None:
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.skip("chromium is not installed (`make test` installs Debian's chromium "
-                    "package where apt-get can)")
+    binary = program("chromium", "chromium")
     _, _, tasks = build(flower.cluster.env)
     for result in [tasks["burst"].delay(n=n) for n in range(12)]:
         result.get(timeout=60)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.needs import program
 from throttle.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +33,7 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_docker_compose_accepts_the_file() -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (`make test` installs Debian's "
-                    "docker-compose package where apt-get can)")
+    binary = program("docker-compose", "docker-compose")
     env = {**os.environ, "FLOWER_PASSWORD": "x"}
     done = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
