@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tests.integration.test_celery_flow import burst, tool
-from tests.support.rabbit import rabbitmq_queue
+from tests.support.rabbit import address, rabbitmq_queue, with_port
 from tests.support.relay import Relay
 from tests.support.servers import RedisServer, private_redis
 from tests.support.workers import check_ledger
@@ -107,9 +107,9 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
 
 @pytest.fixture
 def rabbitmq_via_relay() -> Iterator[tuple[str, Relay]]:
-    """RabbitMQ behind a loopback relay that can cut the connections (skip if absent)."""
-    with rabbitmq_queue("tool.rabbitcut"), Relay("127.0.0.1", 5672) as relay:
-        yield f"amqp://guest:guest@127.0.0.1:{relay.port}//", relay
+    """RabbitMQ behind a loopback relay that can cut the connections."""
+    with rabbitmq_queue("tool.rabbitcut") as url, Relay(*address(url)) as relay:
+        yield with_port(url, relay.port), relay
 
 
 @pytest.mark.rabbitmq

@@ -149,7 +149,7 @@ def test_a_bad_message_that_bypassed_the_caller_fails_once_and_is_not_retried(
 
 @pytest.fixture
 def rabbitmq() -> Iterator[str]:
-    """RabbitMQ's URL, with the test tool's queue deleted before and after (skip if absent)."""
+    """RabbitMQ's URL, with the test tool's queue deleted before and after."""
     with rabbitmq_queue("tool.burst") as url:
         yield url
 
