@@ -57,8 +57,10 @@ def check_exact_fifo_burst(cluster: Any, client: redis.Redis, prefix: str) -> No
     slot_of = {run["n"]: run["admitted_at"] for run in runs}
     # FIFO at the gate: reservations follow the order calls reach it. Calls consumed in
     # parallel can reach it a little out of enqueue order, so one may land in the next
-    # window's batch; none runs more than one window ahead of a call enqueued before it.
-    ahead = max(slot_of[i] - slot_of[j] for i in range(600) for j in range(i + 1, min(600, i + 60)))
+    # window's batch; none runs more than one window ahead of any call enqueued before it.
+    later_min = list(itertools.accumulate(
+        (slot_of[n] for n in reversed(range(600))), min))[::-1]  # min slot of calls n..599
+    ahead = max(slot_of[i] - later_min[i + 1] for i in range(599))
     print(
         f"\nburst 600 @ 50/2s: most admitted in 2 s = {most_admitted}, most started = "
         f"{most_started}, max deliveries = {deliveries}, makespan = {makespan:.2f}s "
@@ -97,7 +99,13 @@ def test_calls_past_their_deadline_fall_back_at_once_and_release_their_slots(
     print(f"\ndeadline: {len(ran)} ran, {len(fallbacks)} fell back; time to fallback "
           f"p50 {waited[len(waited) // 2] * 1000:.0f} ms, max {waited[-1] * 1000:.0f} ms")
     assert len(ran) + len(fallbacks) == 200
-    assert 10 <= len(ran) <= 25  # 5 now, then 5 per second within the 2 s deadline
+    # Every call that ran had its slot within the 2 s deadline of being sent: it comes back
+    # at most 10% + 20 ms later (the jitter that spreads contended returns), plus ETA lateness
+    # (allowed 0.3 s here). A deadline taken twice too long would admit calls ~4 s late.
+    sent_of = {r.id: at for r, at in zip(results, sent, strict=True)}
+    waits = [run["admitted_at"] - sent_of[run["id"]] for run in ran]
+    assert max(waits) <= 2.0 * 1.1 + 0.02 + 0.3, sorted(waits)[-5:]
+    assert len(ran) >= 10
     assert all(values[i] == {"n": -1} for i, k in enumerate(kinds) if k == "fallback")
     assert {fallback_reason(r) for r in fallbacks} == {"deadline"}
     # Fallbacks come back at once, not after waiting out the 2 s deadline.
