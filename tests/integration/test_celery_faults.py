@@ -177,3 +177,33 @@ def test_a_call_whose_message_the_broker_lost_is_published_again_and_falls_back(
     assert redis_client.zcard(calls) == 0
     assert ledger(redis_client, prefix) == [entry for entry in ledger(redis_client, prefix)
                                             if entry["n"] == 1]
+
+
+def test_a_lost_call_is_answered_about_reap_after_s_past_its_deadline_never_before(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    """README: a call whose message the broker loses answers with its fallback about 5 s
+    (REAP_AFTER_S) after its deadline. The reaper looks every REAP_EVERY_S; the round trip
+    of a normal call, measured here, bounds what the re-publish itself adds."""
+    assert recovery.REAP_AFTER_S == 5.0  # the README's "about 5 s after its deadline"
+    deadline_s = 2.0
+    cluster = make_cluster({"tools": {"lossy": tool(["10/1s"], f"{deadline_s:g}s")}})
+    cluster.start(1, concurrency=1)
+    _, _, tasks = build(cluster.env)
+    task = tasks["lossy"]
+    sent = time.time()
+    assert task.delay(n=1).get(timeout=10) == {"n": 1}
+    round_trip_s = time.time() - sent
+    lost_id = "lost-" + prefix
+    enqueued_at = time.time()
+    assert task._register(lost_id, {"n": 7}, {"throttle_enqueued_at": enqueued_at})
+    lost = task.AsyncResult(lost_id)
+    assert lost.get(timeout=deadline_s + recovery.REAP_AFTER_S + 15) == {"n": -1}
+    answered_s = lost.date_done.timestamp() - enqueued_at
+    due_s = deadline_s + recovery.REAP_AFTER_S
+    print(f"\nlost call (deadline {deadline_s:g} s) answered {answered_s:.2f} s after it was "
+          f"sent; due at {due_s:g} s, reaper every {recovery.REAP_EVERY_S:g} s, a normal call's "
+          f"round trip {round_trip_s:.2f} s")
+    assert fallback_reason(lost) == "deadline"
+    assert due_s - 0.05 <= answered_s  # never re-published before it counts as lost
+    assert answered_s <= due_s + recovery.REAP_EVERY_S + max(1.0, 3 * round_trip_s)
