@@ -52,8 +52,10 @@ def check_exact_fifo_burst(cluster: Any, client: redis.Redis, prefix: str) -> No
     most_admitted, most_started = most_in_window(admitted, 2.0), most_in_window(started, 2.0)
     # docs/gate.md: the limit holds for bodies starting up to margin/2 (here 20 ms) after
     # their admission (tests/integration/test_start_lag.py); measure how late they start.
+    # On a loaded machine a few start later than that, and only those may crowd a window.
     lags = sorted(run["at"] - run["admitted_at"] for run in runs)
     half_margin_s = 0.040 / 2
+    on_time = [run["at"] for run in runs if run["at"] - run["admitted_at"] <= half_margin_s]
     deliveries = max(run["delays"] for run in runs) + 1
     makespan = max(admitted) - min(admitted)
     ideal = (600 / 50 - 1) * 2.0
@@ -71,10 +73,10 @@ def check_exact_fifo_burst(cluster: Any, client: redis.Redis, prefix: str) -> No
         f"({makespan / ideal:.3f}x ideal), worst FIFO lead = {ahead * 1000:.0f} ms, "
         f"order inversions = {sum(a > b for a, b in itertools.pairwise(order))}, start lag "
         f"p50 {lags[300] * 1000:.1f} ms, p99 {lags[594] * 1000:.1f} ms, max "
-        f"{lags[-1] * 1000:.1f} ms, {sum(lag > half_margin_s for lag in lags)} over margin/2"
+        f"{lags[-1] * 1000:.1f} ms, {600 - len(on_time)} over margin/2"
     )
     assert most_admitted <= 50
-    assert most_started <= 50
+    assert most_in_window(on_time, 2.0) <= 50
     assert min(lags) >= 0 and lags[300] <= half_margin_s  # bodies start right after the gate
     assert makespan <= 1.1 * ideal
     assert ahead < 2.0 + 0.5
