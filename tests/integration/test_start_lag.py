@@ -20,10 +20,15 @@ pytestmark = pytest.mark.redis
 
 P = 1_700_000_000.0
 MAX, WINDOW_S, MARGIN_S = 5, 1.0, 0.040
-CONFIG = load_config({"tools": {
-    "lagged": {"limits": [f"{MAX}/1s"], "max_delay": "1m", "slot_margin": "40ms"},
-    "single": {"limits": ["1/1s"], "max_delay": "1m", "slot_margin": "40ms"},
-}})
+CONFIG = load_config({
+    "pools": {"upstream": {"limits": ["1/1s"], "shares": {"standard": 1.0}}},
+    "tools": {
+        "lagged": {"limits": [f"{MAX}/1s"], "max_delay": "1m", "slot_margin": "40ms"},
+        "single": {"limits": ["1/1s"], "max_delay": "1m", "slot_margin": "40ms"},
+        "pooled": {"limits": ["100/1s"], "max_delay": "1m", "slot_margin": "40ms",
+                   "pool": "upstream", "priority": "standard"},
+    },
+})
 
 
 def saturated_admissions(gate: Gate, seed: int) -> list[float]:
@@ -66,17 +71,19 @@ def test_bodies_starting_up_to_half_the_margin_late_never_exceed_the_limit(
         assert most_in_window(starts, WINDOW_S) <= MAX
 
 
+@pytest.mark.parametrize("tool", ["single", "pooled"], ids=["tool limit", "pool limit"])
 def test_half_the_margin_is_the_exact_bound_on_the_start_lag(
-    redis_client: redis.Redis, prefix: str,
+    redis_client: redis.Redis, prefix: str, tool: str,
 ) -> None:
-    """1/1s: A admitted at 0; B arriving at W + margin/2 is admitted at once. A's body may
-    start margin/2 late and still be a full window before B's; a millisecond more is not."""
+    """1/1s (the tool's own limit, or its pool's): A admitted at 0; B arriving at W + margin/2
+    is admitted at once, a millisecond sooner it is not. A's body (or its request upstream)
+    may start margin/2 late and still be a full window before B's; a millisecond more is not."""
     gate = Gate(redis_client, CONFIG, prefix=prefix)
-    assert gate.acquire("single", "A", now_s=P).action is Action.ADMIT
+    assert gate.acquire(tool, "A", now_s=P).action is Action.ADMIT
     b_at = P + WINDOW_S + MARGIN_S / 2
-    assert gate.acquire("single", "early", now_s=b_at - 0.001).action is Action.DELAY
-    assert gate.release("single", "early")
-    assert gate.acquire("single", "B", now_s=b_at).action is Action.ADMIT
+    assert gate.acquire(tool, "early", now_s=b_at - 0.001).action is Action.DELAY
+    gate.release(tool, "early")  # its reservation, if it got one (a pool hold-back has none)
+    assert gate.acquire(tool, "B", now_s=b_at).action is Action.ADMIT
     within, beyond = P + MARGIN_S / 2, P + MARGIN_S / 2 + 0.001
     assert most_in_window([within, b_at], WINDOW_S) == 1
     assert most_in_window([beyond, b_at], WINDOW_S) == 2
