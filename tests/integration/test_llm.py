@@ -299,12 +299,16 @@ def test_a_429_pauses_every_worker_for_its_retry_after_then_the_queued_calls_com
 
     busy = [entry["at"] for entry in log if entry["status"] == 429]
     first = min(busy)
-    during = [e for e in log if first + 0.3 < e["at"] < first + 3.0 - 0.05]
+    # After the first 429 only the other worker process may still reach the upstream, once:
+    # with a request already on its way, or admitted before it saw the pause; its answer
+    # (a 429 too) pauses it as well. Counted, not timed: on a loaded machine that request
+    # may arrive any time during the pause.
+    during = [e for e in log if first < e["at"] < first + 3.0 - 0.05]
     served = sorted(e["at"] for e in log if e["status"] == 200)
     print(f"\n429 cooldown: {len(busy)} answered 429 within {max(busy) - first:.3f}s, "
           f"{len(during)} requests during the 3 s pause, first served "
           f"{served[0] - first:.2f}s after the first 429, last {served[-1] - first:.2f}s")
-    assert during == []
+    assert len(during) <= 2 - 1, during
     assert all(outcome(r) == "result" and v["source"] == "llm"
                for r, v in zip(calls, values, strict=True))
     assert len(served) == 10 and served[0] >= first + 3.0 - 0.05
