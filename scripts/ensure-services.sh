@@ -35,6 +35,10 @@ print({"host": url.hostname or "127.0.0.1", "port": url.port or default_port,
 PY
 }
 
+free_port() {
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 is_loopback() { case "$1" in 127.0.0.1|localhost|::1) return 0 ;; *) return 1 ;; esac; }
 
 redis_answers() {
@@ -112,7 +116,7 @@ start_rabbitmq() {
     say "starting RabbitMQ node $node on 127.0.0.1:$port"
     epmd -names >/dev/null 2>&1 || touch "$RUN_DIR/epmd-was-down"
     env RABBITMQ_NODENAME="$node" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-        RABBITMQ_NODE_PORT="$port" RABBITMQ_DIST_PORT="$((port + 20000))" \
+        RABBITMQ_NODE_PORT="$port" RABBITMQ_DIST_PORT="$(free_port)" \
         ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$base/mnesia" \
         RABBITMQ_LOG_BASE="$base/log" RABBITMQ_ENABLED_PLUGINS_FILE="$base/enabled_plugins" \
         RABBITMQ_CONFIG_FILE="$base/rabbitmq.conf" RABBITMQ_CONF_ENV_FILE="$base/rabbitmq-env.conf" \

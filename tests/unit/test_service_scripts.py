@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.needs import missing, program
+from tests.support.rabbit import address
 from tests.support.servers import ROOT, free_port
 
 pytestmark = pytest.mark.redis
@@ -168,3 +170,37 @@ def test_test_tools_apt_get_cannot_install_fail_the_run_in_ci(tmp_path: Path) ->
     assert done.returncode == 1, done
     assert "install -y -qq --no-install-recommends prometheus" in shims.apt_log.read_text()
     assert "CI=true and prometheus chromium chromedriver docker-compose missing" in done.stderr
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_a_rabbitmq_it_starts_listens_on_loopback_with_the_urls_vhost_and_is_stopped_after(
+    tmp_path: Path,
+) -> None:
+    """The real rabbitmq-server (Debian's wrapper runs it as the rabbitmq user, so as root),
+    on a free port, beside the machine's own RabbitMQ, which must still answer afterwards."""
+    program("rabbitmq-server", "rabbitmq-server")
+    if os.getuid() != 0:
+        missing("starting rabbitmq-server needs root", "run the tests as root (CI does)")
+    port = free_port()
+    url = f"amqp://guest:guest@127.0.0.1:{port}/probe-vhost"
+    probe = ("import kombu, socket; c = kombu.Connection(" + repr(url) + "); "
+             "c.ensure_connection(max_retries=1); c.release(); "
+             f"s = socket.create_connection(('127.0.0.1', {port})); "
+             "print('local', s.getsockname()[0], 'peer', s.getpeername()[0])")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "ensure-services.sh"), sys.executable, "-c", probe],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**env, "THROTTLE_PYTHON": sys.executable, "THROTTLE_AMQP_URL": url},
+    )
+    print(done.stdout, done.stderr)
+    assert done.returncode == 0, done
+    node = f"throttle-test-{port}@localhost"
+    assert f"starting RabbitMQ node {node} on 127.0.0.1:{port}" in done.stdout
+    assert "peer 127.0.0.1" in done.stdout
+    assert "stopping the RabbitMQ node this run started" in done.stdout
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    shared = address()
+    socket.create_connection(shared, timeout=5).close()  # the machine's own is untouched
