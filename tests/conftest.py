@@ -8,6 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import settings
+
+# Hypothesis: one policy for every property test. The normal run ("fixed") replays the same
+# examples every time (derandomize), so a red build is never a roll of the dice; `make
+# test-deep` selects "deep" and runs the property tests under many random seeds (each printed,
+# so a failure replays with `--hypothesis-seed=N`). Tests set only max_examples and deadline.
+settings.register_profile("fixed", derandomize=True, print_blob=True)
+settings.register_profile("deep", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("THROTTLE_HYPOTHESIS_PROFILE", "fixed"))
 
 REDIS_URL = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -103,6 +103,7 @@ class LogSampler:
         self.interval_s = interval_s
         self.admitted: dict[str, set[float]] = defaultdict(set)
         self.reserved: dict[str, set[float]] = defaultdict(set)
+        self.sampled_at: list[float] = []  # Redis TIME of each sample
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -114,7 +115,9 @@ class LogSampler:
         pipe = self.client.pipeline(transaction=True)
         pipe.zrange(self.keys.log, 0, -1, withscores=True)
         pipe.zrange(self.keys.rsv, 0, -1, withscores=True)
-        log, rsv = pipe.execute()
+        pipe.time()
+        log, rsv, (sec, usec) = pipe.execute()
+        self.sampled_at.append(sec + usec / 1e6)
         reserved = {member.decode(): score for member, score in rsv}
         for raw, score in log:
             member = raw.decode()
@@ -131,6 +134,11 @@ class LogSampler:
         self.stop.set()
         self.thread.join()
         self.sample()
+
+    def blind_at(self, at: float) -> bool:
+        """Whether an entry admitted at `at` could have left the log unseen: no sample
+        fell within the window after it (the sampler thread was starved that long)."""
+        return not any(at <= sampled < at + WINDOW_S for sampled in self.sampled_at)
 
 
 def spread_s(values: list[float] | set[float]) -> float:
@@ -181,7 +189,11 @@ def test_lost_replies_never_give_a_call_a_second_slot_nor_a_window_more_than_its
     )
     assert relay.dropped >= 0.02 * relay.replies
     assert reasons.count("readmitted") > 0, "no admission reply was lost: the test proved nothing"
-    assert len(sampler.admitted) == CALLS
+    # Every admission is in the gate's log: the sampler saw it, or it was starved for a
+    # whole window just then (on a loaded machine) and that is why it missed it.
+    unseen = [member for member in admitted_at if member not in sampler.admitted]
+    assert all(sampler.blind_at(admitted_at[member][0]) for member in unseen), unseen
+    assert len(unseen) < CALLS / 2, "the sampler missed most of the log"
     assert two_admissions == log_two_admissions == 0
     assert two_reservations == log_two_reservations == 0
     assert most <= LIMIT

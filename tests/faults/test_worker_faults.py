@@ -89,7 +89,7 @@ def test_a_task_that_kills_its_worker_is_parked_after_the_redelivery_cap(
     assert kinds[poison] == "fallback"
     assert fallback_reason(poisoned) == "redelivery_cap"
     assert poisoned.get(timeout=1) == {"n": -1}
-    assert 1 <= attempts <= cap + 1
+    assert attempts == cap + 1  # the first run and `cap` redeliveries, then parked
     assert wait_for_log(cluster, f"task {poisoned.id} was redelivered", 5)
     assert others == ["result"] * 500
     assert len(runs) == 500 and len({run["id"] for run in runs}) == 500
@@ -266,17 +266,26 @@ def test_the_gate_store_down_for_20s_follows_each_tools_policy_and_loses_nothing
         f"\n  after recovery: {sum(k.count('result') for k in after_kinds.values())}/30 results;"
         f" most gated admissions in 1 s: {most_gated}"
     )
-    # fallback: every call during the outage fell back at once, none ran.
+    # fallback: every call during the outage fell back at once, none ran: no slower than a
+    # call answered before the outage plus one socket timeout (the default 2 s), nowhere
+    # near the 40 s max_delay.
+    before_waits = [r.date_done.timestamp() - at for calls in before.values() for r, at in calls]
     assert fb_kinds == ["fallback"] * 20
     assert {fallback_reason(r) for r, _ in during_fb} == {"store_unavailable"}
-    assert fb_waits[-1] < 5.0
+    assert fb_waits[-1] < max(before_waits) + 2.0, (fb_waits[-1], max(before_waits))
     assert not any(r.id in by_id for r, _ in during_fb)
     # delay: the calls whose deadline passed during the outage fell back; the others ran
     # after the store came back (no call is past its deadline when the store returns).
     assert short_kinds == ["fallback"] * 10
     assert {fallback_reason(r) for r, _ in short_dl} == {"store_unavailable"}
     assert not any(r.id in by_id for r, _ in short_dl)
-    assert long_kinds == ["result"] * 10, f"fell back before their deadline: {early}"
+    # A call whose last try (0.5 s before its deadline) came after the store was back ran;
+    # the outage is 20 s, longer on a loaded machine, so the 25 s deadline leaves each a try.
+    must_run = [up_at + 0.5 < at + LONG_DEADLINE_S - 0.5 for _, at in long_dl]
+    assert any(must_run), f"the outage ran {up_at - down_at:.1f} s: the test proved nothing"
+    assert all(kind == "result" for kind, must in zip(long_kinds, must_run, strict=True)
+               if must), f"fell back before their deadline: {early}"
+    assert set(long_kinds) <= {"result", "fallback"}
     assert all(seconds >= 0 for seconds in long_admitted)
     # admit: everything ran, unthrottled; a window may exceed the limit by what ran blind.
     assert ad_kinds == ["result"] * (2 * limit)

@@ -112,32 +112,39 @@ def test_a_concurrency_cap_holds_across_workers_and_recovers_after_a_worker_is_k
     results, _ = burst(cluster, "capped", 60)
     time.sleep(1.0)
     # SIGKILL a worker process in the middle of a body (one that started less than 0.15 s
-    # ago, of 0.3 s): it dies holding its lease.
+    # ago, of 0.3 s, and has not ended): it dies holding its lease.
     deadline = time.monotonic() + 10
-    while True:
+    fresh: list[dict[str, Any]] = []
+    while not fresh and time.monotonic() < deadline:
         sec, usec = redis_client.time()
-        fresh = [run for run in ledger(redis_client, prefix) if run["at"] > sec + usec / 1e6 - 0.15]
-        if fresh or time.monotonic() > deadline:
-            break
+        done = {k.decode() for k in redis_client.hkeys(f"{prefix}:ended")}
+        fresh = [run for run in ledger(redis_client, prefix)
+                 if run["at"] > sec + usec / 1e6 - 0.15 and run["id"] not in done]
         time.sleep(0.01)
+    assert fresh, "no body was running to kill"
     victim = fresh[-1]["pid"]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
     counts = finish(results, timeout_s=60)
     runs = ledger(redis_client, prefix)
     ended = {k.decode(): float(v) for k, v in redis_client.hgetall(f"{prefix}:ended").items()}
-    # The killed body never ended: it ran until the kill (its call ran again later).
-    spans = []
+    # The killed body never ended (its call ran again later, which set `ended`).
+    spans, killed_runs = [], []
     for run in runs:
         killed = run["pid"] == victim and run["at"] < killed_at < ended.get(run["id"], 1e18)
         spans.append((run["at"], killed_at if killed else ended[run["id"]]))
+        killed_runs += [run] if killed else []
+    assert len(killed_runs) == 1, f"the kill must hit exactly one running body: {killed_runs}"
+    reruns = [run["at"] for run in runs if run["id"] == killed_runs[0]["id"]][1:]
+    assert len(reruns) == 1, "the killed call ran again, once"
     edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     levels = list(zip([at for at, _ in edges], accumulate(step for _, step in edges), strict=True))
     most_running = max(level for _, level in levels)
     # The cap recovers (3 bodies at once again) once the dead body's lease expires.
     recovered_at = next((at for at, level in levels if at > killed_at and level == 3), None)
     print(f"\nconcurrency 3 across 3 workers: {counts}, most running at once: {most_running}, "
-          f"cap back to 3 after {None if recovered_at is None else recovered_at - killed_at:.1f} s")
+          f"cap back to 3 after {None if recovered_at is None else recovered_at - killed_at:.1f} s"
+          f", the killed call ran again after {reruns[0] - killed_at:.1f} s")
     assert most_running <= 3
     assert counts == {"result": 60, "fallback": 0, "lost": 0}
     assert recovered_at is not None and recovered_at - killed_at <= 3.0 + 2.0
@@ -171,3 +178,33 @@ def test_a_call_whose_message_the_broker_lost_is_published_again_and_falls_back(
     assert redis_client.zcard(calls) == 0
     assert ledger(redis_client, prefix) == [entry for entry in ledger(redis_client, prefix)
                                             if entry["n"] == 1]
+
+
+def test_a_lost_call_is_answered_about_reap_after_s_past_its_deadline_never_before(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    """README: a call whose message the broker loses answers with its fallback about 5 s
+    (REAP_AFTER_S) after its deadline. The reaper looks every REAP_EVERY_S; the round trip
+    of a normal call, measured here, bounds what the re-publish itself adds."""
+    assert recovery.REAP_AFTER_S == 5.0  # the README's "about 5 s after its deadline"
+    deadline_s = 2.0
+    cluster = make_cluster({"tools": {"lossy": tool(["10/1s"], f"{deadline_s:g}s")}})
+    cluster.start(1, concurrency=1)
+    _, _, tasks = build(cluster.env)
+    task = tasks["lossy"]
+    sent = time.time()
+    assert task.delay(n=1).get(timeout=10) == {"n": 1}
+    round_trip_s = time.time() - sent
+    lost_id = "lost-" + prefix
+    enqueued_at = time.time()
+    assert task._register(lost_id, {"n": 7}, {"throttle_enqueued_at": enqueued_at})
+    lost = task.AsyncResult(lost_id)
+    assert lost.get(timeout=deadline_s + recovery.REAP_AFTER_S + 15) == {"n": -1}
+    answered_s = lost.date_done.timestamp() - enqueued_at
+    due_s = deadline_s + recovery.REAP_AFTER_S
+    print(f"\nlost call (deadline {deadline_s:g} s) answered {answered_s:.2f} s after it was "
+          f"sent; due at {due_s:g} s, reaper every {recovery.REAP_EVERY_S:g} s, a normal call's "
+          f"round trip {round_trip_s:.2f} s")
+    assert fallback_reason(lost) == "deadline"
+    assert due_s - 0.05 <= answered_s  # never re-published before it counts as lost
+    assert answered_s <= due_s + recovery.REAP_EVERY_S + max(1.0, 3 * round_trip_s)

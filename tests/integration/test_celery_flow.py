@@ -52,6 +52,12 @@ def check_exact_fifo_burst(cluster: Any, client: redis.Redis, prefix: str) -> No
     admitted = [run["admitted_at"] for run in runs]
     started = [run["at"] for run in runs]
     most_admitted, most_started = most_in_window(admitted, 2.0), most_in_window(started, 2.0)
+    # docs/gate.md: the limit holds for bodies starting up to margin/2 (here 20 ms) after
+    # their admission (tests/integration/test_start_lag.py); measure how late they start.
+    # On a loaded machine a few start later than that, and only those may crowd a window.
+    lags = sorted(run["at"] - run["admitted_at"] for run in runs)
+    half_margin_s = 0.040 / 2
+    on_time = [run["at"] for run in runs if run["at"] - run["admitted_at"] <= half_margin_s]
     deliveries = max(run["delays"] for run in runs) + 1
     makespan = max(admitted) - min(admitted)
     ideal = (600 / 50 - 1) * 2.0
@@ -59,16 +65,21 @@ def check_exact_fifo_burst(cluster: Any, client: redis.Redis, prefix: str) -> No
     slot_of = {run["n"]: run["admitted_at"] for run in runs}
     # FIFO at the gate: reservations follow the order calls reach it. Calls consumed in
     # parallel can reach it a little out of enqueue order, so one may land in the next
-    # window's batch; none runs more than one window ahead of a call enqueued before it.
-    ahead = max(slot_of[i] - slot_of[j] for i in range(600) for j in range(i + 1, min(600, i + 60)))
+    # window's batch; none runs more than one window ahead of any call enqueued before it.
+    later_min = list(itertools.accumulate(
+        (slot_of[n] for n in reversed(range(600))), min))[::-1]  # min slot of calls n..599
+    ahead = max(slot_of[i] - later_min[i + 1] for i in range(599))
     print(
         f"\nburst 600 @ 50/2s: most admitted in 2 s = {most_admitted}, most started = "
         f"{most_started}, max deliveries = {deliveries}, makespan = {makespan:.2f}s "
         f"({makespan / ideal:.3f}x ideal), worst FIFO lead = {ahead * 1000:.0f} ms, "
-        f"order inversions = {sum(a > b for a, b in itertools.pairwise(order))}"
+        f"order inversions = {sum(a > b for a, b in itertools.pairwise(order))}, start lag "
+        f"p50 {lags[300] * 1000:.1f} ms, p99 {lags[594] * 1000:.1f} ms, max "
+        f"{lags[-1] * 1000:.1f} ms, {600 - len(on_time)} over margin/2"
     )
     assert most_admitted <= 50
-    assert most_started <= 50
+    assert most_in_window(on_time, 2.0) <= 50
+    assert min(lags) >= 0 and lags[300] <= half_margin_s  # bodies start right after the gate
     assert makespan <= 1.1 * ideal
     assert ahead < 2.0 + 0.5
     assert deliveries <= 4
@@ -99,7 +110,13 @@ def test_calls_past_their_deadline_fall_back_at_once_and_release_their_slots(
     print(f"\ndeadline: {len(ran)} ran, {len(fallbacks)} fell back; time to fallback "
           f"p50 {waited[len(waited) // 2] * 1000:.0f} ms, max {waited[-1] * 1000:.0f} ms")
     assert len(ran) + len(fallbacks) == 200
-    assert 10 <= len(ran) <= 25  # 5 now, then 5 per second within the 2 s deadline
+    # Every call that ran had its slot within the 2 s deadline of being sent: it comes back
+    # at most 10% + 20 ms later (the jitter that spreads contended returns), plus ETA lateness
+    # (allowed 0.3 s here). A deadline taken twice too long would admit calls ~4 s late.
+    sent_of = {r.id: at for r, at in zip(results, sent, strict=True)}
+    waits = [run["admitted_at"] - sent_of[run["id"]] for run in ran]
+    assert max(waits) <= 2.0 * 1.1 + 0.02 + 0.3, sorted(waits)[-5:]
+    assert len(ran) >= 10
     assert all(values[i] == {"n": -1} for i, k in enumerate(kinds) if k == "fallback")
     assert {fallback_reason(r) for r in fallbacks} == {"deadline"}
     # Fallbacks come back at once, not after waiting out the 2 s deadline.
@@ -171,7 +188,7 @@ def test_task_time_limits_pass_through_to_the_tools_task(
 
 @pytest.fixture
 def rabbitmq() -> Iterator[str]:
-    """RabbitMQ's URL, with the test tool's queue deleted before and after (skip if absent)."""
+    """RabbitMQ's URL, with the test tool's queue deleted before and after."""
     with rabbitmq_queue("tool.burst") as url:
         yield url
 

@@ -5,6 +5,10 @@ limit ever held more admissions than the limit, and no window of the shared pool
 its max, nor more than a class's allowance when that class admitted (measured on the gate's
 admission logs). The sessions ask the model too: `chat_completion` calls the stub upstream
 the demo starts, and the `llm_tokens` pool never holds more tokens in a window than its max.
+
+On the real Redis the test does not take the demo's word for it: it reads the gate's logs
+itself while the demo runs (`GateLogWatcher`) and checks every window of the e-commerce
+tools and of their pool against the configured limits.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,7 +30,9 @@ import redis
 from click.testing import CliRunner
 
 from tests.support.workers import clean_db
+from throttle import load_config
 from throttle.cli import main
+from throttle.windows import most_in_window
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DB = 8
@@ -35,6 +43,65 @@ EMBEDDED_RUN = ["--sessions", "10", "--duration", "20"]
 REAL_RUN = ["--sessions", "3", "--duration", "20", "--time-scale", "4"]
 EMBEDDED_BUDGET_S = 60
 REAL_BUDGET_S = 90
+
+
+class GateLogWatcher:
+    """Reads every demo gate log of the `commerce_api` pool (each tool's and the pool's own)
+    every 0.3 s; an entry stays there a whole window (15 s at 4x), so none is missed.
+    Admissions are the log's members that hold no reservation: member -> admission time."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.admitted: dict[str, dict[str, float]] = defaultdict(dict)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.3):
+            for key in self.client.scan_iter(match="throttle-demo-*:{commerce_api}:*log",
+                                             count=1000):
+                name = key.decode()
+                owner = "pool" if name.endswith(":pool:log") else name.split(":tool:")[1][:-4]
+                pipe = self.client.pipeline(transaction=True)
+                pipe.zrange(name, 0, -1, withscores=True)
+                pipe.zrange(name[: -len("log")] + "rsv", 0, -1)
+                log, rsv = pipe.execute()
+                reserved = set(rsv)
+                for member, score in log:
+                    if owner == "pool" or member not in reserved:
+                        self.admitted[owner][member.decode()] = score / 1000
+
+    def __enter__(self) -> GateLogWatcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def check_gate_logs(watcher: GateLogWatcher, summary: dict[str, Any], time_scale: int) -> None:
+    """Every window of the configured (time-scaled) limits, read from the gate's own logs."""
+    config = load_config(ROOT / "config" / "tools.toml")
+    pool = config.pools["commerce_api"]
+    checks = {name: config.tool(name).limits for name in
+              ("search_products", "get_inventory", "lookup_order", "process_refund")}
+    checks["pool"] = pool.limits
+    report = []
+    for owner, limits in checks.items():
+        times = list(watcher.admitted[owner].values())
+        for limit in limits:
+            window_s = limit.window_ms / 1000 / time_scale
+            most = most_in_window(times, window_s)
+            report.append(f"{owner} {most}/{limit.max:g} per {window_s:g}s")
+            assert most <= limit.max, (owner, most, limit)
+        if owner != "pool":
+            # The demo's own count of admissions agrees with the gate's log.
+            assert len(times) == summary["tools"].get(owner, {"admitted": 0})["admitted"], owner
+    tools_admitted = sum(len(watcher.admitted[name]) for name in checks if name != "pool")
+    assert len(watcher.admitted["pool"]) == tools_admitted
+    assert len(watcher.admitted["search_products"]) > config.tool("search_products").limits[0].max
+    print("\ngate logs, read by the test: " + "; ".join(report))
 
 
 def run_demo(out: Path, args: list[str], env: dict[str, str], timeout_s: float) -> tuple[
@@ -130,11 +197,14 @@ def test_the_real_demo_runs_on_redis_with_worker_processes_and_leaves_no_keys(
     clean_db(broker)
     try:
         env = demo_env(THROTTLE_REDIS_URL=redis_url)
-        done, took_s = run_demo(tmp_path, [*REAL_RUN, "--broker", broker], env, REAL_BUDGET_S)
+        with GateLogWatcher(redis_client) as watcher:
+            done, took_s = run_demo(tmp_path, [*REAL_RUN, "--broker", broker], env,
+                                    REAL_BUDGET_S)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert took_s < REAL_BUDGET_S, f"took {took_s:.1f}s"
         assert "real Redis and worker processes" in done.stdout
         summary = check_summary(tmp_path, "real")
+        check_gate_logs(watcher, summary, time_scale=int(REAL_RUN[-1]))
         assert summary["prefix"].startswith("throttle-demo-")
         assert list(redis_client.scan_iter(match=f"{summary['prefix']}:*")) == []
         broker_client = redis.Redis.from_url(broker)

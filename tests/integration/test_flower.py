@@ -3,7 +3,6 @@ delayed and fallback calls told apart from plain results (API and a real browser
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import redis
 
 from tests.apps.ledger import build
 from tests.support.monitoring import ledger_tool
+from tests.support.needs import program
 from tests.support.servers import free_port, server, throttle_cmd
 from tests.support.workers import Cluster, ledger
 
@@ -122,32 +122,40 @@ def test_flower_shows_the_tool_queue_its_workers_and_delayed_and_fallback_calls(
     assert infos["fallback"]["result"] == repr({"n": -1})
 
 
+def chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    profile.mkdir(exist_ok=True)
+    return subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,900",
+         "--virtual-time-budget=5000", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
 def test_headless_chromium_loads_the_dashboard_with_the_login(
     flower: Flower, tmp_path: Path,
 ) -> None:
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.skip("chromium is not installed (`make test` installs Debian's chromium "
-                    "package where apt-get can)")
+    """The page a browser shows after its scripts ran (Chromium's --dump-dom) is Flower's
+    dashboard listing both workers and the burst's tasks, not a 401 or an error page."""
+    binary = program("chromium", "chromium")
     _, _, tasks = build(flower.cluster.env)
-    for result in [tasks["burst"].delay(n=n) for n in range(12)]:
-        result.get(timeout=60)
+    ids = [result.id for result in [tasks["burst"].delay(n=n) for n in range(12)]]
+    for task_id in ids:
+        tasks["burst"].AsyncResult(task_id).get(timeout=60)
+    workers = sorted(flower.get("/api/workers", refresh=1))
     host = flower.base.removeprefix("http://")
-    shots = {}
+    pages = {}
     for page in ("workers", "tasks"):
+        url = f"http://{USER}:{PASSWORD}@{host}/{'' if page == 'workers' else page}"
         shot = tmp_path / f"flower-{page}.png"
-        profile = tmp_path / f"chromium-{page}"
-        profile.mkdir()
-        subprocess.run(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,900",
-             "--virtual-time-budget=5000", f"--screenshot={shot}",
-             f"http://{USER}:{PASSWORD}@{host}/{'' if page == 'workers' else page}"],
-            capture_output=True, timeout=60, check=False,
-        )
-        shots[page] = shot
-    for page, shot in shots.items():
-        assert shot.exists(), page
-        data = shot.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n"
-        assert len(data) > 20_000, f"{page}: {len(data)} bytes, a blank page?"
-    print(f"\nscreenshots: {', '.join(f'{p} {s.stat().st_size} B' for p, s in shots.items())}")
+        chromium(binary, tmp_path / f"chromium-{page}", f"--screenshot={shot}", url)
+        assert shot.exists(), f"{page}: no screenshot (a login prompt?)"
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", page
+        pages[page] = chromium(binary, tmp_path / f"chromium-{page}", "--dump-dom", url).stdout
+    print(f"\ndashboard DOM: {', '.join(f'{p} {len(dom)} chars' for p, dom in pages.items())}")
+    titles = {page: f"<title>{page.title()} · Flower</title>" for page in pages}
+    for page, dom in pages.items():
+        assert titles[page] in dom, (page, dom[:2000])
+    assert all(f'title="{worker}"' in pages["workers"] for worker in workers), workers
+    assert pages["workers"].count(">Online<") == len(workers) == 2
+    assert any(task_id in pages["tasks"] for task_id in ids)
+    assert "tool.burst" in pages["tasks"]

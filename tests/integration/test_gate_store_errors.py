@@ -30,32 +30,43 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts connections and never sends a byte."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    server.settimeout(0.1)
-    held: list[socket.socket] = []
-    stop = threading.Event()
+class SilentServer:
+    """A port that accepts connections and never sends a byte; it counts the connections."""
 
-    def accept() -> None:
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.listener.settimeout(0.1)
+        self.port = int(self.listener.getsockname()[1])
+        self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
             try:
-                connection, _ = server.accept()
+                connection, _ = self.listener.accept()
             except OSError:
                 continue
-            held.append(connection)
+            self.connections.append(connection)
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(server.getsockname()[1])
-    stop.set()
-    thread.join(timeout=2)
-    for connection in held:
-        connection.close()
+    def accepted(self) -> int:
+        """Connections accepted so far (after giving the accept loop a moment)."""
+        time.sleep(0.3)
+        return len(self.connections)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        for connection in self.connections:
+            connection.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
     server.close()
 
 
@@ -68,9 +79,9 @@ def raise_store_unavailable(gate: Gate) -> tuple[StoreUnavailable, float]:
 
 def test_a_port_where_nothing_listens_raises_store_unavailable_naming_the_url() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    gate = Gate(url, CONFIG, prefix="throttle-test")
+    gate = Gate(url, CONFIG, prefix="throttle-test", socket_timeout_s=5.0)
     error, elapsed = raise_store_unavailable(gate)
-    assert elapsed < 1.0
+    assert elapsed < 5.0  # a refused connection is reported at once, not after the timeout
     assert url in str(error)
     assert error.url == url
     assert isinstance(error.__cause__, redis.ConnectionError)
@@ -99,20 +110,30 @@ def test_a_password_in_the_query_string_never_shows_in_the_error() -> None:
     assert "secret" not in str(error)
 
 
-def test_a_server_that_never_answers_raises_within_the_socket_timeout(silent_port: int) -> None:
-    url = f"redis://127.0.0.1:{silent_port}/0"
-    gate = Gate(url, CONFIG, prefix="throttle-test", socket_timeout_s=0.5)
+TIMEOUT_S = 0.5
+
+
+def test_a_server_that_never_answers_raises_within_the_socket_timeout_and_never_retries(
+    silent: SilentServer,
+) -> None:
+    """One connection, given up after the socket timeout: a retry would open a second one
+    and take at least twice the timeout."""
+    url = f"redis://127.0.0.1:{silent.port}/0"
+    gate = Gate(url, CONFIG, prefix="throttle-test", socket_timeout_s=TIMEOUT_S)
     error, elapsed = raise_store_unavailable(gate)
-    assert 0.4 < elapsed < 1.5
+    assert silent.accepted() == 1
+    assert TIMEOUT_S * 0.9 < elapsed < 2 * TIMEOUT_S
     assert url in str(error)
     assert isinstance(error.__cause__, redis.TimeoutError)
 
 
-def test_the_async_gate_raises_within_the_socket_timeout_too(silent_port: int) -> None:
-    url = f"redis://127.0.0.1:{silent_port}/0"
+def test_the_async_gate_raises_within_the_socket_timeout_and_never_retries_too(
+    silent: SilentServer,
+) -> None:
+    url = f"redis://127.0.0.1:{silent.port}/0"
 
     async def attempt() -> float:
-        gate = AsyncGate(url, CONFIG, prefix="throttle-test", socket_timeout_s=0.5)
+        gate = AsyncGate(url, CONFIG, prefix="throttle-test", socket_timeout_s=TIMEOUT_S)
         started = time.monotonic()
         try:
             with pytest.raises(StoreUnavailable, match=re.escape(url)):
@@ -121,7 +142,9 @@ def test_the_async_gate_raises_within_the_socket_timeout_too(silent_port: int) -
         finally:
             await gate.aclose()
 
-    assert asyncio.run(attempt()) < 1.5
+    elapsed = asyncio.run(attempt())
+    assert silent.accepted() == 1
+    assert TIMEOUT_S * 0.9 < elapsed < 2 * TIMEOUT_S
 
 
 def test_a_gate_over_a_client_names_its_address_without_the_password() -> None:

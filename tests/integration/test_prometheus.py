@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import yaml
 
 from tests.apps.ledger import build
 from tests.support.monitoring import exporter, ledger_tool
+from tests.support.needs import program
 from tests.support.servers import ROOT, free_port, server
 from tests.support.workers import ledger
 from throttle import outcome
@@ -46,10 +46,7 @@ def test_prometheus_reads_the_decisions_of_a_burst_back_from_the_exporter(
     make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_url: str,
     redis_dbs: tuple[str, str], tmp_path: Path,
 ) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus binary is not installed (`make test` installs Debian's "
-                    "prometheus package where apt-get can)")
+    binary = program("prometheus", "prometheus")
     config = {"tools": {"burst": ledger_tool(["5/1s"], "2s")}}
     cluster = make_cluster(config)
     cluster.start(1, concurrency=2)

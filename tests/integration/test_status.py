@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import re
+import select
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -139,16 +144,49 @@ def test_status_advises_the_worker_slots_a_tool_needs_from_its_last_minute(
     assert slots == pytest.approx(min(arriving, limit) * body_ms / 1000, abs=0.06)
 
 
-def test_top_redraws_the_table_until_its_count_of_refreshes(
+def run_in_terminal(args: list[str], timeout_s: float = 30) -> str:
+    """Run `throttle ARGS` on a pseudo-terminal (so rich redraws in place); its text."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "throttle.cli", *args], stdout=terminal, stderr=terminal,
+        env={**os.environ, "COLUMNS": "200", "LINES": "50", "TERM": "xterm"},
+    )
+    os.close(terminal)
+    out = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 0.5)
+        try:
+            chunk = os.read(controller, 65536) if ready else b""
+        except OSError:  # the terminal closed: the command ended
+            break
+        if ready and not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=10)
+    os.close(controller)
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))  # no styles
+
+
+def test_top_redraws_the_table_with_fresh_state_until_its_count_of_refreshes(
     redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path,
 ) -> None:
     seed_pooled_state(redis_url, prefix, *redis_dbs)
     config = write_config(POOLED, tmp_path / "tools.toml")
-    started = time.monotonic()
-    output = run("top", "--count", "3", "--interval", "0.2", redis_url=redis_url,
-                 broker_url=redis_dbs[0], prefix=prefix, config=config).output
-    assert time.monotonic() - started < 10
-    assert "10/10 per 1m" in output and "shared/batch 75%" in output
+    output = run_in_terminal(["top", "--count", "3", "--interval", "0.5", "--redis-url",
+                              redis_url, "--broker-url", redis_dbs[0], "--prefix", prefix,
+                              "--config", str(config)])
+    frames = output.split(f"prefix {prefix!r}")[1:]
+    # Each frame shows the pool's cooldown as the snapshot read it: 3 reads, 0.5 s apart,
+    # so 3 different values counting down (the first is drawn twice: start and refresh 1).
+    cooldowns = [float(re.findall(r"cooldown (\d+\.\d)s", frame)[0]) for frame in frames]
+    shown = sorted(set(cooldowns), reverse=True)
+    print(f"\ntop --count 3: {len(frames)} frames, cooldowns {cooldowns}")
+    assert len(frames) >= 4
+    assert len(shown) == 3, cooldowns
+    assert cooldowns == sorted(cooldowns, reverse=True)
+    assert all("10/10 per 1m" in frame and "shared/batch 75%" in frame for frame in frames)
     narrow = run("top", "--count", "1", redis_url=redis_url, broker_url=redis_dbs[0],
                  prefix=prefix, config=config, columns=80).output
     assert max(len(line) for line in narrow.splitlines()) <= 80

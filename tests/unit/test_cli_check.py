@@ -6,16 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "config" / "tools.toml"
 TOOLS = ["search_products", "get_inventory", "lookup_order", "process_refund"]
-
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "throttle" / "cli.py").exists(), reason="throttle/cli.py does not exist yet"
-)
-
 
 def check(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

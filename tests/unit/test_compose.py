@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.needs import program
 from throttle.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,10 +38,7 @@ SECRETS = {"FLOWER_PASSWORD": "x", "GRAFANA_PASSWORD": "y", "THROTTLE_GATEWAY_KE
 
 def compose_config(**secrets: str) -> subprocess.CompletedProcess[str]:
     """`docker-compose config -q` with only these of the secrets set (none from .env)."""
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (`make test` installs Debian's "
-                    "docker-compose package where apt-get can)")
+    binary = program("docker-compose", "docker-compose")
     env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     with tempfile.NamedTemporaryFile(suffix=".env") as empty:  # not the checkout's .env
         return subprocess.run(

@@ -31,12 +31,35 @@ def test_an_untouched_app_gets_every_safe_default() -> None:
     assert conf.broker_transport_options["visibility_timeout"] > 30
     assert conf.task_routes  # one route per tool
     assert "tool.search" in {queue.name for queue in conf.task_queues}
+    assert conf.worker_eta_task_limit == 50_000  # held delays bounded (Celery: unbounded)
+    assert conf.task_publish_retry_policy == {
+        "max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
+    }
+    assert "confirm_publish" not in conf.broker_transport_options  # Redis has none
+
+
+def test_a_rabbitmq_app_confirms_its_publishes() -> None:
+    app = Celery("defaults", broker="amqp://guest:guest@127.0.0.1:5672//", set_as_current=False)
+    Throttle(app, load_config(TOOLS))
+    assert app.conf.broker_transport_options["confirm_publish"] is True
+    assert "unacked_restore_interval" not in app.conf.broker_transport_options
+
+
+def test_a_rabbitmq_app_that_turned_confirms_off_keeps_its_choice() -> None:
+    app = Celery("defaults", broker="amqp://guest:guest@127.0.0.1:5672//", set_as_current=False)
+    app.conf.broker_transport_options = {"confirm_publish": False}
+    Throttle(app, load_config(TOOLS))
+    assert app.conf.broker_transport_options["confirm_publish"] is False
 
 
 def test_a_setting_the_user_chose_is_kept() -> None:
+    retry = {"max_retries": 1, "interval_start": 1, "interval_step": 1, "interval_max": 1}
     app = app_with(worker_prefetch_multiplier=2, worker_consumer="myapp.consumer:Consumer",
-                   broker_transport_options={"visibility_timeout": 120})
+                   broker_transport_options={"visibility_timeout": 120},
+                   worker_eta_task_limit=10, task_publish_retry_policy=retry)
     Throttle(app, load_config(TOOLS))
+    assert app.conf.worker_eta_task_limit == 10
+    assert app.conf.task_publish_retry_policy == retry
     assert app.conf.worker_prefetch_multiplier == 2
     assert app.conf.worker_consumer == "myapp.consumer:Consumer"
     assert app.conf.broker_transport_options["visibility_timeout"] == 120
