@@ -7,6 +7,7 @@ redelivery on worker loss, prefetch 1, a visibility timeout above every max_dela
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,11 @@ from throttle.gate import Gate, StoreClient
 from throttle.keys import DEFAULT_PREFIX
 from throttle.task import ThrottledTask
 
+logger = logging.getLogger("throttle")
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Content types whose decoding runs code chosen by whoever can publish to a queue.
+UNSAFE_CONTENT = ("pickle", "application/x-python-serialize")
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
@@ -119,6 +124,7 @@ def apply_defaults(app: Celery, config: Config) -> None:
     for key, value in SAFE_DEFAULTS.items():
         if key in DEFAULTS and conf.get(key) == DEFAULTS[key]:
             conf[key] = value
+    _drop_unsafe_content(conf)
     longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
     visibility_s = config.visibility_timeout_ms / 1000
     for key in ("broker_transport_options", "result_backend_transport_options"):
@@ -139,6 +145,19 @@ def apply_defaults(app: Celery, config: Config) -> None:
                 options.setdefault("unacked_restore_interval", min(10, max(1, visibility_s // 10)))
                 options.setdefault("unacked_restore_throttle", 1)
         conf[key] = options
+
+
+def _drop_unsafe_content(conf: Any) -> None:
+    """Take pickle out of `accept_content`: a tool's worker decodes JSON only."""
+    accepted = list(conf.accept_content or [])
+    unsafe = [name for name in accepted if name in UNSAFE_CONTENT]
+    if unsafe:
+        conf.accept_content = [name for name in accepted if name not in UNSAFE_CONTENT] or ["json"]
+        logger.warning(
+            "throttle: accept_content listed %s; removed it, so this app's workers accept %s "
+            "(a pickled message runs code chosen by whoever can publish to a tool queue). "
+            "Serve pickled tasks from a separate Celery app.", unsafe, conf.accept_content,
+        )
 
 
 def _scheme(app: Celery) -> str:

@@ -25,6 +25,7 @@ from throttle import metrics, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
+from throttle.intake import MAX_ARGS_DEPTH, nested_deeper_than, too_deep
 
 if TYPE_CHECKING:
     from throttle.routing import Throttle
@@ -67,6 +68,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
     tool: ClassVar[ToolConfig]
     priority_again: ClassVar[int | None] = None
     _validator: ClassVar[jsonschema.protocols.Validator]
+    # Messages are checked in the worker's main process before anything else reads them.
+    Strategy = "throttle.intake:guarded"
+    serializer = "json"  # whatever the app's task_serializer says
 
     # -- caller side --------------------------------------------------------------------
     def apply_async(
@@ -82,9 +86,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
         `deadline_s` tightens the tool's max_delay for this call.
         """
         headers = dict(options.pop("headers", None) or {})
+        checked = self.check_arguments(args, kwargs)
         if ENQUEUED_AT in headers:  # published again by the worker or the reaper
             return super().apply_async(args, kwargs, headers=headers, **options)
-        checked = self.check_arguments(args, kwargs)
         headers[ENQUEUED_AT] = time.time()
         if deadline_s is not None:
             headers[DEADLINE_S] = float(deadline_s)
@@ -125,6 +129,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         checked: dict[str, Any] = dict(kwargs or {})
         try:
             size = len(json.dumps(checked, separators=(",", ":")))
+        except RecursionError:
+            raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH)) from None
         except (TypeError, ValueError) as exc:
             raise InvalidToolCall(self.tool.name, f"arguments are not JSON: {exc}") from None
         if size > self.tool.max_args_bytes:
@@ -133,6 +139,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 f"arguments are {size} bytes, above the tool's max_args_bytes "
                 f"({self.tool.max_args_bytes}); send a reference instead of the data",
             )
+        if nested_deeper_than(checked, MAX_ARGS_DEPTH):
+            raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH))
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(checked))
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"

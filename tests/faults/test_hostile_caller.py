@@ -1,0 +1,113 @@
+"""A hostile or careless caller: messages published past every check, reused task ids,
+origin headers that lie.
+
+Each test ends with every worker alive, every call answered (a result, a fallback, or a
+FAILURE naming what was wrong) and no window over its limit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from tests.apps.ledger import build
+from tests.integration.test_celery_flow import burst, tool
+from tests.support.messages import publish_message
+from tests.support.workers import Cluster, await_outcomes, ledger
+
+pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def headers_for(task: str, task_id: Any, **extra: Any) -> dict[str, Any]:
+    """The protocol-2 headers Celery itself writes, for a hand-made message."""
+    return {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
+            "group": None, "retries": 0, "timelimit": [None, None], "argsrepr": "",
+            "kwargsrepr": "", "origin": "hostile", "ignore_result": False, **extra}
+
+
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def poison_messages(queue: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Label -> (body, headers) of messages no `.delay()` would send."""
+    def call(label: str, body: Any, **extra: Any) -> tuple[Any, dict[str, Any]]:
+        return body, headers_for(queue, f"poison-{label}-{uuid.uuid4().hex[:8]}", **extra)
+
+    deep_json = ("[" * 3000 + "1" + "]" * 3000).encode()
+    return {
+        "nested 500 deep": call("deep", [[], {"n": 1, "pad": nested(500)}, EMBED]),
+        "nested 3000 deep": call("deeper", b'[[], {"n": 1, "pad": ' + deep_json + b"}, {}]"),
+        "kwargs a list": call("kwlist", [[], [1, 2], EMBED]),
+        "positional args": call("args", [[1], {}, EMBED]),
+        "body not Celery's": call("shape", {"hello": "world"}),
+        "not JSON": call("garbage", b"\x00\xff not json {"),
+        "huge": call("huge", [[], {"n": 1, "pad": "x" * 3_000_000}, EMBED]),
+        "deep header": call("deephdr", [[], {"n": 1}, EMBED], extra=nested(500)),
+        "timelimit garbage": call("tl", [[], {"n": 1}, EMBED], timelimit=["a", {}]),
+        "retries a string": call("retries", [[], {"n": 1}, EMBED], retries="many"),
+        "expires garbage": call("expires", [[], {"n": 1}, EMBED], expires="not a date"),
+    }
+
+
+def state_and_error(result: AsyncResult, timeout_s: float) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while result.state == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    error = result.result if result.state == "FAILURE" else None
+    return result.state, f"{type(error).__name__}: {error}"
+
+
+def test_poison_messages_are_answered_and_acked_and_the_prefork_worker_serves_on(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    cluster: Cluster = make_cluster({"tools": {"open": tool(["100/1s"], "10s")}})
+    cluster.start(1, concurrency=2)  # prefork: the pool pickles what it gets
+    app, _, _ = build(cluster.env)
+    poisons = poison_messages("tool.open")
+    for body, headers in poisons.values():
+        publish_message(app, "tool.open", body, headers)
+    # Ids of the wrong type: one answered where AsyncResult(str(id)) finds it, one unanswerable.
+    publish_message(app, "tool.open", [[], {"n": 1}, EMBED], headers_for("tool.open", 424242))
+    publish_message(app, "tool.open", [[], {"n": 1}, EMBED], headers_for("tool.open", ["x"]))
+
+    answers = {
+        label: state_and_error(AsyncResult(headers["id"], app=app), 30)
+        for label, (_, headers) in poisons.items()
+    }
+    int_id = state_and_error(AsyncResult("424242", app=app), 10)
+    results, _ = burst(cluster, "open", 5)
+    served = await_outcomes(results, 30)
+    time.sleep(1.0)  # anything requeued would be back by now
+    broker = redis.Redis.from_url(redis_dbs[0])
+    left = sum(broker.llen(name) for name in broker.scan_iter(match="tool.open*"))
+    left += broker.hlen("unacked")
+    logs = cluster.logs()
+    print("\npoison answers:\n" + "\n".join(f"  {k}: {v[0]} {v[1][:110]}"
+                                             for k, v in answers.items()))
+    print(f"  int id: {int_id[0]}; later calls {dict(served)}; left in broker {left}; "
+          f"worker alive {cluster.alive()}/1; restarts logged "
+          f"{logs.count('Unrecoverable error')}")
+    assert cluster.alive() == 1
+    assert "Unrecoverable error" not in logs and "RecursionError" not in logs.split("refused")[0]
+    assert served == {"result": 5}
+    for label, (state, error) in answers.items():
+        assert state == "FAILURE", label
+        assert error.startswith("InvalidToolCall: invalid call to tool 'open'"), (label, error)
+    assert "pass arguments by keyword" in answers["positional args"][1]
+    assert "levels deep" in answers["nested 500 deep"][1]
+    assert int_id[0] == "FAILURE"
+    assert "must be a string" in logs  # the list id: refused, logged, nothing to answer
+    assert left == 0
+    assert {run["n"] for run in ledger(redis_client, prefix)} == set(range(5))
