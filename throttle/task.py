@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import replace
@@ -42,6 +43,7 @@ CONTENDED = frozenset({"pool", "concurrency", "cooldown"})
 MAX_SLEEPS = 5
 STORE_BACKOFF_MAX_S = 30.0
 STORE_LAST_TRY_S = 0.5  # the last store retry comes this long before the deadline
+MAX_COUNT = 1_000  # delays and store retries a header may claim
 
 
 def outcome(result: AsyncResult) -> Literal["result", "fallback"]:
@@ -59,6 +61,19 @@ def fallback_reason(result: AsyncResult) -> str | None:
     if isinstance(mark, str) and mark.startswith(FALLBACK_MARK):
         return mark[len(FALLBACK_MARK) :].strip(" ()")
     return None
+
+
+def _number(value: Any) -> float | None:
+    """A header's value as a finite number, else None (headers are the caller's to write)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _count(value: Any) -> int:
+    """A counter header's value, bounded to 0..MAX_COUNT (0 when it is not a number)."""
+    number = _number(value)
+    return 0 if number is None else int(min(max(number, 0), MAX_COUNT))
 
 
 class ThrottledTask(Task):  # type: ignore[misc]
@@ -91,6 +106,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
             return super().apply_async(args, kwargs, headers=headers, **options)
         headers[ENQUEUED_AT] = time.time()
         if deadline_s is not None:
+            if _number(deadline_s) is None:
+                raise InvalidToolCall(
+                    self.tool.name, f"deadline_s must be a finite number of seconds, got "
+                    f"{deadline_s!r:.40}"
+                )
             headers[DEADLINE_S] = float(deadline_s)
         task_id = options.pop("task_id", None) or uuid()
         registered = self._register(task_id, checked, headers)
@@ -247,12 +267,21 @@ class ThrottledTask(Task):  # type: ignore[misc]
         return kwargs.get(self.tool.key) if self.tool.key else None
 
     def _deadline_left_s(self) -> float:
-        enqueued_at = getattr(self.request, ENQUEUED_AT, None) or time.time()
+        enqueued_at, caller_s = self._origin()
         budget_s = self.tool.max_delay_ms / 1000
-        caller_s = getattr(self.request, DEADLINE_S, None)
         if caller_s is not None:
-            budget_s = min(budget_s, float(caller_s))
-        return budget_s - (time.time() - float(enqueued_at))  # negative once it has passed
+            budget_s = min(budget_s, caller_s)
+        return budget_s - (time.time() - enqueued_at)  # negative once it has passed
+
+    def _origin(self) -> tuple[float, float | None]:
+        """The call's first-enqueue time and caller deadline, from headers any caller can
+        set: a time not a number or in the future reads as now (this worker's clock); a
+        deadline that is not a number is ignored (the tool's max_delay still bounds it)."""
+        now = time.time()
+        enqueued_at = _number(getattr(self.request, ENQUEUED_AT, None))
+        if enqueued_at is None or enqueued_at > now:
+            enqueued_at = now
+        return enqueued_at, _number(getattr(self.request, DEADLINE_S, None))
 
     def _redelivered(self, decision: Decision) -> bool:
         """Whether this delivery repeats a run whose worker was lost.
@@ -283,7 +312,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if policy == "admit":
             return Decision(Action.ADMIT, 0.0, time.time(), "store_unavailable")
         if policy == "delay":
-            tries = int(getattr(self.request, STORE_RETRIES, 0) or 0)
+            tries = _count(getattr(self.request, STORE_RETRIES, 0))
             backoff_s = min(STORE_BACKOFF_MAX_S, 2.0**tries) * (0.5 + random.random() / 2)
             # Never past the deadline, but one last try just before it.
             backoff_s = min(backoff_s, self._deadline_left_s() - STORE_LAST_TRY_S)
@@ -293,10 +322,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def _origin_headers(self) -> dict[str, Any]:
         """The call's first-enqueue time and caller deadline, carried by every re-publish."""
-        request = self.request
-        headers = {ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time()}
-        if getattr(request, DEADLINE_S, None) is not None:
-            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+        enqueued_at, caller_s = self._origin()
+        headers = {ENQUEUED_AT: enqueued_at}
+        if caller_s is not None:
+            headers[DEADLINE_S] = caller_s
         return headers
 
     def _republish(self, wait_s: float, reason: str, *, store_retries: int = 0) -> None:
@@ -308,7 +337,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         request = self.request
         headers = {
             **self._origin_headers(),
-            DELAYS: int(getattr(request, DELAYS, 0) or 0) + 1,
+            DELAYS: _count(getattr(request, DELAYS, 0)) + 1,
             STORE_RETRIES: store_retries,
         }
         try:

@@ -82,11 +82,18 @@ def test_poison_messages_are_answered_and_acked_and_the_prefork_worker_serves_on
     publish_message(app, "tool.open", [[], {"n": 1}, EMBED], headers_for("tool.open", 424242))
     publish_message(app, "tool.open", [[], {"n": 1}, EMBED], headers_for("tool.open", ["x"]))
 
+    # Origin headers that lie: read as "now" and ignored, the call is served as usual.
+    lying = headers_for("tool.open", f"lying-{uuid.uuid4().hex[:8]}", throttle_enqueued_at="x",
+                        throttle_deadline_s=[1], throttle_delays="many",
+                        throttle_store_retries=10**9)
+    publish_message(app, "tool.open", [[], {"n": 99}, EMBED], lying)
+
     answers = {
         label: state_and_error(AsyncResult(headers["id"], app=app), 30)
         for label, (_, headers) in poisons.items()
     }
     int_id = state_and_error(AsyncResult("424242", app=app), 10)
+    lied = AsyncResult(lying["id"], app=app).get(timeout=10)
     results, _ = burst(cluster, "open", 5)
     served = await_outcomes(results, 30)
     time.sleep(1.0)  # anything requeued would be back by now
@@ -110,4 +117,33 @@ def test_poison_messages_are_answered_and_acked_and_the_prefork_worker_serves_on
     assert int_id[0] == "FAILURE"
     assert "must be a string" in logs  # the list id: refused, logged, nothing to answer
     assert left == 0
-    assert {run["n"] for run in ledger(redis_client, prefix)} == set(range(5))
+    assert lied == {"n": 99}
+    assert {run["n"] for run in ledger(redis_client, prefix)} == {*range(5), 99}
+
+
+def test_an_enqueue_time_in_the_future_does_not_stretch_the_deadline_in_a_store_outage(
+    make_cluster: Any, redis_dbs: tuple[str, str], redis_client: redis.Redis, redis_url: str,
+) -> None:
+    """The gate's Redis is unreachable and the tool's policy is to retry until max_delay
+    (2 s). A caller who says the call was enqueued tomorrow gets the fallback after about
+    2 s, not a day of retries; one who claims a 1-day deadline gets no more than max_delay."""
+    config = {"tools": {"waits": tool(["5/1s"], "2s", on_store_error="delay")}}
+    cluster = make_cluster(config, env={"THROTTLE_REDIS_URL": "redis://127.0.0.1:9/0",
+                                        "THROTTLE_TEST_LEDGER_URL": redis_url})
+    cluster.start(1, concurrency=2)
+    _, _, tasks = build({**cluster.env, "THROTTLE_REDIS_URL": redis_url})
+    started = time.monotonic()
+    future = tasks["waits"].apply_async(
+        kwargs={"n": 1}, headers={"throttle_enqueued_at": time.time() + 86_400}
+    )
+    long = tasks["waits"].apply_async(
+        kwargs={"n": 2}, headers={"throttle_enqueued_at": time.time(),
+                                  "throttle_deadline_s": 86_400.0}
+    )
+    ended = await_outcomes([future, long], 15)
+    took_s = time.monotonic() - started
+    print(f"\nfuture enqueue time / 1-day deadline in a store outage: {dict(ended)} after "
+          f"{took_s:.1f} s (max_delay 2 s)")
+    assert ended == {"fallback": 2}
+    assert cluster.alive() == 1
+    assert ledger(redis_client, cluster.env["THROTTLE_PREFIX"]) == []
