@@ -112,7 +112,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
                     f"{deadline_s!r:.40}"
                 )
             headers[DEADLINE_S] = float(deadline_s)
-        task_id = options.pop("task_id", None) or uuid()
+        task_id = options.pop("task_id", None)
+        if task_id is not None:
+            self._check_unused(task_id)
+        task_id = task_id or uuid()
         registered = self._register(task_id, checked, headers)
         try:
             return super().apply_async(args, kwargs, task_id=task_id, headers=headers, **options)
@@ -121,6 +124,21 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 with contextlib.suppress(StoreUnavailable):
                     self.throttle.gate.forget_call(self.tool.name, task_id)
             raise
+
+    def _check_unused(self, task_id: Any) -> None:
+        """Refuse a caller's task id that already names a finished call."""
+        if not isinstance(task_id, str) or not task_id:
+            raise InvalidToolCall(self.tool.name, f"task_id must be a non-empty string, got "
+                                  f"{task_id!r:.40}")
+        try:
+            state = self.backend.get_state(task_id)
+        except Exception:  # no result backend, or it cannot say: the worker still refuses
+            return
+        if state in states.READY_STATES:
+            raise InvalidToolCall(
+                self.tool.name, f"task id {task_id!r} already names a finished call "
+                f"({state}); give every call its own id, or leave task_id out"
+            )
 
     def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call so the reaper can re-publish it if the broker loses it."""
@@ -230,11 +248,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         member = self.request.id
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
+        receipt = uuid()  # this delivery: asking again after a lost answer is not a rerun
         for _ in range(MAX_SLEEPS):
             try:
                 decision = self.throttle.gate.acquire(
                     self.tool.name, member, key=key, cost=cost,
-                    deadline_s=self._deadline_left_s(),
+                    deadline_s=self._deadline_left_s(), receipt=receipt,
                 )
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
@@ -286,14 +305,22 @@ class ThrottledTask(Task):  # type: ignore[misc]
     def _redelivered(self, decision: Decision) -> bool:
         """Whether this delivery repeats a run whose worker was lost.
 
-        The gate knows while the first admission is in its windows ('readmitted'); after
-        that only the broker's redelivered flag tells (kombu sets it on restored messages).
-        A restored delay ('reservation') never ran: it is not counted.
+        Only the broker says so (kombu and RabbitMQ flag a message they deliver again). A
+        'rerun' (the gate admitted another delivery of this id) without that flag is a
+        second, independent message reusing the id: it is refused here, its body never
+        runs, and the first call's result stays. A restored delay ('reservation') never
+        ran, and 'readmitted' is this same delivery asking again: neither is counted.
         """
-        if decision.reason == "readmitted":
-            return True
-        flagged = (self.request.delivery_info or {}).get("redelivered")
-        return bool(flagged) and decision.reason == "admitted"
+        flagged = bool((self.request.delivery_info or {}).get("redelivered"))
+        if decision.reason == "rerun" and not flagged:
+            logger.error(
+                "tool %s: refused a second message with task id %s, which the gate already "
+                "admitted: a reused id is not a redelivery. Its body did not run and the first "
+                "call's result is kept; give every call its own id", self.tool.name,
+                self.request.id,
+            )
+            raise Ignore(f"task id {self.request.id} reused")
+        return flagged and decision.reason in ("admitted", "rerun")
 
     def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:
         count = self.throttle.gate.note_redelivery(self.tool.name, member, key=key)

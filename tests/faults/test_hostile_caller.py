@@ -18,7 +18,8 @@ from celery.result import AsyncResult
 from tests.apps.ledger import build
 from tests.integration.test_celery_flow import burst, tool
 from tests.support.messages import publish_message
-from tests.support.workers import Cluster, await_outcomes, ledger
+from tests.support.workers import Cluster, await_outcomes, check_ledger, ledger
+from throttle import InvalidToolCall
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -147,3 +148,39 @@ def test_an_enqueue_time_in_the_future_does_not_stretch_the_deadline_in_a_store_
     assert ended == {"fallback": 2}
     assert cluster.alive() == 1
     assert ledger(redis_client, cluster.env["THROTTLE_PREFIX"]) == []
+
+
+def test_reused_task_ids_run_no_body_past_the_limit_and_keep_the_first_results(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    """5 messages for 2 task ids at 2/60s: the first of each id runs; the others (sent with
+    `apply_async(task_id=...)` and with `send_task`, which skips every caller check) are
+    refused without running, and never overwrite the first results."""
+    cluster = make_cluster({"tools": {"paid": tool(["2/60s"], "2s")}})
+    cluster.start(1, concurrency=2)
+    app, _, tasks = build(cluster.env)
+    paid = tasks["paid"]
+    first = [paid.apply_async(kwargs={"n": n}, task_id=f"reused-{n}-{prefix}") for n in (0, 1)]
+    again = [
+        paid.apply_async(kwargs={"n": 2}, task_id=first[0].id),
+        app.send_task("tool.paid", kwargs={"n": 3}, task_id=first[1].id, queue="tool.paid"),
+        app.send_task("tool.paid", kwargs={"n": 4}, task_id=first[0].id, queue="tool.paid"),
+    ]
+    check = check_ledger(first, redis_client, prefix, window_s=60, timeout_s=20)
+    time.sleep(1.5)  # the duplicates are decided by now
+    values = [result.get(timeout=5) for result in first]
+    broker = redis.Redis.from_url(redis_dbs[0])
+    left = sum(broker.llen(name) for name in broker.scan_iter(match="tool.paid*"))
+    left += broker.hlen("unacked")
+    refused = cluster.logs().count("refused a second message with task id")
+    print(f"\nreused ids: {check}; first results {values}; duplicates refused {refused}; "
+          f"left in broker {left}")
+    assert {run["n"] for run in ledger(redis_client, prefix)} == {0, 1}
+    assert check.most <= 2 and check.run_twice == 0 and check.ended == {"result": 2}
+    assert values == [{"n": 0}, {"n": 1}]
+    assert [result.state for result in again] == ["SUCCESS"] * 3  # the first call's result
+    assert refused == 3 and left == 0
+    assert cluster.alive() == 1
+    # Once a call has a result, the caller is told at once that its id is taken.
+    with pytest.raises(InvalidToolCall, match="already names a finished call"):
+        paid.apply_async(kwargs={"n": 5}, task_id=first[0].id)

@@ -360,3 +360,24 @@ def test_a_due_call_with_a_fractional_slot_is_not_counted_out_twice(
     decision = gate.acquire("even3", "m6", now_s=P + 16.001)
     assert (decision.action, decision.reason) == (Action.DELAY, "late")
     assert decision.slot_at == pytest.approx(P + 16.005)
+
+
+def test_an_admitted_member_asking_again_is_readmitted_only_with_its_own_receipt(
+    gate: Gate, redis_client: redis.Redis, prefix: str
+) -> None:
+    """The same delivery asking again (its answer was lost) is 'readmitted'; another message
+    with the same id is a 'rerun', which the worker runs only on the broker's redelivery."""
+    first = gate.acquire("one", "A", now_s=P, receipt="delivery-1")
+    again = gate.acquire("one", "A", now_s=P + 1, receipt="delivery-1")
+    other = gate.acquire("one", "A", now_s=P + 2, receipt="delivery-2")
+    assert (first.reason, again.reason, other.reason) == ("admitted", "readmitted", "rerun")
+    assert gate.acquire("one", "A", now_s=P + 3, receipt="delivery-2").reason == "readmitted"
+    assert log_of(redis_client, prefix, "one") == {"A": P}  # counted once
+    receipts = tool_keys(prefix, "one").log.removesuffix(":log") + ":receipts"
+    assert redis_client.hgetall(receipts) == {b"A": b"delivery-2"}
+    # A receipt leaves with its member's log entry.
+    gate.acquire("one", "B", now_s=P + 200, receipt="delivery-3")
+    assert redis_client.hgetall(receipts) == {b"B": b"delivery-3"}
+    gate.cool_down("one", 1, member="B", now_s=P + 201)  # the upstream refused B
+    gate.acquire("one", "C", now_s=P + 300, receipt="delivery-4")
+    assert redis_client.hgetall(receipts) == {b"C": b"delivery-4"}
