@@ -115,6 +115,13 @@ def connect_async(url: str, **options: Any) -> redis.asyncio.Redis | redis.async
 
 
 def _unreachable(url: str, exc: Exception) -> StoreUnavailable:
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return StoreUnavailable(
+            f"the gate's Redis at {url} is out of memory (used memory is above maxmemory and "
+            "nothing may be evicted) and refuses to write; raise its maxmemory or free memory. "
+            "Until then each tool's on_store_error applies",
+            url,
+        )
     return StoreUnavailable(
         f"the gate's Redis at {url} failed: {type(exc).__name__}: {exc}; check that "
         "Redis runs and that THROTTLE_REDIS_URL points at it",

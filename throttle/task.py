@@ -153,8 +153,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 self.tool.name, task_id, recovery.message(kwargs, headers, check_at), check_at
             )
         except StoreUnavailable as exc:
-            logger.warning("tool %s: call %s not registered for recovery (%s)",
-                           self.tool.name, task_id, exc)
+            logger.error("tool %s: call %s is enqueued but not registered for recovery (%s): "
+                         "a worker answers it as on_store_error says, but if the broker loses "
+                         "its message nothing publishes it again", self.tool.name, task_id, exc)
             return False
         return True
 

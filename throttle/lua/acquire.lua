@@ -95,6 +95,10 @@ local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
 local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
 local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
+-- A store at maxmemory (noeviction) refuses the script here, before its first write, as it
+-- refuses any write that could grow memory: a no-op ZADD (XX GT -inf changes nothing) is
+-- that check. Without it the trims below (deletions) would let every later write through.
+redis.call('ZADD', log, 'XX', 'GT', '-inf', member)
 
 local LATE_GRACE_MS = 1000
 -- Exact (17 significant digits): bounds built from slots must match the stored scores.
