@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import replace
@@ -26,7 +25,16 @@ from throttle import metrics, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
-from throttle.intake import MAX_ARGS_DEPTH, nested_deeper_than, too_deep
+from throttle.intake import (
+    MAX_ARGS_DEPTH,
+    header_count,
+    header_number,
+    nested_deeper_than,
+    reused_id_problem,
+    schedule_problem,
+    too_deep,
+    visibility_s,
+)
 
 if TYPE_CHECKING:
     from throttle.routing import Throttle
@@ -43,7 +51,6 @@ CONTENDED = frozenset({"pool", "concurrency", "cooldown"})
 MAX_SLEEPS = 5
 STORE_BACKOFF_MAX_S = 30.0
 STORE_LAST_TRY_S = 0.5  # the last store retry comes this long before the deadline
-MAX_COUNT = 1_000  # delays and store retries a header may claim
 
 
 def outcome(result: AsyncResult) -> Literal["result", "fallback"]:
@@ -61,19 +68,6 @@ def fallback_reason(result: AsyncResult) -> str | None:
     if isinstance(mark, str) and mark.startswith(FALLBACK_MARK):
         return mark[len(FALLBACK_MARK) :].strip(" ()")
     return None
-
-
-def _number(value: Any) -> float | None:
-    """A header's value as a finite number, else None (headers are the caller's to write)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _count(value: Any) -> int:
-    """A counter header's value, bounded to 0..MAX_COUNT (0 when it is not a number)."""
-    number = _number(value)
-    return 0 if number is None else int(min(max(number, 0), MAX_COUNT))
 
 
 class ThrottledTask(Task):  # type: ignore[misc]
@@ -102,11 +96,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """
         headers = dict(options.pop("headers", None) or {})
         checked = self.check_arguments(args, kwargs)
+        self._check_schedule(options)
         if ENQUEUED_AT in headers:  # published again by the worker or the reaper
             return super().apply_async(args, kwargs, headers=headers, **options)
         headers[ENQUEUED_AT] = time.time()
         if deadline_s is not None:
-            if _number(deadline_s) is None:
+            if header_number(deadline_s) is None:
                 raise InvalidToolCall(
                     self.tool.name, f"deadline_s must be a finite number of seconds, got "
                     f"{deadline_s!r:.40}"
@@ -125,20 +120,15 @@ class ThrottledTask(Task):  # type: ignore[misc]
                     self.throttle.gate.forget_call(self.tool.name, task_id)
             raise
 
+    def _check_schedule(self, options: dict[str, Any]) -> None:
+        problem = schedule_problem(options, visibility_s(self.app))
+        if problem is not None:
+            raise InvalidToolCall(self.tool.name, problem)
+
     def _check_unused(self, task_id: Any) -> None:
-        """Refuse a caller's task id that already names a finished call."""
-        if not isinstance(task_id, str) or not task_id:
-            raise InvalidToolCall(self.tool.name, f"task_id must be a non-empty string, got "
-                                  f"{task_id!r:.40}")
-        try:
-            state = self.backend.get_state(task_id)
-        except Exception:  # no result backend, or it cannot say: the worker still refuses
-            return
-        if state in states.READY_STATES:
-            raise InvalidToolCall(
-                self.tool.name, f"task id {task_id!r} already names a finished call "
-                f"({state}); give every call its own id, or leave task_id out"
-            )
+        problem = reused_id_problem(self.backend, task_id)
+        if problem is not None:
+            raise InvalidToolCall(self.tool.name, problem)
 
     def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call so the reaper can re-publish it if the broker loses it."""
@@ -298,10 +288,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         set: a time not a number or in the future reads as now (this worker's clock); a
         deadline that is not a number is ignored (the tool's max_delay still bounds it)."""
         now = time.time()
-        enqueued_at = _number(getattr(self.request, ENQUEUED_AT, None))
+        enqueued_at = header_number(getattr(self.request, ENQUEUED_AT, None))
         if enqueued_at is None or enqueued_at > now:
             enqueued_at = now
-        return enqueued_at, _number(getattr(self.request, DEADLINE_S, None))
+        return enqueued_at, header_number(getattr(self.request, DEADLINE_S, None))
 
     def _redelivered(self, decision: Decision) -> bool:
         """Whether this delivery repeats a run whose worker was lost.
@@ -340,7 +330,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if policy == "admit":
             return Decision(Action.ADMIT, 0.0, time.time(), "store_unavailable")
         if policy == "delay":
-            tries = _count(getattr(self.request, STORE_RETRIES, 0))
+            tries = header_count(getattr(self.request, STORE_RETRIES, 0))
             backoff_s = min(STORE_BACKOFF_MAX_S, 2.0**tries) * (0.5 + random.random() / 2)
             # Never past the deadline, but one last try just before it.
             backoff_s = min(backoff_s, self._deadline_left_s() - STORE_LAST_TRY_S)
@@ -365,7 +355,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         request = self.request
         headers = {
             **self._origin_headers(),
-            DELAYS: _count(getattr(request, DELAYS, 0)) + 1,
+            DELAYS: header_count(getattr(request, DELAYS, 0)) + 1,
             STORE_RETRIES: store_retries,
         }
         try:

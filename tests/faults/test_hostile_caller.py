@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -47,6 +48,7 @@ def poison_messages(queue: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         return body, headers_for(queue, f"poison-{label}-{uuid.uuid4().hex[:8]}", **extra)
 
     deep_json = ("[" * 3000 + "1" + "]" * 3000).encode()
+    year_ahead = (datetime.now(UTC) + timedelta(days=365)).isoformat()
     return {
         "nested 500 deep": call("deep", [[], {"n": 1, "pad": nested(500)}, EMBED]),
         "nested 3000 deep": call("deeper", b'[[], {"n": 1, "pad": ' + deep_json + b"}, {}]"),
@@ -59,6 +61,7 @@ def poison_messages(queue: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         "timelimit garbage": call("tl", [[], {"n": 1}, EMBED], timelimit=["a", {}]),
         "retries a string": call("retries", [[], {"n": 1}, EMBED], retries="many"),
         "expires garbage": call("expires", [[], {"n": 1}, EMBED], expires="not a date"),
+        "eta a year ahead": call("eta", [[], {"n": 1}, EMBED], eta=year_ahead),
     }
 
 

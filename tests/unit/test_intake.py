@@ -56,7 +56,7 @@ def test_delay_refuses_arguments_nested_too_deep_with_invalid_tool_call(depth: i
 def problem(body: Any, **headers: Any) -> str | None:
     raw = json.dumps(body)
     return message_problem({"id": "t1", "task": "tool.chat", **headers}, raw,
-                           lambda: json.loads(raw), 65_536)
+                           lambda: json.loads(raw), 65_536, 3600.0)
 
 
 def test_a_well_formed_message_has_no_problem() -> None:
@@ -77,6 +77,9 @@ def test_a_well_formed_message_has_no_problem() -> None:
         ([[], {}, None], {"timelimit": [float("nan"), None]}, "'timelimit'"),
         ([[], {}, None], {"eta": 5}, "header 'eta' must be a string"),
         ([[], {"q": "x" * 200_000}, None], {}, "far above the tool's max_args_bytes"),
+        ([[], {}, None], {"eta": "2999-01-01T00:00:00+00:00"}, "not below the broker's visib"),
+        ([[], {}, None], {"eta": "soon"}, "header 'eta' is not an ISO 8601 time"),
+        ([[], {}, None], {"stamped_headers": "x"}, "'stamped_headers' must be a list"),
     ],
 )
 def test_a_malformed_message_is_named(body: Any, headers: dict[str, Any], expected: str) -> None:
@@ -90,3 +93,18 @@ def test_a_body_that_cannot_be_decoded_is_a_problem_not_an_exception() -> None:
 
     found = message_problem({"id": "t1"}, b"[[[", decode, 65_536)
     assert found is not None and "could not be decoded (RecursionError" in found
+
+
+def test_a_countdown_or_eta_past_the_visibility_timeout_is_refused_by_apply_async() -> None:
+    task = chat_task()
+    with pytest.raises(InvalidToolCall, match="not below the broker's visibility timeout"):
+        task.apply_async(kwargs={}, countdown=10 * 86_400)
+    with pytest.raises(InvalidToolCall, match="eta/countdown unreadable"):
+        task.apply_async(kwargs={}, countdown="soon")
+    task.apply_async(kwargs={}, countdown=5)  # within it: fine
+
+
+@pytest.mark.parametrize("task_id", [7, "", "x" * 300])
+def test_a_task_id_that_is_not_a_short_string_is_refused(task_id: Any) -> None:
+    with pytest.raises(InvalidToolCall, match="task_id must be a string"):
+        chat_task().apply_async(kwargs={}, task_id=task_id)
