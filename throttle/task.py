@@ -209,7 +209,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if units is not None:
             try:
                 self.throttle.gate.settle(
-                    self.tool.name, self.request.id, units, key=self._key_of(kwargs)
+                    self.tool.name, self._member, units, key=self._key_of(kwargs)
                 )
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
@@ -222,7 +222,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         try:
             self.throttle.gate.cool_down(
                 self.tool.name, busy.retry_after_s, key=self._key_of(kwargs),
-                member=self.request.id,
+                member=self._member,
             )
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
@@ -236,7 +236,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def _decide(self, kwargs: dict[str, Any]) -> Decision:
         """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
-        member = self.request.id
+        member = self._member
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
         receipt = uuid()  # this delivery: asking again after a lost answer is not a rerun
@@ -265,12 +265,19 @@ class ThrottledTask(Task):  # type: ignore[misc]
     def _finish_lease(self, kwargs: dict[str, Any]) -> None:
         key = self._key_of(kwargs)
         try:
-            self.throttle.gate.finish(self.tool.name, self.request.id, key=key)
+            self.throttle.gate.finish(self.tool.name, self._member, key=key)
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
             logger.warning(
                 "tool %s: lease not returned (%s); it expires on its own", self.tool.name, exc
             )
+
+    @property
+    def _member(self) -> str:
+        """The call's name at the gate: its task id, plus the retry number for a body's own
+        retry (`self.retry()`), so that each retry is gated and charged as a new call."""
+        retries = self.request.retries
+        return f"{self.request.id}~retry{retries}" if retries else str(self.request.id)
 
     def _key_of(self, kwargs: dict[str, Any]) -> Any:
         """The value of the tool's key argument (None when its limits are not per key)."""

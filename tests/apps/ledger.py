@@ -9,6 +9,7 @@ same app for its own process with `build(env)`.
   THROTTLE_TEST_BODY_S   seconds each body sleeps (default 0)
   THROTTLE_TEST_POISON   a value of `n` whose body kills its own process (counting each
                          attempt in <prefix>:poisoned first)
+  THROTTLE_TEST_RETRY    a value of `n` whose body, once recorded, retries once (`self.retry`)
   THROTTLE_TEST_LEDGER_URL  where the ledger is written (default THROTTLE_REDIS_URL), so
                          the gate's store can be taken down while the ledger keeps working
 """
@@ -43,6 +44,7 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
     store = redis.Redis.from_url(env.get("THROTTLE_TEST_LEDGER_URL", redis_url))
     body_s = float(env.get("THROTTLE_TEST_BODY_S", "0"))
     poison = env.get("THROTTLE_TEST_POISON")
+    retry_n = env.get("THROTTLE_TEST_RETRY")
 
     def make(tool: str) -> Any:
         def body(n: int, **_: Any) -> dict[str, Any]:
@@ -60,6 +62,8 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
                     "admitted_at": getattr(request, "throttle_admitted_at", None),
                 }
                 store.rpush(f"{prefix}:ledger", json.dumps(entry))
+                if str(n) == retry_n and not request.retries:
+                    raise current_task.retry(countdown=0)
                 if body_s:
                     time.sleep(body_s)
             finally:

@@ -21,6 +21,7 @@ from tests.integration.test_celery_flow import burst, tool
 from tests.support.messages import publish_message
 from tests.support.workers import Cluster, await_outcomes, check_ledger, ledger
 from throttle import InvalidToolCall
+from throttle.keys import tool_keys
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -187,3 +188,25 @@ def test_reused_task_ids_run_no_body_past_the_limit_and_keep_the_first_results(
     # Once a call has a result, the caller is told at once that its id is taken.
     with pytest.raises(InvalidToolCall, match="already names a finished call"):
         paid.apply_async(kwargs={"n": 5}, task_id=first[0].id)
+
+
+def test_a_bodys_own_retry_is_gated_and_charged_as_a_new_call_not_refused_as_a_reused_id(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    """`self.retry()` re-sends the same task id: it is neither a redelivery run for free nor
+    a reused id refused, but another call that takes its own unit of the window."""
+    cluster = make_cluster({"tools": {"flaky": tool(["3/60s"], "2s")}},
+                           env={"THROTTLE_TEST_RETRY": "0"})
+    cluster.start(1, concurrency=2)
+    _, _, tasks = build(cluster.env)
+    retried = tasks["flaky"].delay(n=0)
+    assert retried.get(timeout=20) == {"n": 0}
+    others = [tasks["flaky"].delay(n=n) for n in (1, 2)]
+    ended = await_outcomes(others, 20)
+    runs = [run["n"] for run in ledger(redis_client, prefix)]
+    gate_log = redis_client.zrange(tool_keys(prefix, "flaky").log, 0, -1)
+    print(f"\nretry: bodies {runs}, gate log {gate_log}, later calls {dict(ended)}")
+    assert runs[:2] == [0, 0]  # the first run and its retry
+    assert retried.id.encode() in gate_log and f"{retried.id}~retry1".encode() in gate_log
+    assert ended == {"result": 1, "fallback": 1}  # 3/60s: the retry took the second unit
+    assert "refused a second message" not in cluster.logs()
