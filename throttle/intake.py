@@ -84,19 +84,14 @@ def nested_deeper_than(value: Any, limit: int) -> bool:
 
     Iterative, so any depth is measured without recursion.
     """
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    containers = (dict, list, tuple)
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, containers) else []
     while stack:
         item, depth = stack.pop()
-        children: Iterable[Any]
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        children: Iterable[Any] = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, containers))
     return False
 
 
@@ -200,8 +195,6 @@ def _body_problem(
         payload = decode()
     except Exception as exc:  # DecodeError, ContentDisallowed, RecursionError in a parser
         return f"the message body could not be decoded ({type(exc).__name__}: {exc})"
-    if nested_deeper_than(payload, MAX_MESSAGE_DEPTH):
-        return too_deep(MAX_ARGS_DEPTH)
     if isinstance(payload, dict) and "args" in payload and "kwargs" in payload:  # protocol 1
         args, kwargs, embed = payload["args"], payload["kwargs"], None
     elif isinstance(payload, list | tuple) and len(payload) == 3:
@@ -216,6 +209,8 @@ def _body_problem(
         return f"the message's callbacks must be an object, got {type(embed).__name__}"
     if nested_deeper_than(kwargs, MAX_ARGS_DEPTH):
         return too_deep(MAX_ARGS_DEPTH)
+    if embed and nested_deeper_than(embed, MAX_MESSAGE_DEPTH):
+        return f"the message's callbacks nest more than {MAX_MESSAGE_DEPTH} levels deep"
     return None
 
 
