@@ -17,6 +17,7 @@ The caller's side uses the same limits (`nested_deeper_than`, `schedule_problem`
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -209,6 +210,10 @@ def _body_problem(
         return f"the message's callbacks must be an object, got {type(embed).__name__}"
     if nested_deeper_than(kwargs, MAX_ARGS_DEPTH):
         return too_deep(MAX_ARGS_DEPTH)
+    size = len(json.dumps(kwargs, separators=(",", ":")))
+    if size > max_args_bytes:
+        return (f"arguments are {size} bytes, above the tool's max_args_bytes "
+                f"({max_args_bytes}); send a reference instead of the data")
     if embed and nested_deeper_than(embed, MAX_MESSAGE_DEPTH):
         return f"the message's callbacks nest more than {MAX_MESSAGE_DEPTH} levels deep"
     return None

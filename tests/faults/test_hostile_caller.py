@@ -58,6 +58,7 @@ def poison_messages(queue: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         "body not Celery's": call("shape", {"hello": "world"}),
         "not JSON": call("garbage", b"\x00\xff not json {"),
         "huge": call("huge", [[], {"n": 1, "pad": "x" * 3_000_000}, EMBED]),
+        "over max_args_bytes": call("big", [[], {"n": 1, "pad": "x" * 70_000}, EMBED]),
         "deep header": call("deephdr", [[], {"n": 1}, EMBED], extra=nested(500)),
         "timelimit garbage": call("tl", [[], {"n": 1}, EMBED], timelimit=["a", {}]),
         "retries a string": call("retries", [[], {"n": 1}, EMBED], retries="many"),
@@ -119,6 +120,7 @@ def test_poison_messages_are_answered_and_acked_and_the_prefork_worker_serves_on
         assert error.startswith("InvalidToolCall: invalid call to tool 'open'"), (label, error)
     assert "pass arguments by keyword" in answers["positional args"][1]
     assert "levels deep" in answers["nested 500 deep"][1]
+    assert "above the tool's max_args_bytes (65536)" in answers["over max_args_bytes"][1]
     assert int_id[0] == "FAILURE"
     assert "must be a string" in logs  # the list id: refused, logged, nothing to answer
     assert left == 0

@@ -77,6 +77,7 @@ def test_a_well_formed_message_has_no_problem() -> None:
         ([[], {}, None], {"timelimit": [float("nan"), None]}, "'timelimit'"),
         ([[], {}, None], {"eta": 5}, "header 'eta' must be a string"),
         ([[], {"q": "x" * 200_000}, None], {}, "far above the tool's max_args_bytes"),
+        ([[], {"q": "x" * 65_530}, None], {}, "above the tool's max_args_bytes (65536)"),
         ([[], {}, None], {"eta": "2999-01-01T00:00:00+00:00"}, "not below the broker's visib"),
         ([[], {}, None], {"eta": "soon"}, "header 'eta' is not an ISO 8601 time"),
         ([[], {}, None], {"stamped_headers": "x"}, "'stamped_headers' must be a list"),
