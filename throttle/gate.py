@@ -315,8 +315,9 @@ class Gate(_GateBase):
         """Decide one call of `tool` identified by `member` (the task id).
 
         `deadline_s` tightens the tool's max_delay; `now_s` pins the clock (tests only).
-        `receipt` names this delivery of the call: an admitted member asking again with
-        another receipt is answered 'rerun' instead of 'readmitted'.
+        `receipt` ('<message tag>|<delivery nonce>') names this delivery of the call: an
+        admitted member asking again with another receipt is answered 'rerun' (same message
+        tag) or 'reused' instead of 'readmitted'.
         """
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         try:

@@ -75,6 +75,9 @@ class Throttle:
         # Only kombu's Redis transport can lose a message a consumer was handed (see
         # throttle/recovery.py); RabbitMQ requeues whatever a dead consumer left unacked.
         self.register_calls = _scheme(app) in REDIS_SCHEMES
+        # RabbitMQ sets a message's redelivered flag itself; kombu's Redis transport keeps
+        # it in the message, where any publisher can write it.
+        self.trusts_redelivered = _is_amqp(app)
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
         app.steps["worker"].add(FireDueTimers)

@@ -239,7 +239,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         member = self._member
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
-        receipt = uuid()  # this delivery: asking again after a lost answer is not a rerun
+        receipt = f"{self._message_tag()}|{uuid()}"  # this message, this delivery of it
         for _ in range(MAX_SLEEPS):
             try:
                 decision = self.throttle.gate.acquire(
@@ -300,17 +300,27 @@ class ThrottledTask(Task):  # type: ignore[misc]
             enqueued_at = now
         return enqueued_at, header_number(getattr(self.request, DEADLINE_S, None))
 
+    def _message_tag(self) -> str:
+        """What names this message across deliveries: kombu's virtual transports (Redis)
+        give each message a tag when it is published and keep it when they deliver it
+        again. Empty where the broker has none (RabbitMQ)."""
+        properties = getattr(self.request, "properties", None) or {}
+        return str(properties.get("delivery_tag") or "").replace("|", "")
+
     def _redelivered(self, decision: Decision) -> bool:
         """Whether this delivery repeats a run whose worker was lost.
 
-        Only the broker says so (kombu and RabbitMQ flag a message they deliver again). A
-        'rerun' (the gate admitted another delivery of this id) without that flag is a
-        second, independent message reusing the id: it is refused here, its body never
-        runs, and the first call's result stays. A restored delay ('reservation') never
-        ran, and 'readmitted' is this same delivery asking again: neither is counted.
+        'rerun': the message the gate admitted, delivered again (its tag is the one the gate
+        recorded). 'reused': another message with the id: a redelivery only if RabbitMQ
+        flagged it (on Redis the flag is written by the publisher, who may forge it), else
+        a second, independent call reusing the id: refused here, its body never runs, and
+        the first call's result stays. 'readmitted' is this same delivery asking again,
+        and a restored delay ('reservation') never ran: neither is counted.
         """
         flagged = bool((self.request.delivery_info or {}).get("redelivered"))
-        if decision.reason == "rerun" and not flagged:
+        if decision.reason == "rerun":
+            return True
+        if decision.reason == "reused" and not (flagged and self.throttle.trusts_redelivered):
             logger.error(
                 "tool %s: refused a second message with task id %s, which the gate already "
                 "admitted: a reused id is not a redelivery. Its body did not run and the first "
@@ -318,7 +328,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 self.request.id,
             )
             raise Ignore(f"task id {self.request.id} reused")
-        return flagged and decision.reason in ("admitted", "rerun")
+        return flagged and decision.reason in ("admitted", "reused")
 
     def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:
         count = self.throttle.gate.note_redelivery(self.tool.name, member, key=key)

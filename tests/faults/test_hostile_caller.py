@@ -160,8 +160,9 @@ def test_reused_task_ids_run_no_body_past_the_limit_and_keep_the_first_results(
     make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
 ) -> None:
     """5 messages for 2 task ids at 2/60s: the first of each id runs; the others (sent with
-    `apply_async(task_id=...)` and with `send_task`, which skips every caller check) are
-    refused without running, and never overwrite the first results."""
+    `apply_async(task_id=...)` and with `send_task`, which skips every caller check, one of
+    them claiming to be a redelivery) are refused without running, and never overwrite the
+    first results."""
     cluster = make_cluster({"tools": {"paid": tool(["2/60s"], "2s")}})
     cluster.start(1, concurrency=2)
     app, _, tasks = build(cluster.env)
@@ -170,7 +171,8 @@ def test_reused_task_ids_run_no_body_past_the_limit_and_keep_the_first_results(
     again = [
         paid.apply_async(kwargs={"n": 2}, task_id=first[0].id),
         app.send_task("tool.paid", kwargs={"n": 3}, task_id=first[1].id, queue="tool.paid"),
-        app.send_task("tool.paid", kwargs={"n": 4}, task_id=first[0].id, queue="tool.paid"),
+        app.send_task("tool.paid", kwargs={"n": 4}, task_id=first[0].id, queue="tool.paid",
+                      delivery_info={"redelivered": True}),  # a flag any publisher can write
     ]
     check = check_ledger(first, redis_client, prefix, window_s=60, timeout_s=20)
     time.sleep(1.5)  # the duplicates are decided by now

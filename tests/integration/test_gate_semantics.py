@@ -365,19 +365,24 @@ def test_a_due_call_with_a_fractional_slot_is_not_counted_out_twice(
 def test_an_admitted_member_asking_again_is_readmitted_only_with_its_own_receipt(
     gate: Gate, redis_client: redis.Redis, prefix: str
 ) -> None:
-    """The same delivery asking again (its answer was lost) is 'readmitted'; another message
-    with the same id is a 'rerun', which the worker runs only on the broker's redelivery."""
-    first = gate.acquire("one", "A", now_s=P, receipt="delivery-1")
-    again = gate.acquire("one", "A", now_s=P + 1, receipt="delivery-1")
-    other = gate.acquire("one", "A", now_s=P + 2, receipt="delivery-2")
-    assert (first.reason, again.reason, other.reason) == ("admitted", "readmitted", "rerun")
-    assert gate.acquire("one", "A", now_s=P + 3, receipt="delivery-2").reason == "readmitted"
+    """Receipts read '<message tag>|<delivery nonce>'. The same delivery asking again (its
+    answer was lost) is 'readmitted'; the same message delivered again is a 'rerun';
+    another message with the same id is 'reused'. Only the first admission counts."""
+    first = gate.acquire("one", "A", now_s=P, receipt="tag-1|d1")
+    again = gate.acquire("one", "A", now_s=P + 1, receipt="tag-1|d1")
+    redelivered = gate.acquire("one", "A", now_s=P + 2, receipt="tag-1|d2")
+    other = gate.acquire("one", "A", now_s=P + 3, receipt="tag-2|d3")
+    untagged = gate.acquire("one", "A", now_s=P + 4, receipt="|d4")
+    assert [d.reason for d in (first, again, redelivered, other, untagged)] == [
+        "admitted", "readmitted", "rerun", "reused", "reused"]
+    assert gate.acquire("one", "A", now_s=P + 5, receipt="|d4").reason == "readmitted"
+    assert gate.acquire("one", "A", now_s=P + 6).reason == "readmitted"  # no receipt passed
     assert log_of(redis_client, prefix, "one") == {"A": P}  # counted once
     receipts = tool_keys(prefix, "one").log.removesuffix(":log") + ":receipts"
-    assert redis_client.hgetall(receipts) == {b"A": b"delivery-2"}
+    assert redis_client.hgetall(receipts) == {b"A": b"|d4"}
     # A receipt leaves with its member's log entry.
-    gate.acquire("one", "B", now_s=P + 200, receipt="delivery-3")
-    assert redis_client.hgetall(receipts) == {b"B": b"delivery-3"}
+    gate.acquire("one", "B", now_s=P + 200, receipt="t|d5")
+    assert redis_client.hgetall(receipts) == {b"B": b"t|d5"}
     gate.cool_down("one", 1, member="B", now_s=P + 201)  # the upstream refused B
-    gate.acquire("one", "C", now_s=P + 300, receipt="delivery-4")
-    assert redis_client.hgetall(receipts) == {b"C": b"delivery-4"}
+    gate.acquire("one", "C", now_s=P + 300, receipt="t|d6")
+    assert redis_client.hgetall(receipts) == {b"C": b"t|d6"}

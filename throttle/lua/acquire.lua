@@ -29,17 +29,20 @@ ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
 then     p            number of pool limits, then p pairs: the class's allowance (share x
                       max) and window ms; then the concurrency cap (0: none) and lease ms
-then     receipt      (optional, '' for none) what identifies this delivery of the message
+then     receipt      (optional, '' for none) '<message tag>|<delivery nonce>': the tag names
+                      the message (kept when the broker delivers it again; may be empty),
+                      the nonce this delivery of it
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
-Reasons: admitted, reservation, readmitted, rerun | reserved, early, late, pool, concurrency,
+Reasons: admitted, reservation, readmitted, rerun, reused | reserved, early, late, pool, concurrency,
 cooldown | deadline, cost_exceeds_limit, cooldown.
 
 An admitted member asking again is 'readmitted' when its receipt is the one recorded at
-admission (the same delivery, whose answer was lost) or when no receipt is passed; with
-another receipt it is a 'rerun': a second message with the same id, which the worker runs
-only if the broker marked it redelivered.
+admission (the same delivery, whose answer was lost) or when no receipt is passed. With
+another receipt it is a 'rerun' when the message tag is the recorded one (the same message
+delivered again) and else 'reused' (another message with the same id); the worker decides
+what each may do.
 
 During a cooldown no call is admitted: new calls, and reserved calls whose slot falls
 inside it, are told to come back when it ends (without a reservation: they are placed
@@ -312,7 +315,12 @@ local function decide()
     local slot = redis.call('ZSCORE', rsv, member)
     if not slot then
       local again = 'readmitted'
-      if receipts and redis.call('HGET', receipts, member) ~= receipt then again = 'rerun' end
+      local noted = receipts and redis.call('HGET', receipts, member)
+      if receipts and noted ~= receipt then
+        local tag = receipt:match('^(.-)|')
+        again = 'reused'
+        if noted and tag and tag ~= '' and noted:match('^(.-)|') == tag then again = 'rerun' end
+      end
       if cap > 0 then
         -- Run again (its worker was lost): it needs a lease like any other run.
         local lease = tonumber(redis.call('ZSCORE', leases, member))
