@@ -121,13 +121,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
             raise
 
     def _check_schedule(self, options: dict[str, Any]) -> None:
-        problem = schedule_problem(options, visibility_s(self.app))
-        if problem is not None:
+        if problem := schedule_problem(options, visibility_s(self.app)):
             raise InvalidToolCall(self.tool.name, problem)
 
     def _check_unused(self, task_id: Any) -> None:
-        problem = reused_id_problem(self.backend, task_id)
-        if problem is not None:
+        if problem := reused_id_problem(self.backend, task_id):
             raise InvalidToolCall(self.tool.name, problem)
 
     def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
@@ -301,9 +299,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         return enqueued_at, header_number(getattr(self.request, DEADLINE_S, None))
 
     def _message_tag(self) -> str:
-        """What names this message across deliveries: kombu's virtual transports (Redis)
-        give each message a tag when it is published and keep it when they deliver it
-        again. Empty where the broker has none (RabbitMQ)."""
+        """The tag kombu's Redis transport gives a message when published and keeps when it
+        delivers it again ('' on RabbitMQ)."""
         properties = getattr(self.request, "properties", None) or {}
         return str(properties.get("delivery_tag") or "").replace("|", "")
 
