@@ -5,9 +5,9 @@ pool; prefork pickles it for a child, and a value nested a few hundred levels de
 that a RecursionError which stops the worker, then comes back with the message after every
 restart. `guarded` is the strategy of every tool task: it checks the raw message first
 (size, encoding, shape, nesting depth, header types, an ETA the broker would keep
-redelivering) and answers a malformed one at once:
-the call's result becomes a FAILURE carrying `InvalidToolCall` (never over a result the id
-already has), and the message is acked. So no message, however it was made, reaches the
+redelivering) and answers a malformed one at once: the call's result becomes a FAILURE
+carrying `InvalidToolCall` (never over a result the id already has), and the message is
+acked. So no message, however it was made, reaches the
 pool unchecked or comes back. The task then checks the arguments against the tool's schema.
 
 The caller's side uses the same limits (`nested_deeper_than`, `schedule_problem`,
