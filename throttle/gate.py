@@ -26,6 +26,7 @@ from throttle.keys import (
     check_prefix,
     cooldown_left_s,
     keys_for,
+    receipts_key,
     redelivery_key,
     registry_keys,
 )
@@ -151,6 +152,7 @@ class _GateBase:
         cost: float,
         deadline_s: float | None,
         now_s: float | None,
+        receipt: str | None = None,
     ) -> tuple[list[str], list[Any]]:
         tool = self.config.tool(tool_name)
         if not cost > 0:
@@ -162,6 +164,9 @@ class _GateBase:
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
+        if receipt:
+            args.append(receipt)
+            keys = [*keys, receipts_key(keys[0])]
         return keys, args
 
     @staticmethod
@@ -225,12 +230,16 @@ class Gate(_GateBase):
         cost: float = 1,
         deadline_s: float | None = None,
         now_s: float | None = None,
+        receipt: str | None = None,
     ) -> Decision:
         """Decide one call of `tool` identified by `member` (the task id).
 
         `deadline_s` tightens the tool's max_delay; `now_s` pins the clock (tests only).
+        `receipt` ('<message tag>|<delivery nonce>') names this delivery of the call: an
+        admitted member asking again with another receipt is answered 'rerun' (same message
+        tag) or 'reused' instead of 'readmitted'.
         """
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
             raw = self._acquire(keys=keys, args=args)
         return self._decision(raw)
@@ -353,9 +362,10 @@ class AsyncGate(_GateBase):
         cost: float = 1,
         deadline_s: float | None = None,
         now_s: float | None = None,
+        receipt: str | None = None,
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
             raw = await self._acquire(keys=keys, args=args)
         return self._decision(raw)

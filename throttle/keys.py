@@ -12,6 +12,7 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
                                  to count one as lost (ms); see throttle/recovery.py
     <prefix>:{t}:calls:msg HASH  task id -> the call's arguments and headers (to re-publish)
     <prefix>:{t}:redelivered:<task id>   STRING  deliveries after admission (worker lost)
+    <prefix>:{t}:receipts  HASH  task id -> the receipt of the delivery the gate admitted
     <prefix>:{t|h}:...     the same per key value
 
 A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
@@ -163,6 +164,11 @@ def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str,
 def redelivery_key(keys: ToolKeys, member: str) -> str:
     """The counter of a task's redeliveries after its admission (its worker was lost)."""
     return keys.log.removesuffix(":log") + f":redelivered:{member}"
+
+
+def receipts_key(log: str) -> str:
+    """The receipts of admitted deliveries, beside the log `log` (same hash tag)."""
+    return log.removesuffix(":log") + ":receipts"
 
 
 def stats_key(prefix: str, tool: str) -> str:

@@ -10,6 +10,11 @@ with the same id; the gate, seeing its deadline passed, answers with the fallbac
 caller gets an answer instead of waiting forever. While the queue holds messages, an
 undecided call may still be among them: the reaper looks again later rather than doubling
 a backlog. Claims are atomic, so any number of workers may reap.
+
+A call is re-published once. Still undecided at its next check, it is given up: its result
+becomes the tool's fallback, marked `lost` (the answer the gate would give a call past its
+deadline), and it leaves the registry. A call that already has a result (a failure too) is
+never re-published. So no message comes back forever, and every registered call is answered.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from celery import states
 from kombu.exceptions import ChannelError
 
 from throttle.errors import StoreUnavailable
+from throttle.results import FALLBACK_MARK
 
 if TYPE_CHECKING:
     from throttle.routing import Throttle
@@ -33,7 +39,6 @@ logger = logging.getLogger("throttle")
 REAP_AFTER_S = 5.0  # past a call's deadline: later than any reservation's late grace
 REAP_EVERY_S = 1.0
 RETRY_S = 5.0  # a claimed call still undecided is looked at again after this
-GIVE_UP_S = 600.0  # past its first check, a call that keeps getting lost is dropped
 RETRY_MARK = "~retry"  # a body's retry n is registered (and gated) as <task id>~retry<n>
 
 
@@ -78,16 +83,29 @@ def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
         throttle.gate.forget_call(tool, task_id)
         return 0
     call = json.loads(raw)
-    if now_s - float(call["check_at"]) > GIVE_UP_S:
-        logger.error("tool %s: call %s was lost again and again; giving up on it", tool, task_id)
-        throttle.gate.forget_call(tool, task_id)
+    if call.get("reaped"):
+        logger.error("tool %s: call %s was published again and still never reached the gate; "
+                     "answering it with the fallback", tool, task_id)
+        _answer_lost(throttle, task, tool, task_id)
         return 0
     logger.warning("tool %s: call %s never reached the gate (the broker lost its message); "
                    "publishing it again", tool, task_id)
     real_id, _, retries = task_id.partition(RETRY_MARK)
     task.apply_async(kwargs=call["kwargs"], task_id=real_id, headers=call["headers"],
                      priority=task.priority_again, retries=int(retries or 0))
+    call["reaped"] = True  # the next claim gives it up
+    throttle.gate.register_call(tool, task_id, json.dumps(call, separators=(",", ":")),
+                                now_s + RETRY_S)
     return 1
+
+
+def _answer_lost(throttle: Throttle, task: Any, tool: str, task_id: str) -> None:
+    """Store the tool's fallback for a call given up (unless it got a result meanwhile)."""
+    real_id = task_id.partition(RETRY_MARK)[0]
+    if not task.ignore_result and not _finished(task, real_id):
+        task.backend.store_result(real_id, throttle.config.tool(tool).fallback, states.SUCCESS,
+                                  traceback=f"{FALLBACK_MARK} (lost)")
+    throttle.gate.forget_call(tool, task_id)
 
 
 def _backlog(throttle: Throttle, queue: str) -> bool:

@@ -28,6 +28,8 @@ from throttle.task import ThrottledTask
 
 logger = logging.getLogger("throttle")
 
+# Content types whose decoding runs code chosen by whoever can publish to a queue.
+UNSAFE_CONTENT = ("pickle", "application/x-python-serialize")
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
@@ -73,6 +75,9 @@ class Throttle:
         # Only kombu's Redis transport can lose a message a consumer was handed (see
         # throttle/recovery.py); RabbitMQ requeues whatever a dead consumer left unacked.
         self.register_calls = _scheme(app) in REDIS_SCHEMES
+        # RabbitMQ sets a message's redelivered flag itself; kombu's Redis transport keeps
+        # it in the message, where any publisher can write it.
+        self.trusts_redelivered = _is_amqp(app)
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
         app.steps["worker"].add(FireDueTimers)
@@ -151,6 +156,7 @@ def apply_defaults(app: Celery, config: Config) -> None:
     for key, value in SAFE_DEFAULTS.items():
         if key in DEFAULTS and conf.get(key) == DEFAULTS[key]:
             conf[key] = value
+    _drop_unsafe_content(conf)
     longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
     visibility_s = config.visibility_timeout_ms / 1000
     for key in ("broker_transport_options", "result_backend_transport_options"):
@@ -171,6 +177,19 @@ def apply_defaults(app: Celery, config: Config) -> None:
                 options.setdefault("unacked_restore_interval", min(10, max(1, visibility_s // 10)))
                 options.setdefault("unacked_restore_throttle", 1)
         conf[key] = options
+
+
+def _drop_unsafe_content(conf: Any) -> None:
+    """Take pickle out of `accept_content`: a tool's worker decodes JSON only."""
+    accepted = list(conf.accept_content or [])
+    unsafe = [name for name in accepted if name in UNSAFE_CONTENT]
+    if unsafe:
+        conf.accept_content = [name for name in accepted if name not in UNSAFE_CONTENT] or ["json"]
+        logger.warning(
+            "throttle: accept_content listed %s; removed it, so this app's workers accept %s "
+            "(a pickled message runs code chosen by whoever can publish to a tool queue). "
+            "Serve pickled tasks from a separate Celery app.", unsafe, conf.accept_content,
+        )
 
 
 def _scheme(app: Celery) -> str:

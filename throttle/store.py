@@ -83,6 +83,13 @@ def client_options(socket_timeout_s: float, *, asyncio: bool = False) -> dict[st
 
 def unreachable(url: str, exc: BaseException) -> StoreUnavailable:
     """The `StoreUnavailable` for a failure of the store at (masked) `url`."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return StoreUnavailable(
+            f"the gate's Redis at {url} is out of memory (used memory is above maxmemory and "
+            "nothing may be evicted) and refuses to write; raise its maxmemory or free memory. "
+            "Until then each tool's on_store_error applies",
+            url,
+        )
     return StoreUnavailable(
         f"the gate's Redis at {url} failed: {type(exc).__name__}: {exc}; check that "
         "Redis runs and that THROTTLE_REDIS_URL points at it",

@@ -26,6 +26,16 @@ from throttle import eager, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
+from throttle.intake import (
+    MAX_ARGS_DEPTH,
+    header_count,
+    header_number,
+    nested_deeper_than,
+    reused_id_problem,
+    schedule_problem,
+    too_deep,
+    visibility_s,
+)
 from throttle.monitor import metrics
 from throttle.results import FALLBACK_MARK, due_at_s, fallback_reason, outcome
 
@@ -55,6 +65,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
     tool: ClassVar[ToolConfig]
     priority_again: ClassVar[int | None] = None
     _validator: ClassVar[jsonschema.protocols.Validator]
+    # Messages are checked in the worker's main process before anything else reads them.
+    Strategy = "throttle.intake:guarded"
+    serializer = "json"  # whatever the app's task_serializer says
 
     # -- caller side --------------------------------------------------------------------
     def apply_async(
@@ -70,17 +83,26 @@ class ThrottledTask(Task):  # type: ignore[misc]
         `deadline_s` tightens the tool's max_delay for this call.
         """
         headers = dict(options.pop("headers", None) or {})
-        if ENQUEUED_AT in headers:  # published again by the worker or the reaper
-            return super().apply_async(args, kwargs, headers=headers, **options)
         if args and options.get("parent_id") is not None:
             # A chain step or callback handed the previous result positionally: the worker
             # refuses it as this step's failure, so the canvas fails here, not its parent.
             return super().apply_async(args, kwargs, headers=headers, **options)
         checked = self.check_arguments(args, kwargs)
+        self._check_schedule(options)
+        if ENQUEUED_AT in headers:  # published again by the worker or the reaper
+            return super().apply_async(args, kwargs, headers=headers, **options)
         headers[ENQUEUED_AT] = due_at_s(options.get("countdown"), options.get("eta"))
         if deadline_s is not None:
+            if header_number(deadline_s) is None:
+                raise InvalidToolCall(
+                    self.tool.name, f"deadline_s must be a finite number of seconds, got "
+                    f"{deadline_s!r:.40}"
+                )
             headers[DEADLINE_S] = float(deadline_s)
-        task_id = options.pop("task_id", None) or uuid()
+        task_id = options.pop("task_id", None)
+        if task_id is not None:
+            self._check_unused(task_id)
+        task_id = task_id or uuid()
         registered = self._register(task_id, checked, headers)
         try:
             return super().apply_async(args, kwargs, task_id=task_id, headers=headers, **options)
@@ -105,8 +127,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
                        if key not in THROTTLE_HEADERS}
             headers |= options.pop("headers", None) or {}
             headers[ENQUEUED_AT] = due_at_s(countdown, eta)
-            if getattr(request, DEADLINE_S, None) is not None:
-                headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+            _, caller_s = self._origin()
+            if caller_s is not None:
+                headers[DEADLINE_S] = caller_s
             options["headers"] = headers
             member = recovery.member_of(str(request.id), (request.retries or 0) + 1)
             call = request.kwargs if kwargs is None else kwargs
@@ -132,6 +155,14 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     starmap = chunks = map = _one_task_per_call
 
+    def _check_schedule(self, options: dict[str, Any]) -> None:
+        if problem := schedule_problem(options, visibility_s(self.app)):
+            raise InvalidToolCall(self.tool.name, problem)
+
+    def _check_unused(self, task_id: Any) -> None:
+        if problem := reused_id_problem(self.backend, task_id):
+            raise InvalidToolCall(self.tool.name, problem)
+
     def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call (its gate member) so the reaper can re-publish it if the broker
         loses it."""
@@ -146,8 +177,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 self.tool.name, member, recovery.message(kwargs, headers, check_at), check_at
             )
         except StoreUnavailable as exc:
-            logger.warning("tool %s: call %s not registered for recovery (%s)",
-                           self.tool.name, member, exc)
+            logger.error("tool %s: call %s is enqueued but not registered for recovery (%s): "
+                         "a worker answers it as on_store_error says, but if the broker loses "
+                         "its message nothing publishes it again", self.tool.name, member, exc)
             return False
         return True
 
@@ -161,6 +193,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         checked: dict[str, Any] = dict(kwargs or {})
         try:
             size = len(json.dumps(checked, separators=(",", ":")))
+        except RecursionError:
+            raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH)) from None
         except (TypeError, ValueError) as exc:
             raise InvalidToolCall(self.tool.name, f"arguments are not JSON: {exc}") from None
         if size > self.tool.max_args_bytes:
@@ -169,6 +203,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 f"arguments are {size} bytes, above the tool's max_args_bytes "
                 f"({self.tool.max_args_bytes}); send a reference instead of the data",
             )
+        if nested_deeper_than(checked, MAX_ARGS_DEPTH):
+            raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH))
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(checked))
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"
@@ -254,11 +290,12 @@ class ThrottledTask(Task):  # type: ignore[misc]
         member = self._member()
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
+        receipt = f"{self._message_tag()}|{uuid()}"  # this message, this delivery of it
         for _ in range(MAX_SLEEPS):
             try:
                 decision = self.throttle.gate.acquire(
                     self.tool.name, member, key=key, cost=cost,
-                    deadline_s=self._deadline_left_s(),
+                    deadline_s=self._deadline_left_s(), receipt=receipt,
                 )
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
@@ -298,24 +335,50 @@ class ThrottledTask(Task):  # type: ignore[misc]
         return value
 
     def _deadline_left_s(self) -> float:
-        enqueued_at = self._header(ENQUEUED_AT) or time.time()
+        enqueued_at, caller_s = self._origin()
         budget_s = self.tool.max_delay_ms / 1000
-        caller_s = self._header(DEADLINE_S)
         if caller_s is not None:
-            budget_s = min(budget_s, float(caller_s))
-        return budget_s - (time.time() - float(enqueued_at))  # negative once it has passed
+            budget_s = min(budget_s, caller_s)
+        return budget_s - (time.time() - enqueued_at)  # negative once it has passed
+
+    def _origin(self) -> tuple[float, float | None]:
+        """The call's first-enqueue time and caller deadline, from headers any caller can
+        set: a time not a number or in the future reads as now (this worker's clock); a
+        deadline that is not a number is ignored (the tool's max_delay still bounds it)."""
+        now = time.time()
+        enqueued_at = header_number(self._header(ENQUEUED_AT))
+        if enqueued_at is None or enqueued_at > now:
+            enqueued_at = now
+        return enqueued_at, header_number(self._header(DEADLINE_S))
+
+    def _message_tag(self) -> str:
+        """The tag kombu's Redis transport gives a message when published and keeps when it
+        delivers it again ('' on RabbitMQ)."""
+        properties = getattr(self.request, "properties", None) or {}
+        return str(properties.get("delivery_tag") or "").replace("|", "")
 
     def _redelivered(self, decision: Decision) -> bool:
         """Whether this delivery repeats a run whose worker was lost.
 
-        The gate knows while the first admission is in its windows ('readmitted'); after
-        that only the broker's redelivered flag tells (kombu sets it on restored messages).
-        A restored delay ('reservation') never ran: it is not counted.
+        'rerun': the message the gate admitted, delivered again (its tag is the one the gate
+        recorded). 'reused': another message with the id: a redelivery only if RabbitMQ
+        flagged it (on Redis the flag is written by the publisher, who may forge it), else
+        a second, independent call reusing the id: refused here, its body never runs, and
+        the first call's result stays. 'readmitted' is this same delivery asking again,
+        and a restored delay ('reservation') never ran: neither is counted.
         """
-        if decision.reason == "readmitted":
+        flagged = bool((self.request.delivery_info or {}).get("redelivered"))
+        if decision.reason == "rerun":
             return True
-        flagged = (self.request.delivery_info or {}).get("redelivered")
-        return bool(flagged) and decision.reason == "admitted"
+        if decision.reason == "reused" and not (flagged and self.throttle.trusts_redelivered):
+            logger.error(
+                "tool %s: refused a second message with task id %s, which the gate already "
+                "admitted: a reused id is not a redelivery. Its body did not run and the first "
+                "call's result is kept; give every call its own id", self.tool.name,
+                self.request.id,
+            )
+            raise Ignore(f"task id {self.request.id} reused")
+        return flagged and decision.reason in ("admitted", "reused")
 
     def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:
         count = self.throttle.gate.note_redelivery(self.tool.name, member, key=key)
@@ -334,7 +397,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if policy == "admit":
             return Decision(Action.ADMIT, 0.0, time.time(), "store_unavailable")
         if policy == "delay":
-            tries = int(getattr(self.request, STORE_RETRIES, 0) or 0)
+            tries = header_count(getattr(self.request, STORE_RETRIES, 0))
             backoff_s = min(STORE_BACKOFF_MAX_S, 2.0**tries) * (0.5 + random.random() / 2)
             # Never past the deadline, but one last try just before it.
             backoff_s = min(backoff_s, self._deadline_left_s() - STORE_LAST_TRY_S)
@@ -349,10 +412,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def _origin_headers(self) -> dict[str, Any]:
         """The call's first-enqueue time and caller deadline, carried by every re-publish."""
-        request = self.request
-        headers = {ENQUEUED_AT: getattr(request, ENQUEUED_AT, None) or time.time()}
-        if getattr(request, DEADLINE_S, None) is not None:
-            headers[DEADLINE_S] = getattr(request, DEADLINE_S)
+        enqueued_at, caller_s = self._origin()
+        headers: dict[str, Any] = {ENQUEUED_AT: enqueued_at}
+        if caller_s is not None:
+            headers[DEADLINE_S] = caller_s
         return headers
 
     def _republish(self, wait_s: float, reason: str, *, store_retries: int = 0) -> None:
@@ -368,7 +431,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         headers = {
             **self._caller_headers(),
             **self._origin_headers(),
-            DELAYS: int(getattr(request, DELAYS, 0) or 0) + 1,
+            DELAYS: header_count(getattr(request, DELAYS, 0)) + 1,
             STORE_RETRIES: store_retries,
         }
         try:

@@ -11,6 +11,7 @@ same app for its own process with `build(env)`.
                          attempt in <prefix>:poisoned first)
   THROTTLE_TEST_TASK_OPTIONS  JSON: tool name -> Celery task options for its task
   THROTTLE_TEST_BUSY     a value of `n` whose body raises UpstreamBusy (a 60 s pause)
+  THROTTLE_TEST_RETRY    a value of `n` whose body, once recorded, retries once (`self.retry`)
   THROTTLE_TEST_LEDGER_URL  where the ledger is written (default THROTTLE_REDIS_URL), so
                          the gate's store can be taken down while the ledger keeps working
 """
@@ -48,6 +49,7 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
     body_s = float(env.get("THROTTLE_TEST_BODY_S", "0"))
     poison = env.get("THROTTLE_TEST_POISON")
     busy = env.get("THROTTLE_TEST_BUSY")
+    retry_n = env.get("THROTTLE_TEST_RETRY")
 
     def make(tool: str) -> Any:
         def body(n: int, **_: Any) -> dict[str, Any]:
@@ -67,6 +69,8 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
                     "admitted_at": getattr(request, "throttle_admitted_at", None),
                 }
                 store.rpush(f"{prefix}:ledger", json.dumps(entry))
+                if str(n) == retry_n and not request.retries:
+                    raise current_task.retry(countdown=0)
                 if body_s:
                     time.sleep(body_s)
             finally:

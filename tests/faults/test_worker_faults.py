@@ -129,9 +129,10 @@ def test_a_pickled_message_on_a_tool_queue_is_refused_unread_and_the_worker_serv
     )
     assert refused
     assert "ContentDisallowed" in logs
-    assert logs.count("Received invalid task message") == 1  # rejected once, not requeued
+    assert logs.count(f"refused the message of task '{task_id}'") == 1  # once, not requeued
     assert not tripwire.exists()
-    assert AsyncResult(task_id, app=app).state == "PENDING"  # nothing ran, nothing stored
+    refusal = AsyncResult(task_id, app=app)  # nothing ran; the caller is answered
+    assert refusal.state == "FAILURE" and type(refusal.result).__name__ == "InvalidToolCall"
     assert left == 0
     assert task_id not in {run["id"] for run in ledger(redis_client, prefix)}
     assert cluster.procs[0].poll() is None

@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 from celery.exceptions import MaxRetriesExceededError, Retry
 
-from throttle import Throttle, load_config, recovery
+from throttle import InvalidToolCall, Throttle, fallback_reason, load_config, recovery
 
 pytestmark = pytest.mark.redis
 
@@ -121,3 +121,51 @@ def test_the_reaper_sends_a_lost_retry_again_with_its_task_id_and_retry_number(
     assert [(m["headers"]["id"], m["headers"]["retries"]) for m in sent] == [("call-9", 2)]
     calls, _ = throttle.gate.registry("search")
     assert redis_client.zrange(calls, 0, -1) == [b"call-9~retry2"]  # until the gate decides
+
+
+def test_the_reaper_publishes_a_lost_call_once_then_answers_it_with_the_fallback(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    """A call whose message is lost again after the reaper re-published it (say, one that
+    stops every worker that takes it) is not published a second time: it is answered with
+    the fallback, marked 'lost', and leaves the registry."""
+    throttle = throttle_on(redis_dbs[0], redis_url, prefix)
+
+    @throttle.tool
+    def search(query: str = "") -> str:
+        return query
+
+    broker = redis.Redis.from_url(redis_dbs[0])
+    result = search.delay(query="lamp")
+    broker.delete(*broker.keys("tool.search*"))  # the broker lost it
+    calls, _ = throttle.gate.registry("search")
+    lost_at = float(redis_client.zscore(calls, result.id) or 0) / 1000
+    assert recovery.reap(throttle, ["search"], now_s=lost_at + 1) == 1
+    assert broker.llen("tool.search") == 1  # published again
+    broker.delete(*broker.keys("tool.search*"))  # and lost again
+    later_s = lost_at + 1 + recovery.RETRY_S + 1
+    assert recovery.reap(throttle, ["search"], now_s=later_s) == 0
+    assert recovery.reap(throttle, ["search"], now_s=later_s + 60) == 0
+    assert not broker.keys("tool.search*")  # never a second time
+    assert result.get(timeout=1) is None and fallback_reason(result) == "lost"
+    assert redis_client.zcard(calls) == 0
+
+
+def test_the_reaper_never_publishes_a_call_that_already_failed(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    throttle = throttle_on(redis_dbs[0], redis_url, prefix)
+
+    @throttle.tool
+    def search(query: str = "") -> str:
+        return query
+
+    broker = redis.Redis.from_url(redis_dbs[0])
+    result = search.delay(query="lamp")
+    broker.delete(*broker.keys("tool.search*"))
+    search.backend.mark_as_failure(result.id, InvalidToolCall("search", "refused"))
+    calls, _ = throttle.gate.registry("search")
+    lost_at = float(redis_client.zscore(calls, result.id) or 0) / 1000
+    assert recovery.reap(throttle, ["search"], now_s=lost_at + 1) == 0
+    assert not broker.keys("tool.search*") and redis_client.zcard(calls) == 0
+    assert result.state == "FAILURE"

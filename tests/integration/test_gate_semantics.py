@@ -360,3 +360,29 @@ def test_a_due_call_with_a_fractional_slot_is_not_counted_out_twice(
     decision = gate.acquire("even3", "m6", now_s=P + 16.001)
     assert (decision.action, decision.reason) == (Action.DELAY, "late")
     assert decision.slot_at == pytest.approx(P + 16.005)
+
+
+def test_an_admitted_member_asking_again_is_readmitted_only_with_its_own_receipt(
+    gate: Gate, redis_client: redis.Redis, prefix: str
+) -> None:
+    """Receipts read '<message tag>|<delivery nonce>'. The same delivery asking again (its
+    answer was lost) is 'readmitted'; the same message delivered again is a 'rerun';
+    another message with the same id is 'reused'. Only the first admission counts."""
+    first = gate.acquire("one", "A", now_s=P, receipt="tag-1|d1")
+    again = gate.acquire("one", "A", now_s=P + 1, receipt="tag-1|d1")
+    redelivered = gate.acquire("one", "A", now_s=P + 2, receipt="tag-1|d2")
+    other = gate.acquire("one", "A", now_s=P + 3, receipt="tag-2|d3")
+    untagged = gate.acquire("one", "A", now_s=P + 4, receipt="|d4")
+    assert [d.reason for d in (first, again, redelivered, other, untagged)] == [
+        "admitted", "readmitted", "rerun", "reused", "reused"]
+    assert gate.acquire("one", "A", now_s=P + 5, receipt="|d4").reason == "readmitted"
+    assert gate.acquire("one", "A", now_s=P + 6).reason == "readmitted"  # no receipt passed
+    assert log_of(redis_client, prefix, "one") == {"A": P}  # counted once
+    receipts = tool_keys(prefix, "one").log.removesuffix(":log") + ":receipts"
+    assert redis_client.hgetall(receipts) == {b"A": b"|d4"}
+    # A receipt leaves with its member's log entry.
+    gate.acquire("one", "B", now_s=P + 200, receipt="t|d5")
+    assert redis_client.hgetall(receipts) == {b"B": b"t|d5"}
+    gate.cool_down("one", 1, member="B", now_s=P + 201)  # the upstream refused B
+    gate.acquire("one", "C", now_s=P + 300, receipt="t|d6")
+    assert redis_client.hgetall(receipts) == {b"C": b"t|d6"}

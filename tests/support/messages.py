@@ -53,3 +53,24 @@ def publish_raw(
             **message.properties,
         )
     return task_id
+
+
+def publish_message(
+    app: Celery,
+    queue: str,
+    body: Any,
+    headers: dict[str, Any],
+    *,
+    serializer: str = "json",
+) -> None:
+    """Publish `body` with exactly `headers` to `queue`: no check, no header of Celery's
+    own beyond what the caller writes (a body already `bytes` is sent as it is)."""
+    declared = app.amqp.queues[queue]
+    options: dict[str, Any] = {"serializer": serializer}
+    if isinstance(body, bytes):
+        options = {"content_type": "application/json", "content_encoding": "utf-8"}
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body, exchange=declared.exchange, routing_key=declared.routing_key,
+            headers=headers, declare=[declared], retry=True, **options,
+        )

@@ -69,3 +69,23 @@ def test_a_visibility_timeout_below_a_max_delay_is_refused_with_the_fix() -> Non
     app = app_with(broker_transport_options={"visibility_timeout": 10})
     with pytest.raises(ConfigError, match=r"not above the longest max_delay \(30.0s\).*raise it"):
         Throttle(app, load_config(TOOLS))
+
+
+def test_pickle_in_accept_content_is_removed_with_a_warning_that_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = app_with(accept_content=["json", "pickle", "application/x-python-serialize"],
+                   task_serializer="pickle")
+    with caplog.at_level("WARNING", logger="throttle"):
+        throttle = Throttle(app, load_config(TOOLS))
+    assert app.conf.accept_content == ["json"]
+    assert "accept_content listed ['pickle', 'application/x-python-serialize']; removed it" in (
+        caplog.text
+    )
+    def search(query: str) -> dict[str, Any]:
+        return {}
+
+    task = throttle.tool(search)
+    app.finalize()
+    # The app's pickle task_serializer does not reach tools.
+    assert app.tasks[task.name].serializer == "json"

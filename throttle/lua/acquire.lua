@@ -13,6 +13,8 @@ KEYS[next] free      ZSET  slots given back by released reservations (release.lu
 KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
 KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
                       admitted or refused (throttle/recovery.py)
+KEYS[last] receipts  HASH  (when a receipt is passed) member -> the receipt of the delivery
+                      that was admitted
   (all keys share one hash tag: the pool's, or the tool's)
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
@@ -29,11 +31,20 @@ ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
 then     p            number of pool limits, then p pairs: the class's allowance (share x
                       max) and window ms; then the concurrency cap (0: none) and lease ms
+then     receipt      (optional, '' for none) '<message tag>|<delivery nonce>': the tag names
+                      the message (kept when the broker delivers it again; may be empty),
+                      the nonce this delivery of it
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
-Reasons: admitted, reservation, readmitted | reserved, early, late, pool, concurrency,
+Reasons: admitted, reservation, readmitted, rerun, reused | reserved, early, late, pool, concurrency,
 cooldown | deadline, cost_exceeds_limit, cooldown.
+
+An admitted member asking again is 'readmitted' when its receipt is the one recorded at
+admission (the same delivery, whose answer was lost) or when no receipt is passed. With
+another receipt it is a 'rerun' when the message tag is the recorded one (the same message
+delivered again) and else 'reused' (another message with the same id); the worker decides
+what each may do.
 
 During a cooldown no call is admitted: new calls, and reserved calls whose slot falls
 inside it, are told to come back when it ends (without a reservation: they are placed
@@ -77,12 +88,23 @@ for i = 1, pn do
 end
 local cap = tonumber(ARGV[at_arg + 1 + 2 * pn])
 local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
+local receipt = ARGV[at_arg + 3 + 2 * pn] or ''
+local receipts = nil
+local nkeys = #KEYS
+if receipt ~= '' then
+  receipts = KEYS[nkeys]
+  nkeys = nkeys - 1
+end
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
 local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
 local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
 local free = KEYS[cooldown_at + 1]
+-- A store at maxmemory (noeviction) refuses the script here, before its first write, as it
+-- refuses any write that could grow memory: a no-op ZADD (XX GT -inf changes nothing) is
+-- that check. Without it the trims below (deletions) would let every later write through.
+redis.call('ZADD', log, 'XX', 'GT', '-inf', member)
 
 local LATE_GRACE_MS = 1000
 -- Exact (17 significant digits): bounds built from slots must match the stored scores.
@@ -104,6 +126,19 @@ for i = 1, n do windows[i] = windows[i] + margin / 2 end
 for i = 1, pn do pool_windows[i] = pool_windows[i] + margin / 2 end
 pool_longest = pool_longest + margin
 longest = longest + margin
+if receipts then
+  local noted = redis.call('HLEN', receipts)
+  if noted > 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, '-inf', now - longest)) do
+      redis.call('HDEL', receipts, m)
+    end
+  end
+  if noted > redis.call('ZCARD', log) then  -- members taken out otherwise (a cooldown)
+    for _, m in ipairs(redis.call('HKEYS', receipts)) do
+      if not redis.call('ZSCORE', log, m) then redis.call('HDEL', receipts, m) end
+    end
+  end
+end
 local weighted = trim(log, costs, now - longest)
 redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest)
 local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
@@ -268,6 +303,13 @@ local function expire(last)
   keep(log, last)
   if cost ~= 1 then keep(costs, last) end
 end
+-- Note which delivery was admitted (it leaves with the member's log entry).
+local function note_receipt()
+  if receipts then
+    redis.call('HSET', receipts, member, receipt)
+    keep(receipts, now)
+  end
+end
 
 -- Whether a call placed at `s` leaves every window that would hold it, (x - w, x] for x
 -- from s up to s + w, within its limit (w = window + margin, as reservations are placed).
@@ -329,6 +371,13 @@ local function decide()
   if held then
     local slot = redis.call('ZSCORE', rsv, member)
     if not slot then
+      local again = 'readmitted'
+      local noted = receipts and redis.call('HGET', receipts, member)
+      if receipts and noted ~= receipt then
+        local tag = receipt:match('^(.-)|')
+        again = 'reused'
+        if noted and tag and tag ~= '' and noted:match('^(.-)|') == tag then again = 'rerun' end
+      end
       if cap > 0 then
         -- Run again (its worker was lost): it needs a lease like any other run.
         local lease = tonumber(redis.call('ZSCORE', leases, member))
@@ -341,7 +390,8 @@ local function decide()
         end
         redis.call('ZADD', leases, now + lease_ms, member)
       end
-      return {'admit', '0', held, 'readmitted'}
+      note_receipt()
+      return {'admit', '0', held, again}
     end
     slot = tonumber(slot)
     -- Every refusal of a reservation gives it back, so a fallback needs no release.
@@ -386,6 +436,7 @@ local function decide()
     admit()
     redis.call('ZREM', rsv, member)
     expire(now)
+    note_receipt()
     return {'admit', '0', fmt(now), 'reservation'}
   end
 
@@ -423,6 +474,7 @@ local function decide()
     if refused then return refused end
     admit()
     expire(now)
+    note_receipt()
     return {'admit', '0', fmt(now), 'admitted'}
   end
   if t - now > deadline then
@@ -437,7 +489,7 @@ local function decide()
 end
 
 local answer = decide()
-if answer[1] ~= 'delay' and KEYS[cooldown_at + 2] then
+if answer[1] ~= 'delay' and nkeys > cooldown_at + 1 then
   if redis.call('ZREM', KEYS[cooldown_at + 2], member) == 1 then
     redis.call('HDEL', KEYS[cooldown_at + 3], member)
   end
