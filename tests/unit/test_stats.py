@@ -110,15 +110,15 @@ def test_the_hooks_never_raise_into_a_task_and_say_what_they_could_not_count(
     class Broken:
         """Not a task: every attribute the hooks read is missing."""
 
-    caplog.set_level(logging.DEBUG, logger="throttle.metrics")
+    caplog.set_level(logging.DEBUG, logger="throttle.monitor.metrics")
     metrics.observe_decision(Broken(), "admit", "admitted", 0.0)
     metrics.observe_run(Broken(), "success", 0.1)
     metrics.observe_store_error(Broken())
-    said = [record.getMessage() for record in caplog.records if record.name == "throttle.metrics"]
+    said = [record.getMessage() for record in caplog.records if record.name == "throttle.monitor.metrics"]
     assert [message.split(" of ")[0] for message in said] == [
         "could not count a decision", "could not count a run", "could not count a store error",
     ]
-    assert all(record.exc_info for record in caplog.records if record.name == "throttle.metrics")
+    assert all(record.exc_info for record in caplog.records if record.name == "throttle.monitor.metrics")
 
 
 def test_stats_keys_stand_apart_from_every_gate_key() -> None:
