@@ -33,6 +33,8 @@ from throttle.errors import InvalidToolCall
 logger = logging.getLogger("throttle")
 
 MAX_ARGS_DEPTH = 32  # arrays and objects inside a call's arguments
+POSITIONAL = ("pass arguments by keyword, e.g. .delay(query='...'); after a chain step, give "
+              "the tool an immutable signature, .si(query='...')")
 MAX_MESSAGE_DEPTH = 64  # the whole message: headers, arguments, callbacks
 ENVELOPE_BYTES = 65_536  # a message may exceed max_args_bytes by this (headers, callbacks)
 MAX_ID_CHARS = 255
@@ -203,7 +205,7 @@ def _body_problem(
     else:
         return "the message body is not Celery's [args, kwargs, embed]"
     if not isinstance(args, list | tuple) or args:
-        return "pass arguments by keyword, e.g. .delay(query='...')"
+        return POSITIONAL
     if not isinstance(kwargs, dict):
         return f"keyword arguments must be an object, got {type(kwargs).__name__}"
     if embed is not None and not isinstance(embed, dict):

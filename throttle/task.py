@@ -28,6 +28,7 @@ from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
 from throttle.intake import (
     MAX_ARGS_DEPTH,
+    POSITIONAL,
     header_count,
     header_number,
     nested_deeper_than,
@@ -186,10 +187,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
     def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""
         if args:
-            raise InvalidToolCall(
-                self.tool.name, "pass arguments by keyword, e.g. .delay(query='...'); after a "
-                "chain step, give the tool an immutable signature, .si(query='...')"
-            )
+            raise InvalidToolCall(self.tool.name, POSITIONAL)
         checked: dict[str, Any] = dict(kwargs or {})
         try:
             size = len(json.dumps(checked, separators=(",", ":")))
