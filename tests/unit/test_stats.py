@@ -114,11 +114,12 @@ def test_the_hooks_never_raise_into_a_task_and_say_what_they_could_not_count(
     metrics.observe_decision(Broken(), "admit", "admitted", 0.0)
     metrics.observe_run(Broken(), "success", 0.1)
     metrics.observe_store_error(Broken())
-    said = [record.getMessage() for record in caplog.records if record.name == "throttle.monitor.metrics"]
+    ours = [record for record in caplog.records if record.name == "throttle.monitor.metrics"]
+    said = [record.getMessage() for record in ours]
     assert [message.split(" of ")[0] for message in said] == [
         "could not count a decision", "could not count a run", "could not count a store error",
     ]
-    assert all(record.exc_info for record in caplog.records if record.name == "throttle.monitor.metrics")
+    assert all(record.exc_info for record in ours)
 
 
 def test_stats_keys_stand_apart_from_every_gate_key() -> None:
