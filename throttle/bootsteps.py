@@ -7,6 +7,9 @@ waiting for everybody behind. `FireDueTimers` lets the loop fire every due timer
 
 `ReapLostCalls` runs `throttle.recovery.reap` every second for the tools whose queues the
 worker consumes.
+
+`SizePools` sizes the broker's, the producers', the result backend's and the gate's
+connection pools for the node's concurrency (see throttle/pools.py) before it connects.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from celery import bootsteps
 from kombu.asynchronous.hub import Hub
 
 from throttle import recovery
+from throttle.pools import connections_for, size_pools
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -44,6 +48,24 @@ class FireDueTimers(bootsteps.StartStopStep):  # type: ignore[misc]
             hub.fire_timers = functools.partial(  # type: ignore[method-assign]
                 Hub.fire_timers, hub, max_timers=MAX_TIMERS_PER_PASS
             )
+
+
+class SizePools(bootsteps.Step):  # type: ignore[misc]
+    """Size every connection pool of the node for its concurrency (or autoscale maximum)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        throttle = THROTTLES.get(worker.app)
+        if throttle is None:
+            return
+        concurrency = max(int(worker.concurrency or 1), int(worker.max_concurrency or 0))
+        with worker.app.connection_for_write() as connection:  # not connected: no I/O
+            redis_broker = connection.transport.driver_type == "redis"
+        for problem in size_pools(worker.app.conf, concurrency, redis_broker=redis_broker):
+            logger.warning("throttle: %s", problem)
+        throttle.size_gate_pool(connections_for(concurrency))
 
 
 class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -92,17 +92,27 @@ def _cluster_url(url: str) -> str | None:
     return f"{scheme.removesuffix('+cluster')}://{rest}" if scheme in CLUSTER_SCHEMES else None
 
 
-def connect(url: str, **options: Any) -> StoreClient:
+def connect(url: str, *, max_connections: int | None = None, **options: Any) -> StoreClient:
     """A client for the gate's Redis. `redis+cluster://host:port` (or `rediss+cluster://`)
     reaches a Redis Cluster through that node; any other URL is one server.
 
     A single server is connected on first use; a cluster client asks the node for the
     cluster's layout at once, and raises one of STORE_ERRORS if it does not answer.
+    `max_connections` bounds a single server's pool: a call past it waits for a free
+    connection (at most `socket_connect_timeout`) instead of opening one more.
     """
     node = _cluster_url(url)
     if node is not None:
         return redis.cluster.RedisCluster.from_url(node, **options)
-    return redis.Redis.from_url(url, **options)
+    if max_connections is None:
+        return redis.Redis.from_url(url, **options)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections,
+        timeout=options.get("socket_connect_timeout") or DEFAULT_SOCKET_TIMEOUT_S, **options,
+    )
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as from_url: closing the client closes it
+    return client
 
 
 def connect_async(url: str, **options: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
@@ -265,7 +275,11 @@ class _GateBase:
 
 
 class Gate(_GateBase):
-    """The synchronous gate over redis-py: `acquire`, `release`."""
+    """The synchronous gate over redis-py: `acquire`, `release`.
+
+    One client serves every thread or greenlet of a process: each command takes a
+    connection of its own from the client's pool (`max_connections` bounds it, see `connect`).
+    """
 
     def __init__(
         self,
@@ -274,12 +288,14 @@ class Gate(_GateBase):
         *,
         prefix: str = DEFAULT_PREFIX,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
             try:
                 self.client: StoreClient = connect(
-                    redis_url_or_client, **_client_options(socket_timeout_s)
+                    redis_url_or_client, max_connections=max_connections,
+                    **_client_options(socket_timeout_s),
                 )
             except STORE_ERRORS as exc:
                 raise _unreachable(url, exc) from exc
