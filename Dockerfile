@@ -5,6 +5,6 @@ COPY pyproject.toml README.md ./
 COPY throttle ./throttle
 COPY workers ./workers
 COPY config ./config
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[gevent]"
 ENV THROTTLE_CONFIG=/app/config/tools.toml
 CMD ["celery", "-A", "workers", "worker", "-l", "INFO"]
