@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 
 from tests.integration.test_celery_flow import burst, tool
+from tests.support.pools import GEVENT, PREFORK, WorkerPool, pool_params
 from tests.support.rabbit import rabbitmq_queue
 from tests.support.relay import Relay
 from tests.support.servers import RedisServer, private_redis
@@ -40,9 +42,10 @@ def spare_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.mark.parametrize("pool", pool_params(PREFORK, GEVENT))
 def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed_windows(
     make_cluster: Any, redis_url: str, redis_client: redis.Redis, prefix: str,
-    spare_redis: RedisServer,
+    spare_redis: RedisServer, pool: WorkerPool,
 ) -> None:
     """1,000 calls over two tools at 50/1s; the gate's Redis restarts (down 2 s) mid-burst.
 
@@ -57,7 +60,7 @@ def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed
     cluster = make_cluster(config, env={"THROTTLE_REDIS_URL": spare_redis.url(0),
                                         "THROTTLE_TEST_LEDGER_URL": redis_url})
     results = burst(cluster, "strict", 500)[0] + burst(cluster, "blind", 500)[0]
-    cluster.start(3, concurrency=2)
+    cluster.start(3, concurrency=pool.concurrency, extra=pool.extra)
     wait_for_runs(redis_client, prefix, 300)
     spare_redis.restart(down_s=2)
     strict = check_ledger(results[:500], redis_client, prefix, window_s=1.0, timeout_s=60,
@@ -65,17 +68,18 @@ def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed
     blind = check_ledger(results[500:], redis_client, prefix, window_s=1.0, timeout_s=5,
                          tool="blind")
     blind_admits = cluster.logs().count("applying on_store_error=admit")
-    print(f"\ngate Redis restarted mid-burst: strict (fallback) {strict}/50; blind (admit) "
-          f"{blind}/50, +{blind_admits} admitted without the gate")
+    print(f"\ngate Redis restarted mid-burst (-P {pool.name}): strict (fallback) {strict}/50; "
+          f"blind (admit) {blind}/50, +{blind_admits} admitted without the gate")
     for check in (strict, blind):
         assert check.lost == 0 and check.ended["failure"] == 0 and check.run_twice == 0
     assert strict.most <= 50
     assert blind.most <= 50 + blind_admits
 
 
+@pytest.mark.parametrize("pool", pool_params(PREFORK, GEVENT))
 def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str],
-    spare_redis: RedisServer,
+    spare_redis: RedisServer, pool: WorkerPool,
 ) -> None:
     """2,000 calls at 200/1s; the broker's Redis is SIGKILLed mid-burst and restarted 1 s
     later from its append-only file. Calls whose messages die with it are re-published by
@@ -85,16 +89,16 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     broker = spare_redis.url(1)
     cluster = make_cluster(config, broker_url=broker)
     results, _ = burst(cluster, "busy", 2000)  # queued before any worker runs
-    cluster.start(3, concurrency=2)
+    cluster.start(3, concurrency=pool.concurrency, extra=pool.extra)
     wait_for_runs(redis_client, prefix, 600)
     unacked = redis.Redis.from_url(broker).hlen("unacked")
     spare_redis.restart(hard=True, down_s=1)
     check = check_ledger(results, redis_client, prefix, window_s=1.0, timeout_s=75)
     logs = cluster.logs()
     reaped = logs.count("never reached the gate")
-    print(f"\nbroker Redis SIGKILLed and restarted (AOF): {check}/200; unacked at the kill "
-          f"{unacked}, calls re-published by the reaper {reaped}; workers alive "
-          f"{cluster.alive()}/3, connections closed uncleanly "
+    print(f"\nbroker Redis SIGKILLed and restarted (AOF, -P {pool.name}): {check}/200; "
+          f"unacked at the kill {unacked}, calls re-published by the reaper {reaped}; "
+          f"workers alive {cluster.alive()}/3, connections closed uncleanly "
           f"{logs.count('could not be closed')}")
     assert "Unrecoverable error" not in logs and cluster.alive() == 3, logs[-3000:]
     assert check.lost == 0 and check.ended["failure"] == 0
@@ -108,25 +112,28 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
 @pytest.fixture
 def rabbitmq_via_relay() -> Iterator[tuple[str, Relay]]:
     """RabbitMQ behind a loopback relay that can cut the connections (skip if absent)."""
-    with rabbitmq_queue("tool.rabbitcut"), Relay("127.0.0.1", 5672) as relay:
-        yield f"amqp://guest:guest@127.0.0.1:{relay.port}//", relay
+    with rabbitmq_queue("tool.rabbitcut") as url, Relay("127.0.0.1", 5672) as relay:
+        parts = urlsplit(url)  # the same user and vhost, through the relay
+        yield parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:"
+                                    f"{relay.port}").geturl(), relay
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.parametrize("pool", pool_params(PREFORK, GEVENT))
 def test_a_rabbitmq_connection_cut_mid_burst_loses_no_call(
     make_cluster: Any, redis_client: redis.Redis, prefix: str,
-    rabbitmq_via_relay: tuple[str, Relay],
+    rabbitmq_via_relay: tuple[str, Relay], pool: WorkerPool,
 ) -> None:
     """600 calls at 50/1s through RabbitMQ; every connection is cut twice mid-burst."""
     broker, relay = rabbitmq_via_relay
     config = {"tools": {"rabbitcut": tool(["50/1s"], "20s")}}
     cluster = make_cluster(config, broker_url=broker)
-    cluster.start(2, concurrency=2)
+    cluster.start(2, concurrency=pool.concurrency, extra=pool.extra)
     results, _ = burst(cluster, "rabbitcut", 600)
     for _ in range(2):
         time.sleep(2.5)
         relay.cut()
     check = check_ledger(results, redis_client, prefix, window_s=1.0, timeout_s=75)
-    print(f"\nRabbitMQ connections cut x{relay.cuts}: {check}/50")
+    print(f"\nRabbitMQ connections cut x{relay.cuts} (-P {pool.name}): {check}/50")
     assert check.lost == 0 and check.ended["failure"] == 0
     assert check.most <= 50
