@@ -17,7 +17,7 @@ from tests.support.workers import clean_db
 from throttle.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER_DB = 7
+WORKER_DB = 13  # not one of the benchmarks (3-7) or the other tests (8-12)
 
 
 @pytest.fixture(autouse=True)

@@ -83,6 +83,7 @@ def test_a_worker_sizes_every_pool_for_its_concurrency_before_it_connects(
     needed = concurrency + HEADROOM
     assert app.conf.broker_transport_options["max_connections"] == needed
     assert app.conf.broker_pool_limit == max(10, needed)
+    assert app.pool.limit == max(10, needed)  # the producers' pool, made after the sizing
     gate_pool = throttle.gate.client.connection_pool
     assert isinstance(gate_pool, redis.BlockingConnectionPool)
     assert gate_pool.max_connections == needed
