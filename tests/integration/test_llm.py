@@ -7,6 +7,7 @@ request log (arrival times, statuses, tokens) through its admin endpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import random
 import subprocess
@@ -91,7 +92,7 @@ def llm_stack(
     and extra environment as keywords)."""
 
     def start(
-        *, workers: int = 1, concurrency: int = 1, level: str = "INFO",
+        *, workers: int = 1, concurrency: int = 1, pool: str = "prefork", level: str = "INFO",
         env: dict[str, str] | None = None, pool_limits: tuple[str, ...] = ("1000000/60s",),
         max_delay: str = "30s",
     ) -> LLMStack:
@@ -109,7 +110,7 @@ def llm_stack(
             log = (tmp_path / f"worker{index}.log").open("wb")
             cluster.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
-                 "tool.chat_completion", "-c", str(concurrency), "-n",
+                 "tool.chat_completion", "-c", str(concurrency), "-P", pool, "-n",
                  f"llm{index}-{uuid.uuid4().hex[:6]}@%h", "-l", level, "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
                 env=cluster.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -223,11 +224,18 @@ def most_tokens(admissions: list[tuple[float, float]], window_s: float) -> float
     return best
 
 
+@pytest.mark.parametrize(("pool", "concurrency"), [
+    ("prefork", 1),
+    pytest.param("gevent", 20, marks=pytest.mark.skipif(
+        importlib.util.find_spec("gevent") is None, reason="pip install 'throttle[gevent]'")),
+])
 def test_a_burst_of_random_prompts_stays_within_the_token_budget_in_every_window(
-    llm_stack: Callable[..., LLMStack], redis_client: redis.Redis, prefix: str
+    llm_stack: Callable[..., LLMStack], redis_client: redis.Redis, prefix: str, pool: str,
+    concurrency: int,
 ) -> None:
     budget, window_s = 1500, 2.0
-    stack = llm_stack(workers=2, pool_limits=(f"{budget}/2s",), max_delay="60s")
+    stack = llm_stack(workers=2, concurrency=concurrency, pool=pool,
+                      pool_limits=(f"{budget}/2s",), max_delay="60s")
     rng = random.Random(5)
     words = ["weather", "forecast", "rain", "Lyon", "sunny", "wind", "tomorrow", "cold"]
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 400)))
@@ -252,11 +260,12 @@ def test_a_burst_of_random_prompts_stays_within_the_token_budget_in_every_window
     stats = stack.stub.stats()
     arrivals = [(e["at"], e["prompt_tokens"] + e["completion_tokens"]) for e in stats["log"]]
     at_stub, at_stub_short = (most_tokens(arrivals, window_s - slack) for slack in (0, 0.5))
-    print(f"\nTPM: {len(calls)} calls, estimates {min(estimates)}-{max(estimates)} tokens "
-          f"(sum {sum(estimates)}), used sum {sum(used)}; most admitted in any {window_s:g}s "
-          f"window after settlement {peak:.0f} of {budget}; at the stub's arrival times "
-          f"{at_stub:.0f} in {window_s:g}s, {at_stub_short:.0f} in {window_s - 0.5:g}s; "
-          f"{elapsed:.1f}s, {sum(used) / elapsed * window_s:.0f} tokens per window on average")
+    print(f"\nTPM (-P {pool} -c {concurrency}): {len(calls)} calls, estimates "
+          f"{min(estimates)}-{max(estimates)} tokens (sum {sum(estimates)}), used sum "
+          f"{sum(used)}; most admitted in any {window_s:g}s window after settlement "
+          f"{peak:.0f} of {budget}; at the stub's arrival times {at_stub:.0f} in "
+          f"{window_s:g}s, {at_stub_short:.0f} in {window_s - 0.5:g}s; {elapsed:.1f}s, "
+          f"{sum(used) / elapsed * window_s:.0f} tokens per window on average")
     assert [cost for _, cost in admitted] == used  # every charge settled to its usage
     assert all(e >= u for e, u in zip(estimates, used, strict=True))
     assert peak <= budget
