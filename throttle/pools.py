@@ -21,7 +21,7 @@ from celery.app.defaults import DEFAULTS
 # Connections a node uses beside its calls: the consumer's deliveries and restores, the
 # reaper, the metrics flusher, pidbox and events.
 HEADROOM = 10
-KOMBU_MAX_CONNECTIONS = 10  # kombu's Redis Channel.max_connections
+REDIS_PY_MAX_CONNECTIONS = 100  # what a redis-py pool opens at most when given None
 
 
 def connections_for(concurrency: int) -> int:
@@ -42,9 +42,10 @@ def size_pools(conf: Any, concurrency: int, *, redis_broker: bool) -> list[str]:
     if redis_broker:
         options = dict(conf.broker_transport_options or {})
         chosen = options.setdefault("max_connections", needed)
-        if chosen is not None and chosen < needed:
+        if (chosen or REDIS_PY_MAX_CONNECTIONS) < needed:
+            shown = chosen or f"{chosen} (redis-py: {REDIS_PY_MAX_CONNECTIONS})"
             problems.append(
-                f"broker_transport_options['max_connections'] = {chosen} is below the "
+                f"broker_transport_options['max_connections'] = {shown} is below the "
                 f"{needed} connections a node of concurrency {concurrency} may use at once: "
                 f"acks fail with MaxConnectionsError; raise it to {needed} or remove it"
             )
@@ -58,7 +59,9 @@ def size_pools(conf: Any, concurrency: int, *, redis_broker: bool) -> list[str]:
             f"delayed calls wait for a producer; raise it to {needed} or remove it"
         )
     backend_limit = conf.get("redis_max_connections")
-    if backend_limit and backend_limit < needed:
+    if backend_limit is None:  # Celery's default: redis-py then opens at most 100
+        conf.redis_max_connections = max(REDIS_PY_MAX_CONNECTIONS, needed)
+    elif backend_limit < needed:
         problems.append(
             f"redis_max_connections = {backend_limit} is below the {needed} connections a "
             f"node of concurrency {concurrency} may use at once: storing results fails with "

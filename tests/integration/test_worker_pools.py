@@ -19,11 +19,13 @@ from tests.support.workers import check_ledger
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
 LIMIT, WINDOW_S, CALLS = 50, 2.0, 400
-# pool: (nodes, concurrency, body seconds). Green pools and threads run many calls of a
-# node at once (the I/O-bound case); every pool can run more than the limit, so it binds.
-POOLS = {
-    "prefork": (2, 2, 0.02), "threads": (2, 8, 0.2), "gevent": (3, 50, 0.2),
-    "eventlet": (2, 50, 0.2), "solo": (2, 1, 0.02),
+# name: (pool, nodes, concurrency, body seconds). Green pools and threads run many calls of
+# a node at once (the I/O-bound case); every setup can run more than the limit, so it binds.
+# gevent-150: more calls at once than a redis-py pool opens by default (100).
+SETUPS = {
+    "prefork": ("prefork", 2, 2, 0.02), "threads": ("threads", 2, 8, 0.2),
+    "gevent": ("gevent", 3, 50, 0.2), "gevent-150": ("gevent", 1, 150, 0.5),
+    "eventlet": ("eventlet", 2, 50, 0.2), "solo": ("solo", 2, 1, 0.02),
 }
 
 
@@ -31,13 +33,13 @@ def installed(pool: str) -> bool:
     return pool not in ("gevent", "eventlet") or importlib.util.find_spec(pool) is not None
 
 
-@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("setup", list(SETUPS))
 def test_a_binding_burst_holds_exactly_on_every_worker_pool(
-    pool: str, make_cluster: Any, redis_client: redis.Redis, prefix: str
+    setup: str, make_cluster: Any, redis_client: redis.Redis, prefix: str
 ) -> None:
+    pool, nodes, concurrency, body_s = SETUPS[setup]
     if not installed(pool):
         pytest.skip(f"{pool} is not installed (pip install 'throttle[{pool}]')")
-    nodes, concurrency, body_s = POOLS[pool]
     cluster = make_cluster({"tools": {"burst": tool([f"{LIMIT}/2s"], "60s")}},
                            env={"THROTTLE_TEST_BODY_S": str(body_s)})
     results, _ = burst(cluster, "burst", CALLS)  # queued first: every node starts full

@@ -17,7 +17,8 @@ TOOLS: dict[str, Any] = {"tools": {"search": {"limits": ["5/1s"], "max_delay": "
 
 
 def app_with(broker: str = "redis://127.0.0.1:6379/15", **settings: Any) -> Celery:
-    app = Celery("pools", broker=broker, set_as_current=False)
+    app = Celery("pools", broker=broker, backend="redis://127.0.0.1:6379/15",
+                 set_as_current=False)
     app.conf.update(settings)
     return app
 
@@ -27,7 +28,14 @@ def test_untouched_pools_grow_to_the_concurrency_plus_headroom() -> None:
     assert size_pools(app.conf, 50, redis_broker=True) == []
     assert app.conf.broker_transport_options["max_connections"] == 50 + HEADROOM
     assert app.conf.broker_pool_limit == 50 + HEADROOM
-    assert app.conf.get("redis_max_connections") is None  # unbounded stays unbounded
+    # The result backend's pool: redis-py opens at most 100 when Celery passes None.
+    assert app.conf.redis_max_connections == 100
+
+
+def test_a_large_concurrency_raises_the_result_backends_pool_past_redis_pys_100() -> None:
+    app = app_with()
+    assert size_pools(app.conf, 200, redis_broker=True) == []
+    assert app.conf.redis_max_connections == 200 + HEADROOM
 
 
 def test_a_small_concurrency_keeps_celerys_producer_pool() -> None:
@@ -48,6 +56,16 @@ def test_limits_the_user_set_too_low_are_kept_and_named_with_the_fix() -> None:
     assert "raise it to 60 or remove it" in problems[0]
     assert "broker_pool_limit = 4 is below the worker's concurrency (50)" in problems[1]
     assert "redis_max_connections = 20" in problems[2] and "raise it to 60" in problems[2]
+
+
+def test_a_broker_pool_left_to_redis_pys_default_is_named_when_too_small() -> None:
+    app = app_with(broker_transport_options={"max_connections": None})
+    problems = size_pools(app.conf, 120, redis_broker=True)
+    assert problems == [
+        "broker_transport_options['max_connections'] = None (redis-py: 100) is below the 130 "
+        "connections a node of concurrency 120 may use at once: acks fail with "
+        "MaxConnectionsError; raise it to 130 or remove it"
+    ]
 
 
 def test_limits_the_user_set_high_enough_pass_without_a_word() -> None:
@@ -84,6 +102,7 @@ def test_a_worker_sizes_every_pool_for_its_concurrency_before_it_connects(
     assert app.conf.broker_transport_options["max_connections"] == needed
     assert app.conf.broker_pool_limit == max(10, needed)
     assert app.pool.limit == max(10, needed)  # the producers' pool, made after the sizing
+    assert app.backend.max_connections == max(100, needed)  # made after the sizing too
     gate_pool = throttle.gate.client.connection_pool
     assert isinstance(gate_pool, redis.BlockingConnectionPool)
     assert gate_pool.max_connections == needed
