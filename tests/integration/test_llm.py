@@ -7,7 +7,6 @@ request log (arrival times, statuses, tokens) through its admin endpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import random
 import subprocess
@@ -28,6 +27,7 @@ from celery import Celery
 from jsonschema import Draft202012Validator
 
 from tests.support.gateway import StubServer, every_value
+from tests.support.pools import missing
 from tests.support.servers import free_port, server, throttle_cmd
 from tests.support.workers import Cluster
 from throttle import Config, Throttle, outcome
@@ -227,7 +227,7 @@ def most_tokens(admissions: list[tuple[float, float]], window_s: float) -> float
 @pytest.mark.parametrize(("pool", "concurrency"), [
     ("prefork", 1),
     pytest.param("gevent", 20, marks=pytest.mark.skipif(
-        importlib.util.find_spec("gevent") is None, reason="pip install 'throttle[gevent]'")),
+        missing("gevent"), reason="pip install 'throttle[gevent]'")),
 ])
 def test_a_burst_of_random_prompts_stays_within_the_token_budget_in_every_window(
     llm_stack: Callable[..., LLMStack], redis_client: redis.Redis, prefix: str, pool: str,

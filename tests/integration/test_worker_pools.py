@@ -7,13 +7,13 @@ windows exact, run no body twice and lose no call.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
 import redis
 
 from tests.integration.test_celery_flow import burst, tool
+from tests.support.pools import missing
 from tests.support.workers import check_ledger
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
@@ -29,16 +29,12 @@ SETUPS = {
 }
 
 
-def installed(pool: str) -> bool:
-    return pool not in ("gevent", "eventlet") or importlib.util.find_spec(pool) is not None
-
-
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_a_binding_burst_holds_exactly_on_every_worker_pool(
     setup: str, make_cluster: Any, redis_client: redis.Redis, prefix: str
 ) -> None:
     pool, nodes, concurrency, body_s = SETUPS[setup]
-    if not installed(pool):
+    if missing(pool):
         pytest.skip(f"{pool} is not installed (pip install 'throttle[{pool}]')")
     cluster = make_cluster({"tools": {"burst": tool([f"{LIMIT}/2s"], "60s")}},
                            env={"THROTTLE_TEST_BODY_S": str(body_s)})

@@ -26,13 +26,18 @@ PREFORK = WorkerPool("prefork", 2)
 GEVENT = WorkerPool("gevent", 20)
 
 
+def missing(pool: str) -> bool:
+    """Whether `-P pool` needs a package that is not installed (gevent, eventlet)."""
+    return pool in ("gevent", "eventlet") and importlib.util.find_spec(pool) is None
+
+
 def pool_params(*pools: WorkerPool) -> list[object]:
     """`pools` as pytest params named by pool, skipped where the pool's package is absent."""
     return [
         pytest.param(
             pool, id=pool.name,
             marks=pytest.mark.skipif(
-                pool.name in ("gevent", "eventlet") and importlib.util.find_spec(pool.name) is None,
+                missing(pool.name),
                 reason=f"{pool.name} is not installed (pip install 'throttle[{pool.name}]')",
             ),
         )
