@@ -41,8 +41,7 @@ def _open_client(**_: Any) -> None:
 
 worker_process_init.connect(_open_client, weak=False)  # each prefork child
 # threads, gevent, eventlet and solo run calls in the worker's main process, where
-# worker_process_init is not sent: without this, the first call of a gevent node reached
-# the upstream 50-110 ms after its admission, past the slot margin.
+# worker_process_init is not sent: the first call of such a node made the client itself.
 worker_init.connect(_open_client, weak=False)
 
 
