@@ -8,6 +8,9 @@ waiting for everybody behind. `FireDueTimers` lets the loop fire every due timer
 `ReapLostCalls` runs `throttle.recovery.reap` every second for the tools whose queues the
 worker consumes.
 
+`RestoreLostMessages` gives workers without kombu's event loop (gevent, eventlet) the
+periodic sweep for messages of lost workers that the loop runs.
+
 `SizePools` sizes the broker's, the producers', the result backend's and the gate's
 connection pools for the node's concurrency (see throttle/pools.py) before it connects.
 """
@@ -35,6 +38,7 @@ logger = logging.getLogger("throttle")
 THROTTLES: weakref.WeakKeyDictionary[Celery, Throttle] = weakref.WeakKeyDictionary()
 
 MAX_TIMERS_PER_PASS = 100_000
+RESTORE_EVERY_S = 10.0  # kombu's unacked_restore_interval default
 
 
 class FireDueTimers(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -66,6 +70,48 @@ class SizePools(bootsteps.Step):  # type: ignore[misc]
         for problem in size_pools(worker.app.conf, concurrency, redis_broker=redis_broker):
             logger.warning("throttle: %s", problem)
         throttle.size_gate_pool(connections_for(concurrency))
+
+
+class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
+    """On a worker without kombu's event loop (gevent, eventlet), sweep on a timer for the
+    messages lost workers left unacked.
+
+    kombu's Redis transport restores those messages (older than the visibility timeout) from
+    an event-loop timer. A worker without the loop sweeps only when a poll finds nothing,
+    which a busy node never does: on gevent nodes, the calls a killed node held waited
+    unacked until the whole burst had drained, or were never restored.
+    """
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._timer: Any = None
+
+    def start(self, worker: Any) -> None:
+        if worker.use_eventloop or THROTTLES.get(worker.app) is None:
+            return
+        options = worker.app.conf.broker_transport_options or {}
+        interval_s = float(options.get("unacked_restore_interval") or RESTORE_EVERY_S)
+        self._timer = worker.timer.call_repeatedly(interval_s, self._sweep, (worker,))
+
+    @staticmethod
+    def _sweep(worker: Any) -> None:
+        task_consumer = getattr(getattr(worker, "consumer", None), "task_consumer", None)
+        channel = getattr(task_consumer, "channel", None)
+        restore = getattr(getattr(channel, "qos", None), "restore_visible", None)
+        if channel is None or restore is None:  # not connected, or a broker that requeues
+            return
+        try:
+            restore(num=channel.unacked_restore_limit, interval=1)
+        except Exception:  # never let the sweep stop the worker's timer
+            logger.warning("throttle: sweeping for messages of lost workers failed",
+                           exc_info=True)
+
+    def stop(self, worker: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -17,7 +17,13 @@ from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
 
-from throttle.bootsteps import THROTTLES, FireDueTimers, ReapLostCalls, SizePools
+from throttle.bootsteps import (
+    THROTTLES,
+    FireDueTimers,
+    ReapLostCalls,
+    RestoreLostMessages,
+    SizePools,
+)
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate, StoreClient
@@ -76,6 +82,7 @@ class Throttle:
         app.steps["worker"].add(SizePools)
         app.steps["worker"].add(FireDueTimers)
         app.steps["worker"].add(ReapLostCalls)
+        app.steps["worker"].add(RestoreLostMessages)
         THROTTLES[app] = self
 
     @property
