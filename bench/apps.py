@@ -103,7 +103,7 @@ if "BENCH_PREFIX" in os.environ:
 
 @dataclass
 class Node:
-    """One `celery worker` process (prefork) and its log."""
+    """One `celery worker` process and its log."""
 
     name: str
     app: str
@@ -123,10 +123,11 @@ def start_nodes(
     env: Mapping[str, str],
     *,
     concurrency: int = 2,
+    pool: str = "prefork",
     loglevel: str = "WARNING",
     timeout_s: float = 60,
 ) -> None:
-    """Start every node, then wait until each has logged that it is ready."""
+    """Start every node (`-P pool -c concurrency`), then wait until each is ready."""
     for node in nodes:
         cmd = [
             sys.executable,
@@ -140,7 +141,7 @@ def start_nodes(
             "-c",
             str(concurrency),
             "-P",
-            "prefork",
+            pool,
             "-n",
             f"{node.name}@%h",
             "-l",

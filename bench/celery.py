@@ -1,6 +1,6 @@
 """Throttle on real Celery workers: overhead, a binding limit, memory, and Celery's rate_limit.
 
-One run starts its own `celery worker` nodes (prefork, -c 2, `bench.apps`) against a real Redis
+One run starts its own `celery worker` nodes (prefork -c 2, `bench.apps`) against a real Redis
 (`THROTTLE_REDIS_URL`, default redis://127.0.0.1:6379/0; broker, results and gate on database
 numbers 3, 4 and 5, see `--dbs`), measures, stops them, and deletes every key it made:
 
@@ -16,6 +16,9 @@ numbers 3, 4 and 5, see `--dbs`), measures, stops them, and deletes every key it
               main process's RSS once it holds them all as ETA tasks, against its idle RSS.
 4. Rate       a burst of 400 at "20/1s" against Celery's `rate_limit="20/s"` on the plain app
               (same settings, no FireDueTimers bootstep), with 1 and with 2 nodes, side by side.
+
+Parts 1 and 2 then run again on three gevent nodes (`-P gevent -c 50`, see `--green`), the
+pool I/O-bound tools run on, so the two pools' figures stand side by side.
 
 `--quick` shrinks every size; `--json PATH` saves all figures; `--check` exits 1 on a MISS.
 """
@@ -57,6 +60,7 @@ SIZES = {  # name: (default, --quick)
 }
 BURST_LIMIT, RATE = 100, 20
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: one list per priority step, q + sep + p
+GREEN_CONCURRENCY = 50
 MARGIN_S = 0.040  # the default slot_margin, whose cost shows in the makespan and rates
 
 
@@ -200,6 +204,12 @@ class Bench:
                 node("P2", "plain", "plain.rated_two"),
             )
         }
+        # The same roles on gevent: G0 as T0 for part 1, G0-G2 as T0-T2 for part 2.
+        self.green_nodes = [
+            Node(name, "throttle", queues, log_dir / f"{name}.log")
+            for name, queues in (("G0", ("tool.noop", "plain.noop")), ("G1", ("bench.idle",)),
+                                 ("G2", ("bench.idle",)))
+        ]
 
     def clean(self) -> None:
         for name in ("broker", "backend"):
@@ -242,7 +252,7 @@ class Bench:
         return sum(int(self.broker.llen(name)) for name in names)
 
     # -- 1 ----------------------------------------------------------------------------
-    def overhead(self, n: int, rounds: int) -> list[Figure]:
+    def overhead(self, n: int, rounds: int, pool: str = "prefork -c 2") -> list[Figure]:
         contenders = {"throttle": self.tasks["noop"], "plain": self.tasks["plain.noop"]}
 
         def timed(task: Any, count: int) -> float:
@@ -263,22 +273,23 @@ class Bench:
         ratio = rate["throttle"] / rate["plain"]
         # Each round's two runs are back to back: their ratio shares the machine's state.
         paired = sorted(p / t for t, p in zip(seconds["throttle"], seconds["plain"], strict=True))
+        part = f"1 overhead {pool}"
         return [
             Figure(
-                "1 overhead",
+                part,
                 "plain Celery no-op, calls/s",
                 f"{rate['plain']:.0f}",
                 raw=seconds["plain"],
             ),
             Figure(
-                "1 overhead",
+                part,
                 "throttle no-op (never binds), calls/s",
                 f"{rate['throttle']:.0f}",
                 raw=seconds["throttle"],
             ),
-            Figure("1 overhead", "throttle / plain", f"{ratio:.3f}", ">= 0.90", ratio >= 0.9),
+            Figure(part, "throttle / plain", f"{ratio:.3f}", ">= 0.90", ratio >= 0.9),
             Figure(
-                "1 overhead",
+                part,
                 f"throttle / plain within each round, median (min-max of {rounds})",
                 f"{percentile(paired, 50):.3f} ({paired[0]:.2f}-{paired[-1]:.2f})",
                 raw=paired,
@@ -286,7 +297,7 @@ class Bench:
         ]
 
     # -- 2 ----------------------------------------------------------------------------
-    def binding(self, n: int) -> list[Figure]:
+    def binding(self, n: int, pool: str = "prefork -c 2", nodes: str = "T") -> list[Figure]:
         run = uuid.uuid4().hex[:8]
         ideal_s = n / BURST_LIMIT - 1
         start = time.monotonic()
@@ -294,7 +305,7 @@ class Bench:
         enqueue_s = time.monotonic() - start
         # The whole burst waits in the queue before any node consumes it: a real burst,
         # whatever the speed of this one enqueueing process.
-        names = [f"{name}@{socket.gethostname()}" for name in ("T0", "T1", "T2")]
+        names = [f"{nodes}{index}@{socket.gethostname()}" for index in range(3)]
         replies = self.app.control.add_consumer("tool.burst", destination=names, reply=True)
         if len(replies) != len(names):
             raise RuntimeError(f"add_consumer tool.burst answered {replies}")
@@ -318,7 +329,7 @@ class Bench:
                                 for times in (admitted, [r["at"] for r in recs]))
         ratio = makespan / ideal_s
         cap = 1 + MARGIN_S + 0.01
-        part = f"2 binding {BURST_LIMIT}/1s x3"
+        part = f"2 binding {BURST_LIMIT}/1s x3 {pool}"
         return [
             Figure(
                 part,
@@ -511,6 +522,30 @@ class Bench:
         ]
 
 
+def run_green(
+    bench: Bench, args: argparse.Namespace, sizes: dict[str, int],
+    cpu: dict[str, dict[str, float]], console: Console, began: float,
+) -> list[Figure]:
+    """Parts 1 and 2 on the gevent nodes G0-G2 (the prefork nodes are stopped by then)."""
+    pool = f"gevent -c {args.green}"
+    console.print(f"{time.monotonic() - began:5.0f}s  starting 3 {pool} nodes ...",
+                  highlight=False)
+    start_nodes(bench.green_nodes, bench.env, pool="gevent", concurrency=args.green)
+    ours = [os.getpid()] + [node.pid for node in bench.green_nodes]
+    redis_pid = local_redis_pid(bench.gate)
+    figures: list[Figure] = []
+    steps: list[tuple[str, Callable[[], list[Figure]]]] = [
+        ("1g overhead", lambda: bench.overhead(sizes["overhead_n"], args.rounds, pool)),
+        ("2g binding limit", lambda: bench.binding(sizes["burst_n"], pool, nodes="G")),
+    ]
+    for title, step in steps:
+        console.print(f"{time.monotonic() - began:5.0f}s  {title} ({pool}) ...", highlight=False)
+        with cpu_use(ours, redis_pid) as used:
+            figures += step()
+        cpu[title.split()[0]] = used
+    return figures
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -547,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="overhead runs per contender")
     parser.add_argument("--rate", type=int, default=RATE, help="limit of part 4, per second")
+    parser.add_argument("--green", type=int, default=GREEN_CONCURRENCY, metavar="C",
+                        help="concurrency of the gevent nodes (0: skip them)")
     args = parser.parse_args(argv)
     sizes = {name: pair[1 if args.quick else 0] for name, pair in SIZES.items()}
     console = Console()
@@ -578,8 +615,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cpu[title.split()[0]] = used
         finally:
             stop_nodes(nodes)
+        try:
+            if args.green:
+                figures += run_green(bench, args, sizes, cpu, console, began)
+        finally:
+            stop_nodes(bench.green_nodes)
             bench.clean()
-    figures.sort(key=lambda fig: fig.part[0])
+    figures.sort(key=lambda fig: fig.part[0])  # stable: each part's pools side by side
     host = socket.gethostname()
     notes = [
         f"Redis {mask_url(args.redis_url)} (broker/results/gate dbs {args.dbs}); {host}, "
@@ -588,7 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{k}: {v['redis']:.2f} / {v['others']:.2f}" for k, v in sorted(cpu.items()))
         + " (other processes above ~0.2 cores disturb the figures: rerun).",
         "Nodes: `celery -A bench.apps worker -P prefork -c 2 -l WARNING --without-gossip "
-        "--without-mingle --without-heartbeat`; throttle nodes T0-T2, plain nodes P0-P2.",
+        "--without-mingle --without-heartbeat`; throttle nodes T0-T2, plain nodes P0-P2; "
+        f"gevent rows: the same on `-P gevent -c {args.green}`, throttle nodes G0-G2 (run "
+        "after the prefork nodes stopped).",
         "Part 1 runs both contenders on node T0 (the throttle app, so the same settings; "
         "its FireDueTimers bootstep is idle without ETA tasks). Part 4's Celery rows run on "
         "the plain app: "

@@ -10,6 +10,12 @@ worker consumes.
 
 `GiveBackRevokedCalls` makes revoked tool calls give back their slots, leases and registry
 entries as soon as they are revoked (see throttle/revocation.py).
+
+`RestoreLostMessages` gives workers without kombu's event loop (gevent, eventlet) the
+periodic sweep for messages of lost workers that the loop runs.
+
+`SizePools` sizes the broker's, the producers', the result backend's and the gate's
+connection pools for the node's concurrency (see throttle/pools.py) before it connects.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from celery import bootsteps, signals
 from kombu.asynchronous.hub import Hub
 
 from throttle import recovery, revocation
+from throttle.pools import connections_for, size_pools
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -34,6 +41,7 @@ logger = logging.getLogger("throttle")
 THROTTLES: weakref.WeakKeyDictionary[Celery, Throttle] = weakref.WeakKeyDictionary()
 
 MAX_TIMERS_PER_PASS = 100_000
+RESTORE_EVERY_S = 10.0  # kombu's unacked_restore_interval default
 
 
 class FireDueTimers(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -47,6 +55,66 @@ class FireDueTimers(bootsteps.StartStopStep):  # type: ignore[misc]
             hub.fire_timers = functools.partial(  # type: ignore[method-assign]
                 Hub.fire_timers, hub, max_timers=MAX_TIMERS_PER_PASS
             )
+
+
+class SizePools(bootsteps.Step):  # type: ignore[misc]
+    """Size every connection pool of the node for its concurrency (or autoscale maximum)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        throttle = THROTTLES.get(worker.app)
+        if throttle is None:
+            return
+        concurrency = max(int(worker.concurrency or 1), int(worker.max_concurrency or 0))
+        with worker.app.connection_for_write() as connection:  # not connected: no I/O
+            redis_broker = connection.transport.driver_type == "redis"
+        for problem in size_pools(worker.app.conf, concurrency, redis_broker=redis_broker):
+            logger.warning("throttle: %s", problem)
+        throttle.size_gate_pool(connections_for(concurrency))
+
+
+class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
+    """On a worker without kombu's event loop (gevent, eventlet), sweep on a timer for the
+    messages lost workers left unacked.
+
+    kombu's Redis transport restores those messages (older than the visibility timeout) from
+    an event-loop timer. A worker without the loop sweeps only when a poll finds nothing,
+    which a busy node rarely does: on gevent nodes, messages a killed node held were still
+    unacked 15 s after the burst had ended.
+    """
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._timer: Any = None
+
+    def start(self, worker: Any) -> None:
+        if worker.use_eventloop or THROTTLES.get(worker.app) is None:
+            return
+        options = worker.app.conf.broker_transport_options or {}
+        interval_s = float(options.get("unacked_restore_interval") or RESTORE_EVERY_S)
+        self._timer = worker.timer.call_repeatedly(interval_s, self._sweep, (worker,))
+
+    @staticmethod
+    def _sweep(worker: Any) -> None:
+        task_consumer = getattr(getattr(worker, "consumer", None), "task_consumer", None)
+        channel = getattr(task_consumer, "channel", None)
+        restore = getattr(getattr(channel, "qos", None), "restore_visible", None)
+        if channel is None or restore is None:  # not connected, or a broker that requeues
+            return
+        try:
+            restore(num=channel.unacked_restore_limit, interval=1)
+        except Exception:  # never let the sweep stop the worker's timer
+            logger.warning("throttle: sweeping for messages of lost workers failed",
+                           exc_info=True)
+
+    def stop(self, worker: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]

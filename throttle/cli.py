@@ -32,6 +32,9 @@ DEFAULT_CONFIG = Path("config") / "tools.toml"
 # The file the deployed workers load when THROTTLE_CONFIG is not set (see workers/celery.py).
 PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 PIPED_WIDTH = 140
+# Celery's worker pools (`celery worker -P`); the green ones need a package of their own.
+POOLS = ("prefork", "threads", "gevent", "eventlet", "solo", "processes")
+GREEN_POOLS = ("gevent", "eventlet")
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -108,11 +111,16 @@ def worker(args: tuple[str, ...]) -> None:
 
     Example: throttle worker search_products get_inventory -c 4 -l INFO
 
+    Pick the pool for the tool's work with -P: I/O-bound calls (LLM and HTTP APIs) on
+    `-P gevent -c 50` (pip install 'throttle[gevent]') or `-P threads -c 16`; CPU-bound
+    bodies on prefork (the default, -c = cores). Connection pools are sized for -c.
+
     The tools are checked against THROTTLE_CONFIG (default: the project's config/tools.toml),
     the file the worker loads.
     """
     tools = list(itertools.takewhile(lambda arg: not arg.startswith("-"), args))
     options = list(args[len(tools):])
+    _check_pool(options)
     path = Path(os.environ.get("THROTTLE_CONFIG") or PROJECT_CONFIG)
     config = _load(path)
     known = ", ".join(config.tools)
@@ -129,6 +137,34 @@ def worker(args: tuple[str, ...]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
+
+
+def _pool_option(options: list[str]) -> str | None:
+    """The value of celery's -P / --pool among `options`, if given (the last one wins)."""
+    pool = None
+    for index, option in enumerate(options):
+        if option in ("-P", "--pool") and index + 1 < len(options):
+            pool = options[index + 1]
+        elif option.startswith("--pool="):
+            pool = option.partition("=")[2]
+        elif option.startswith("-P") and len(option) > 2:
+            pool = option[2:]
+    return pool
+
+
+def _check_pool(options: list[str]) -> None:
+    """Fail with the fix when -P names an unknown pool or one whose package is missing."""
+    pool = _pool_option(options)
+    if pool is None or ":" in pool:  # a custom pool class, "module:Class"
+        return
+    if pool not in POOLS:
+        _fail(f"-P {pool}: unknown worker pool; choose one of {', '.join(POOLS)} "
+              "(gevent or threads for I/O-bound tools, prefork for CPU-bound ones)")
+    if pool in GREEN_POOLS:
+        try:
+            require_extra(pool, f"-P {pool}")
+        except ThrottleError as exc:
+            _fail(str(exc))
 
 
 @main.command()

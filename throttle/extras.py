@@ -7,7 +7,9 @@
     demo      fakeredis[lua], matplotlib, tomli-w, tornado   throttle demo, stub-llm
     flower    flower                     throttle flower
     testing   fakeredis[lua], pytest, pytest-celery    throttle.testing (tests of your tools)
-    all       every extra above
+    gevent    gevent                     throttle worker TOOL -P gevent
+    eventlet  eventlet                   throttle worker TOOL -P eventlet
+    all       every extra above but eventlet
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gateway": ("fastapi", "uvicorn"),
     "demo": ("fakeredis", "lupa", "matplotlib", "tomli_w", "tornado"),
     "flower": ("flower",),
+    "gevent": ("gevent",),
+    "eventlet": ("eventlet",),
     "testing": ("fakeredis", "lupa", "pytest", "pytest_celery"),
 }
 

@@ -199,7 +199,11 @@ class _GateBase:
 
 
 class Gate(_GateBase):
-    """The synchronous gate over redis-py: `acquire`, `release`."""
+    """The synchronous gate over redis-py: `acquire`, `release`.
+
+    One client serves every thread or greenlet of a process: each command takes a
+    connection of its own from the client's pool (`max_connections` bounds it, see `connect`).
+    """
 
     def __init__(
         self,
@@ -208,12 +212,14 @@ class Gate(_GateBase):
         *,
         prefix: str = DEFAULT_PREFIX,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
             with StoreErrors(url):
                 self.client: StoreClient = connect(
-                    redis_url_or_client, **client_options(socket_timeout_s)
+                    redis_url_or_client, max_connections=max_connections,
+                    **client_options(socket_timeout_s),
                 )
         else:
             self.client = redis_url_or_client

@@ -18,7 +18,14 @@ from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
 
-from throttle.bootsteps import THROTTLES, FireDueTimers, GiveBackRevokedCalls, ReapLostCalls
+from throttle.bootsteps import (
+    THROTTLES,
+    FireDueTimers,
+    GiveBackRevokedCalls,
+    ReapLostCalls,
+    RestoreLostMessages,
+    SizePools,
+)
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate
@@ -71,6 +78,7 @@ class Throttle:
         self._redis_client = redis_client
         self._gate: Gate | None = None
         self._gate_pid = 0
+        self._gate_connections: int | None = None  # the worker sizes it (see SizePools)
         apply_defaults(app, self.config)
         # Only kombu's Redis transport can lose a message a consumer was handed (see
         # throttle/recovery.py); RabbitMQ requeues whatever a dead consumer left unacked.
@@ -80,19 +88,28 @@ class Throttle:
         self.trusts_redelivered = _is_amqp(app)
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
+        app.steps["worker"].add(SizePools)
         app.steps["worker"].add(FireDueTimers)
         app.steps["worker"].add(ReapLostCalls)
         app.steps["worker"].add(GiveBackRevokedCalls)
+        app.steps["worker"].add(RestoreLostMessages)
         THROTTLES[app] = self
 
     @property
     def gate(self) -> Gate:
-        """This process's gate (created lazily, and again after a fork)."""
+        """This process's gate, shared by its threads and greenlets (created lazily, and
+        again after a fork). Two threads that make it at once each get a working gate."""
         if self._gate is None or self._gate_pid != os.getpid():
             client = self._redis_client or self.redis_url
-            self._gate = Gate(client, self.config, prefix=self.prefix)
+            self._gate = Gate(client, self.config, prefix=self.prefix,
+                              max_connections=self._gate_connections)
             self._gate_pid = os.getpid()
         return self._gate
+
+    def size_gate_pool(self, max_connections: int) -> None:
+        """Bound the gate's connection pool (a call past it waits for a connection)."""
+        self._gate_connections = max_connections
+        self._gate = None  # made again, with the new size, on first use
 
     def tool(self, name_or_fn: str | Callable[..., Any] | None = None, **options: Any) -> Any:
         """Decorate a plain function as the task of a configured tool.

@@ -48,17 +48,27 @@ def _cluster_url(url: str) -> str | None:
     return f"{scheme.removesuffix('+cluster')}://{rest}" if scheme in CLUSTER_SCHEMES else None
 
 
-def connect(url: str, **options: Any) -> StoreClient:
+def connect(url: str, *, max_connections: int | None = None, **options: Any) -> StoreClient:
     """A client for the gate's Redis. `redis+cluster://host:port` (or `rediss+cluster://`)
     reaches a Redis Cluster through that node; any other URL is one server.
 
     A single server is connected on first use; a cluster client asks the node for the
     cluster's layout at once, and raises one of STORE_ERRORS if it does not answer.
+    `max_connections` bounds a single server's pool: a call past it waits for a free
+    connection (at most `socket_connect_timeout`) instead of opening one more.
     """
     node = _cluster_url(url)
     if node is not None:
         return redis.cluster.RedisCluster.from_url(node, **options)
-    return redis.Redis.from_url(url, **options)
+    if max_connections is None:
+        return redis.Redis.from_url(url, **options)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections,
+        timeout=options.get("socket_connect_timeout") or DEFAULT_SOCKET_TIMEOUT_S, **options,
+    )
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as from_url: closing the client closes it
+    return client
 
 
 def connect_async(url: str, **options: Any) -> AsyncStoreClient:

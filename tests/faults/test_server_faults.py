@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.integration.test_celery_flow import burst, tool
+from tests.support.pools import GEVENT, PREFORK, WorkerPool, pool_params
 from tests.support.rabbit import address, rabbitmq_queue, with_port
 from tests.support.relay import Relay
 from tests.support.servers import RedisServer, private_redis
@@ -42,9 +43,10 @@ def spare_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.mark.parametrize("pool", pool_params(PREFORK, GEVENT))
 def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed_windows(
     make_cluster: Any, redis_url: str, redis_client: redis.Redis, prefix: str,
-    spare_redis: RedisServer,
+    spare_redis: RedisServer, pool: WorkerPool,
 ) -> None:
     """1,000 calls over two tools at 50/1s; the gate's Redis restarts (down 2 s) mid-burst.
 
@@ -60,7 +62,7 @@ def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed
     cluster = make_cluster(config, env={"THROTTLE_REDIS_URL": spare_redis.url(0),
                                         "THROTTLE_TEST_LEDGER_URL": redis_url})
     results = burst(cluster, "strict", 500)[0] + burst(cluster, "blind", 500)[0]
-    cluster.start(3, concurrency=2)
+    cluster.start(3, concurrency=pool.concurrency, extra=pool.extra)
     wait_for_runs(redis_client, prefix, 300)
     down_at = time.time()
     spare_redis.restart(down_s=2)
@@ -76,7 +78,7 @@ def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed
                   if run["tool"] == "blind"]
     during = [at for at in blind_runs if down_at <= at <= up_at]
     gated = [at for at in blind_runs if not down_at <= at <= up_at]
-    print(f"\ngate Redis restarted mid-burst: strict (fallback) {strict}/50, "
+    print(f"\ngate Redis restarted mid-burst (-P {pool.name}): strict (fallback) {strict}/50, "
           f"{strict_fallbacks} store errors; blind (admit) {blind}/50, {blind_admits} admitted "
           f"without the gate, {len(during)} admitted during the outage, the others at most "
           f"{most_in_window(gated, 1.0)} in 1 s")
@@ -89,9 +91,10 @@ def test_the_gates_redis_restarted_mid_burst_loses_no_call_and_keeps_fail_closed
     assert most_in_window(gated, 1.0) <= 50
 
 
+@pytest.mark.parametrize("pool", pool_params(PREFORK, GEVENT))
 def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     make_cluster: Any, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str],
-    spare_redis: RedisServer,
+    spare_redis: RedisServer, pool: WorkerPool,
 ) -> None:
     """2,000 calls at 200/1s; the broker's Redis is SIGKILLed mid-burst and restarted 1 s
     later from its append-only file. Calls whose messages die with it are re-published by
@@ -101,16 +104,16 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     broker = spare_redis.url(1)
     cluster = make_cluster(config, broker_url=broker)
     results, _ = burst(cluster, "busy", 2000)  # queued before any worker runs
-    cluster.start(3, concurrency=2)
+    cluster.start(3, concurrency=pool.concurrency, extra=pool.extra)
     wait_for_runs(redis_client, prefix, 600)
     unacked = redis.Redis.from_url(broker).hlen("unacked")
     spare_redis.restart(hard=True, down_s=1)
     check = check_ledger(results, redis_client, prefix, window_s=1.0, timeout_s=75)
     logs = cluster.logs()
     reaped = logs.count("never reached the gate")
-    print(f"\nbroker Redis SIGKILLed and restarted (AOF): {check}/200; unacked at the kill "
-          f"{unacked}, calls re-published by the reaper {reaped}; workers alive "
-          f"{cluster.alive()}/3, connections closed uncleanly "
+    print(f"\nbroker Redis SIGKILLed and restarted (AOF, -P {pool.name}): {check}/200; "
+          f"unacked at the kill {unacked}, calls re-published by the reaper {reaped}; "
+          f"workers alive {cluster.alive()}/3, connections closed uncleanly "
           f"{logs.count('could not be closed')}")
     assert "Unrecoverable error" not in logs and cluster.alive() == 3, logs[-3000:]
     assert check.lost == 0 and check.ended["failure"] == 0
@@ -129,20 +132,21 @@ def rabbitmq_via_relay() -> Iterator[tuple[str, Relay]]:
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.parametrize("pool", pool_params(PREFORK, GEVENT))
 def test_a_rabbitmq_connection_cut_mid_burst_loses_no_call(
     make_cluster: Any, redis_client: redis.Redis, prefix: str,
-    rabbitmq_via_relay: tuple[str, Relay],
+    rabbitmq_via_relay: tuple[str, Relay], pool: WorkerPool,
 ) -> None:
     """600 calls at 50/1s through RabbitMQ; every connection is cut twice mid-burst."""
     broker, relay = rabbitmq_via_relay
     config = {"tools": {"rabbitcut": tool(["50/1s"], "20s")}}
     cluster = make_cluster(config, broker_url=broker)
-    cluster.start(2, concurrency=2)
+    cluster.start(2, concurrency=pool.concurrency, extra=pool.extra)
     results, _ = burst(cluster, "rabbitcut", 600)
     for _ in range(2):
         time.sleep(2.5)
         relay.cut()
     check = check_ledger(results, redis_client, prefix, window_s=1.0, timeout_s=75)
-    print(f"\nRabbitMQ connections cut x{relay.cuts}: {check}/50")
+    print(f"\nRabbitMQ connections cut x{relay.cuts} (-P {pool.name}): {check}/50")
     assert check.lost == 0 and check.ended["failure"] == 0
     assert check.most <= 50

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from workers.celery import throttle
 from workers.tools import llm, llm_http
@@ -38,7 +38,10 @@ def _open_client(**_: Any) -> None:
         logger.error("LLM tool: %s", exc)
 
 
-worker_process_init.connect(_open_client, weak=False)
+worker_process_init.connect(_open_client, weak=False)  # each prefork child
+# threads, gevent, eventlet and solo run calls in the worker's main process, where
+# worker_process_init is not sent: the first call of such a node made the client itself.
+worker_init.connect(_open_client, weak=False)
 
 
 __all__ = ["chat_completion", "chat_tasks"]
