@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import bootsteps, signals
 from kombu.asynchronous.hub import Hub
@@ -32,13 +31,9 @@ from throttle import recovery, revocation
 from throttle.pools import connections_for, size_pools
 
 if TYPE_CHECKING:
-    from celery import Celery
-
-    from throttle.routing import Throttle
+    from throttle.owner import Owner
 
 logger = logging.getLogger("throttle")
-# The Throttle of each app, for the worker's bootsteps (which only see the app).
-THROTTLES: weakref.WeakKeyDictionary[Celery, Throttle] = weakref.WeakKeyDictionary()
 
 MAX_TIMERS_PER_PASS = 100_000
 RESTORE_EVERY_S = 10.0  # kombu's unacked_restore_interval default
@@ -62,17 +57,18 @@ class SizePools(bootsteps.Step):  # type: ignore[misc]
 
     requires = ("celery.worker.components:Pool",)
 
+    owner: ClassVar[Owner | None] = None
+
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        throttle = THROTTLES.get(worker.app)
-        if throttle is None:
+        if self.owner is None:
             return
         concurrency = max(int(worker.concurrency or 1), int(worker.max_concurrency or 0))
         with worker.app.connection_for_write() as connection:  # not connected: no I/O
             redis_broker = connection.transport.driver_type == "redis"
         for problem in size_pools(worker.app.conf, concurrency, redis_broker=redis_broker):
             logger.warning("throttle: %s", problem)
-        throttle.size_gate_pool(connections_for(concurrency))
+        self.owner.size_gate_pool(connections_for(concurrency))
 
 
 class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -86,13 +82,14 @@ class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
     """
 
     requires = ("celery.worker.components:Timer",)
+    owner: ClassVar[Owner | None] = None
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self._timer: Any = None
 
     def start(self, worker: Any) -> None:
-        if worker.use_eventloop or THROTTLES.get(worker.app) is None:
+        if worker.use_eventloop or self.owner is None:
             return
         options = worker.app.conf.broker_transport_options or {}
         interval_s = float(options.get("unacked_restore_interval") or RESTORE_EVERY_S)
@@ -121,13 +118,14 @@ class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
     """Every second, re-publish lost calls of the tools this worker serves."""
 
     requires = ("celery.worker.components:Timer",)
+    owner: ClassVar[Owner | None] = None
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self._timer: Any = None
 
     def start(self, worker: Any) -> None:
-        throttle = THROTTLES.get(worker.app)
+        throttle = self.owner
         if throttle is None:
             return
         consumed = set(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
@@ -141,7 +139,7 @@ class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
             )
 
     @staticmethod
-    def _reap(throttle: Throttle, tools: list[str]) -> None:
+    def _reap(throttle: Owner, tools: list[str]) -> None:
         try:
             recovery.reap(throttle, tools)
         except Exception:  # never let the reaper stop the worker's loop
@@ -157,13 +155,14 @@ class GiveBackRevokedCalls(bootsteps.StartStopStep):  # type: ignore[misc]
     """Give back what revoked tool calls hold; discard held ones as soon as revoked."""
 
     requires = ("celery.worker.components:Timer",)
+    owner: ClassVar[Owner | None] = None
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self._timer: Any = None
 
     def start(self, worker: Any) -> None:
-        if THROTTLES.get(worker.app) is None:
+        if self.owner is None:
             return
         signals.task_revoked.connect(revocation.give_back, weak=False,
                                      dispatch_uid="throttle.revocation.give_back")
@@ -184,3 +183,14 @@ class GiveBackRevokedCalls(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def steps_for(owner: Owner) -> list[type]:
+    """The worker steps of `owner`'s app, each bound to `owner` (same names as the classes,
+    so a step's `requires` finds them)."""
+    steps = (SizePools, FireDueTimers, ReapLostCalls, GiveBackRevokedCalls, RestoreLostMessages)
+    return [
+        type(step.__name__, (step,), {"owner": owner, "__module__": step.__module__})
+        if hasattr(step, "owner") else step
+        for step in steps
+    ]

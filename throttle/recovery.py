@@ -32,7 +32,7 @@ from throttle.errors import StoreUnavailable
 from throttle.results import FALLBACK_MARK
 
 if TYPE_CHECKING:
-    from throttle.routing import Throttle
+    from throttle.owner import Owner
 
 logger = logging.getLogger("throttle")
 
@@ -58,7 +58,7 @@ def message(kwargs: Mapping[str, Any], headers: Mapping[str, Any], check_at: flo
     return json.dumps(call, separators=(",", ":"))
 
 
-def reap(throttle: Throttle, tools: Iterable[str], *, now_s: float | None = None) -> int:
+def reap(throttle: Owner, tools: Iterable[str], *, now_s: float | None = None) -> int:
     """Re-publish the lost calls of `tools`; returns how many were re-published."""
     now_s = time.time() if now_s is None else now_s
     published = 0
@@ -77,7 +77,7 @@ def reap(throttle: Throttle, tools: Iterable[str], *, now_s: float | None = None
     return published
 
 
-def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
+def _republish(throttle: Owner, task: Any, tool: str, task_id: str, raw: str,
                now_s: float) -> int:
     if not raw or _finished(task, task_id.partition(RETRY_MARK)[0]):
         throttle.gate.forget_call(tool, task_id)
@@ -99,7 +99,7 @@ def _republish(throttle: Throttle, task: Any, tool: str, task_id: str, raw: str,
     return 1
 
 
-def _answer_lost(throttle: Throttle, task: Any, tool: str, task_id: str) -> None:
+def _answer_lost(throttle: Owner, task: Any, tool: str, task_id: str) -> None:
     """Store the tool's fallback for a call given up (unless it got a result meanwhile)."""
     real_id = task_id.partition(RETRY_MARK)[0]
     if not task.ignore_result and not _finished(task, real_id):
@@ -108,7 +108,7 @@ def _answer_lost(throttle: Throttle, task: Any, tool: str, task_id: str) -> None
     throttle.gate.forget_call(tool, task_id)
 
 
-def _backlog(throttle: Throttle, queue: str) -> bool:
+def _backlog(throttle: Owner, queue: str) -> bool:
     """Whether `queue` holds messages (or its depth cannot be read)."""
     try:
         with throttle.app.connection_for_read() as conn:

@@ -18,14 +18,7 @@ from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
 
-from throttle.bootsteps import (
-    THROTTLES,
-    FireDueTimers,
-    GiveBackRevokedCalls,
-    ReapLostCalls,
-    RestoreLostMessages,
-    SizePools,
-)
+from throttle.bootsteps import steps_for
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate
@@ -88,12 +81,8 @@ class Throttle:
         self.trusts_redelivered = _is_amqp(app)
         self.priorities = delivery_priorities(app)
         declare_queues(app, self.config, amqp=_is_amqp(app))
-        app.steps["worker"].add(SizePools)
-        app.steps["worker"].add(FireDueTimers)
-        app.steps["worker"].add(ReapLostCalls)
-        app.steps["worker"].add(GiveBackRevokedCalls)
-        app.steps["worker"].add(RestoreLostMessages)
-        THROTTLES[app] = self
+        for step in steps_for(self):
+            app.steps["worker"].add(step)
 
     @property
     def gate(self) -> Gate:

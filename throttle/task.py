@@ -41,7 +41,7 @@ from throttle.monitor import metrics
 from throttle.results import FALLBACK_MARK, due_at_s, fallback_reason, outcome
 
 if TYPE_CHECKING:
-    from throttle.routing import Throttle
+    from throttle.owner import Owner
 
 logger = logging.getLogger("throttle")
 
@@ -62,7 +62,7 @@ STORE_LAST_TRY_S = 0.5  # the last store retry comes this long before the deadli
 class ThrottledTask(Task):  # type: ignore[misc]
     """Base class of every tool task; `throttle` and `tool` are set per tool."""
 
-    throttle: ClassVar[Throttle]
+    throttle: ClassVar[Owner]
     tool: ClassVar[ToolConfig]
     priority_again: ClassVar[int | None] = None
     _validator: ClassVar[jsonschema.protocols.Validator]

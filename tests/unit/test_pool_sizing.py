@@ -4,16 +4,26 @@ when one is too small."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from celery.result import _set_task_join_will_block
 
 from throttle import Throttle, load_config
 from throttle.pools import HEADROOM, connections_for, size_pools
 
 TOOLS: dict[str, Any] = {"tools": {"search": {"limits": ["5/1s"], "max_delay": "30s"}}}
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left_behind() -> Iterator[None]:
+    """A WorkController marks this process as a worker (result.get() then refuses to block):
+    undo it, so later tests in the same process are not taken for tasks."""
+    yield
+    _set_task_join_will_block(False)
 
 
 def app_with(broker: str = "redis://127.0.0.1:6379/15", **settings: Any) -> Celery:

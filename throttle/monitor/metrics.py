@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import signals
 
@@ -33,6 +33,25 @@ DELAYS = "throttle_delays"  # the header throttle/task.py counts a call's delays
 
 logger = logging.getLogger("throttle.monitor.metrics")
 
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from throttle.config import ToolConfig
+    from throttle.owner import Owner
+
+
+class Observed(Protocol):
+    """A tool's task, as the hooks read it (they never raise if it is not one)."""
+
+    tool: ToolConfig
+    throttle: Owner
+    app: Celery
+    request: Any
+    send_events: bool
+
+    def send_event(self, type_: str, **fields: Any) -> None:
+        """Send a Celery task event about the current call."""
+
 FLUSH_INTERVAL_S = 1.0
 EVENT_TYPES = {"delay": "task-delayed", "fallback": "task-fallback"}
 
@@ -43,7 +62,7 @@ _stop = threading.Event()
 _worker_task_events = False  # set from the worker's -E flag (see _note_task_events)
 
 
-def observe_decision(task: Any, outcome: str, reason: str, wait_s: float) -> None:
+def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float) -> None:
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
     try:
         request = task.request
@@ -77,7 +96,7 @@ def limits_text(tool: Any) -> str:
     return ", ".join(str(limit) for limit in tool.limits)
 
 
-def observe_run(task: Any, status: str, seconds: float) -> None:
+def observe_run(task: Observed, status: str, seconds: float) -> None:
     """A body of `task` ran for `seconds` and ended with `status` ("success", "error", ...)."""
     try:
         _buffer(task).add_run(task.tool.name, status, seconds)
@@ -85,7 +104,7 @@ def observe_run(task: Any, status: str, seconds: float) -> None:
         logger.debug("could not count a run of %s", _name(task), exc_info=True)
 
 
-def observe_store_error(task: Any) -> None:
+def observe_store_error(task: Observed) -> None:
     """The gate's store failed while deciding or finishing one of `task`'s calls."""
     try:
         _buffer(task).add_store_error(task.tool.name)
@@ -110,7 +129,7 @@ def _name(task: Any) -> str:
     return str(getattr(getattr(task, "tool", None), "name", task))
 
 
-def _buffer(task: Any) -> StatsBuffer:
+def _buffer(task: Observed) -> StatsBuffer:
     throttle = task.throttle
     buffer = _buffers.get(throttle)
     if buffer is None:
@@ -145,7 +164,7 @@ def _after_fork_in_child() -> None:
         buffer.clear()
 
 
-def _send_event(task: Any, outcome: str, reason: str, wait_s: float) -> None:
+def _send_event(task: Observed, outcome: str, reason: str, wait_s: float) -> None:
     """Tell Flower (and any event consumer) that a call was delayed or fell back."""
     if not task.send_events:
         return
