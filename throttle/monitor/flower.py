@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from importlib.resources import files
 
 import click
 
@@ -67,7 +68,9 @@ def flower(host: str, port: int, app_name: str, insecure_no_auth: bool,
     """Run `celery -A workers flower` on --host:--port with basic auth from the environment.
 
     Workers must send task events for Flower to show calls: the deployable app
-    (workers/celery.py) turns them on; other apps need `celery worker -E`.
+    (workers/celery.py) turns them on; other apps need `celery worker -E`. Task pages show
+    each call's reason, wait, delays and first-sent time (throttle/monitor/flower_conf.py,
+    Flower's --conf; pass your own --conf to replace it).
     """
     try:
         require_extra("flower", "throttle flower")
@@ -91,6 +94,8 @@ def flower(host: str, port: int, app_name: str, insecure_no_auth: bool,
         note = f"basic auth for {', '.join(users)}"
     argv = [sys.executable, "-m", "celery", "-A", app_name, "flower", f"--address={host}",
             f"--port={port}", *flower_args]
+    if not any(arg.startswith("--conf") for arg in flower_args):
+        argv.append(f"--conf={files('throttle.monitor') / 'flower_conf.py'}")
     click.echo(f"exec {shlex.join(['celery', *argv[3:]])} ({note})", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
