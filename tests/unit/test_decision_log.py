@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from throttle.monitor import decisions
-from throttle.monitor.flower_conf import format_task
+from throttle.monitor.flower import CALL_FIELDS, show_call_fields
 
 POOLED = SimpleNamespace(pool="commerce_api", priority="expensive")
 PLAIN = SimpleNamespace(pool=None, priority=None)
@@ -42,10 +42,19 @@ def test_celerys_ignored_line_is_dropped_only_for_the_call_just_logged(
     assert drop.filter(ignored_record("call-1"))  # once only: a later Ignore of its own stays
 
 
-def test_flower_task_pages_list_the_call_fields_events_carried() -> None:
+def test_flower_lists_the_call_fields_and_copies_of_a_task_keep_them() -> None:
+    import copy
+
     from celery.events.state import Task
 
-    task = Task(uuid="c1")
-    assert format_task(task)._fields == Task._fields
+    class FlowerTask(Task):  # type: ignore[misc]  # a subclass: Celery's own stays as it is
+        pass
+
+    show_call_fields(FlowerTask)
+    show_call_fields(FlowerTask)  # twice is once
+    assert FlowerTask._fields == (*Task._fields, *CALL_FIELDS)
+    task = FlowerTask(uuid="c1")
+    assert task.as_dict()["decision"] is None
     task.__dict__.update(reason="pool", wait_s=2.0, decision="delayed 2.0 s (pool a/b)")
-    assert format_task(task)._fields == (*Task._fields, "decision", "reason", "wait_s")
+    assert copy.copy(task).decision == "delayed 2.0 s (pool a/b)"  # Flower renders copies
+    assert task.as_dict()["wait_s"] == 2.0
