@@ -346,7 +346,9 @@ end
 -- The pool log's TTL only ever grows: it holds reservations up to `last`.
 keep_pool = function(last)
   local needed = math.ceil(last - now + pool_longest) + 1000
-  if redis.call('PTTL', pool_log) < needed then redis.call('PEXPIRE', pool_log, needed + pool_longest) end
+  if redis.call('PTTL', pool_log) < needed then
+    redis.call('PEXPIRE', pool_log, needed + pool_longest)
+  end
   if (pool_weighted or cost ~= 1) and redis.call('PTTL', pool_costs) < needed then
     redis.call('PEXPIRE', pool_costs, needed + pool_longest)
   end
