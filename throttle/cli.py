@@ -187,9 +187,13 @@ def _check_pool(options: list[str]) -> None:
 @click.option("--llm/--no-llm", default=True, show_default=True,
               help="Sessions also ask the model (chat_completion) through a stub upstream the "
               "demo starts; skipped when the config has no chat_completion.")
+@click.option("--keep", is_flag=True,
+              help="Real mode only: use the default key prefix and keep the gate's keys (and "
+              "the scaled config, in --out), so `throttle status`, `top` and the exporter "
+              "see the run with their default settings.")
 def demo(
     sessions: int, duration_s: float, config_path: Path | None, time_scale: float,
-    out_dir: Path, broker_url: str | None, seed: int, llm: bool,
+    out_dir: Path, broker_url: str | None, seed: int, llm: bool, keep: bool,
 ) -> None:
     """The seed's e-commerce burst through the throttle, shown live, then summed up.
 
@@ -210,13 +214,15 @@ def demo(
     settings = DemoSettings(
         config_path=config_path, sessions=sessions, duration_s=duration_s,
         time_scale=time_scale, out_dir=out_dir, broker_url=broker_url, seed=seed, llm=llm,
+        keep=keep,
     )
     try:
         run_demo(settings, _console())
     except ThrottleError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; the demo's workers were stopped and its keys deleted", code=130)
+        kept = "kept (--keep)" if keep else "deleted"
+        _fail(f"interrupted; the demo's workers were stopped and its keys {kept}", code=130)
 
 
 main.add_command(stub_llm)

@@ -265,3 +265,44 @@ def test_the_real_demo_prints_the_status_command_that_reads_its_run_and_status_w
             demo.kill()
             demo.wait()
         clean_db(broker)
+
+
+@pytest.mark.redis
+@pytest.mark.celery
+@pytest.mark.slow
+def test_the_real_demo_with_keep_uses_the_default_prefix_and_status_reads_it_afterwards(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    from tests.conftest import delete_prefix
+    from throttle.keys import DEFAULT_PREFIX
+
+    assert list(redis_client.scan_iter(match=f"{DEFAULT_PREFIX}:*")) == []
+    broker = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BROKER_DB}"))
+    clean_db(broker)
+    try:
+        env = demo_env(THROTTLE_REDIS_URL=redis_url, COLUMNS="400")
+        done, _ = run_demo(tmp_path, [*REAL_RUN, "--broker", broker, "--keep"], env,
+                           REAL_BUDGET_S)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert check_summary(tmp_path, "real")["prefix"] == DEFAULT_PREFIX
+        status = next(printed_command(line) for line in done.stdout.splitlines()
+                      if "throttle status --redis-url" in line)
+        assert "--prefix" not in status  # the default, as the README runs it
+        assert status[status.index("--config") + 1] == str(tmp_path / "tools.toml")
+        assert list(redis_client.scan_iter(match=f"{DEFAULT_PREFIX}:*"))  # kept
+        shown = CliRunner().invoke(main, status[1:], env={"COLUMNS": "200"}).output
+        print("\n" + shown)
+        assert "per 15s" in shown and "warning" not in shown
+        assert "search_products" in shown
+    finally:
+        delete_prefix(redis_client, DEFAULT_PREFIX)
+        clean_db(broker)
+
+
+def test_keep_needs_a_real_redis() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "throttle.cli", "demo", "--keep", "--sessions", "1"],
+        cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--keep needs THROTTLE_REDIS_URL" in done.stdout + done.stderr

@@ -69,6 +69,10 @@ def banner(
         lines.append(Text("This is the embedded default: nothing to install or start. On real "
                           "Redis with real worker processes:"))
         lines.append(Text(f"  {REAL_COMMAND}", style="bold cyan"))
+    elif stack.kept:
+        lines.append(Text(f"--keep: the gate's keys ({stack.prefix}:*) and counters stay "
+                          "after the run (delete them with: redis-cli --scan --pattern "
+                          f"'{stack.prefix}:*' | xargs redis-cli del).", style="dim"))
     else:
         lines.append(Text(f"The gate's keys ({stack.prefix}:*), results and queued messages "
                           "are deleted at the end.", style="dim"))

@@ -2,7 +2,10 @@
 
 The scaled config goes to a TOML file the workers load (THROTTLE_CONFIG); the gate's keys
 get a prefix of this run's own, deleted at the end with the results and queued messages.
-The banner prints the `status`, `top` and `exporter` command lines that read this run.
+With `keep_config` (`throttle demo --keep`) the run uses the default prefix, writes the
+scaled config there and deletes nothing, so `throttle status`, `top` and the exporter with
+their default settings see it during and after the run. The banner prints the `status`,
+`top` and `exporter` command lines that read this run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from throttle.config import Config, load_config
 from throttle.demo.seed import DEMO_TOOLS
 from throttle.demo.stack import RESULT_CACHE_MAX, Stack, register_tools
 from throttle.errors import ThrottleError
+from throttle.keys import DEFAULT_PREFIX
 from throttle.routing import Throttle
 from throttle.store import mask_url
 
@@ -42,13 +46,17 @@ class DemoError(ThrottleError):
 
 
 @contextmanager
-def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str) -> Iterator[Stack]:
-    """Worker processes for the demo's tools, stopped and cleaned up after the block."""
+def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str,
+               keep_config: Path | None = None) -> Iterator[Stack]:
+    """Worker processes for the demo's tools, stopped (and, unless kept, cleaned up) after
+    the block. `keep_config`: where the scaled config is kept; the run then uses the
+    default prefix and leaves its keys."""
     for url in (redis_url, broker_url):
         _check_answers(url)
-    prefix = f"throttle-demo-{uuid.uuid4().hex[:8]}"
+    prefix = DEFAULT_PREFIX if keep_config else f"throttle-demo-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="throttle-demo-") as folder:
-        config_path = Path(folder) / "tools.toml"
+        config_path = keep_config or Path(folder) / "tools.toml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(tomli_w.dumps(document), encoding="utf-8")
         config = load_config(config_path)
         missing = [tool for tool in DEMO_TOOLS if tool not in config.tools]
@@ -75,14 +83,17 @@ def real_stack(document: Mapping[str, Any], redis_url: str, broker_url: str) -> 
                     f"gate on Redis {mask_url(redis_url)} (keys {prefix}:*), broker "
                     f"{mask_url(broker_url)}, {len(workers.procs)} worker processes "
                     f"(celery -A workers worker -Q tool.<name> -c {WORKER_CONCURRENCY})\n"
-                    "Watch this run from another terminal while it runs:\n"
+                    "Watch this run from another terminal"
+                    f"{' (its keys stay after it)' if keep_config else ' while it runs'}:\n"
                     + "\n".join(f"  {line}" for line in
                                 watch_commands(redis_url, broker_url, prefix, config_path))
                 ),
+                kept=keep_config is not None,
             )
         finally:
             workers.stop()
-            _clean(app, store, prefix, config)
+            if keep_config is None:
+                _clean(app, store, prefix, config)
             store.close()
 
 
@@ -92,7 +103,8 @@ def watch_commands(redis_url: str, broker_url: str, prefix: str, config: Path) -
     A password in a URL is shown masked (put it back to run them).
     """
     sources = ["--redis-url", mask_url(redis_url), "--broker-url", mask_url(broker_url),
-               "--prefix", prefix, "--config", str(config)]
+               *(["--prefix", prefix] if prefix != DEFAULT_PREFIX else []),
+               "--config", str(config)]
     return [shlex.join(["throttle", "status", *sources]), shlex.join(["throttle", "top", *sources]),
             shlex.join(["throttle", "exporter", "--port", "9808", *sources])]
 

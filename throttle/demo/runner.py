@@ -38,6 +38,7 @@ from throttle.demo.upstream import stub_upstream
 
 REFRESH_S = 0.25
 GRACE_S = 15.0
+KEPT_CONFIG_NAME = "tools.toml"  # `--keep`: the scaled config, next to the chart
 DEMO_BROKER_DB = 1
 
 
@@ -53,6 +54,7 @@ class DemoSettings:
     broker_url: str | None = None
     seed: int = 7
     llm: bool = True
+    keep: bool = False  # real mode: default prefix, keys and scaled config kept
 
 
 def run_demo(settings: DemoSettings, console: Console) -> None:
@@ -105,11 +107,15 @@ def _stack(settings: DemoSettings, document: dict[str, Any], scaled: Config) -> 
 ):
     redis_url = os.environ.get("THROTTLE_REDIS_URL")
     if not redis_url:
+        if settings.keep:
+            raise DemoError("--keep needs THROTTLE_REDIS_URL: the embedded run's store lives "
+                            "in this process and ends with it")
         return embedded_stack(scaled)
     broker_url = settings.broker_url or urlunsplit(
         urlsplit(redis_url)._replace(path=f"/{DEMO_BROKER_DB}")
     )
-    return real_stack(document, redis_url, broker_url)
+    kept = settings.out_dir / KEPT_CONFIG_NAME if settings.keep else None
+    return real_stack(document, redis_url, broker_url, keep_config=kept)
 
 
 def _run(

@@ -26,6 +26,7 @@ class Stack:
     store: redis.Redis
     prefix: str
     details: str
+    kept: bool = False  # the gate's keys stay after the run (`throttle demo --keep`)
 
     def forget_results(self, task_ids: Iterable[str]) -> None:
         """Delete the stored results of `task_ids` from the result backend."""

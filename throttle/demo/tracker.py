@@ -43,6 +43,7 @@ class Call:
     slot_at: float | None = None
     reserved_after: float | None = None
     units: float = 1.0
+    pool_slot: bool = False  # its reservation was (also) a slot in its pool's log
 
     @property
     def wait_s(self) -> float | None:
@@ -65,11 +66,12 @@ class Call:
         until its admission (or from sending until its admission, if it never held one).
 
         `slot_at` is the reserved slot seen in the tool's log; `reserved_after`, the poll
-        before the one that first saw it (the reservation was made after it).
+        before the one that first saw it (the reservation was made after it). A slot the
+        pool gave (its log held the reservation too) does not explain the wait either.
         """
         if not self.delayed or self.admitted_at is None:
             return []
-        if self.slot_at is None or self.reserved_after is None:
+        if self.slot_at is None or self.reserved_after is None or self.pool_slot:
             spans = [(self.sent_at, self.admitted_at)]
         else:
             spans = [(self.sent_at, self.reserved_after), (self.slot_at, self.admitted_at)]
@@ -172,15 +174,17 @@ class Tracker:
         seconds, micros = answers[0]
         now_ms = int(seconds) * 1000 + int(micros) / 1000
         views: dict[str, list[GateView]] = {}
+        reserved_anywhere: set[bytes] = set()
         for index, (tool, _) in enumerate(targets):
             log, reserved, costs = answers[1 + 3 * index : 4 + 3 * index]
             reserved = set(reserved)
+            reserved_anywhere |= reserved
             self._note_admissions(log, reserved, costs, now_ms)
             views.setdefault(tool.name, []).append(_view(tool, log, reserved, costs, now_ms))
         first = 1 + 3 * len(targets)
         for index, (pool, _) in enumerate(pools):
             log, costs = answers[first + 2 * index], answers[first + 2 * index + 1]
-            self._note_pool(pool.name, log, costs)
+            self._note_pool(pool.name, log, costs, reserved_anywhere)
         self.gate = {name: _busiest(found) for name, found in views.items()}
         self.now_s = now_ms / 1000
 
@@ -220,11 +224,19 @@ class Tracker:
                 call.admitted_at = score / 1000
 
     def _note_pool(
-        self, pool: str, log: list[tuple[bytes, float]], costs: Mapping[bytes, bytes]
+        self, pool: str, log: list[tuple[bytes, float]], costs: Mapping[bytes, bytes],
+        reserved: set[bytes],
     ) -> None:
+        """Note the pool's admissions; an entry whose call holds a reservation in its tool's
+        log is the slot the pool gave it (pool waits), not an admission."""
         seen = self.pools.setdefault(pool, {})
         for member, score in log:
             name = member.decode()
+            if member in reserved:
+                seen.pop(name, None)
+                if name in self.calls:
+                    self.calls[name].pool_slot = True
+                continue
             units = float(costs.get(member, b"1"))
             seen[name] = PoolAdmission(round(score * 1000), units)
             call = self.calls.get(name)

@@ -50,9 +50,12 @@ During a cooldown no call is admitted: new calls, and reserved calls whose slot 
 inside it, are told to come back when it ends (without a reservation: they are placed
 then, in the order they return), or fall back when it outlasts their deadline.
 
-The pool is checked at admission and never reserved ahead: a class admits only while the
-pool's use in each window plus the call's cost stays within its allowance, so a critical
-call never queues behind reservations made by cheaper calls.
+Pool waits: a class admits only while the pool's use in each window plus the call's cost
+stays within its allowance. A call the pool holds back gets a slot in the pool log (as a
+tool reservation, not before the pool's latest slot) within its class's allowance, and the
+same slot in the tool log, so it is re-delivered about once. A class's reservations count
+only against its own allowance, so a higher class keeps its head-room and may still take
+capacity at admission; a lower class's reserved call then waits again (placed anew).
 
 Windows are half-open: an entry at score s counts in (t - window, t]. Admissions check the
 trailing window of everything at or before now, so admitted units never exceed max in any
@@ -254,6 +257,8 @@ local function lease_free_at()
   return tonumber(redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')[2])
 end
 
+local keep_pool, pool_wait  -- defined with the pool waits below
+
 -- Record the admission everywhere it counts.
 local function admit()
   redis.call('ZADD', log, now, member)
@@ -261,8 +266,7 @@ local function admit()
   if pn > 0 then
     redis.call('ZADD', pool_log, now, member)
     if cost ~= 1 then redis.call('HSET', pool_costs, member, cost) end
-    redis.call('PEXPIRE', pool_log, pool_longest + 1000)
-    if pool_weighted or cost ~= 1 then redis.call('PEXPIRE', pool_costs, pool_longest + 1000) end
+    keep_pool(now)
   end
   if cap > 0 then
     redis.call('ZADD', leases, now + lease_ms, member)
@@ -272,13 +276,9 @@ end
 
 -- Admission is blocked by the pool or the concurrency cap: the wait, or a fallback.
 local function blocked()
-  local free = pool_free_at()
-  if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
-  if free > now then
-    if free - now > deadline then return {'fallback', '0', fmt(free), 'deadline'} end
-    return {'delay', fmt(free - now), fmt(free), 'pool'}
-  end
-  free = lease_free_at()
+  local held = pn > 0 and pool_wait(now)
+  if held then return held end
+  local free = lease_free_at()
   if free > now then
     local wait = math.min(free - now, 250)
     return {'delay', fmt(wait), fmt(now + wait), 'concurrency'}
@@ -311,28 +311,36 @@ local function note_receipt()
   end
 end
 
--- Whether a call placed at `s` leaves every window that would hold it, (x - w, x] for x
--- from s up to s + w, within its limit (w = window + margin, as reservations are placed).
--- Entries on both sides of `s` count: later reservations lie ahead of it.
+-- Whether a call placed at `s` leaves every window of `zset` that would hold it, (x - w, x]
+-- for x from s up to s + w, within `max`. Entries on both sides of `s` count: later
+-- reservations lie ahead of it.
+local function fits_in(zset, hash, heavy, s, max, w)
+  local page = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(s - w), '(' .. fmt(s + w),
+                          'WITHSCORES')
+  local times, units = {}, {}
+  for j = 1, #page, 2 do
+    times[#times + 1] = tonumber(page[j + 1])
+    units[#units + 1] = heavy and tonumber(redis.call('HGET', hash, page[j]) or '1') or 1
+  end
+  local hi, lo, sum = 1, 1, 0
+  local function held_at(x)  -- units in (x - w, x]; x only grows
+    while hi <= #times and times[hi] <= x do sum = sum + units[hi]; hi = hi + 1 end
+    while lo < hi and times[lo] <= x - w do sum = sum - units[lo]; lo = lo + 1 end
+    return sum
+  end
+  if held_at(s) + cost > max then return false end
+  for j = 1, #times do
+    if times[j] >= s and held_at(times[j]) + cost > max then return false end
+  end
+  return true
+end
+
+-- Whether a call placed at `s` fits every tool limit (w = window + margin, as reservations
+-- are placed).
 local function fits_at(s)
   for i = 1, n do
-    local w = windows[i] + margin / 2
-    local page = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(s - w), '(' .. fmt(s + w),
-                            'WITHSCORES')
-    local times, units = {}, {}
-    for j = 1, #page, 2 do
-      times[#times + 1] = tonumber(page[j + 1])
-      units[#units + 1] = weighted and tonumber(redis.call('HGET', costs, page[j]) or '1') or 1
-    end
-    local hi, lo, sum = 1, 1, 0
-    local function held_at(x)  -- units in (x - w, x]; x only grows
-      while hi <= #times and times[hi] <= x do sum = sum + units[hi]; hi = hi + 1 end
-      while lo < hi and times[lo] <= x - w do sum = sum - units[lo]; lo = lo + 1 end
-      return sum
-    end
-    if held_at(s) + cost > maxes[i] then return false end
-    for j = 1, #times do
-      if times[j] >= s and held_at(times[j]) + cost > maxes[i] then return false end
+    if not fits_in(log, costs, weighted, s, maxes[i], windows[i] + margin / 2) then
+      return false
     end
   end
   return true
@@ -364,6 +372,75 @@ local function take_freed(t)
   end
   return nil
 end
+
+-- Pool waits ---------------------------------------------------------------------------
+-- A call the pool holds back is not told to poll the pool again (every held call would come
+-- back when one unit frees): it gets a slot in the pool log, placed like a tool reservation
+-- (not before the pool's latest slot, the pool's windows plus margin holding it within its
+-- class's allowance), and the same slot in the tool log, so it returns once, through the
+-- reservation path. Its pool entry then counts like an admission for everyone: a class's
+-- reservations fill at most its own allowance, so a higher class keeps its head-room and
+-- may still admit at once; a reserved call that finds its class's allowance taken when it
+-- comes back is placed anew. A new call is admitted whenever the pool's trailing windows
+-- hold it (the reservations that are due count, those ahead do not: a higher class must not
+-- wait for a lower one's reservations).
+
+-- The pool log's TTL only ever grows: it holds reservations up to `last`.
+keep_pool = function(last)
+  local needed = math.ceil(last - now + pool_longest) + 1000
+  if redis.call('PTTL', pool_log) < needed then
+    redis.call('PEXPIRE', pool_log, needed + pool_longest)
+  end
+  if (pool_weighted or cost ~= 1) and redis.call('PTTL', pool_costs) < needed then
+    redis.call('PEXPIRE', pool_costs, needed + pool_longest)
+  end
+end
+
+-- The earliest slot from `from`, not before the pool's latest one, that the pool's windows
+-- hold within this class's allowance; nil when the cost alone exceeds it.
+local function pool_slot(from)
+  local start = from
+  local last = redis.call('ZREVRANGE', pool_log, 0, 0, 'WITHSCORES')
+  if last[2] and tonumber(last[2]) > start then start = tonumber(last[2]) end
+  local t = start
+  for i = 1, pn do
+    local at = earliest_in(pool_log, pool_costs, pool_weighted, start, nil, allowances[i],
+                           pool_windows[i] + margin / 2, nil)
+    if at == nil then return nil end
+    if at > t then t = at end
+  end
+  return t
+end
+
+-- nil when the pool lets the call run now (from = now); else the call's answer: a delay to
+-- its pool slot (reserved in the pool and tool logs), or a fallback. `from` is the call's
+-- tool slot: a call the tool delays is placed in the pool from there.
+pool_wait = function(from)
+  local own = tonumber(redis.call('ZSCORE', pool_log, member))
+  if from <= now then
+    if own and own > now then return {'delay', fmt(own - now), fmt(own), 'pool'} end
+    local free = pool_free_at()
+    if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
+    if free <= now then return nil end
+  end
+  if own then
+    redis.call('ZREM', pool_log, member)
+    redis.call('HDEL', pool_costs, member)
+  end
+  local t = pool_slot(math.max(from, now))
+  if t == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
+  if t - now > deadline then return {'fallback', '0', fmt(t), 'deadline'} end
+  redis.call('ZADD', pool_log, t, member)
+  if cost ~= 1 then redis.call('HSET', pool_costs, member, cost) end
+  keep_pool(t)
+  redis.call('ZADD', log, t, member)
+  redis.call('ZADD', rsv, t, member)
+  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
+  expire(t)
+  keep(rsv, t)
+  return {'delay', fmt(t - now), fmt(t), 'pool'}
+end
+-- -----------------------------------------------------------------------------------------
 
 -- The decision; every return below is the script's answer.
 local function decide()
@@ -399,6 +476,10 @@ local function decide()
       redis.call('ZREM', log, member)
       redis.call('ZREM', rsv, member)
       redis.call('HDEL', costs, member)
+      if pn > 0 then  -- and its pool slot (pool waits)
+        redis.call('ZREM', pool_log, member)
+        redis.call('HDEL', pool_costs, member)
+      end
     end
     if slot < cool_until then
       drop()
@@ -464,7 +545,8 @@ local function decide()
     if paced > t then t = paced end
   end
 
-  if t > now then
+  -- A pooled call is placed by the pool too (pool waits): it takes no freed tool slot.
+  if t > now and pn == 0 then
     local freed = take_freed(t)
     if freed then return freed end
   end
@@ -480,6 +562,7 @@ local function decide()
   if t - now > deadline then
     return {'fallback', '0', fmt(t), 'deadline'}
   end
+  if pn > 0 then return pool_wait(t) end  -- the pool places it from its tool slot
   redis.call('ZADD', log, t, member)
   redis.call('ZADD', rsv, t, member)
   if cost ~= 1 then redis.call('HSET', costs, member, cost) end

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from importlib.resources import files
+from typing import Any
 
 import click
 
@@ -19,6 +21,9 @@ from throttle.extras import require_extra
 
 AUTH_ENV = "FLOWER_BASIC_AUTH"
 USER_ENV, PASSWORD_ENV = "THROTTLE_FLOWER_USER", "THROTTLE_FLOWER_PASSWORD"
+# Fields of throttle's task-delayed / task-fallback events that Flower should show.
+CALL_FIELDS = ("decision", "reason", "wait_s", "delays", "first_sent")
+
 HOW_TO = (
     "Flower needs credentials: set FLOWER_BASIC_AUTH=user:password, or "
     f"{USER_ENV} and {PASSWORD_ENV}, in the environment (not on the command line), e.g.\n"
@@ -26,6 +31,26 @@ HOW_TO = (
     "or pass --insecure-no-auth to serve it without a login (anyone who reaches the port "
     "can then see every call's arguments and revoke tasks)."
 )
+
+
+def show_call_fields(task_class: Any = None) -> None:
+    """Make Flower list throttle's call fields for each task (in its page and API).
+
+    Flower shows (and copies tasks by) the fields of Celery's event-state `Task`; events
+    keep the others but they never show. Adds: the last decision as the worker logs it
+    ("delayed 42.0 s (pool api/standard)"), its reason and wait, how often the call was
+    delayed, and when it was first sent (re-publishing keeps that time). Run in Flower's
+    process only (flower_conf.py).
+    """
+    if task_class is None:
+        from celery.events.state import Task
+
+        task_class = Task
+    for name in CALL_FIELDS:
+        if not hasattr(task_class, name):
+            setattr(task_class, name, None)
+    missing = tuple(name for name in CALL_FIELDS if name not in task_class._fields)
+    task_class._fields = (*task_class._fields, *missing)
 
 
 def basic_auth_from_env(env: dict[str, str]) -> str | None:
@@ -67,7 +92,10 @@ def flower(host: str, port: int, app_name: str, insecure_no_auth: bool,
     """Run `celery -A workers flower` on --host:--port with basic auth from the environment.
 
     Workers must send task events for Flower to show calls: the deployable app
-    (workers/celery.py) turns them on; other apps need `celery worker -E`.
+    (workers/celery.py) turns them on; other apps need `celery worker -E`. Task pages show
+    each call's decision, reason, wait, delays and first-sent time
+    (throttle/monitor/flower_conf.py as Flower's --conf; a --conf of your own replaces it:
+    call `throttle.monitor.flower.show_call_fields()` in it to keep them).
     """
     try:
         require_extra("flower", "throttle flower")
@@ -91,6 +119,8 @@ def flower(host: str, port: int, app_name: str, insecure_no_auth: bool,
         note = f"basic auth for {', '.join(users)}"
     argv = [sys.executable, "-m", "celery", "-A", app_name, "flower", f"--address={host}",
             f"--port={port}", *flower_args]
+    if not any(arg.startswith("--conf") for arg in flower_args):
+        argv.append(f"--conf={files('throttle.monitor') / 'flower_conf.py'}")
     click.echo(f"exec {shlex.join(['celery', *argv[3:]])} ({note})", err=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,7 +7,8 @@ thread (started on first use, and again in a forked child) writes them every
 `worker_process_shutdown` / `worker_shutdown`, or `atexit`). `throttle exporter` serves
 the totals to Prometheus, however many processes and hosts wrote them.
 
-Delays and fallbacks are also sent as Celery events (`task-delayed`, `task-fallback`)
+Each delay and fallback is logged at INFO with its reason and wait
+(`throttle/monitor/decisions.py`), and sent as a Celery event (`task-delayed`, `task-fallback`)
 when the worker sends task events (`-E` or `worker_send_task_events`): Flower shows a
 waiting call as DELAYED, and a fallback (a success to Celery, followed by `task-succeeded`)
 as SUCCESS with the fallback mark in its traceback field.
@@ -21,15 +22,18 @@ import os
 import threading
 import time
 import weakref
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import signals
 
 from throttle.errors import StoreUnavailable
+from throttle.monitor import decisions
 from throttle.monitor.stats import StatsBuffer
 from throttle.store import STORE_ERRORS
 
 DELAYS = "throttle_delays"  # the header throttle/task.py counts a call's delays in
+ENQUEUED_AT = "throttle_enqueued_at"  # the header with the call's first-sent time
 
 logger = logging.getLogger("throttle.monitor.metrics")
 
@@ -64,6 +68,10 @@ _worker_task_events = False  # set from the worker's -E flag (see _note_task_eve
 
 def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float) -> None:
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
+    try:
+        decisions.log_decision(task, outcome, reason, wait_s)
+    except Exception:  # nor must its log line
+        logger.debug("could not log a decision of %s", _name(task), exc_info=True)
     try:
         request = task.request
         delays_before = _delays_before(request)
@@ -170,12 +178,30 @@ def _send_event(task: Observed, outcome: str, reason: str, wait_s: float) -> Non
         return
     if not (_worker_task_events or task.app.conf.worker_send_task_events):
         return
-    fields: dict[str, Any] = {"outcome": outcome, "reason": reason, "wait_s": round(wait_s, 3)}
+    request = task.request
+    delays = _delays_before(request) or 0
+    fields: dict[str, Any] = {
+        "outcome": outcome, "reason": reason, "wait_s": round(wait_s, 3),
+        "decision": decisions.describe(outcome, reason, wait_s, task.tool),
+        "delays": delays + (outcome == "delay"),
+        "first_sent": _first_sent(request),
+    }
     if outcome == "fallback":
         # Fields Flower's task view shows; the stored result carries the same mark.
         mark = f"throttle: fallback ({reason})"
         fields |= {"result": repr(task.tool.fallback), "traceback": mark}
     task.send_event(EVENT_TYPES[outcome], retry=False, **fields)
+
+
+def _first_sent(request: Any) -> str | None:
+    """When the call was first sent (its enqueue header), as UTC ISO-8601; None if unknown."""
+    value = getattr(request, ENQUEUED_AT, None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _note_task_events(sender: Any = None, **_: Any) -> None:
@@ -188,6 +214,7 @@ def _flush_at_shutdown(**_: Any) -> None:
     flush()
 
 
+decisions.install()
 signals.worker_init.connect(_note_task_events, weak=False)
 signals.worker_process_shutdown.connect(_flush_at_shutdown, weak=False)
 signals.worker_shutdown.connect(_flush_at_shutdown, weak=False)
