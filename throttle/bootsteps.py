@@ -100,10 +100,11 @@ class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
         task_consumer = getattr(getattr(worker, "consumer", None), "task_consumer", None)
         channel = getattr(task_consumer, "channel", None)
         restore = getattr(getattr(channel, "qos", None), "restore_visible", None)
-        if channel is None or restore is None:  # not connected, or a broker that requeues
+        limit = getattr(channel, "unacked_restore_limit", None)  # Redis channels only
+        if restore is None or limit is None:  # not connected, or a broker that requeues
             return
         try:
-            restore(num=channel.unacked_restore_limit, interval=1)
+            restore(num=limit, interval=1)
         except Exception:  # never let the sweep stop the worker's timer
             logger.warning("throttle: sweeping for messages of lost workers failed",
                            exc_info=True)

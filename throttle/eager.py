@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery import states
+from celery import Task, states
 from celery.exceptions import Ignore
 from celery.result import EagerResult
 from kombu.utils.uuid import uuid
-
-if TYPE_CHECKING:
-    from throttle.task import ThrottledTask
 
 # A call is asked about at most this many times; the gate's deadline ends it long before.
 MAX_RUNS = 1_000
@@ -43,7 +40,7 @@ class FallBackEagerly(Ignore):  # type: ignore[misc]
 
 
 def apply(
-    task: ThrottledTask,
+    task: Task,
     run_once: Callable[..., EagerResult],
     args: Any,
     kwargs: Any,
@@ -70,7 +67,7 @@ def apply(
 
 
 def _fallback_result(
-    task: ThrottledTask, task_id: str, reason: str, fallback_mark: str, options: dict[str, Any]
+    task: Task, task_id: str, reason: str, fallback_mark: str, options: dict[str, Any]
 ) -> EagerResult:
     mark = f"{fallback_mark} ({reason})"
     value = task.tool.fallback

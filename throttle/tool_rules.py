@@ -11,16 +11,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import jsonschema
 
-if TYPE_CHECKING:
-    from throttle.config import ToolConfig
+
+class _Window(Protocol):
+    @property
+    def window_ms(self) -> int: ...
 
 
-def tool_problems(tool: ToolConfig) -> list[tuple[str, str]]:
+class RuledTool(Protocol):
+    """The fields of a tool (`throttle.config.ToolConfig`) these rules read."""
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+    @property
+    def result(self) -> Mapping[str, Any]: ...
+    @property
+    def fallback(self) -> Any: ...
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def limits(self) -> Sequence[_Window]: ...
+    @property
+    def slot_margin_ms(self) -> float: ...
+
+
+def tool_problems(tool: RuledTool) -> list[tuple[str, str]]:
     """(field, what is wrong and how to fix it) for each rule `tool` breaks."""
     problems = []
     fallback = _fallback_problem(tool.result, tool.fallback)

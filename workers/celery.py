@@ -22,6 +22,7 @@ from celery import Celery
 from throttle import Throttle
 from throttle.keys import DEFAULT_PREFIX
 from throttle.store import DEFAULT_REDIS_URL
+from workers.tools import catalog, llm_tasks
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 
@@ -39,6 +40,15 @@ throttle = Throttle(
     prefix=os.environ.get("THROTTLE_PREFIX", DEFAULT_PREFIX),
 )
 
-from workers.tools import ecommerce, llm_tasks  # noqa: E402  (registers the tools on `app`)
+# The seed's four e-commerce tools (bodies in workers/tools/catalog.py) and the LLM tool.
+search_products = throttle.tool(catalog.search_products)
+get_inventory = throttle.tool(catalog.get_inventory)
+lookup_order = throttle.tool(catalog.lookup_order)
+process_refund = throttle.tool(catalog.process_refund)
+seed_tools = {"search_products": search_products, "get_inventory": get_inventory,
+              "lookup_order": lookup_order, "process_refund": process_refund}
+chat_tasks = llm_tasks.register(throttle)
+chat_completion = chat_tasks.get("chat_completion")
 
-__all__ = ["app", "ecommerce", "llm_tasks", "throttle"]
+__all__ = ["app", "chat_completion", "chat_tasks", "get_inventory", "lookup_order",
+           "process_refund", "search_products", "seed_tools", "throttle"]

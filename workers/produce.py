@@ -13,8 +13,8 @@ from collections import Counter
 
 import click
 
+from workers.celery import seed_tools
 from workers.scenario import plan_sessions
-from workers.tools import ecommerce
 
 
 @click.command()
@@ -25,7 +25,7 @@ from workers.tools import ecommerce
 @click.option("--seed", default=7, show_default=True)
 def produce(sessions: int, duration_s: float, rounds: int, seed: int) -> None:
     """Send `--rounds` bursts of the seed's scenario to the tools' queues."""
-    tasks = {name: getattr(ecommerce, name) for name in ecommerce.__all__}
+    tasks = seed_tools
     for round_number in range(rounds):
         plan = plan_sessions(sessions, duration_s, tasks, seed=seed + round_number)
         started = time.monotonic()

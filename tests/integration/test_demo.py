@@ -48,7 +48,7 @@ REAL_BUDGET_S = 90
 class GateLogWatcher:
     """Reads every demo gate log of the `commerce_api` pool (each tool's and the pool's own)
     every 0.3 s; an entry stays there a whole window (15 s at 4x), so none is missed.
-    Admissions are the log's members that hold no reservation: member -> admission time."""
+    Admissions are the logs' members that hold no reservation: member -> admission time."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -58,17 +58,20 @@ class GateLogWatcher:
 
     def _run(self) -> None:
         while not self.stop.wait(0.3):
-            for key in self.client.scan_iter(match="throttle-demo-*:{commerce_api}:*log",
-                                             count=1000):
-                name = key.decode()
-                owner = "pool" if name.endswith(":pool:log") else name.split(":tool:")[1][:-4]
-                pipe = self.client.pipeline(transaction=True)
+            names = [key.decode() for key in self.client.scan_iter(
+                match="throttle-demo-*:{commerce_api}:*log", count=1000)]
+            pipe = self.client.pipeline(transaction=True)
+            for name in names:
                 pipe.zrange(name, 0, -1, withscores=True)
-                pipe.zrange(name[: -len("log")] + "rsv", 0, -1)
-                log, rsv = pipe.execute()
-                reserved = set(rsv)
+                pipe.zrange(name[: -len("log")] + "rsv", 0, -1)  # (the pool has none)
+            replies = pipe.execute()
+            # A call the pool holds back has a slot in the pool's log too: an entry of a
+            # member that holds a reservation in any tool is a slot, not an admission.
+            reserved = {member for rsv in replies[1::2] for member in rsv}
+            for name, log in zip(names, replies[::2], strict=True):
+                owner = "pool" if name.endswith(":pool:log") else name.split(":tool:")[1][:-4]
                 for member, score in log:
-                    if owner == "pool" or member not in reserved:
+                    if member not in reserved:
                         self.admitted[owner][member.decode()] = score / 1000
 
     def __enter__(self) -> GateLogWatcher:

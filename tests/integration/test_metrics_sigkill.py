@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import redis
-from throttle.monitor.stats import parse_totals
 
 from tests.integration.test_celery_flow import burst, tool
 from tests.support.workers import ledger
-from throttle.monitor import metrics
 from throttle.keys import stats_key
+from throttle.monitor import metrics
+from throttle.monitor.stats import parse_totals
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 

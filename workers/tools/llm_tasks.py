@@ -13,17 +13,19 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init
 
-from workers.celery import throttle
+from throttle import Throttle
 from workers.tools import llm, llm_http
 
 logger = logging.getLogger(__name__)
 
-chat_tasks = {
-    name: throttle.tool(name)(llm.chat_completion)
-    for name, tool in throttle.config.tools.items()
-    if name == "chat_completion" or tool.takes_chat
-}
-chat_completion = chat_tasks.get("chat_completion")
+
+def register(throttle: Throttle) -> dict[str, Any]:
+    """The LLM body as the task of `chat_completion` and of every chat tool the config has."""
+    return {
+        name: throttle.tool(name)(llm.chat_completion)
+        for name, tool in throttle.config.tools.items()
+        if name == "chat_completion" or tool.takes_chat
+    }
 
 
 def _open_client(**_: Any) -> None:
@@ -44,4 +46,4 @@ worker_process_init.connect(_open_client, weak=False)  # each prefork child
 worker_init.connect(_open_client, weak=False)
 
 
-__all__ = ["chat_completion", "chat_tasks"]
+__all__ = ["register"]
