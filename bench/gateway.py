@@ -40,11 +40,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 import redis
+import tomli_w
 from rich.console import Console
 from rich.table import Table
 
 from throttle import load_config
-from throttle.demo.tomltext import dumps
 from throttle.gateway.chat import read_call
 from throttle.gateway.service import running
 from throttle.gateway.settings import GatewaySettings
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["pools"]["llm_tokens"]["limits"] = ["1000000000/60s"]
         document["tools"]["chat_completion"]["limits"] = ["1000000000/60s"]
         config_path = folder / "tools.toml"
-        config_path.write_text(dumps(document), encoding="utf-8")
+        config_path.write_text(tomli_w.dumps(document), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "THROTTLE_CONFIG": str(config_path),
                "THROTTLE_REDIS_URL": args.redis_url, "THROTTLE_BROKER_URL": broker,
                "THROTTLE_RESULT_BACKEND": results, "THROTTLE_PREFIX": prefix,
