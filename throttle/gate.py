@@ -26,6 +26,8 @@ from throttle.keys import (
     check_prefix,
     cooldown_left_s,
     keys_for,
+    override_fields,
+    overrides_key,
     redelivery_key,
     registry_keys,
 )
@@ -137,7 +139,14 @@ class _GateBase:
         keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
-        return keys
+        return [*keys, overrides_key(self.prefix, tool, key)]
+
+    def _live_fields(self, tool: ToolConfig, key: Any) -> list[Any]:
+        """The fields of the live limits acquire.lua reads (throttle/overrides.py)."""
+        tool_field, tier_field = override_fields(tool.name, key if tool.key else None)
+        share = self.config.pools[tool.pool].shares[tool.priority] if (
+            tool.pool and tool.priority) else 1
+        return [tool_field, tier_field, "pool" if tool.pool else "", share]
 
     def registry(self, tool: str) -> tuple[str, str]:
         """The keys of `tool`'s registry of undecided calls (see throttle/recovery.py)."""
@@ -160,7 +169,8 @@ class _GateBase:
             deadline_ms = min(deadline_ms, deadline_s * 1000)
         gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
+        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits,
+                *self._live_fields(tool, key)]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         return keys, args
 

@@ -13,6 +13,8 @@ KEYS[next] free      ZSET  slots given back by released reservations (release.lu
 KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
 KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
                       admitted or refused (throttle/recovery.py)
+KEYS[last] limits    HASH  (when ARGV carries the fields below) live limits that replace the
+                      ones passed in ARGV: see "Live limits" below and throttle/overrides.py
   (all keys share one hash tag: the pool's, or the tool's)
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
@@ -29,6 +31,8 @@ ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
 then     p            number of pool limits, then p pairs: the class's allowance (share x
                       max) and window ms; then the concurrency cap (0: none) and lease ms
+then     (optional) the live limits' fields: the tool's, the key value's tier ('' for none),
+                      the pool's ('' for none), and the class's share of the pool
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
@@ -77,6 +81,33 @@ for i = 1, pn do
 end
 local cap = tonumber(ARGV[at_arg + 1 + 2 * pn])
 local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
+
+-- Live limits (`throttle limits set`, throttle/overrides.py): a value in the limits hash,
+-- under this decision's own hash tag, replaces the limits passed above, in this same call.
+-- A key value's tier wins over the tool's override; the pool's override is scaled by the
+-- class's share. Values are "max window_ms max window_ms ...".
+local live_fields = ARGV[at_arg + 3 + 2 * pn]
+if live_fields then
+  local function parse(text, scale)
+    local ms, ws, count = {}, {}, 0
+    for m, w in string.gmatch(text, '(%S+) (%S+)') do
+      count = count + 1
+      ms[count], ws[count] = tonumber(m) * scale, tonumber(w)
+    end
+    return ms, ws, count
+  end
+  local live = redis.call('HMGET', KEYS[#KEYS], live_fields, ARGV[at_arg + 4 + 2 * pn],
+                          ARGV[at_arg + 5 + 2 * pn])
+  local mine = live[2] or live[1]
+  if mine then maxes, windows, n = parse(mine, 1) end
+  if live[3] and pn > 0 then
+    allowances, pool_windows, pn = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
+  end
+  longest, pool_longest = 0, 0
+  for i = 1, n do if windows[i] > longest then longest = windows[i] end end
+  for i = 1, pn do if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end end
+end
+local calls_at = #KEYS - (live_fields and 1 or 0) - 1
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
@@ -437,7 +468,7 @@ local function decide()
 end
 
 local answer = decide()
-if answer[1] ~= 'delay' and KEYS[cooldown_at + 2] then
+if answer[1] ~= 'delay' and calls_at >= cooldown_at + 2 then
   if redis.call('ZREM', KEYS[cooldown_at + 2], member) == 1 then
     redis.call('HDEL', KEYS[cooldown_at + 3], member)
   end
