@@ -3,6 +3,7 @@
   throttle check [PATH]                  validate a tools file and list its tools
   throttle worker TOOL... [OPTIONS]      celery -A workers worker -Q tool.<TOOL>,... [OPTIONS]
   throttle demo [--sessions N] ...       the seed's burst, embedded or on THROTTLE_REDIS_URL
+  throttle limits set|reset|show ...     change limits live (throttle/monitor/limits_cmd.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from throttle.extras import require_extra
 from throttle.gateway.command import gateway
 from throttle.monitor.exporter import exporter
 from throttle.monitor.flower import flower
+from throttle.monitor.limits_cmd import limits
 from throttle.monitor.status import status, top
 from throttle.stub.command import stub_llm
 
@@ -189,6 +191,7 @@ main.add_command(top)
 main.add_command(exporter)
 main.add_command(flower)
 main.add_command(gateway)
+main.add_command(limits)
 
 if __name__ == "__main__":
     main()

@@ -135,7 +135,7 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
                                  labels=["tool"])
     for view in snapshot.tools:
         name = view.tool.name
-        rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
+        rate = min(limit.max * 1000 / limit.window_ms for limit in view.limits)
         limit_rate.add_metric([name], rate)
         effective.add_metric([name], snapshot.effective_rate(view))
         for reason, count in by_label("delay", view.waiting).items():
@@ -160,8 +160,15 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             pool_usage.add_metric([pool.pool.name, priority], pool.class_use(priority))
         for use in pool.windows:
             pool_units.add_metric([pool.pool.name, format_ms(use.limit.window_ms)], use.used)
+    live = GaugeMetricFamily("throttle_live_limit_set_at_seconds",
+                             "When each live override (`throttle limits set`) was set, with "
+                             "what it applies to, its limits and who set it.",
+                             labels=["target", "limits", "set_by", "version"])
+    for override in snapshot.overrides:
+        live.add_metric([override.target, override.limits_text, override.set_by,
+                         str(override.version)], override.set_at_s)
     yield from (in_window, limit_rate, effective, waiting, reserved, depth, cooldown,
-                pool_usage, pool_units)
+                pool_usage, pool_units, live)
 
 
 def _stop(signum: int, _: Any) -> None:
