@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -56,6 +57,9 @@ def install(apply: Callable[[], None], what: str) -> None:
         else:
             logger.warning("%s: tools file reloaded", what)
 
+    if threading.current_thread() is not threading.main_thread():
+        logger.debug("%s: not the main thread, no SIGHUP handler installed", what)
+        return
     signal.signal(signal.SIGHUP, on_hangup)
 
 

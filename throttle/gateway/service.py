@@ -87,6 +87,10 @@ class Gateway:
         self.store = connect_async(settings.redis_url, **options)
         self.waiter = ResultWaiter(self.results, self._decode, sweep_s=settings.sweep_s)
 
+    def reload(self) -> None:
+        """Load the tools file again (on SIGHUP); a ConfigError keeps the running config."""
+        self.config = self.throttle.reload()
+
     async def start(self) -> None:
         await self.waiter.start()
 

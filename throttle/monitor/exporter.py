@@ -7,6 +7,7 @@ queue depths) are read live. See docs/observability.md for every metric.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from throttle import reload as config_reload
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
 from throttle.monitor.queues import QueueDepths
@@ -42,6 +44,11 @@ class ThrottleCollector(Collector):
         self.sources = sources
         self.queues = queues
         self.client: StoreClient | None = None  # made at the first scrape that reaches Redis
+
+    def reload(self) -> None:
+        """Load the tools file again (on SIGHUP); a ConfigError keeps the running config."""
+        self.sources = dataclasses.replace(self.sources,
+                                           config=config_reload.reload_file(self.sources.config))
 
     def close(self) -> None:
         if self.client is not None:
@@ -192,6 +199,7 @@ def exporter(host: str, port: int, redis_url: str, broker_url: str | None, prefi
     registry.register(collector)
     server, thread = start_http_server(port, addr=host, registry=registry)
     signal.signal(signal.SIGTERM, _stop)
+    config_reload.install(collector.reload, "exporter")
     click.echo(f"throttle exporter on http://{host}:{server.server_port}/metrics "
                f"({sources.describe()})", err=True)
     try:
