@@ -31,6 +31,7 @@ from throttle.keys import (
     redelivery_key,
     registry_keys,
 )
+from throttle.quotas import quota_args, quota_key
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -139,7 +140,7 @@ class _GateBase:
         keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
-        return [*keys, overrides_key(self.prefix, tool, key)]
+        return [*keys, overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
 
     def _live_fields(self, tool: ToolConfig, key: Any) -> list[Any]:
         """The fields of the live limits acquire.lua reads (throttle/overrides.py)."""
@@ -170,7 +171,7 @@ class _GateBase:
         gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits,
-                *self._live_fields(tool, key)]
+                *self._live_fields(tool, key), *quota_args(tool, now_s)]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         return keys, args
 

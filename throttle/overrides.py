@@ -78,6 +78,9 @@ def parse_limits(texts: Sequence[str]) -> tuple[Limit, ...]:
             limits.append(Limit.parse(text))
         except ValueError as exc:
             raise ConfigError(f"limit {text!r}: {exc}") from None
+    if any(limit.calendar for limit in limits):
+        raise ConfigError("a daily quota ('N/1d') is set in the tools file; a live override "
+                          "takes sliding windows, e.g. '10000/24h'")
     return tuple(limits)
 
 

@@ -153,3 +153,89 @@ def test_an_override_that_cannot_apply_says_why(
 def test_a_bad_limit_text_is_refused_with_its_form(text: str) -> None:
     with pytest.raises(ConfigError, match=r"limit|at least one"):
         parse_limits([text] if text else [])
+
+
+QUOTA = load_config(
+    {
+        "broker": {"visibility_timeout": "3h"},
+        "defaults": {"slot_margin": "0ms"},
+        "tools": {
+            "daily": {"limits": ["100/1s", "3/1d"], "max_delay": "1m",
+                      "quota_tz": "Europe/Paris"},
+            "long": {"limits": ["100/1s", "3/1d"], "max_delay": "2h"},
+            "tenant": {"limits": ["1/1ms", "2/1d"], "max_delay": "1m", "key": "tenant"},
+        },
+    }
+)
+# 23:59:30 in Paris (UTC+1 in November): 30 s before the quota resets.
+BEFORE_MIDNIGHT = 1_700_002_800.0 - 30
+
+
+def test_a_daily_quota_resets_at_midnight_in_its_time_zone(redis_url: str, prefix: str) -> None:
+    gate = Gate(redis_url, QUOTA, prefix=prefix)
+    at = BEFORE_MIDNIGHT
+    assert [gate.acquire("daily", f"a{i}", now_s=at + i).action for i in range(3)] == [
+        Action.ADMIT] * 3
+    spent = gate.acquire("daily", "b", now_s=at + 5)
+    # Spent for today: come back at midnight (25 s later, within the 1 min deadline).
+    assert spent.action is Action.DELAY and spent.reason == "quota"
+    assert spent.slot_at == pytest.approx(1_700_002_800.0)
+    assert gate.acquire("daily", "b", now_s=at + 29.9).reason == "quota"
+    # At midnight the quota is whole again: three more, then spent until the next midnight.
+    midnight = 1_700_002_800.0
+    assert [gate.acquire("daily", f"c{i}", now_s=midnight + i).action for i in range(3)] == [
+        Action.ADMIT] * 3
+    late = gate.acquire("daily", "d", now_s=midnight + 10)
+    assert late.action is Action.FALLBACK and late.reason == "quota"
+
+
+def test_a_spent_quota_with_a_long_deadline_waits_for_the_reset(
+    redis_url: str, prefix: str
+) -> None:
+    gate = Gate(redis_url, QUOTA, prefix=prefix)
+    at = 1_700_000_000.0 + 1200  # 22:33:20 UTC, 1 h 26 min 40 s before midnight
+    for i in range(3):
+        assert gate.acquire("long", f"a{i}", now_s=at).action is Action.ADMIT
+    wait = gate.acquire("long", "b", now_s=at)
+    assert wait.action is Action.DELAY and wait.reason == "quota"
+    assert wait.slot_at == 1_700_006_400.0  # midnight UTC
+    assert gate.acquire("long", "b", now_s=wait.slot_at).action is Action.ADMIT
+
+
+def test_a_quota_is_per_key_value_and_a_dropped_reservation_gives_its_units_back(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    from throttle.keys import keys_for
+    from throttle.quotas import read_quotas
+
+    gate = Gate(redis_url, QUOTA, prefix=prefix)
+    at = 1_700_000_000.0
+    for i in range(2):
+        assert gate.acquire("tenant", f"a{i}", key="acme", now_s=at + i).action is Action.ADMIT
+    assert gate.acquire("tenant", "a2", key="acme", now_s=at + 2).reason == "quota"
+    assert gate.acquire("tenant", "b0", key="other", now_s=at + 2).action is Action.ADMIT
+    tool = QUOTA.tool("tenant")
+    use = read_quotas(redis_client, tool, keys_for(prefix, tool, "acme"), now_s=at)
+    assert [(u.used, u.remaining, u.resets_at_s) for u in use] == [(2, 0, 1_700_006_400.0)]
+    # A reservation dropped (here by a cooldown over its slot) gives its units back.
+    held = gate.acquire("tenant", "c0", key="third", now_s=at)
+    reserved = gate.acquire("tenant", "c1", key="third", now_s=at)
+    assert held.action is Action.ADMIT and reserved.action is Action.DELAY
+    third = keys_for(prefix, tool, "third")
+    assert read_quotas(redis_client, tool, third, now_s=at)[0].used == 2
+    assert gate.acquire("tenant", "c2", key="third", now_s=at).reason == "quota"
+    gate.cool_down("tenant", 5, key="third", now_s=at)
+    assert gate.acquire("tenant", "c1", key="third", now_s=at).reason == "cooldown"
+    assert read_quotas(redis_client, tool, third, now_s=at)[0].used == 1
+
+
+def test_a_daily_quota_needs_a_sliding_limit_and_a_known_time_zone() -> None:
+    with pytest.raises(ConfigError, match="needs a sliding limit"):
+        load_config({"tools": {"q": {"limits": ["5/1d"], "max_delay": "1s"}}})
+    with pytest.raises(ConfigError, match="unknown time zone 'Mars/Base'"):
+        load_config({"tools": {"q": {"limits": ["1/1s", "5/1d"], "max_delay": "1s",
+                                     "quota_tz": "Mars/Base"}}})
+    with pytest.raises(ConfigError, match="calendar day"):
+        load_config({"tools": {"q": {"limits": ["1/1s", "5/2d"], "max_delay": "1s"}}})
+    with pytest.raises(ConfigError, match="sliding windows"):
+        parse_limits(["5/1d"])

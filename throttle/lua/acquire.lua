@@ -13,8 +13,9 @@ KEYS[next] free      ZSET  slots given back by released reservations (release.lu
 KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
 KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
                       admitted or refused (throttle/recovery.py)
-KEYS[last] limits    HASH  (when ARGV carries the fields below) live limits that replace the
+KEYS[last - 1] limits HASH (when ARGV carries the fields below) live limits that replace the
                       ones passed in ARGV: see "Live limits" below and throttle/overrides.py
+KEYS[last] quota     HASH  (with them) units used per calendar day: '<i>:<day start ms>'
   (all keys share one hash tag: the pool's, or the tool's)
 
 ARGV[1]  member       the task id (a redelivered task is never counted twice)
@@ -32,12 +33,15 @@ ARGV[6+2i], ARGV[7+2i]  max units, window ms
 then     p            number of pool limits, then p pairs: the class's allowance (share x
                       max) and window ms; then the concurrency cap (0: none) and lease ms
 then     (optional) the live limits' fields: the tool's, the key value's tier ('' for none),
-                      the pool's ('' for none), and the class's share of the pool
+                      the pool's ('' for none), and the class's share of the pool; then the
+                      number q of calendar quotas and, when q > 0, the starts of yesterday,
+                      today, tomorrow and the day after (ms, around the worker's clock) and
+                      each quota's max units per day (throttle/quotas.py)
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
 Reasons: admitted, reservation, readmitted | reserved, early, late, pool, concurrency,
-cooldown | deadline, cost_exceeds_limit, cooldown.
+cooldown, quota | deadline, cost_exceeds_limit, cooldown, quota.
 
 During a cooldown no call is admitted: new calls, and reserved calls whose slot falls
 inside it, are told to come back when it ends (without a reservation: they are placed
@@ -86,7 +90,9 @@ local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
 -- under this decision's own hash tag, replaces the limits passed above, in this same call.
 -- A key value's tier wins over the tool's override; the pool's override is scaled by the
 -- class's share. Values are "max window_ms max window_ms ...".
-local live_fields = ARGV[at_arg + 3 + 2 * pn]
+local function fmt_day(ms) return string.format('%d', ms) end
+local extra_at = at_arg + 3 + 2 * pn
+local live_fields = ARGV[extra_at]
 if live_fields then
   local function parse(text, scale)
     local ms, ws, count = {}, {}, 0
@@ -96,7 +102,7 @@ if live_fields then
     end
     return ms, ws, count
   end
-  local live = redis.call('HMGET', KEYS[#KEYS], live_fields, ARGV[at_arg + 4 + 2 * pn],
+  local live = redis.call('HMGET', KEYS[#KEYS - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
                           ARGV[at_arg + 5 + 2 * pn])
   local mine = live[2] or live[1]
   if mine then maxes, windows, n = parse(mine, 1) end
@@ -107,7 +113,38 @@ if live_fields then
   for i = 1, n do if windows[i] > longest then longest = windows[i] end end
   for i = 1, pn do if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end end
 end
-local calls_at = #KEYS - (live_fields and 1 or 0) - 1
+local calls_at = #KEYS - (live_fields and 2 or 0) - 1
+
+-- Calendar quotas (throttle/quotas.py): units per calendar day, charged to the day of a
+-- call's slot when it takes the slot and given back when a reserved call is dropped.
+local quota_key = KEYS[#KEYS]
+local qn = tonumber(ARGV[extra_at + 4]) or 0
+local days, quota_max = {}, {}
+for i = 1, (qn > 0 and 4 or 0) do days[i] = tonumber(ARGV[extra_at + 4 + i]) end
+for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 8 + i]) end
+local function day_of(t)  -- the start and end of the calendar day holding t
+  if t >= days[3] then return days[3], days[4] end
+  if t >= days[2] then return days[2], days[3] end
+  return days[1], days[2]
+end
+-- When the day of `t` has no room left for this call: that day's end; else nil.
+local function quota_spent_until(t)
+  local start, stop = day_of(t)
+  for i = 1, qn do
+    local used = tonumber(redis.call('HGET', quota_key, i .. ':' .. fmt_day(start)) or '0')
+    if used + cost > quota_max[i] then return stop end
+  end
+  return nil
+end
+local function charge(t, units)
+  if qn == 0 then return end
+  local start = day_of(t)
+  for i = 1, qn do
+    redis.call('HINCRBYFLOAT', quota_key, i .. ':' .. fmt_day(start), units)
+    if start > days[1] then redis.call('HDEL', quota_key, i .. ':' .. fmt_day(days[1])) end
+  end
+  redis.call('PEXPIRE', quota_key, math.ceil(days[4] - now) + 86400000)
+end
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
 if pn > 0 then leases = KEYS[6] end
@@ -380,6 +417,7 @@ local function decide()
       redis.call('ZREM', log, member)
       redis.call('ZREM', rsv, member)
       redis.call('HDEL', costs, member)
+      charge(slot, -cost)
     end
     if slot < cool_until then
       drop()
@@ -444,7 +482,14 @@ local function decide()
     if paced > t then t = paced end
   end
 
-  if t > now then
+  if qn > 0 then
+    -- The quota of the slot's day is spent: come back when it resets, or fall back.
+    local reset = quota_spent_until(t)
+    if reset then
+      if reset - now > deadline then return {'fallback', '0', fmt(reset), 'quota'} end
+      return {'delay', fmt(reset - now), fmt(reset), 'quota'}
+    end
+  elseif t > now then
     local freed = take_freed(t)
     if freed then return freed end
   end
@@ -453,12 +498,14 @@ local function decide()
     local refused = blocked()
     if refused then return refused end
     admit()
+    charge(now, cost)
     expire(now)
     return {'admit', '0', fmt(now), 'admitted'}
   end
   if t - now > deadline then
     return {'fallback', '0', fmt(t), 'deadline'}
   end
+  charge(t, cost)
   redis.call('ZADD', log, t, member)
   redis.call('ZADD', rsv, t, member)
   if cost ~= 1 then redis.call('HSET', costs, member, cost) end
