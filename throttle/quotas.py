@@ -58,13 +58,22 @@ class QuotaUse:
         return max(0.0, self.max - self.used)
 
 
+def today_fields(tool: ToolConfig, now_s: float | None = None) -> tuple[list[str], float]:
+    """The quota hash's fields for today, one per quota, and when today ends (epoch s)."""
+    _, today, tomorrow, _ = day_bounds_ms(time.time() if now_s is None else now_s, tool.quota_tz)
+    return [f"{i}:{today}" for i in range(1, len(tool.quotas) + 1)], tomorrow / 1000
+
+
+def quota_uses(tool: ToolConfig, used: list[Any], resets_at_s: float) -> list[QuotaUse]:
+    """QuotaUse per quota from the values read at `today_fields`."""
+    return [QuotaUse(quota.max, float(value or 0), resets_at_s)
+            for quota, value in zip(tool.quotas, used, strict=True)]
+
+
 def read_quotas(client: StoreClient, tool: ToolConfig, keys: ToolKeys,
                 now_s: float | None = None) -> list[QuotaUse]:
     """Today's use of each of `tool`'s quotas (for one key value's `keys`)."""
     if not tool.quotas:
         return []
-    _, today, tomorrow, _ = day_bounds_ms(time.time() if now_s is None else now_s, tool.quota_tz)
-    fields = [f"{i}:{today}" for i in range(1, len(tool.quotas) + 1)]
-    used = client.hmget(quota_key(keys), fields)
-    return [QuotaUse(quota.max, float(value or 0), tomorrow / 1000)
-            for quota, value in zip(tool.quotas, used, strict=True)]
+    fields, resets_at_s = today_fields(tool, now_s)
+    return quota_uses(tool, client.hmget(quota_key(keys), fields), resets_at_s)

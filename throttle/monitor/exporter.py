@@ -167,6 +167,18 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             pool_usage.add_metric([pool.pool.name, priority], pool.class_use(priority))
         for use in pool.windows:
             pool_units.add_metric([pool.pool.name, format_ms(use.limit.window_ms)], use.used)
+    quota_left = GaugeMetricFamily("throttle_quota_remaining",
+                                   "Units left today in the tool's daily quota.",
+                                   labels=["tool", "quota"])
+    quota_reset = GaugeMetricFamily("throttle_quota_reset_seconds",
+                                    "Seconds until the tool's daily quota resets.",
+                                    labels=["tool", "quota"])
+    for view in snapshot.tools:
+        for quota in view.quotas:
+            quota_left.add_metric([view.tool.name, f"{quota.max}/1d"], quota.remaining)
+            quota_reset.add_metric([view.tool.name, f"{quota.max}/1d"],
+                                   max(0.0, quota.resets_at_s - snapshot.at_s))
+    yield from (quota_left, quota_reset)
     live = GaugeMetricFamily("throttle_live_limit_set_at_seconds",
                              "When each live override (`throttle limits set`) was set, with "
                              "what it applies to, its limits and who set it.",

@@ -30,6 +30,7 @@ from throttle.monitor.queues import QueueDepths
 from throttle.monitor.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
 from throttle.monitor.waiting import DELAY_REASONS, GRACE_S
 from throttle.overrides import Override, read_overrides
+from throttle.quotas import QuotaUse, read_quotas
 from throttle.store import StoreClient
 
 logger = logging.getLogger("throttle.monitor.snapshot")
@@ -61,6 +62,7 @@ class ToolView:
     waiting: Mapping[str, int] = field(default_factory=dict)
     enforced_limits: str | None = None  # what the tool's workers last enforced, if known
     live: Override | None = None  # the override `throttle limits set` put on the tool
+    quotas: tuple[QuotaUse, ...] = ()  # today's use of its daily quotas (tools without key)
 
     @property
     def limits(self) -> tuple[Limit, ...]:
@@ -256,6 +258,8 @@ def read_snapshot(
             waiting=waiting,
             enforced_limits=None if enforced is None else _text(enforced),
             live=live.get((None, tool.name)),
+            quotas=() if per_key else tuple(
+                read_quotas(client, tool, _keys(prefix, tool), now_ms / 1000)),
         ))
     pool_views = {
         name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),

@@ -154,6 +154,19 @@ def pool_lines(snapshot: Snapshot) -> list[Text]:
     return lines
 
 
+def quota_lines(snapshot: Snapshot) -> list[Text]:
+    """A line per daily quota: units left today and when it resets."""
+    lines = []
+    for view in snapshot.tools:
+        for use in view.quotas:
+            left_s = max(0, int(use.resets_at_s - snapshot.at_s))
+            lines.append(Text(
+                f"quota {view.tool.name}: {use.remaining:g} of {use.max} left today, resets in "
+                f"{left_s // 3600}h{left_s % 3600 // 60:02d}m (midnight {view.tool.quota_tz})",
+                style="red" if use.remaining <= 0 else ""))
+    return lines
+
+
 def override_lines(snapshot: Snapshot) -> list[Text]:
     """A line per live override (`throttle limits set`): its limits, who set it and when."""
     return [
@@ -185,6 +198,7 @@ def render(snapshot: Snapshot, title: str, width: int, warnings: list[str] | Non
                                    for line in warnings or []]
     parts.append(tools_table(snapshot, title, width))
     parts += pool_lines(snapshot)
+    parts += quota_lines(snapshot)
     parts += override_lines(snapshot)
     parts.append(capacity_table(snapshot))
     return Group(*parts)
