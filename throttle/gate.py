@@ -95,6 +95,10 @@ class _GateBase:
             name: [self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool)]
             for name, tool in config.tools.items()
         }
+        self._fixed_live = {
+            name: self._live_fields(tool, None) for name, tool in config.tools.items()
+            if tool.key is None
+        }
         self._fixed_keys = {
             name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
             if tool.key is None
@@ -171,7 +175,8 @@ class _GateBase:
         gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
         args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits,
-                *self._live_fields(tool, key), *quota_args(tool, now_s)]
+                *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
+                *quota_args(tool, now_s)]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         return keys, args
 
