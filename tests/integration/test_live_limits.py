@@ -239,3 +239,16 @@ def test_a_daily_quota_needs_a_sliding_limit_and_a_known_time_zone() -> None:
         load_config({"tools": {"q": {"limits": ["1/1s", "5/2d"], "max_delay": "1s"}}})
     with pytest.raises(ConfigError, match="sliding windows"):
         parse_limits(["5/1d"])
+
+
+@pytest.mark.parametrize(
+    "garbage", ["", "abc", "5", "0 1000", "-3 1000", "5 x", "nan 5", "inf 1000", "5 nan"]
+)
+def test_a_corrupt_override_value_leaves_the_files_limits_in_force(
+    redis_url: str, prefix: str, garbage: str
+) -> None:
+    from throttle.keys import overrides_key
+
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    gate.client.hset(overrides_key(prefix, CONFIG.tool("plain")), "tool:plain", garbage)
+    assert _admitted(gate, "plain", 5, P, "a") == 3

@@ -94,20 +94,29 @@ local function fmt_day(ms) return string.format('%d', ms) end
 local extra_at = at_arg + 3 + 2 * pn
 local live_fields = ARGV[extra_at]
 if live_fields then
+  -- nil for a value that is not all positive numbers: the limits passed above then stand.
   local function parse(text, scale)
     local ms, ws, count = {}, {}, 0
     for m, w in string.gmatch(text, '(%S+) (%S+)') do
+      local max, window = tonumber(m), tonumber(w)
+      if not (max and window and max > 0 and window > 0 and max < math.huge
+              and window < math.huge) then return nil end  -- (NaN fails every comparison)
       count = count + 1
-      ms[count], ws[count] = tonumber(m) * scale, tonumber(w)
+      ms[count], ws[count] = max * scale, window
     end
+    if count == 0 then return nil end
     return ms, ws, count
   end
   local live = redis.call('HMGET', KEYS[#KEYS - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
                           ARGV[at_arg + 5 + 2 * pn])
-  local mine = live[2] or live[1]
-  if mine then maxes, windows, n = parse(mine, 1) end
+  local mine = (live[2] and parse(live[2], 1)) and live[2] or live[1]
+  if mine then
+    local ms, ws, count = parse(mine, 1)
+    if ms then maxes, windows, n = ms, ws, count end
+  end
   if live[3] and pn > 0 then
-    allowances, pool_windows, pn = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
+    local ms, ws, count = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
+    if ms then allowances, pool_windows, pn = ms, ws, count end
   end
   longest, pool_longest = 0, 0
   for i = 1, n do if windows[i] > longest then longest = windows[i] end end
