@@ -88,7 +88,9 @@ def check(path: Path | None, import_functions: bool) -> None:
         table.add_column(name, no_wrap=name in ("tool", "queue"))
     for tool in config.tools.values():
         table.add_row(
-            tool.name, tool.queue, ", ".join(str(limit) for limit in tool.limits),
+            tool.name, tool.queue, ", ".join(
+                [*(str(limit) for limit in tool.limits),
+                 *(f"{quota} ({tool.quota_tz})" for quota in tool.quotas)]),
             tool.key or "—", f"{tool.pool} / {tool.priority}" if tool.pool else "—",
             str(tool.concurrency or "—"), format_ms(tool.max_delay_ms), tool.on_store_error,
             tool.pace,

@@ -59,3 +59,12 @@ def test_check_of_a_missing_file_exits_1_without_a_traceback(tmp_path: Path) -> 
     assert done.returncode == 1
     assert "file not found" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_check_lists_a_daily_quota_with_its_time_zone(tmp_path: Path) -> None:
+    path = tmp_path / "tools.toml"
+    path.write_text('[tools.q]\nlimits = ["10/1s", "500/1d"]\nmax_delay = "5s"\n'
+                    'quota_tz = "Asia/Tokyo"\n', encoding="utf-8")
+    done = check(str(path))
+    assert done.returncode == 0, done.stderr
+    assert "10/1s, 500/1d (Asia/Tokyo)" in done.stdout
