@@ -28,10 +28,11 @@ from throttle.keys import (
     keys_for,
     override_fields,
     overrides_key,
+    quota_key,
     redelivery_key,
     registry_keys,
 )
-from throttle.quotas import quota_args, quota_key
+from throttle.quotas import quota_args
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,

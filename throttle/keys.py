@@ -34,6 +34,8 @@ decision's own tag::
     <prefix>:{p}:limits     HASH  the same for the tools of pool `p`, and 'pool' -> the pool's
     <prefix>:{t|h}:limits   HASH  'tier:<t>:<h>' for a tool whose key values have tags of
                                   their own
+    <prefix>:{t}:quota      HASH  '<i>:<day start ms>' -> units of daily quota i used that
+                                  day (throttle/quotas.py); per key value, beside its log
     <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
     <prefix>:limits:version STRING  bumped on every change
 
@@ -204,6 +206,11 @@ def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str,
 def redelivery_key(keys: ToolKeys, member: str) -> str:
     """The counter of a task's redeliveries after its admission (its worker was lost)."""
     return keys.log.removesuffix(":log") + f":redelivered:{member}"
+
+
+def quota_key(keys: ToolKeys) -> str:
+    """The hash of a tool's (and key value's) daily quota use: '<i>:<day start ms>' -> units."""
+    return keys.log.removesuffix(":log") + ":quota"
 
 
 def stats_key(prefix: str, tool: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from throttle.config import ToolConfig
-from throttle.keys import ToolKeys
+from throttle.keys import ToolKeys, quota_key
 from throttle.store import StoreClient
 
 
@@ -30,11 +30,6 @@ def day_bounds_ms(now_s: float, tz: str) -> tuple[int, int, int, int]:
             .timestamp() * 1000)
         for offset in (-1, 0, 1, 2)
     )
-
-
-def quota_key(keys: ToolKeys) -> str:
-    """The hash of a tool's (and key value's) quota use: '<i>:<day start ms>' -> units."""
-    return keys.log.removesuffix(":log") + ":quota"
 
 
 def quota_args(tool: ToolConfig, now_s: float | None) -> list[Any]:

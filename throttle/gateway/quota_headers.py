@@ -15,8 +15,8 @@ import redis
 import redis.asyncio
 
 from throttle.config import ToolConfig
-from throttle.keys import keys_for
-from throttle.quotas import quota_key, quota_uses, today_fields
+from throttle.keys import keys_for, quota_key
+from throttle.quotas import quota_uses, today_fields
 
 logger = logging.getLogger("throttle.gateway")
 
