@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import bootsteps, signals
 from kombu.asynchronous.hub import Hub
 
-from throttle import recovery, revocation
+from throttle import recovery, reload, revocation
 from throttle.pools import connections_for, size_pools
 
 if TYPE_CHECKING:
@@ -186,10 +187,30 @@ class GiveBackRevokedCalls(bootsteps.StartStopStep):  # type: ignore[misc]
             self._timer = None
 
 
+class ReloadOnHangup(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The worker's main process reloads the tools file on SIGHUP (throttle/reload.py),
+    in place of Celery's own handler, which restarts the worker."""
+
+    requires = ("celery.worker.components:Timer",)
+    owner: ClassVar[Owner | None] = None
+
+    def start(self, worker: Any) -> None:
+        owner = self.owner
+        if owner is None:
+            return
+
+        def install(**_: Any) -> None:  # after Celery installed its own handlers
+            reload.install(owner.reload, f"worker {os.getpid()}")
+
+        signals.worker_ready.connect(install, weak=False,
+                                     dispatch_uid=f"throttle.reload.{id(owner)}")
+
+
 def steps_for(owner: Owner) -> list[type]:
     """The worker steps of `owner`'s app, each bound to `owner` (same names as the classes,
     so a step's `requires` finds them)."""
-    steps = (SizePools, FireDueTimers, ReapLostCalls, GiveBackRevokedCalls, RestoreLostMessages)
+    steps = (SizePools, FireDueTimers, ReapLostCalls, GiveBackRevokedCalls, RestoreLostMessages,
+             ReloadOnHangup)
     return [
         type(step.__name__, (step,), {"owner": owner, "__module__": step.__module__})
         if hasattr(step, "owner") else step

@@ -3,6 +3,7 @@
   throttle check [PATH]                  validate a tools file and list its tools
   throttle worker TOOL... [OPTIONS]      celery -A workers worker -Q tool.<TOOL>,... [OPTIONS]
   throttle demo [--sessions N] ...       the seed's burst, embedded or on THROTTLE_REDIS_URL
+  throttle limits set|reset|show ...     change limits live (throttle/monitor/limits_cmd.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from throttle.extras import require_extra
 from throttle.gateway.command import gateway
 from throttle.monitor.exporter import exporter
 from throttle.monitor.flower import flower
+from throttle.monitor.limits_cmd import limits
 from throttle.monitor.status import status, top
 from throttle.stub.command import stub_llm
 
@@ -89,7 +91,9 @@ def check(path: Path | None, import_functions: bool) -> None:
         table.add_column(name, no_wrap=name in ("tool", "queue"))
     for tool in config.tools.values():
         table.add_row(
-            tool.name, tool.queue, ", ".join(str(limit) for limit in tool.limits),
+            tool.name, tool.queue, ", ".join(
+                [*(str(limit) for limit in tool.limits),
+                 *(f"{quota} ({tool.quota_tz})" for quota in tool.quotas)]),
             tool.key or "—", f"{tool.pool} / {tool.priority}" if tool.pool else "—",
             str(tool.concurrency or "—"), format_ms(tool.max_delay_ms), tool.on_store_error,
             tool.pace,
@@ -231,6 +235,7 @@ main.add_command(top)
 main.add_command(exporter)
 main.add_command(flower)
 main.add_command(gateway)
+main.add_command(limits)
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema
 from pydantic import (
@@ -33,6 +34,7 @@ _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)?\s*([A-Za-z]*)\s*")
 DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
 DEFAULT_SLOT_MARGIN_MS = 40
+DAY_MS = 86_400_000
 
 
 def parse_duration_ms(text: str) -> int:
@@ -58,10 +60,11 @@ class Limit(BaseModel):
 
     max: int
     window_ms: int
+    calendar: bool = False  # a quota per calendar day ("10000/1d"), not a sliding window
 
     @classmethod
     def parse(cls, text: str) -> Limit:
-        """Parse "100/60s" (or "10/s") into a Limit."""
+        """Parse "100/60s" (or "10/s") into a Limit; "10000/1d" is a calendar-day quota."""
         head, sep, window = text.partition("/")
         if not sep:
             raise ValueError(f"{text!r} is not a limit; expected 'max/window', e.g. '100/60s'")
@@ -73,12 +76,17 @@ class Limit(BaseModel):
             raise ValueError(f"{text!r}: max must be a positive whole number, got {count}")
         if count > bounds.MAX_UNITS:
             raise ValueError(f"{text!r}: max must be at most {bounds.MAX_UNITS:_}")
+        if window.strip().endswith("d"):
+            if window.strip() not in ("1d", "d"):
+                raise ValueError(f"{text!r}: a quota resets every calendar day ('1d'); for "
+                                 "longer spans use a sliding window in hours, e.g. '48h'")
+            return cls(max=count, window_ms=DAY_MS, calendar=True)
         window_ms = bounds.check_duration(window.strip(), parse_duration_ms(window),
                                           bounds.MAX_WINDOW_MS)
         return cls(max=count, window_ms=window_ms)
 
     def __str__(self) -> str:
-        return f"{self.max}/{format_ms(self.window_ms)}"
+        return f"{self.max}/1d" if self.calendar else f"{self.max}/{format_ms(self.window_ms)}"
 
 
 def format_ms(ms: int) -> str:
@@ -97,6 +105,8 @@ class ToolConfig(BaseModel):
     name: str
     description: str = ""
     limits: tuple[Limit, ...]
+    quotas: tuple[Limit, ...] = ()  # calendar-day quotas, written among the limits as "N/1d"
+    quota_tz: str = "UTC"  # the time zone whose midnight resets the quotas
     key: str | None = None
     max_delay_ms: int = Field(alias="max_delay")
     on_store_error: Literal["fallback", "delay", "admit"] = "fallback"
@@ -119,12 +129,19 @@ class ToolConfig(BaseModel):
     def _default_slot_margin(cls, data: Any) -> Any:
         """Unless set: 40 ms, or 2% of the shortest window when that is less (so a 1 s
         window keeps 98% of its rate for delayed calls)."""
-        if not isinstance(data, dict) or "slot_margin" in data:
+        if not isinstance(data, dict):
             return data
         try:
             limits = cls._parse_limits(data.get("limits"))
         except (ValueError, TypeError):
             return data  # the limits' own validator reports the mistake
+        # Calendar quotas ("N/1d") are not sliding windows: they go to `quotas`.
+        quotas = tuple(limit for limit in limits if limit.calendar)
+        if quotas:
+            limits = tuple(limit for limit in limits if not limit.calendar)
+            data = {**data, "limits": limits, "quotas": quotas}
+        if "slot_margin" in data or not limits:
+            return data
         shortest = min(limit.window_ms for limit in limits)
         return {**data, "slot_margin": f"{min(DEFAULT_SLOT_MARGIN_MS, shortest // 50)}ms"}
 
@@ -133,8 +150,19 @@ class ToolConfig(BaseModel):
     def _parse_limits(cls, value: Any) -> tuple[Limit, ...]:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not items:
-            raise ValueError("expected one or more limits, e.g. [\"100/60s\", \"10/1s\"]")
+            raise ValueError("expected one or more limits, e.g. [\"100/60s\", \"10/1s\"] (a "
+                             "daily quota such as \"10000/1d\" needs a sliding limit beside it)")
         return tuple(item if isinstance(item, Limit) else Limit.parse(str(item)) for item in items)
+
+    @field_validator("quota_tz")
+    @classmethod
+    def _check_quota_tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as "
+                             "'Europe/Paris' or 'UTC'") from None
+        return value
 
     @field_validator("max_delay_ms", mode="before")
     @classmethod
@@ -223,6 +251,14 @@ class PoolConfig(BaseModel):
     _parse_limits = field_validator("limits", mode="before")(
         ToolConfig._parse_limits.__func__  # type: ignore[attr-defined]
     )
+
+    @field_validator("limits")
+    @classmethod
+    def _no_quotas(cls, value: tuple[Limit, ...]) -> tuple[Limit, ...]:
+        if any(limit.calendar for limit in value):
+            raise ValueError("a pool takes sliding limits only; put a daily quota ('N/1d') on "
+                             "its tools, or use a sliding window such as '10000/24h'")
+        return value
 
     @field_validator("shares")
     @classmethod

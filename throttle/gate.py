@@ -26,10 +26,14 @@ from throttle.keys import (
     check_prefix,
     cooldown_left_s,
     keys_for,
+    override_fields,
+    overrides_key,
+    quota_key,
     receipts_key,
     redelivery_key,
     registry_keys,
 )
+from throttle.quotas import quota_args
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -93,6 +97,10 @@ class _GateBase:
             name: [self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool)]
             for name, tool in config.tools.items()
         }
+        self._fixed_live = {
+            name: self._live_fields(tool, None) for name, tool in config.tools.items()
+            if tool.key is None
+        }
         self._fixed_keys = {
             name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
             if tool.key is None
@@ -138,7 +146,14 @@ class _GateBase:
         keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
-        return keys
+        return [*keys, overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
+
+    def _live_fields(self, tool: ToolConfig, key: Any) -> list[Any]:
+        """The fields of the live limits acquire.lua reads (throttle/overrides.py)."""
+        tool_field, tier_field = override_fields(tool.name, key if tool.key else None)
+        share = self.config.pools[tool.pool].shares[tool.priority] if (
+            tool.pool and tool.priority) else 1
+        return [tool_field, tier_field, "pool" if tool.pool else "", share]
 
     def registry(self, tool: str) -> tuple[str, str]:
         """The keys of `tool`'s registry of undecided calls (see throttle/recovery.py)."""
@@ -162,10 +177,12 @@ class _GateBase:
             deadline_ms = min(deadline_ms, deadline_s * 1000)
         gap_ms, margin_ms, *limits = self._tails[tool_name]
         now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
+        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits,
+                *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
+                *quota_args(tool, now_s)]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
+        args.append(receipt or "")  # always the last argument (acquire.lua)
         if receipt:
-            args.append(receipt)
             keys = [*keys, receipts_key(keys[0])]
         return keys, args
 

@@ -27,6 +27,19 @@ A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
 A tool with a concurrency cap and no pool keeps its leases at <prefix>:{t}:leases, and its
 per-key logs at <prefix>:{t}|h:... under the same tag.
 
+Live limits (throttle/overrides.py), read by acquire.lua in the same call, under the
+decision's own tag::
+
+    <prefix>:{t}:limits     HASH  'tool:<t>' -> the tool's override, 'tier:<t>:<h>' -> a
+                                  key value's tier ("max window_ms ..." pairs)
+    <prefix>:{p}:limits     HASH  the same for the tools of pool `p`, and 'pool' -> the pool's
+    <prefix>:{t|h}:limits   HASH  'tier:<t>:<h>' for a tool whose key values have tags of
+                                  their own
+    <prefix>:{t}:quota      HASH  '<i>:<day start ms>' -> units of daily quota i used that
+                                  day (throttle/quotas.py); per key value, beside its log
+    <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
+    <prefix>:limits:version STRING  bumped on every change
+
 Counters for monitoring (written by the workers' metrics, never by a gate script)::
 
     <prefix>:stats:{t}           HASH  field -> running total (see throttle/monitor/stats.py)
@@ -147,6 +160,36 @@ def keys_for(prefix: str, tool: ToolConfig, key_value: Any = None) -> ToolKeys:
                      concurrency=tool.concurrency is not None)
 
 
+def overrides_key(prefix: str, tool: ToolConfig, key_value: Any = None) -> str:
+    """The hash of live limits acquire.lua reads for `tool` (and key value): its tag's."""
+    if tool.pool:
+        return f"{prefix}:{{{tool.pool}}}:limits"
+    if tool.key is None or tool.concurrency is not None or key_value is None:
+        return f"{prefix}:{{{tool.name}}}:limits"
+    return f"{prefix}:{{{tool.name}|{hash_key_value(key_value)}}}:limits"
+
+
+def pool_overrides_key(prefix: str, pool: str) -> str:
+    """The hash holding the live limits of pool `pool` (and of its tools)."""
+    return f"{prefix}:{{{pool}}}:limits"
+
+
+def override_fields(tool: str, key_value: Any = None) -> tuple[str, str]:
+    """The fields of a tool's override and of a key value's tier ('' when no key value)."""
+    tier = "" if key_value is None else f"tier:{tool}:{hash_key_value(key_value)}"
+    return f"tool:{tool}", tier
+
+
+def overrides_index_key(prefix: str) -> str:
+    """Every live override with who set it and when (for `throttle limits show`, `status`)."""
+    return f"{prefix}:limits:index"
+
+
+def overrides_version_key(prefix: str) -> str:
+    """A counter bumped on every change of a live limit."""
+    return f"{prefix}:limits:version"
+
+
 def cooldown_left_s(pttl: Any) -> float:
     """Seconds left in a cooldown, from its key's PTTL (negative when there is none)."""
     return max(0, int(pttl)) / 1000
@@ -169,6 +212,11 @@ def redelivery_key(keys: ToolKeys, member: str) -> str:
 def receipts_key(log: str) -> str:
     """The receipts of admitted deliveries, beside the log `log` (same hash tag)."""
     return log.removesuffix(":log") + ":receipts"
+
+
+def quota_key(keys: ToolKeys) -> str:
+    """The hash of a tool's (and key value's) daily quota use: '<i>:<day start ms>' -> units."""
+    return keys.log.removesuffix(":log") + ":quota"
 
 
 def stats_key(prefix: str, tool: str) -> str:

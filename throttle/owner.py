@@ -31,3 +31,6 @@ class Owner(Protocol):
 
     def size_gate_pool(self, max_connections: int) -> None:
         """Bound the gate's connection pool."""
+
+    def reload(self) -> Config:
+        """Load the tools file again (on SIGHUP); raises ConfigError and keeps the old one."""

@@ -8,6 +8,7 @@ redelivery on worker loss, prefetch 1, a visibility timeout above every max_dela
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
 
+from throttle import reload as config_reload
 from throttle.bootsteps import steps_for
 from throttle.config import Config, load_config
 from throttle.errors import ConfigError
@@ -33,6 +35,7 @@ UNSAFE_CONTENT = ("pickle", "application/x-python-serialize")
 ETA_TASK_LIMIT = 50_000
 AMQP_MAX_PRIORITY = 9
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+logger = logging.getLogger("throttle")
 
 SAFE_DEFAULTS: dict[str, Any] = {
     "task_serializer": "json",
@@ -72,6 +75,9 @@ class Throttle:
         self._gate: Gate | None = None
         self._gate_pid = 0
         self._gate_connections: int | None = None  # the worker sizes it (see SizePools)
+        # Bumped by a reload; shared with the pool processes forked later, which follow it.
+        self._generation = multiprocessing.RawValue("i", 0)
+        self._seen_generation = 0
         apply_defaults(app, self.config)
         # Only kombu's Redis transport can lose a message a consumer was handed (see
         # throttle/recovery.py); RabbitMQ requeues whatever a dead consumer left unacked.
@@ -88,6 +94,8 @@ class Throttle:
     def gate(self) -> Gate:
         """This process's gate, shared by its threads and greenlets (created lazily, and
         again after a fork). Two threads that make it at once each get a working gate."""
+        if self._generation.value != self._seen_generation:
+            self._follow_reload()
         if self._gate is None or self._gate_pid != os.getpid():
             client = self._redis_client or self.redis_url
             self._gate = Gate(client, self.config, prefix=self.prefix,
@@ -99,6 +107,41 @@ class Throttle:
         """Bound the gate's connection pool (a call past it waits for a connection)."""
         self._gate_connections = max_connections
         self._gate = None  # made again, with the new size, on first use
+
+    def reload(self) -> Config:
+        """Load the tools file again and use it from the next call on (on SIGHUP).
+
+        Raises ConfigError, keeping the running config, for a bad file, added or removed
+        tools, or a max_delay the broker's visibility timeout no longer covers.
+        """
+        new = config_reload.reload_file(self.config)
+        check_visibility(self.app, new)
+        self._use(new)
+        self._generation.value += 1
+        self._seen_generation = self._generation.value
+        return new
+
+    def _follow_reload(self) -> None:
+        """A pool process: load the file the main process reloaded (validating it again)."""
+        self._seen_generation = self._generation.value
+        try:
+            new = config_reload.reload_file(self.config)
+            check_visibility(self.app, new)
+        except ConfigError as exc:
+            logger.error("worker process %d: reload refused, the running config is kept: %s",
+                         os.getpid(), exc)
+            return
+        self._use(new)
+
+    def _use(self, new: Config) -> None:
+        self.config = new
+        self._gate = None
+        for task in list(self.app.tasks.values()):
+            if isinstance(task, ThrottledTask) and task.throttle is self:
+                tool = new.tool(task.tool.name)
+                cls = type(task)
+                cls.tool = tool
+                cls._validator = jsonschema.Draft202012Validator(tool.params)
 
     def tool(self, name_or_fn: str | Callable[..., Any] | None = None, **options: Any) -> Any:
         """Decorate a plain function as the task of a configured tool.
@@ -196,6 +239,15 @@ def _drop_unsafe_content(conf: Any) -> None:
             "(a pickled message runs code chosen by whoever can publish to a tool queue). "
             "Serve pickled tasks from a separate Celery app.", unsafe, conf.accept_content,
         )
+
+
+def check_visibility(app: Celery, config: Config) -> None:
+    """A ConfigError when a max_delay of `config` reaches the broker's visibility timeout."""
+    longest_delay_s = max(tool.max_delay_ms for tool in config.tools.values()) / 1000
+    visibility_s = (app.conf.broker_transport_options or {}).get("visibility_timeout")
+    if visibility_s is not None and visibility_s <= longest_delay_s:
+        raise ConfigError(f"{config.source}: the longest max_delay ({longest_delay_s}s) is not "
+                          f"below the broker's visibility_timeout ({visibility_s}s)")
 
 
 def _scheme(app: Celery) -> str:

@@ -3,6 +3,7 @@
 `celery -A tests.apps.ledger worker` builds it from the environment; a test builds the
 same app for its own process with `build(env)`.
   THROTTLE_TEST_CONFIG   the tools config as JSON (see `throttle.load_config`)
+  THROTTLE_TEST_CONFIG_FILE  a tools file to load instead (so that SIGHUP can reload it)
   THROTTLE_PREFIX        the gate's key prefix; the ledger is the list <prefix>:ledger,
                          and <prefix>:ended maps task ids to when their bodies ended
   THROTTLE_REDIS_URL, THROTTLE_BROKER_URL, THROTTLE_RESULT_BACKEND
@@ -43,7 +44,8 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle, dict[str, Any]]:
         backend=env.get("THROTTLE_RESULT_BACKEND", redis_url),
     )
     app.conf.worker_hijack_root_logger = False
-    config = load_config(json.loads(env["THROTTLE_TEST_CONFIG"]))
+    config_file = env.get("THROTTLE_TEST_CONFIG_FILE")
+    config = load_config(config_file or json.loads(env["THROTTLE_TEST_CONFIG"]))
     throttle = Throttle(app, config, redis_url, prefix=prefix)
     store = redis.Redis.from_url(env.get("THROTTLE_TEST_LEDGER_URL", redis_url))
     body_s = float(env.get("THROTTLE_TEST_BODY_S", "0"))

@@ -201,3 +201,24 @@ def test_status_names_the_redis_it_cannot_reach(tmp_path: Path, prefix: str) -> 
     assert done.exit_code == 1
     assert "cannot read the gate's Redis" in done.output
     assert f"127.0.0.1:{port}" in done.output and "secret" not in done.output
+
+
+def test_status_shows_a_live_override_its_window_use_and_who_set_it(
+    redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path,
+) -> None:
+    seed_pooled_state(redis_url, prefix, *redis_dbs)
+    config = write_config(POOLED, tmp_path / "tools.toml")
+    set_args = ["limits", "set", "light", "20/1m", "5/1s", "--by", "ops@example",
+                "--redis-url", redis_url, "--prefix", prefix, "--config", str(config)]
+    done = CliRunner().invoke(main, set_args)
+    assert done.exit_code == 0, done.output
+    assert "light: 20/1m 5/1s (version 1, set by ops@example)" in done.output
+    output = run("status", redis_url=redis_url, broker_url=redis_dbs[0], prefix=prefix,
+                 config=config).output
+    print("\n" + output)
+    light = row_of(output, "light")
+    assert light[1] == "20/1m, 5/1s (live)"
+    assert light[2].startswith("10/20 per 1m")
+    assert re.search(r"live limits light: 20/1m 5/1s, set by ops@example at \S+ \S+ "
+                     r"\(version 1;", output)
+    assert "its workers enforce" not in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,14 @@ def test_check_of_a_missing_file_exits_1_without_a_traceback(tmp_path: Path) -> 
     assert done.returncode == 1
     assert "file not found" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_check_lists_a_daily_quota_with_its_time_zone(tmp_path: Path) -> None:
+    path = tmp_path / "tools.toml"
+    path.write_text('[tools.q]\nlimits = ["10/1s", "500/1d"]\nmax_delay = "5s"\n'
+                    'quota_tz = "Asia/Tokyo"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "throttle.cli", "check", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "10/1s, 500/1d (Asia/Tokyo)" in done.stdout

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from throttle import reload as config_reload
 from throttle.gateway.callers import KEYS_VARIABLE, LOCAL_TENANT
 from throttle.gateway.chat import read_call
 from throttle.gateway.errors import ApiError
@@ -48,6 +49,7 @@ def make_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        config_reload.install(gateway.reload, "gateway")
         try:
             yield
         finally:
@@ -76,7 +78,7 @@ def make_app(settings: GatewaySettings) -> FastAPI:
             tenant = tenant_of(request.headers.get("authorization"), settings)
             deadline_s = read_deadline(request.headers.get(DEADLINE_HEADER))
             body = await read_json(request, settings.max_body_bytes)
-            call = read_call(body, settings.config, settings.default_tool, tenant)
+            call = read_call(body, gateway.config, settings.default_tool, tenant)
             tool = call.tool
             answer = await gateway.complete(call, deadline_s)
             response: Response = JSONResponse(answer.body, answer.status, answer.headers)

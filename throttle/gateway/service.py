@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +31,10 @@ from kombu.utils.uuid import uuid
 from throttle.errors import InvalidToolCall
 from throttle.gateway.chat import ChatCall, completion
 from throttle.gateway.errors import ApiError, failure_error
+from throttle.gateway.quota_headers import quota_headers
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
+from throttle.quotas import today_fields
 from throttle.routing import Throttle
 from throttle.store import connect_async, mask_url
 from throttle.task import FALLBACK_MARK
@@ -49,6 +52,7 @@ REASONS = {
     NEVER_FITS: "this call alone costs more than one of its limits allows, so retrying "
                 "does not help; shorten the prompt or lower max_tokens",
     "redelivery_cap": "the call's worker was lost too many times",
+    "quota": "its daily quota is spent until it resets at midnight ({tz})",
 }
 
 
@@ -86,6 +90,10 @@ class Gateway:
         self.results = redis.asyncio.Redis.from_url(settings.result_backend, **options)
         self.store = connect_async(settings.redis_url, **options)
         self.waiter = ResultWaiter(self.results, self._decode, sweep_s=settings.sweep_s)
+
+    def reload(self) -> None:
+        """Load the tools file again (on SIGHUP); a ConfigError keeps the running config."""
+        self.config = self.throttle.reload()
 
     async def start(self) -> None:
         await self.waiter.start()
@@ -128,6 +136,9 @@ class Gateway:
                 503, f"the result backend at {mask_url(self.settings.result_backend)} cannot "
                 f"be reached ({type(exc).__name__}); check that it runs, then send the call "
                 "again", code="result_backend_unavailable", headers=headers) from None
+        tool = self.config.tool(call.tool)
+        headers.update(await quota_headers(self.store, self.settings.prefix, tool,
+                                           call.kwargs.get(tool.key) if tool.key else None))
         status = meta["status"]
         if status == states.SUCCESS:
             mark = meta.get("traceback")
@@ -175,8 +186,11 @@ class Gateway:
         key_value = call.kwargs.get(tool.key) if tool.key else None
         wait_s = await retry_after_s(self.store, self.settings.prefix, tool, key_value,
                                      budget_s)
+        if reason == "quota":  # nothing frees up before the quota resets
+            wait_s = max(wait_s, math.ceil(today_fields(tool)[1] - time.time()))
         return ApiError(
-            429, f"tool {call.tool!r} is at its limit: {why.format(budget=budget_s)}; retry "
+            429, f"tool {call.tool!r} is at its limit: "
+            f"{why.format(budget=budget_s, tz=tool.quota_tz)}; retry "
             f"after {wait_s}s. The tool's fallback is in 'fallback'", code="rate_limit_exceeded",
             headers={**fallback_headers, "Retry-After": str(wait_s)},
             extra={"fallback": fallback},

@@ -13,6 +13,9 @@ KEYS[next] free      ZSET  slots given back by released reservations (release.lu
 KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
 KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
                       admitted or refused (throttle/recovery.py)
+KEYS[next] limits    HASH (when ARGV carries the fields below) live limits that replace the
+                      ones passed in ARGV: see "Live limits" below and throttle/overrides.py
+KEYS[next] quota     HASH  (with them) units used per calendar day: '<i>:<day start ms>'
 KEYS[last] receipts  HASH  (when a receipt is passed) member -> the receipt of the delivery
                       that was admitted
   (all keys share one hash tag: the pool's, or the tool's)
@@ -31,14 +34,19 @@ ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
 then     p            number of pool limits, then p pairs: the class's allowance (share x
                       max) and window ms; then the concurrency cap (0: none) and lease ms
-then     receipt      (optional, '' for none) '<message tag>|<delivery nonce>': the tag names
-                      the message (kept when the broker delivers it again; may be empty),
-                      the nonce this delivery of it
+then     (optional) the live limits' fields: the tool's, the key value's tier ('' for none),
+                      the pool's ('' for none), and the class's share of the pool; then the
+                      number q of calendar quotas and, when q > 0, the starts of yesterday,
+                      today, tomorrow and the day after (ms, around the worker's clock) and
+                      each quota's max units per day (throttle/quotas.py)
+last     receipt      '' for none, else '<message tag>|<delivery nonce>': the tag names the
+                      message (kept when the broker delivers it again; may be empty), the
+                      nonce this delivery of it
 
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
-Reasons: admitted, reservation, readmitted, rerun, reused | reserved, early, late, pool, concurrency,
-cooldown | deadline, cost_exceeds_limit, cooldown.
+Reasons: admitted, reservation, readmitted, rerun, reused | reserved, early, late, pool,
+concurrency, cooldown, quota | deadline, cost_exceeds_limit, cooldown, quota.
 
 An admitted member asking again is 'readmitted' when its receipt is the one recorded at
 admission (the same delivery, whose answer was lost) or when no receipt is passed. With
@@ -91,12 +99,82 @@ for i = 1, pn do
 end
 local cap = tonumber(ARGV[at_arg + 1 + 2 * pn])
 local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
-local receipt = ARGV[at_arg + 3 + 2 * pn] or ''
+-- A receipt (the last argument) comes with its key (the last key).
+local receipt = ARGV[#ARGV] or ''
 local receipts = nil
 local nkeys = #KEYS
 if receipt ~= '' then
   receipts = KEYS[nkeys]
   nkeys = nkeys - 1
+end
+
+-- Live limits (`throttle limits set`, throttle/overrides.py): a value in the limits hash,
+-- under this decision's own hash tag, replaces the limits passed above, in this same call.
+-- A key value's tier wins over the tool's override; the pool's override is scaled by the
+-- class's share. Values are "max window_ms max window_ms ...".
+local function fmt_day(ms) return string.format('%d', ms) end
+local extra_at = at_arg + 3 + 2 * pn
+local live_fields = ARGV[extra_at]
+if live_fields then
+  -- nil for a value that is not all positive numbers: the limits passed above then stand.
+  local function parse(text, scale)
+    local ms, ws, count = {}, {}, 0
+    for m, w in string.gmatch(text, '(%S+) (%S+)') do
+      local max, window = tonumber(m), tonumber(w)
+      if not (max and window and max > 0 and window > 0 and max < math.huge
+              and window < math.huge) then return nil end  -- (NaN fails every comparison)
+      count = count + 1
+      ms[count], ws[count] = max * scale, window
+    end
+    if count == 0 then return nil end
+    return ms, ws, count
+  end
+  local live = redis.call('HMGET', KEYS[nkeys - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
+                          ARGV[at_arg + 5 + 2 * pn])
+  local mine = (live[2] and parse(live[2], 1)) and live[2] or live[1]
+  if mine then
+    local ms, ws, count = parse(mine, 1)
+    if ms then maxes, windows, n = ms, ws, count end
+  end
+  if live[3] and pn > 0 then
+    local ms, ws, count = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
+    if ms then allowances, pool_windows, pn = ms, ws, count end
+  end
+  longest, pool_longest = 0, 0
+  for i = 1, n do if windows[i] > longest then longest = windows[i] end end
+  for i = 1, pn do if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end end
+end
+local calls_at = nkeys - (live_fields and 2 or 0) - 1
+
+-- Calendar quotas (throttle/quotas.py): units per calendar day, charged to the day of a
+-- call's slot when it takes the slot and given back when a reserved call is dropped.
+local quota_key = KEYS[nkeys]
+local qn = tonumber(ARGV[extra_at + 4]) or 0
+local days, quota_max = {}, {}
+for i = 1, (qn > 0 and 4 or 0) do days[i] = tonumber(ARGV[extra_at + 4 + i]) end
+for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 8 + i]) end
+local function day_of(t)  -- the start and end of the calendar day holding t
+  if t >= days[3] then return days[3], days[4] end
+  if t >= days[2] then return days[2], days[3] end
+  return days[1], days[2]
+end
+-- When the day of `t` has no room left for this call: that day's end; else nil.
+local function quota_spent_until(t)
+  local start, stop = day_of(t)
+  for i = 1, qn do
+    local used = tonumber(redis.call('HGET', quota_key, i .. ':' .. fmt_day(start)) or '0')
+    if used + cost > quota_max[i] then return stop end
+  end
+  return nil
+end
+local function charge(t, units)
+  if qn == 0 then return end
+  local start = day_of(t)
+  for i = 1, qn do
+    redis.call('HINCRBYFLOAT', quota_key, i .. ':' .. fmt_day(start), units)
+    if start > days[1] then redis.call('HDEL', quota_key, i .. ':' .. fmt_day(days[1])) end
+  end
+  redis.call('PEXPIRE', quota_key, math.ceil(days[4] - now) + 86400000)
 end
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
@@ -433,6 +511,9 @@ pool_wait = function(from)
   redis.call('ZADD', pool_log, t, member)
   if cost ~= 1 then redis.call('HSET', pool_costs, member, cost) end
   keep_pool(t)
+  local before = tonumber(redis.call('ZSCORE', rsv, member))
+  if before then charge(before, -cost) end  -- (a calendar quota counts the call's slot)
+  charge(t, cost)
   redis.call('ZADD', log, t, member)
   redis.call('ZADD', rsv, t, member)
   if cost ~= 1 then redis.call('HSET', costs, member, cost) end
@@ -480,6 +561,7 @@ local function decide()
         redis.call('ZREM', pool_log, member)
         redis.call('HDEL', pool_costs, member)
       end
+      charge(slot, -cost)
     end
     if slot < cool_until then
       drop()
@@ -545,8 +627,14 @@ local function decide()
     if paced > t then t = paced end
   end
 
-  -- A pooled call is placed by the pool too (pool waits): it takes no freed tool slot.
-  if t > now and pn == 0 then
+  if qn > 0 then
+    -- The quota of the slot's day is spent: come back when it resets, or fall back.
+    local reset = quota_spent_until(t)
+    if reset then
+      if reset - now > deadline then return {'fallback', '0', fmt(reset), 'quota'} end
+      return {'delay', fmt(reset - now), fmt(reset), 'quota'}
+    end
+  elseif t > now and pn == 0 then  -- a pooled call is placed by the pool: no freed slot
     local freed = take_freed(t)
     if freed then return freed end
   end
@@ -555,6 +643,7 @@ local function decide()
     local refused = blocked()
     if refused then return refused end
     admit()
+    charge(now, cost)
     expire(now)
     note_receipt()
     return {'admit', '0', fmt(now), 'admitted'}
@@ -563,6 +652,7 @@ local function decide()
     return {'fallback', '0', fmt(t), 'deadline'}
   end
   if pn > 0 then return pool_wait(t) end  -- the pool places it from its tool slot
+  charge(t, cost)
   redis.call('ZADD', log, t, member)
   redis.call('ZADD', rsv, t, member)
   if cost ~= 1 then redis.call('HSET', costs, member, cost) end
@@ -572,7 +662,7 @@ local function decide()
 end
 
 local answer = decide()
-if answer[1] ~= 'delay' and nkeys > cooldown_at + 1 then
+if answer[1] ~= 'delay' and calls_at >= cooldown_at + 2 then
   if redis.call('ZREM', KEYS[cooldown_at + 2], member) == 1 then
     redis.call('HDEL', KEYS[cooldown_at + 3], member)
   end

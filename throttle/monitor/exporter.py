@@ -7,6 +7,7 @@ queue depths) are read live. See docs/observability.md for every metric.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from throttle import reload as config_reload
 from throttle.config import format_ms
 from throttle.errors import ThrottleError
 from throttle.monitor.queues import QueueDepths
@@ -42,6 +44,11 @@ class ThrottleCollector(Collector):
         self.sources = sources
         self.queues = queues
         self.client: StoreClient | None = None  # made at the first scrape that reaches Redis
+
+    def reload(self) -> None:
+        """Load the tools file again (on SIGHUP); a ConfigError keeps the running config."""
+        self.sources = dataclasses.replace(self.sources,
+                                           config=config_reload.reload_file(self.sources.config))
 
     def close(self) -> None:
         if self.client is not None:
@@ -135,7 +142,7 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
                                  labels=["tool"])
     for view in snapshot.tools:
         name = view.tool.name
-        rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
+        rate = min(limit.max * 1000 / limit.window_ms for limit in view.limits)
         limit_rate.add_metric([name], rate)
         effective.add_metric([name], snapshot.effective_rate(view))
         for reason, count in by_label("delay", view.waiting).items():
@@ -160,8 +167,27 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             pool_usage.add_metric([pool.pool.name, priority], pool.class_use(priority))
         for use in pool.windows:
             pool_units.add_metric([pool.pool.name, format_ms(use.limit.window_ms)], use.used)
+    quota_left = GaugeMetricFamily("throttle_quota_remaining",
+                                   "Units left today in the tool's daily quota.",
+                                   labels=["tool", "quota"])
+    quota_reset = GaugeMetricFamily("throttle_quota_reset_seconds",
+                                    "Seconds until the tool's daily quota resets.",
+                                    labels=["tool", "quota"])
+    for view in snapshot.tools:
+        for quota in view.quotas:
+            quota_left.add_metric([view.tool.name, f"{quota.max}/1d"], quota.remaining)
+            quota_reset.add_metric([view.tool.name, f"{quota.max}/1d"],
+                                   max(0.0, quota.resets_at_s - snapshot.at_s))
+    yield from (quota_left, quota_reset)
+    live = GaugeMetricFamily("throttle_live_limit_set_at_seconds",
+                             "When each live override (`throttle limits set`) was set, with "
+                             "what it applies to, its limits and who set it.",
+                             labels=["target", "limits", "set_by", "version"])
+    for override in snapshot.overrides:
+        live.add_metric([override.target, override.limits_text, override.set_by,
+                         str(override.version)], override.set_at_s)
     yield from (in_window, limit_rate, effective, waiting, reserved, depth, cooldown,
-                pool_usage, pool_units)
+                pool_usage, pool_units, live)
 
 
 def _stop(signum: int, _: Any) -> None:
@@ -185,6 +211,7 @@ def exporter(host: str, port: int, redis_url: str, broker_url: str | None, prefi
     registry.register(collector)
     server, thread = start_http_server(port, addr=host, registry=registry)
     signal.signal(signal.SIGTERM, _stop)
+    config_reload.install(collector.reload, "exporter")
     click.echo(f"throttle exporter on http://{host}:{server.server_port}/metrics "
                f"({sources.describe()})", err=True)
     try:

@@ -29,6 +29,8 @@ from throttle.keys import (
 from throttle.monitor.queues import QueueDepths
 from throttle.monitor.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
 from throttle.monitor.waiting import DELAY_REASONS, GRACE_S
+from throttle.overrides import Override, read_overrides
+from throttle.quotas import QuotaUse, read_quotas
 from throttle.store import StoreClient
 
 logger = logging.getLogger("throttle.monitor.snapshot")
@@ -59,6 +61,13 @@ class ToolView:
     totals: ToolTotals
     waiting: Mapping[str, int] = field(default_factory=dict)
     enforced_limits: str | None = None  # what the tool's workers last enforced, if known
+    live: Override | None = None  # the override `throttle limits set` put on the tool
+    quotas: tuple[QuotaUse, ...] = ()  # today's use of its daily quotas (tools without key)
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        """The limits the gate enforces now: the live override's, else the file's."""
+        return self.live.limits if self.live else self.tool.limits
 
     @property
     def waiting_calls(self) -> int:
@@ -95,6 +104,7 @@ class Snapshot:
     at_s: float
     tools: tuple[ToolView, ...]
     pools: Mapping[str, PoolView] = field(default_factory=dict)
+    overrides: tuple[Override, ...] = ()  # every live override (throttle/overrides.py)
 
     def pool_use(self, view: ToolView) -> float | None:
         """The use of the tool's class allowance in its pool, or None without a pool."""
@@ -106,12 +116,12 @@ class Snapshot:
     def effective_rate(self, view: ToolView) -> float:
         """The tool's tightest limit as a rate (per second), lowered to its class's allowance
         (share x max) in its pool; the allowance is shared by every tool of the class."""
-        rate = min(limit.max * 1000 / limit.window_ms for limit in view.tool.limits)
+        rate = min(limit.max * 1000 / limit.window_ms for limit in view.limits)
         pool = self.pools.get(view.tool.pool or "")
         if pool is not None and view.tool.priority in pool.pool.shares:
             share = pool.pool.shares[view.tool.priority]
-            rate = min(rate, *(share * limit.max * 1000 / limit.window_ms
-                               for limit in pool.pool.limits))
+            rate = min(rate, *(share * use.limit.max * 1000 / use.limit.window_ms
+                               for use in pool.windows))
         return rate
 
 
@@ -183,6 +193,14 @@ def read_snapshot(
     """Read every tool and pool of `config` under `prefix` (raises redis.RedisError)."""
     seconds, micros = client.time()
     now_ms = seconds * 1000 + micros / 1000
+    overrides = read_overrides(client, prefix)
+    live = {(o.pool, o.tool): o for o in overrides if o.key is None}
+
+    def limits_of(tool: str | None, pool: str | None, default: tuple[Limit, ...]
+                  ) -> tuple[Limit, ...]:
+        found = live.get((pool, tool))
+        return found.limits if found else default
+
     tools = list(config.tools.values())
     pools: dict[str, tuple[PoolConfig, ToolKeys]] = {}
     for tool in tools:
@@ -206,9 +224,11 @@ def read_snapshot(
 
     windows = [_Window(limit, keys.log, keys.cost, keys.rsv)
                for tool in tools if tool.key is None
-               for keys in [_keys(prefix, tool)] for limit in tool.limits]
+               for keys in [_keys(prefix, tool)]
+               for limit in limits_of(tool.name, None, tool.limits)]
     windows += [_Window(limit, str(keys.pool_log), str(keys.pool_cost))
-                for pool, keys in pools.values() for limit in pool.limits]
+                for pool, keys in pools.values()
+                for limit in limits_of(None, pool.name, pool.limits)]
     units = iter(_window_units(client, now_ms, windows))
 
     depths: Mapping[str, int | None] = {}
@@ -227,7 +247,8 @@ def read_snapshot(
         per_key = tool.key is not None
         views.append(ToolView(
             tool=tool,
-            windows=None if per_key else tuple(WindowUse(lim, next(units)) for lim in tool.limits),
+            windows=None if per_key else tuple(
+                WindowUse(lim, next(units)) for lim in limits_of(tool.name, None, tool.limits)),
             reserved=None if per_key else reserved,
             queue_depth=depths.get(tool.queue),
             # A per-key tool outside a pool has a cooldown per key value: not read here.
@@ -236,10 +257,15 @@ def read_snapshot(
             totals=totals,
             waiting=waiting,
             enforced_limits=None if enforced is None else _text(enforced),
+            live=live.get((None, tool.name)),
+            quotas=() if per_key else tuple(
+                read_quotas(client, tool, _keys(prefix, tool), now_ms / 1000)),
         ))
     pool_views = {
         name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),
-                       windows=tuple(WindowUse(lim, next(units)) for lim in pool.limits))
+                       windows=tuple(WindowUse(lim, next(units))
+                                     for lim in limits_of(None, name, pool.limits)))
         for name, (pool, _) in pools.items()
     }
-    return Snapshot(at_s=now_ms / 1000, tools=tuple(views), pools=pool_views)
+    return Snapshot(at_s=now_ms / 1000, tools=tuple(views), pools=pool_views,
+                    overrides=tuple(overrides))

@@ -6,6 +6,8 @@ columns) gets short headers, the fullest window only, and a key under the table.
 
 from __future__ import annotations
 
+import time
+
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -94,7 +96,8 @@ def tools_table(snapshot: Snapshot, title: str, width: int) -> RenderableType:
         fallback = int(recent.get("fallback", 0))
         cells: list[str | Text] = [view.tool.name]
         if not short:
-            cells.append(", ".join(str(limit) for limit in view.tool.limits))
+            cells.append(", ".join(str(limit) for limit in view.limits)
+                         + (" (live)" if view.live else ""))
         cells += [
             _windows(view, short), _number(view.reserved), _number(view.queue_depth),
             str(view.waiting_calls), str(int(recent.get("admit", 0))), _delayed(view),
@@ -151,6 +154,30 @@ def pool_lines(snapshot: Snapshot) -> list[Text]:
     return lines
 
 
+def quota_lines(snapshot: Snapshot) -> list[Text]:
+    """A line per daily quota: units left today and when it resets."""
+    lines = []
+    for view in snapshot.tools:
+        for use in view.quotas:
+            left_s = max(0, int(use.resets_at_s - snapshot.at_s))
+            lines.append(Text(
+                f"quota {view.tool.name}: {use.remaining:g} of {use.max} left today, resets in "
+                f"{left_s // 3600}h{left_s % 3600 // 60:02d}m (midnight {view.tool.quota_tz})",
+                style="red" if use.remaining <= 0 else ""))
+    return lines
+
+
+def override_lines(snapshot: Snapshot) -> list[Text]:
+    """A line per live override (`throttle limits set`): its limits, who set it and when."""
+    return [
+        Text(f"live limits {o.target}: {o.limits_text}, set by {o.set_by} at "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(o.set_at_s))} "
+             f"(version {o.version}; `throttle limits reset` goes back to the file)",
+             style="cyan")
+        for o in snapshot.overrides
+    ]
+
+
 def limit_warnings(snapshot: Snapshot, config_source: str) -> list[str]:
     """A line per tool whose workers enforce other limits than the config read here says."""
     lines = []
@@ -171,5 +198,7 @@ def render(snapshot: Snapshot, title: str, width: int, warnings: list[str] | Non
                                    for line in warnings or []]
     parts.append(tools_table(snapshot, title, width))
     parts += pool_lines(snapshot)
+    parts += quota_lines(snapshot)
+    parts += override_lines(snapshot)
     parts.append(capacity_table(snapshot))
     return Group(*parts)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 ADMIT_REASONS = ("admitted", "reservation", "readmitted", "store_unavailable")
 DELAY_REASONS = ("reserved", "early", "late", "pool", "concurrency", "cooldown",
-                 "store_unavailable")
+                 "store_unavailable", "quota")
 FALLBACK_REASONS = ("deadline", "cost_exceeds_limit", "cooldown", "store_unavailable",
-                    "redelivery_cap")
+                    "redelivery_cap", "quota")
 REASONS = {"admit": ADMIT_REASONS, "delay": DELAY_REASONS, "fallback": FALLBACK_REASONS}
 OTHER = "other"
 

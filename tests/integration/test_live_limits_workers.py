@@ -1,0 +1,81 @@
+"""Live limits on real `celery worker` processes: a limit raised and then lowered in the
+middle of a steady stream of calls applies on every worker at once, with no restart.
+
+Times are the gate's own: each admission's Redis time (`throttle_admitted_at`, what the
+gate logged) and Redis TIME read around each change.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from tests.apps.ledger import build
+from tests.integration.test_celery_flow import tool
+from tests.support.workers import await_outcomes, ledger
+from throttle import load_config
+from throttle.overrides import parse_limits, set_override
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
+
+RATE_PER_S = 25
+PHASE_S = 2.5
+
+
+def _redis_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
+def _counts_in_trailing_second(admitted: list[float], among: list[float]) -> list[int]:
+    """For each admission in `among`: the admissions in the second up to and including it."""
+    return [sum(1 for a in admitted if t - 1.0 < a <= t) for t in among]
+
+
+def test_a_limit_raised_then_lowered_mid_stream_applies_on_every_worker_at_once(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    config = {"tools": {"live": tool(["10/1s"], "500ms")}}
+    cluster = make_cluster(config)
+    cluster.start(3, concurrency=2)
+    _, _, tasks = build(cluster.env)
+    loaded = load_config(config)
+
+    results, changes = [], []
+    started = time.monotonic()
+    for i in range(int(RATE_PER_S * 3 * PHASE_S)):
+        # A steady stream, paced by the wall clock; the limit changes after each phase.
+        time.sleep(max(0.0, started + i / RATE_PER_S - time.monotonic()))
+        if i in (int(RATE_PER_S * PHASE_S), int(RATE_PER_S * 2 * PHASE_S)):
+            new = "30/1s" if not changes else "5/1s"
+            before = _redis_now(redis_client)
+            set_override(redis_client, loaded, prefix, parse_limits([new]), tool="live")
+            changes.append((before, _redis_now(redis_client)))
+        results.append(tasks["live"].delay(n=i))
+    ended = await_outcomes(results, timeout_s=60)
+    assert ended["lost"] == 0, ended
+
+    runs = ledger(redis_client, prefix)
+    admitted = sorted(run["admitted_at"] for run in runs)
+    (raise_from, raised), (lower_from, lowered) = changes
+    old = [a for a in admitted if a <= raise_from]
+    middle = [a for a in admitted if raised <= a <= lower_from]
+    new = [a for a in admitted if a >= lowered]
+    old_counts = _counts_in_trailing_second(admitted, old)
+    middle_counts = _counts_in_trailing_second(admitted, middle)
+    new_counts = _counts_in_trailing_second(admitted, new)
+    over_old = [a for a, n in zip(middle, middle_counts, strict=True) if n > 10]
+    workers = {run["pid"] for run in runs}
+    print(f"\nlive limits: {ended}; admitted {len(old)} / {len(middle)} / {len(new)} under "
+          f"10/1s, 30/1s, 5/1s; busiest second {max(old_counts)} / {max(middle_counts)} / "
+          f"{max(new_counts)}; first over the old limit "
+          f"{(over_old[0] - raised) * 1000 if over_old else float('nan'):.0f} ms after the "
+          f"raise; {len(workers)} worker processes admitted calls")
+    assert max(old_counts) <= 10  # before the raise: the file's limit
+    assert max(middle_counts) <= 30  # between the changes: the raised one
+    assert over_old and over_old[0] - raised <= 1.0  # the raise took effect within 1 s
+    assert new and max(new_counts) <= 5  # every second ending after the lowering holds 5
+    assert len(workers) >= 3  # the admissions came from several workers' processes

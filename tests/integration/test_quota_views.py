@@ -1,0 +1,53 @@
+"""A daily quota's remaining units and reset time, as `throttle status` and the exporter
+show them (read from the gate's own quota hash, after real gate decisions)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.support.monitoring import exporter, ledger_tool, scrape, value
+from tests.support.servers import write_config
+from throttle import Action, Gate, load_config
+from throttle.cli import main
+
+pytestmark = [pytest.mark.redis]
+
+CONFIG = {"tools": {"quoted": ledger_tool(["100/1s", "5/1d"], "10s",
+                                          quota_tz="America/New_York")}}
+
+
+def _spend(redis_url: str, prefix: str, calls: int) -> None:
+    gate = Gate(redis_url, load_config(CONFIG), prefix=prefix)
+    assert all(gate.acquire("quoted", f"m{i}").action is Action.ADMIT for i in range(calls))
+    gate.close()
+
+
+def test_status_shows_what_is_left_of_a_daily_quota_and_when_it_resets(
+    redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path
+) -> None:
+    _spend(redis_url, prefix, 2)
+    path = write_config(CONFIG, tmp_path / "tools.toml")
+    done = CliRunner().invoke(main, ["status", "--redis-url", redis_url, "--broker-url",
+                                     redis_dbs[0], "--prefix", prefix, "--config", str(path)],
+                              env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    print(done.output)
+    found = re.search(r"quota quoted: 3 of 5 left today, resets in (\d+)h(\d\d)m "
+                      r"\(midnight America/New_York\)", done.output)
+    assert found and int(found[1]) * 60 + int(found[2]) <= 24 * 60
+
+
+def test_the_exporter_exports_a_quotas_remaining_units_and_reset(
+    redis_url: str, prefix: str, redis_dbs: tuple[str, str], tmp_path: Path
+) -> None:
+    _spend(redis_url, prefix, 4)
+    with exporter(tmp_path, CONFIG, redis_url=redis_url, broker_url=redis_dbs[0],
+                  prefix=prefix) as url:
+        samples = scrape(url)
+    assert value(samples, "throttle_quota_remaining", tool="quoted", quota="5/1d") == 1
+    reset = value(samples, "throttle_quota_reset_seconds", tool="quoted", quota="5/1d")
+    assert reset is not None and 0 < reset <= 25 * 3600  # a DST day lasts 25 h
