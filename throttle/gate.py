@@ -2,20 +2,22 @@
 
 `Gate.acquire` answers ADMIT (run now), DELAY (a slot is reserved `wait_s` from now; come
 back then with the same member) or FALLBACK (the slot would miss the deadline; nothing is
-reserved). The algorithm lives only in `throttle/lua/*.lua`; this module builds arguments,
-runs the scripts with EVALSHA (reloaded on NOSCRIPT by redis-py) and types the answer.
+reserved). The algorithm lives only in `throttle/lua/*.lua`; this module builds arguments
+(the fixed ones encoded once per tool), runs the scripts with EVALSHA (`throttle/scripts.py`:
+straight through a connection, NOSCRIPT handled once; concurrent asyncio decisions share one
+pipeline per event-loop tick) and types the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from importlib import resources
 from typing import Any
 
 from throttle.config import Config, ToolConfig
@@ -29,6 +31,7 @@ from throttle.keys import (
     redelivery_key,
     registry_keys,
 )
+from throttle.scripts import Batcher, LuaScript, encode, evalsha, load_script
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -63,11 +66,6 @@ class Decision:
     reason: str
 
 
-def load_script(name: str) -> str:
-    """The source of `throttle/lua/<name>.lua`, shipped as package data."""
-    return resources.files("throttle").joinpath("lua", f"{name}.lua").read_text("utf-8")
-
-
 _ACTIONS: dict[str | bytes, Action] = {
     **{a.value: a for a in Action},
     **{a.value.encode(): a for a in Action},
@@ -86,16 +84,19 @@ class _GateBase:
         self.prefix = check_prefix(prefix)
         self.url = url
         self._errors = StoreErrors(url)
-        # Per tool, built once: the fixed tail of the script's arguments, and its keys when
-        # they do not depend on a key argument.
+        # Per tool, built once and encoded: the fixed tail of the script's arguments, and
+        # its keys when they do not depend on a key argument.
         self._tails = {
-            name: [self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool)]
+            name: [encode(value) for value in
+                   (self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool))]
             for name, tool in config.tools.items()
         }
         self._fixed_keys = {
             name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
             if tool.key is None
         }
+        self._acquire_script = LuaScript("acquire")
+        self._register_script = LuaScript("register")
 
     def _load_scripts(self, client: Any) -> None:
         (self._acquire, self._release, self._settle, self._cooldown, self._claim,
@@ -132,12 +133,12 @@ class _GateBase:
                 f"object): {exc}"
             ) from None
 
-    def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[str]:
+    def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[bytes]:
         tool_keys = self._keys(tool, key)
         keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
-        return keys
+        return [name.encode() for name in keys]
 
     def registry(self, tool: str) -> tuple[str, str]:
         """The keys of `tool`'s registry of undecided calls (see throttle/recovery.py)."""
@@ -151,16 +152,24 @@ class _GateBase:
         cost: float,
         deadline_s: float | None,
         now_s: float | None,
-    ) -> tuple[list[str], list[Any]]:
+    ) -> tuple[list[bytes], list[bytes]]:
         tool = self.config.tool(tool_name)
-        if not cost > 0:
-            raise InvalidToolCall(tool_name, f"cost must be greater than zero, got {cost!r}")
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (
+            0 < cost < math.inf
+        ):
+            raise InvalidToolCall(
+                tool_name, f"cost must be greater than zero (a finite number), got {cost!r}"
+            )
+        if not isinstance(member, str) or not member:
+            raise InvalidToolCall(tool_name, f"the member (task id) must be a non-empty "
+                                  f"string, got {member!r}")
         deadline_ms: float = tool.max_delay_ms
         if deadline_s is not None:  # may be negative: the deadline has passed
             deadline_ms = min(deadline_ms, deadline_s * 1000)
         gap_ms, margin_ms, *limits = self._tails[tool_name]
-        now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits]
+        now = b"" if now_s is None else b"%.3f" % (now_s * 1000)
+        args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
+                margin_ms, now, *limits]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         return keys, args
 
@@ -232,7 +241,7 @@ class Gate(_GateBase):
         """
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
         with self._errors:
-            raw = self._acquire(keys=keys, args=args)
+            raw = evalsha(self.client, self._acquire_script, keys, args)
         return self._decision(raw)
 
     def release(self, tool: str, member: str, *, key: Any = None) -> bool:
@@ -275,9 +284,10 @@ class Gate(_GateBase):
         """Note an enqueued call of `tool`, to be counted lost if still undecided at
         `check_at_s` (epoch seconds); `message` is what re-publishes it."""
         ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
+        keys = [name.encode() for name in self.registry(tool)]
+        args = [encode(member), encode(check_at_s * 1000), encode(message), encode(ttl_ms)]
         with self._errors:
-            self._register(keys=self.registry(tool),
-                           args=[member, check_at_s * 1000, message, ttl_ms])
+            evalsha(self.client, self._register_script, keys, args)
 
     def forget_call(self, tool: str, member: str) -> None:
         """Take a call out of `tool`'s registry (decided without the gate, or given up)."""
@@ -343,6 +353,7 @@ class AsyncGate(_GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
+        self._acquire_batch = Batcher(self.client, self._acquire_script)
 
     async def acquire(
         self,
@@ -357,7 +368,7 @@ class AsyncGate(_GateBase):
         """Decide one call; the same contract as `Gate.acquire`."""
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s)
         with self._errors:
-            raw = await self._acquire(keys=keys, args=args)
+            raw = await self._acquire_batch.run(keys, args)
         return self._decision(raw)
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
