@@ -4,9 +4,9 @@
 client goes through its `execute_command`), retrying a dropped connection as the client's own
 `Retry` says; a server that lost its scripts (restart, SCRIPT FLUSH) answers NOSCRIPT once,
 the script is loaded and the call repeated. `Batcher` gathers the asyncio calls made in one
-event-loop tick into one pipeline: one round trip for many decisions, each answered (or failed)
-on its own. Arguments must already be bytes (see `encode`); errors are the client's own, for
-the caller's `StoreErrors` to wrap.
+event-loop tick into one pipelined write on one connection: one round trip for many
+decisions, each answered (or failed) on its own. Arguments must already be bytes (see
+`encode`); errors are the client's own, for the caller's `StoreErrors` to wrap.
 """
 
 from __future__ import annotations
@@ -171,7 +171,27 @@ class Batcher:
         return answers
 
     async def _pipeline(self, commands: list[tuple[bytes, ...]]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+        """Send `commands` in one write on one pooled connection and read every answer
+        (a server error is that command's answer); a dropped connection is retried as
+        the client's `Retry` says, like redis-py's own pipelines."""
+        packed = [hiredis.pack_command(command) for command in commands]  # type: ignore[arg-type]
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+
+        async def exchange() -> list[Any]:
+            await conn.send_packed_command(packed)
+            answers: list[Any] = []
+            for _ in commands:
+                try:
+                    answers.append(await conn.read_response())
+                except redis.ResponseError as exc:  # read in full: the stream stays in step
+                    answers.append(exc)
+            return answers
+
+        async def drop(_error: Exception) -> None:
+            await conn.disconnect()
+
+        try:
+            return list(await conn.retry.call_with_retry(exchange, drop))
+        finally:
+            await pool.release(conn)
