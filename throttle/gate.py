@@ -31,7 +31,7 @@ from throttle.keys import (
     redelivery_key,
     registry_keys,
 )
-from throttle.scripts import Batcher, LuaScript, encode, evalsha, load_script
+from throttle.scripts import Batcher, LuaScript, Sent, encode, evalsha, load_script
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -202,6 +202,21 @@ class _GateBase:
         )
 
 
+class Registration:
+    """A registration sent by `Gate.start_register_call`; `wait()` (required, once) confirms
+    it or raises StoreUnavailable."""
+
+    __slots__ = ("_errors", "_sent")
+
+    def __init__(self, sent: Sent, errors: StoreErrors) -> None:
+        self._sent, self._errors = sent, errors
+
+    def wait(self) -> None:
+        """Wait for the server's answer."""
+        with self._errors:
+            self._sent.answer()
+
+
 class Gate(_GateBase):
     """The synchronous gate over redis-py: `acquire`, `release`."""
 
@@ -283,11 +298,19 @@ class Gate(_GateBase):
     def register_call(self, tool: str, member: str, message: str, check_at_s: float) -> None:
         """Note an enqueued call of `tool`, to be counted lost if still undecided at
         `check_at_s` (epoch seconds); `message` is what re-publishes it."""
+        self.start_register_call(tool, member, message, check_at_s).wait()
+
+    def start_register_call(
+        self, tool: str, member: str, message: str, check_at_s: float
+    ) -> Registration:
+        """`register_call`, sent now and confirmed by `.wait()`: the caller publishes the
+        call in between, so the two round trips overlap."""
         ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
         keys = [name.encode() for name in self.registry(tool)]
         args = [encode(member), encode(check_at_s * 1000), encode(message), encode(ttl_ms)]
         with self._errors:
-            evalsha(self.client, self._register_script, keys, args)
+            return Registration(Sent(self.client, self._register_script, keys, args),
+                                self._errors)
 
     def forget_call(self, tool: str, member: str) -> None:
         """Take a call out of `tool`'s registry (decided without the gate, or given up)."""

@@ -87,6 +87,52 @@ def evalsha(client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequenc
         return _run(client, command)
 
 
+class Sent:
+    """An EVALSHA already sent, whose answer `answer()` reads later: the caller overlaps its
+    round trip with other work (`.delay()` publishes meanwhile).
+
+    On a plain pooled client the command goes out on a connection held until `answer()`;
+    any other client runs it at once. The script must be safe to run twice: a connection
+    dropped before the answer runs it again, as NOSCRIPT does.
+    """
+
+    __slots__ = ("_answer", "_args", "_client", "_conn", "_keys", "_script")
+
+    def __init__(
+        self, client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
+    ) -> None:
+        self._client, self._script, self._keys, self._args = client, script, keys, args
+        self._conn: Any = None
+        self._answer: Any = None
+        if not _direct(client):
+            self._answer = evalsha(client, script, keys, args)
+            return
+        packed = [hiredis.pack_command(script.command(keys, args))]  # type: ignore[arg-type]
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.retry.call_with_retry(
+                lambda: conn.send_packed_command(packed), lambda _error: conn.disconnect()
+            )
+        except BaseException:
+            pool.release(conn)
+            raise
+        self._conn = conn
+
+    def answer(self) -> Any:
+        """The script's answer (waits for it); call once."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return self._answer
+        try:
+            return conn.read_response()
+        except (NoScriptError, redis.ConnectionError):  # loaded, or sent again, by evalsha
+            pass
+        finally:
+            self._client.connection_pool.release(conn)
+        return evalsha(self._client, self._script, self._keys, self._args)
+
+
 async def evalsha_async(
     client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
 ) -> Any:

@@ -24,7 +24,7 @@ from kombu.utils.uuid import uuid
 from throttle import eager, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
-from throttle.gate import Action, Decision
+from throttle.gate import Action, Decision, Registration
 from throttle.monitor import metrics
 
 if TYPE_CHECKING:
@@ -90,32 +90,56 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if deadline_s is not None:
             headers[DEADLINE_S] = float(deadline_s)
         task_id = options.pop("task_id", None) or uuid()
-        registered = self._register(task_id, checked, headers)
+        # The registration is sent first, and confirmed once the call is published.
+        registration = self._start_registration(task_id, checked, headers)
         try:
-            return super().apply_async(args, kwargs, task_id=task_id, headers=headers, **options)
+            result = super().apply_async(
+                args, kwargs, task_id=task_id, headers=headers, **options
+            )
         except Exception:
-            if registered:
+            if registration is not None:
                 with contextlib.suppress(StoreUnavailable):
+                    registration.wait()  # done before it is taken back
                     self.throttle.gate.forget_call(self.tool.name, task_id)
             raise
+        if registration is not None:
+            self._confirm(registration, task_id)
+        return result
 
     def _register(self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call so the reaper can re-publish it if the broker loses it."""
+        registration = self._start_registration(task_id, kwargs, headers)
+        return registration is not None and self._confirm(registration, task_id)
+
+    def _start_registration(
+        self, task_id: str, kwargs: dict[str, Any], headers: dict[str, Any]
+    ) -> Registration | None:
+        """Send the call's registration (None: not registered, see `_register`)."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:
-            return False
+            return None
         budget_s = self.tool.max_delay_ms / 1000
         if DEADLINE_S in headers:
             budget_s = min(budget_s, float(headers[DEADLINE_S]))
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
         try:
-            self.throttle.gate.register_call(
+            return self.throttle.gate.start_register_call(
                 self.tool.name, task_id, recovery.message(kwargs, headers, check_at), check_at
             )
         except StoreUnavailable as exc:
-            logger.warning("tool %s: call %s not registered for recovery (%s)",
-                           self.tool.name, task_id, exc)
+            self._not_registered(task_id, exc)
+            return None
+
+    def _confirm(self, registration: Registration, task_id: str) -> bool:
+        try:
+            registration.wait()
+        except StoreUnavailable as exc:
+            self._not_registered(task_id, exc)
             return False
         return True
+
+    def _not_registered(self, task_id: str, exc: StoreUnavailable) -> None:
+        logger.warning("tool %s: call %s not registered for recovery (%s)",
+                       self.tool.name, task_id, exc)
 
     def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""
