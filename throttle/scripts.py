@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -227,11 +228,18 @@ class Batcher:
         async def exchange() -> list[Any]:
             await conn.send_packed_command(packed)
             answers: list[Any] = []
-            for _ in commands:
-                try:
-                    answers.append(await conn.read_response())
-                except redis.ResponseError as exc:  # read in full: the stream stays in step
-                    answers.append(exc)
+            try:  # one socket timeout for the whole batch, not one timer per answer
+                async with asyncio.timeout(conn.socket_timeout):
+                    for _ in commands:
+                        try:
+                            answers.append(await conn.read_response(timeout=math.inf))
+                        except redis.ResponseError as exc:  # read in full: still in step
+                            answers.append(exc)
+            except TimeoutError as exc:  # asyncio's: the connection is out of step
+                await conn.disconnect(nowait=True)
+                raise redis.TimeoutError(
+                    f"Timeout reading from {conn.host}:{conn.port}"
+                ) from exc
             return answers
 
         async def drop(_error: Exception) -> None:
