@@ -96,7 +96,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
             result = super().apply_async(
                 args, kwargs, task_id=task_id, headers=headers, **options
             )
-        except Exception:
+        except BaseException:  # (not only Exception: its connection must go back)
             if registration is not None:
                 with contextlib.suppress(StoreUnavailable):
                     registration.wait()  # done before it is taken back

@@ -35,18 +35,19 @@ def in_use(throttle: Throttle) -> int:
     return len(pool._in_use_connections)
 
 
+@pytest.mark.parametrize("error", [ConnectionError, KeyboardInterrupt])
 def test_a_publish_that_fails_leaves_no_registration_and_no_connection_held(
     redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, error: type[BaseException],
 ) -> None:
     throttle, search = make_tool(redis_dbs[0], redis_url, prefix)
     calls, messages = throttle.gate.registry("search")
 
     def broker_down(*_: Any, **__: Any) -> Any:
-        raise ConnectionError("broker down")
+        raise error("broker down")
 
     monkeypatch.setattr(throttle.app, "send_task", broker_down)
-    with pytest.raises(ConnectionError, match="broker down"):
+    with pytest.raises(error, match="broker down"):
         search.delay(query="lamp")
     assert redis_client.zcard(calls) == 0 and redis_client.hlen(messages) == 0
     assert in_use(throttle) == 0
