@@ -45,7 +45,9 @@ from throttle.store import (
 )
 
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
-SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim", "register")
+# Run through redis-py `Script`s; acquire and register take the lean path of scripts.py (the
+# `_acquire` Script stays for callers that queue a decision on their own pipeline).
+SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim")
 
 
 class Action(StrEnum):
@@ -99,8 +101,9 @@ class _GateBase:
         self._register_script = LuaScript("register")
 
     def _load_scripts(self, client: Any) -> None:
-        (self._acquire, self._release, self._settle, self._cooldown, self._claim,
-         self._register) = (client.register_script(load_script(name)) for name in SCRIPTS)
+        (self._acquire, self._release, self._settle, self._cooldown, self._claim) = (
+            client.register_script(load_script(name)) for name in SCRIPTS
+        )
 
     def _limits_of(self, tool: ToolConfig) -> list[Any]:
         args: list[Any] = [len(tool.limits)]
