@@ -23,7 +23,8 @@ import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
-EVALSHA = b"EVALSHA"
+EVALSHA = "EVALSHA"  # text: redis-py's cluster client routes by the command's name
+Command = tuple[str | bytes, ...]
 
 
 def load_script(name: str) -> str:
@@ -49,7 +50,7 @@ class LuaScript:
         self.source = load_script(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest().encode()
 
-    def command(self, keys: Sequence[bytes], args: Sequence[bytes]) -> tuple[bytes, ...]:
+    def command(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Command:
         """The EVALSHA command's arguments."""
         return (EVALSHA, self.sha, b"%d" % len(keys), *keys, *args)
 
@@ -64,7 +65,7 @@ def _send(conn: Any, packed: list[bytes]) -> Any:
     return conn.read_response()
 
 
-def _run(client: Any, command: tuple[bytes, ...]) -> Any:
+def _run(client: Any, command: Command) -> Any:
     if not _direct(client):
         return client.execute_command(*command)
     packed = [hiredis.pack_command(command)]  # type: ignore[arg-type]  # stub: 1-tuple
@@ -159,7 +160,7 @@ class Batcher:
         self.client = client
         self.script = script
         self.batched = type(client) is redis.asyncio.Redis
-        self._pending: list[tuple[tuple[bytes, ...], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Command, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
@@ -179,7 +180,7 @@ class Batcher:
         self._tasks.add(task)  # held until done, so it is not collected mid-flight
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[tuple[bytes, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
         try:
             answers = await self._answers([command for command, _ in batch])
         except asyncio.CancelledError:  # the loop is closing: so are the calls
@@ -199,7 +200,7 @@ class Batcher:
             else:
                 future.set_result(answer)
 
-    async def _answers(self, commands: list[tuple[bytes, ...]]) -> list[Any]:
+    async def _answers(self, commands: list[Command]) -> list[Any]:
         if len(commands) == 1:
             try:
                 return [await self.client.execute_command(*commands[0])]
@@ -217,7 +218,7 @@ class Batcher:
                 answers[i] = answer
         return answers
 
-    async def _pipeline(self, commands: list[tuple[bytes, ...]]) -> list[Any]:
+    async def _pipeline(self, commands: list[Command]) -> list[Any]:
         """Send `commands` in one write on one pooled connection and read every answer
         (a server error is that command's answer); a dropped connection is retried as
         the client's `Retry` says, like redis-py's own pipelines."""
