@@ -2,20 +2,22 @@
 
 `Gate.acquire` answers ADMIT (run now), DELAY (a slot is reserved `wait_s` from now; come
 back then with the same member) or FALLBACK (the slot would miss the deadline; nothing is
-reserved). The algorithm lives only in `throttle/lua/*.lua`; this module builds arguments,
-runs the scripts with EVALSHA (reloaded on NOSCRIPT by redis-py) and types the answer.
+reserved). The algorithm lives only in `throttle/lua/*.lua`; this module builds arguments
+(the fixed ones encoded once per tool), runs the scripts with EVALSHA (`throttle/scripts.py`:
+straight through a connection, NOSCRIPT handled once; concurrent asyncio decisions share one
+pipeline per event-loop tick) and types the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from importlib import resources
 from typing import Any
 
 from throttle.config import Config, ToolConfig
@@ -34,6 +36,7 @@ from throttle.keys import (
     registry_keys,
 )
 from throttle.quotas import quota_args
+from throttle.scripts import Batcher, LuaScript, Sent, encode, evalsha, load_script
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -47,7 +50,9 @@ from throttle.store import (
 )
 
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
-SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim", "register")
+# Run through redis-py `Script`s; acquire and register take the lean path of scripts.py (the
+# `_acquire` Script stays for callers that queue a decision on their own pipeline).
+SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim")
 
 
 class Action(StrEnum):
@@ -68,11 +73,6 @@ class Decision:
     reason: str
 
 
-def load_script(name: str) -> str:
-    """The source of `throttle/lua/<name>.lua`, shipped as package data."""
-    return resources.files("throttle").joinpath("lua", f"{name}.lua").read_text("utf-8")
-
-
 _ACTIONS: dict[str | bytes, Action] = {
     **{a.value: a for a in Action},
     **{a.value.encode(): a for a in Action},
@@ -91,10 +91,11 @@ class _GateBase:
         self.prefix = check_prefix(prefix)
         self.url = url
         self._errors = StoreErrors(url)
-        # Per tool, built once: the fixed tail of the script's arguments, and its keys when
-        # they do not depend on a key argument.
+        # Per tool, built once and encoded: the fixed tail of the script's arguments, and
+        # its keys when they do not depend on a key argument.
         self._tails = {
-            name: [self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool)]
+            name: [encode(value) for value in
+                   (self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool))]
             for name, tool in config.tools.items()
         }
         self._fixed_live = {
@@ -105,10 +106,13 @@ class _GateBase:
             name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
             if tool.key is None
         }
+        self._acquire_script = LuaScript("acquire")
+        self._register_script = LuaScript("register")
 
     def _load_scripts(self, client: Any) -> None:
-        (self._acquire, self._release, self._settle, self._cooldown, self._claim,
-         self._register) = (client.register_script(load_script(name)) for name in SCRIPTS)
+        (self._acquire, self._release, self._settle, self._cooldown, self._claim) = (
+            client.register_script(load_script(name)) for name in SCRIPTS
+        )
 
     def _limits_of(self, tool: ToolConfig) -> list[Any]:
         args: list[Any] = [len(tool.limits)]
@@ -141,19 +145,21 @@ class _GateBase:
                 f"object): {exc}"
             ) from None
 
-    def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[str]:
+    def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[bytes]:
         tool_keys = self._keys(tool, key)
         keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
-        return [*keys, overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
+        keys += [overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
+        return [name.encode() for name in keys]
 
-    def _live_fields(self, tool: ToolConfig, key: Any) -> list[Any]:
+    def _live_fields(self, tool: ToolConfig, key: Any) -> list[bytes]:
         """The fields of the live limits acquire.lua reads (throttle/overrides.py)."""
         tool_field, tier_field = override_fields(tool.name, key if tool.key else None)
         share = self.config.pools[tool.pool].shares[tool.priority] if (
             tool.pool and tool.priority) else 1
-        return [tool_field, tier_field, "pool" if tool.pool else "", share]
+        return [encode(value) for value in
+                (tool_field, tier_field, "pool" if tool.pool else "", share)]
 
     def registry(self, tool: str) -> tuple[str, str]:
         """The keys of `tool`'s registry of undecided calls (see throttle/recovery.py)."""
@@ -168,22 +174,30 @@ class _GateBase:
         deadline_s: float | None,
         now_s: float | None,
         receipt: str | None = None,
-    ) -> tuple[list[str], list[Any]]:
+    ) -> tuple[list[bytes], list[bytes]]:
         tool = self.config.tool(tool_name)
-        if not cost > 0:
-            raise InvalidToolCall(tool_name, f"cost must be greater than zero, got {cost!r}")
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (
+            0 < cost < math.inf
+        ):
+            raise InvalidToolCall(
+                tool_name, f"cost must be greater than zero (a finite number), got {cost!r}"
+            )
+        if not isinstance(member, str) or not member:
+            raise InvalidToolCall(tool_name, f"the member (task id) must be a non-empty "
+                                  f"string, got {member!r}")
         deadline_ms: float = tool.max_delay_ms
         if deadline_s is not None:  # may be negative: the deadline has passed
             deadline_ms = min(deadline_ms, deadline_s * 1000)
         gap_ms, margin_ms, *limits = self._tails[tool_name]
-        now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        args = [member, cost, deadline_ms, gap_ms, margin_ms, now, *limits,
+        now = b"" if now_s is None else b"%.3f" % (now_s * 1000)
+        args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
+                margin_ms, now, *limits,
                 *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
-                *quota_args(tool, now_s)]
+                *(encode(value) for value in quota_args(tool, now_s))]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
-        args.append(receipt or "")  # always the last argument (acquire.lua)
+        args.append(encode(receipt or ""))  # always the last argument (acquire.lua)
         if receipt:
-            keys = [*keys, receipts_key(keys[0])]
+            keys = [*keys, receipts_key(keys[0].decode()).encode()]
         return keys, args
 
     @staticmethod
@@ -213,6 +227,21 @@ class _GateBase:
         return Decision(
             _ACTIONS[action], float(wait_ms) / 1000, float(slot_ms) / 1000, _text(reason)
         )
+
+
+class Registration:
+    """A registration sent by `Gate.start_register_call`; `wait()` (required, once) confirms
+    it or raises StoreUnavailable."""
+
+    __slots__ = ("_errors", "_sent")
+
+    def __init__(self, sent: Sent, errors: StoreErrors) -> None:
+        self._sent, self._errors = sent, errors
+
+    def wait(self) -> None:
+        """Wait for the server's answer."""
+        with self._errors:
+            self._sent.answer()
 
 
 class Gate(_GateBase):
@@ -264,7 +293,7 @@ class Gate(_GateBase):
         """
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
-            raw = self._acquire(keys=keys, args=args)
+            raw = evalsha(self.client, self._acquire_script, keys, args)
         return self._decision(raw)
 
     def release(self, tool: str, member: str, *, key: Any = None) -> bool:
@@ -306,10 +335,19 @@ class Gate(_GateBase):
     def register_call(self, tool: str, member: str, message: str, check_at_s: float) -> None:
         """Note an enqueued call of `tool`, to be counted lost if still undecided at
         `check_at_s` (epoch seconds); `message` is what re-publishes it."""
+        self.start_register_call(tool, member, message, check_at_s).wait()
+
+    def start_register_call(
+        self, tool: str, member: str, message: str, check_at_s: float
+    ) -> Registration:
+        """`register_call`, sent now and confirmed by `.wait()`: the caller publishes the
+        call in between, so the two round trips overlap."""
         ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
+        keys = [name.encode() for name in self.registry(tool)]
+        args = [encode(member), encode(check_at_s * 1000), encode(message), encode(ttl_ms)]
         with self._errors:
-            self._register(keys=self.registry(tool),
-                           args=[member, check_at_s * 1000, message, ttl_ms])
+            return Registration(Sent(self.client, self._register_script, keys, args),
+                                self._errors)
 
     def forget_call(self, tool: str, member: str) -> None:
         """Take a call out of `tool`'s registry (decided without the gate, or given up)."""
@@ -375,6 +413,7 @@ class AsyncGate(_GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
+        self._acquire_batch = Batcher(self.client, self._acquire_script)
 
     async def acquire(
         self,
@@ -390,7 +429,7 @@ class AsyncGate(_GateBase):
         """Decide one call; the same contract as `Gate.acquire`."""
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
-            raw = await self._acquire(keys=keys, args=args)
+            raw = await self._acquire_batch.run(keys, args)
         return self._decision(raw)
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:

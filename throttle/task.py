@@ -25,7 +25,7 @@ from kombu.utils.uuid import uuid
 from throttle import eager, recovery
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
-from throttle.gate import Action, Decision
+from throttle.gate import Action, Decision, Registration
 from throttle.intake import (
     MAX_ARGS_DEPTH,
     POSITIONAL,
@@ -104,14 +104,21 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if task_id is not None:
             self._check_unused(task_id)
         task_id = task_id or uuid()
-        registered = self._register(task_id, checked, headers)
+        # The registration is sent first, and confirmed once the call is published.
+        registration = self._start_registration(task_id, checked, headers)
         try:
-            return super().apply_async(args, kwargs, task_id=task_id, headers=headers, **options)
-        except Exception:
-            if registered:
+            result = super().apply_async(
+                args, kwargs, task_id=task_id, headers=headers, **options
+            )
+        except BaseException:  # (not only Exception: its connection must go back)
+            if registration is not None:
                 with contextlib.suppress(StoreUnavailable):
+                    registration.wait()  # done before it is taken back
                     self.throttle.gate.forget_call(self.tool.name, task_id)
             raise
+        if registration is not None:
+            self._confirm(registration, task_id)
+        return result
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
               eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
@@ -167,22 +174,39 @@ class ThrottledTask(Task):  # type: ignore[misc]
     def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
         """Register the call (its gate member) so the reaper can re-publish it if the broker
         loses it."""
+        registration = self._start_registration(member, kwargs, headers)
+        return registration is not None and self._confirm(registration, member)
+
+    def _start_registration(
+        self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]
+    ) -> Registration | None:
+        """Send the call's registration (None: not registered, see `_register`)."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:
-            return False
+            return None
         budget_s = self.tool.max_delay_ms / 1000
         if DEADLINE_S in headers:
             budget_s = min(budget_s, float(headers[DEADLINE_S]))
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
         try:
-            self.throttle.gate.register_call(
+            return self.throttle.gate.start_register_call(
                 self.tool.name, member, recovery.message(kwargs, headers, check_at), check_at
             )
         except StoreUnavailable as exc:
-            logger.error("tool %s: call %s is enqueued but not registered for recovery (%s): "
-                         "a worker answers it as on_store_error says, but if the broker loses "
-                         "its message nothing publishes it again", self.tool.name, member, exc)
+            self._not_registered(member, exc)
+            return None
+
+    def _confirm(self, registration: Registration, member: str) -> bool:
+        try:
+            registration.wait()
+        except StoreUnavailable as exc:
+            self._not_registered(member, exc)
             return False
         return True
+
+    def _not_registered(self, member: str, exc: StoreUnavailable) -> None:
+        logger.error("tool %s: call %s is enqueued but not registered for recovery (%s): "
+                     "a worker answers it as on_store_error says, but if the broker loses "
+                     "its message nothing publishes it again", self.tool.name, member, exc)
 
     def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""

@@ -1,0 +1,194 @@
+"""The gate's hot path: EVALSHA straight through a connection, and one pipeline per asyncio tick.
+
+A server that lost its scripts answers NOSCRIPT once and the gate loads them; the asyncio
+gate answers a tick's concurrent acquires from one pipeline, on one connection, with the
+same decisions one at a time would give; a failed round trip fails each of its calls with
+StoreUnavailable, and a cancelled caller leaves the others their answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+
+from tests.integration.test_gate_store_errors import free_port, silent_port  # noqa: F401
+from throttle import (
+    Action,
+    AsyncGate,
+    Decision,
+    Gate,
+    InvalidToolCall,
+    StoreUnavailable,
+    load_config,
+)
+
+pytestmark = pytest.mark.redis
+
+P = 1_700_000_000.0
+CONFIG = load_config(
+    {
+        "tools": {
+            "ten": {"limits": ["10/1s"], "max_delay": "1m"},
+            "wide": {"limits": ["1000000/10m"], "max_delay": "1m"},
+        }
+    }
+)
+IN_FLIGHT = 50
+
+
+def connections(gate: AsyncGate) -> int:
+    """How many connections the asyncio gate's pool has opened."""
+    pool: Any = getattr(gate.client, "connection_pool")  # noqa: B009  # a single server
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+def test_the_sync_gate_loads_its_script_once_after_a_script_flush(
+    redis_client: redis.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    loads: list[str] = []
+    load = gate.client.script_load
+
+    def counted_load(source: str) -> Any:
+        loads.append(source)
+        return load(source)
+
+    monkeypatch.setattr(gate.client, "script_load", counted_load)
+    try:
+        assert gate.acquire("wide", "warm").action is Action.ADMIT
+        redis_client.script_flush()
+        loads.clear()
+        answers = [gate.acquire("wide", f"m{i}").action for i in range(5)]
+        assert answers == [Action.ADMIT] * 5
+        assert len(loads) == 1  # refused once (NOSCRIPT), loaded, then EVALSHA again
+    finally:
+        gate.close()
+
+
+def test_fifty_concurrent_acquires_share_one_connection_and_decide_as_one_at_a_time(
+    redis_url: str, prefix: str
+) -> None:
+    async def burst() -> tuple[list[Decision], int]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            answers = await asyncio.gather(
+                *(gate.acquire("ten", f"m{i:02d}", now_s=P) for i in range(IN_FLIGHT))
+            )
+            return list(answers), connections(gate)
+        finally:
+            await gate.aclose()
+
+    answers, opened = asyncio.run(burst())
+    assert opened == 1  # one pipeline per tick, not one connection per call in flight
+    assert Counter(d.action for d in answers) == {Action.ADMIT: 10, Action.DELAY: 40}
+    # In the order they were made: the first 10 admitted, then 10 per following second.
+    assert [d.action for d in answers[:10]] == [Action.ADMIT] * 10
+    slots = [round(d.slot_at - P) for d in answers[10:]]
+    assert slots == sorted(slots) and Counter(slots) == {1: 10, 2: 10, 3: 10, 4: 10}
+
+
+def test_a_batch_after_a_script_flush_is_loaded_once_and_answered_in_full(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    async def burst() -> list[Decision]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            await gate.acquire("wide", "warm")
+            redis_client.script_flush()
+            return list(
+                await asyncio.gather(*(gate.acquire("wide", f"m{i}") for i in range(IN_FLIGHT)))
+            )
+        finally:
+            await gate.aclose()
+
+    answers = asyncio.run(burst())
+    assert [d.action for d in answers] == [Action.ADMIT] * IN_FLIGHT
+
+
+def test_a_cancelled_caller_leaves_the_others_of_its_batch_their_answers(
+    redis_url: str, prefix: str
+) -> None:
+    async def burst() -> tuple[list[Any], int]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            tasks = [
+                asyncio.ensure_future(gate.acquire("wide", f"m{i}")) for i in range(IN_FLIGHT)
+            ]
+            await asyncio.sleep(0)  # every call is queued for this tick's pipeline
+            tasks[7].cancel()
+            answers = await asyncio.gather(*tasks, return_exceptions=True)
+            return answers, connections(gate)
+        finally:
+            await gate.aclose()
+
+    answers, opened = asyncio.run(burst())
+    assert isinstance(answers[7], asyncio.CancelledError)
+    rest = answers[:7] + answers[8:]
+    assert all(isinstance(d, Decision) and d.action is Action.ADMIT for d in rest)
+    assert opened == 1
+
+
+def test_a_server_that_never_answers_fails_every_call_of_the_batch(
+    silent_port: int,  # noqa: F811
+) -> None:
+    url = f"redis://127.0.0.1:{silent_port}/0"
+
+    async def burst() -> tuple[list[Any], float]:
+        gate = AsyncGate(url, CONFIG, prefix="throttle-test", socket_timeout_s=0.5)
+        started = time.monotonic()
+        try:
+            answers = await asyncio.gather(
+                *(gate.acquire("wide", f"m{i}") for i in range(20)), return_exceptions=True
+            )
+            return answers, time.monotonic() - started
+        finally:
+            await gate.aclose()
+
+    answers, elapsed = asyncio.run(burst())
+    assert all(isinstance(a, StoreUnavailable) for a in answers), answers
+    assert all(url in str(a) for a in answers)
+    assert elapsed < 3  # one socket timeout (and one retry at most), not one per call
+
+
+def test_nothing_listening_fails_every_call_with_store_unavailable() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def burst() -> list[Any]:
+        gate = AsyncGate(url, CONFIG, prefix="throttle-test", socket_timeout_s=0.5)
+        try:
+            return list(
+                await asyncio.gather(
+                    *(gate.acquire("wide", f"m{i}") for i in range(10)), return_exceptions=True
+                )
+            )
+        finally:
+            await gate.aclose()
+
+    answers = asyncio.run(burst())
+    assert all(isinstance(a, StoreUnavailable) for a in answers), answers
+
+
+@pytest.mark.parametrize(
+    ("member", "cost", "wrong"),
+    [
+        ("m", True, "cost"),
+        ("m", "2", "cost"),
+        ("m", float("inf"), "cost"),
+        (123, 1, "member"),
+        ("", 1, "member"),
+    ],
+)
+def test_odd_costs_and_members_are_invalid_calls_that_say_what_to_pass(
+    redis_url: str, prefix: str, member: Any, cost: Any, wrong: str
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    try:
+        with pytest.raises(InvalidToolCall, match=wrong):
+            gate.acquire("wide", member, cost=cost)
+    finally:
+        gate.close()
