@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.integration.test_gate_store_errors import free_port, silent_port  # noqa: F401
+from tests.integration.test_gate_store_errors import SilentServer, free_port, silent  # noqa: F401
 from throttle import (
     Action,
     AsyncGate,
@@ -134,9 +134,9 @@ def test_a_cancelled_caller_leaves_the_others_of_its_batch_their_answers(
 
 
 def test_a_server_that_never_answers_fails_every_call_of_the_batch(
-    silent_port: int,  # noqa: F811
+    silent: SilentServer,  # noqa: F811
 ) -> None:
-    url = f"redis://127.0.0.1:{silent_port}/0"
+    url = f"redis://127.0.0.1:{silent.port}/0"
 
     async def burst() -> tuple[list[Any], float]:
         gate = AsyncGate(url, CONFIG, prefix="throttle-test", socket_timeout_s=0.5)

@@ -131,7 +131,7 @@ def test_a_registration_whose_answer_is_lost_leaves_the_call_published_and_regis
             result = search.delay(query="lamp")
         assert relay.lost >= 2  # the answer, then the one of the try again, were lost
         assert in_use(throttle) == 0
-    assert f"call {result.id} not registered for recovery" in caplog.text
+    assert f"call {result.id} is enqueued but not registered for recovery" in caplog.text
     calls, messages = throttle.gate.registry("search")
     assert redis_client.zscore(calls, result.id) is not None  # it reached the server
     assert redis_client.hexists(messages, result.id)
