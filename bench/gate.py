@@ -78,8 +78,8 @@ from rich.console import Console
 from rich.table import Table
 
 from throttle import AsyncGate, Decision, Gate, load_config
-from throttle.config import Limit
 from throttle.keys import tool_keys
+from throttle.limit import Limit
 from throttle.overrides import set_override
 from throttle.store import mask_url
 

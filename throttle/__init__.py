@@ -1,5 +1,6 @@
 """throttle: a distributed throttler for LLM tool calls on Celery and Redis."""
 
+from throttle.async_gate import AsyncGate
 from throttle.awaiting import wait
 from throttle.config import Config, load_config
 from throttle.errors import (
@@ -10,7 +11,7 @@ from throttle.errors import (
     ThrottleError,
     UpstreamBusy,
 )
-from throttle.gate import Action, AsyncGate, Decision, Gate
+from throttle.gate import Action, Decision, Gate
 from throttle.routing import Throttle
 from throttle.task import ThrottledTask, fallback_reason, outcome
 

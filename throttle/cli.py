@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import Config, format_ms, load_config
+from throttle.config import Config, load_config
 from throttle.errors import ThrottleError
 from throttle.extras import require_extra
 from throttle.gateway.command import gateway
+from throttle.limit import format_ms
 from throttle.monitor.exporter import exporter
 from throttle.monitor.flower import flower
 from throttle.monitor.limits_cmd import limits

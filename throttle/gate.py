@@ -1,4 +1,4 @@
-"""The Redis gate: one atomic Lua call per decision, over sync and asyncio clients.
+"""The Redis gate: one atomic Lua call per decision (`Gate`; `AsyncGate` in async_gate.py).
 
 `Gate.acquire` answers ADMIT (run now), DELAY (a slot is reserved `wait_s` from now; come
 back then with the same member) or FALLBACK (the slot would miss the deadline; nothing is
@@ -10,18 +10,15 @@ pipeline per event-loop tick) and types the answer.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from throttle.config import Config, ToolConfig
-from throttle.errors import InvalidToolCall, Throttled
+from throttle.errors import InvalidToolCall
 from throttle.keys import (
     DEFAULT_PREFIX,
     ToolKeys,
@@ -36,15 +33,13 @@ from throttle.keys import (
     registry_keys,
 )
 from throttle.quotas import quota_args
-from throttle.scripts import Batcher, LuaScript, Sent, encode, evalsha, load_script
+from throttle.scripts import LuaScript, Sent, encode, evalsha, load_script
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
-    AsyncStoreClient,
     StoreClient,
     StoreErrors,
     client_options,
     connect,
-    connect_async,
     describe_client,
     mask_url,
 )
@@ -83,7 +78,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _GateBase:
+class GateBase:
     """Argument building and answer typing shared by `Gate` and `AsyncGate`."""
 
     def __init__(self, config: Config, prefix: str, url: str) -> None:
@@ -244,7 +239,7 @@ class Registration:
             self._sent.answer()
 
 
-class Gate(_GateBase):
+class Gate(GateBase):
     """The synchronous gate over redis-py: `acquire`, `release`.
 
     One client serves every thread or greenlet of a process: each command takes a
@@ -389,120 +384,3 @@ class Gate(_GateBase):
     def close(self) -> None:
         """Close the connection pool this gate opened."""
         self.client.close()
-
-
-class AsyncGate(_GateBase):
-    """The asyncio gate over `redis.asyncio`, with `slot()` for apps without Celery."""
-
-    def __init__(
-        self,
-        redis_url_or_client: str | AsyncStoreClient,
-        config: Config,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
-    ) -> None:
-        if isinstance(redis_url_or_client, str):
-            url = mask_url(redis_url_or_client)
-            with StoreErrors(url):
-                self.client: AsyncStoreClient = connect_async(
-                    redis_url_or_client, **client_options(socket_timeout_s, asyncio=True)
-                )
-        else:
-            self.client = redis_url_or_client
-            url = describe_client(redis_url_or_client)
-        super().__init__(config, prefix, url)
-        self._load_scripts(self.client)
-        self._acquire_batch = Batcher(self.client, self._acquire_script)
-
-    async def acquire(
-        self,
-        tool: str,
-        member: str,
-        *,
-        key: Any = None,
-        cost: float = 1,
-        deadline_s: float | None = None,
-        now_s: float | None = None,
-        receipt: str | None = None,
-    ) -> Decision:
-        """Decide one call; the same contract as `Gate.acquire`."""
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
-        with self._errors:
-            raw = await self._acquire_batch.run(keys, args)
-        return self._decision(raw)
-
-    async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
-        """Free `member`'s unused reservation; True if it held one."""
-        keys = self._keys(self.config.tool(tool), key)
-        with self._errors:
-            return bool(await self._release(keys=self._release_keys(keys), args=[member]))
-
-    async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
-        """Correct `member`'s charge to what it really cost; False if it left the windows."""
-        keys = self._settle_keys(tool, key, actual_units)
-        with self._errors:
-            return bool(await self._settle(keys=keys, args=[member, actual_units]))
-
-    async def cool_down(
-        self,
-        tool: str,
-        seconds: float,
-        *,
-        key: Any = None,
-        member: str | None = None,
-        now_s: float | None = None,
-    ) -> float:
-        """Pause `tool` (or its pool) for `seconds`; the same contract as `Gate.cool_down`."""
-        keys, args = self._cooldown_call(tool, seconds, key, member, now_s)
-        with self._errors:
-            return float(await self._cooldown(keys=keys, args=args)) / 1000
-
-    async def cooldown_left(self, tool: str, *, key: Any = None) -> float:
-        """Seconds left in `tool`'s cooldown; 0 if none."""
-        name = self._keys(self.config.tool(tool), key).cooldown
-        with self._errors:
-            return cooldown_left_s(await self.client.pttl(name))
-
-    async def finish(self, tool: str, member: str, *, key: Any = None) -> None:
-        """Give back `member`'s concurrency lease."""
-        leases = self._keys(self.config.tool(tool), key).leases
-        if leases is None:
-            return
-        with self._errors:
-            await self.client.zrem(leases, member)
-
-    @asynccontextmanager
-    async def slot(
-        self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None
-    ) -> AsyncIterator[Decision]:
-        """Wait for this call's reserved slot, then run the block.
-
-        Raises `Throttled` (carrying the tool's fallback) when the slot would miss the deadline.
-        """
-        member = uuid.uuid4().hex
-        budget_s = self.config.tool(tool).max_delay_ms / 1000
-        if deadline_s is not None:
-            budget_s = min(budget_s, deadline_s)
-        started = time.monotonic()
-        try:
-            while True:
-                left_s = budget_s - (time.monotonic() - started)
-                decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s)
-                if decision.action is Action.ADMIT:
-                    break
-                if decision.action is Action.FALLBACK:
-                    raise Throttled(tool, decision.reason, self.config.tool(tool).fallback)
-                await asyncio.sleep(decision.wait_s)
-        except asyncio.CancelledError:
-            # Give the slot back to the callers behind (shielded: we are being cancelled).
-            await asyncio.shield(self.release(tool, member, key=key))
-            raise
-        try:
-            yield decision
-        finally:
-            await self.finish(tool, member, key=key)
-
-    async def aclose(self) -> None:
-        """Close the connection pool this gate opened."""
-        await self.client.aclose()

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from throttle.config import Config, Limit, ToolConfig
+from throttle.config import Config, ToolConfig
 from throttle.errors import ConfigError
 from throttle.keys import (
     override_fields,
@@ -29,6 +29,7 @@ from throttle.keys import (
     overrides_version_key,
     pool_overrides_key,
 )
+from throttle.limit import Limit
 from throttle.store import StoreClient
 
 MAX_TIERS_PER_TOOL = 1000

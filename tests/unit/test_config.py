@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from throttle import Config, ConfigError, load_config
-from throttle.config import Limit, parse_duration_ms
+from throttle.limit import Limit, parse_duration_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "config" / "tools.toml"

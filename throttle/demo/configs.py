@@ -11,8 +11,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from throttle.config import Limit, format_ms, parse_duration_ms
 from throttle.demo.seed import DEMO_TOOLS, LLM_TOOL
+from throttle.limit import Limit, format_ms, parse_duration_ms
 
 
 def demo_tools_only(raw: Mapping[str, Any], *, llm: bool = True) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import Config, Limit
+from throttle.config import Config
 from throttle.demo.seed import PlannedCall
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import DELAYED_AFTER_S, Call, Tracker
+from throttle.limit import Limit
 
 REAL_COMMAND = "THROTTLE_REDIS_URL=redis://127.0.0.1:6379/0 throttle demo"
 LEGEND = (

@@ -25,8 +25,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from throttle import reload as config_reload
-from throttle.config import format_ms
 from throttle.errors import ThrottleError
+from throttle.limit import format_ms
 from throttle.monitor.queues import QueueDepths
 from throttle.monitor.snapshot import Snapshot, read_snapshot
 from throttle.monitor.sources import Sources, resolve_sources, source_options

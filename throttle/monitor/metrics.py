@@ -28,12 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from celery import signals
 
 from throttle.errors import StoreUnavailable
+from throttle.headers import DELAYS, ENQUEUED_AT
 from throttle.monitor import decisions
 from throttle.monitor.stats import StatsBuffer
 from throttle.store import STORE_ERRORS
-
-DELAYS = "throttle_delays"  # the header throttle/task.py counts a call's delays in
-ENQUEUED_AT = "throttle_enqueued_at"  # the header with the call's first-sent time
 
 logger = logging.getLogger("throttle.monitor.metrics")
 

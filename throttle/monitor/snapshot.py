@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from throttle.config import Config, Limit, PoolConfig, ToolConfig
+from throttle.config import Config, PoolConfig, ToolConfig
 from throttle.keys import (
     ToolKeys,
     cooldown_left_s,
@@ -26,6 +26,7 @@ from throttle.keys import (
     stats_key,
     waiting_key,
 )
+from throttle.limit import Limit
 from throttle.monitor.queues import QueueDepths
 from throttle.monitor.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
 from throttle.monitor.waiting import DELAY_REASONS, GRACE_S

@@ -13,7 +13,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import format_ms
+from throttle.limit import format_ms
 from throttle.monitor.snapshot import Snapshot, ToolView, WindowUse
 from throttle.monitor.stats import RECENT_BUCKET_S, RECENT_BUCKETS
 

@@ -1,0 +1,184 @@
+"""The caller's side of a tool's task: check the call, register it, publish it.
+
+`.delay()` / `apply_async` validate the arguments (schema, size, depth) before anything is
+enqueued, register the call for the reaper (Redis brokers), and publish it on the tool's
+queue with the headers below; `apply` runs it in this process (eager mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jsonschema
+from celery import Task
+from celery.result import AsyncResult
+from kombu.utils.uuid import uuid
+
+from throttle import eager, recovery
+from throttle.config import ToolConfig
+from throttle.errors import InvalidToolCall, StoreUnavailable
+from throttle.gate import Registration
+from throttle.headers import DEADLINE_S, ENQUEUED_AT
+from throttle.intake import (
+    MAX_ARGS_DEPTH,
+    POSITIONAL,
+    header_number,
+    nested_deeper_than,
+    reused_id_problem,
+    schedule_problem,
+    too_deep,
+    visibility_s,
+)
+from throttle.results import FALLBACK_MARK, due_at_s
+
+if TYPE_CHECKING:
+    from throttle.owner import Owner
+
+logger = logging.getLogger("throttle")
+
+
+
+class SendingTask(Task):  # type: ignore[misc]
+    """What a tool's task does where it is called; `throttle` and `tool` are set per tool."""
+
+    throttle: ClassVar[Owner]
+    tool: ClassVar[ToolConfig]
+    _validator: ClassVar[jsonschema.protocols.Validator]
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        *,
+        deadline_s: float | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Validate the arguments, then enqueue on the tool's queue.
+
+        `deadline_s` tightens the tool's max_delay for this call.
+        """
+        headers = dict(options.pop("headers", None) or {})
+        if args and options.get("parent_id") is not None:
+            # A chain step or callback handed the previous result positionally: the worker
+            # refuses it as this step's failure, so the canvas fails here, not its parent.
+            return super().apply_async(args, kwargs, headers=headers, **options)
+        checked = self.check_arguments(args, kwargs)
+        self._check_schedule(options)
+        if ENQUEUED_AT in headers:  # published again by the worker or the reaper
+            return super().apply_async(args, kwargs, headers=headers, **options)
+        headers[ENQUEUED_AT] = due_at_s(options.get("countdown"), options.get("eta"))
+        if deadline_s is not None:
+            if header_number(deadline_s) is None:
+                raise InvalidToolCall(
+                    self.tool.name, f"deadline_s must be a finite number of seconds, got "
+                    f"{deadline_s!r:.40}"
+                )
+            headers[DEADLINE_S] = float(deadline_s)
+        task_id = options.pop("task_id", None)
+        if task_id is not None:
+            self._check_unused(task_id)
+        task_id = task_id or uuid()
+        # The registration is sent first, and confirmed once the call is published.
+        registration = self._start_registration(task_id, checked, headers)
+        try:
+            result = super().apply_async(
+                args, kwargs, task_id=task_id, headers=headers, **options
+            )
+        except BaseException:  # (not only Exception: its connection must go back)
+            if registration is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    registration.wait()  # done before it is taken back
+                    self.throttle.gate.forget_call(self.tool.name, task_id)
+            raise
+        if registration is not None:
+            self._confirm(registration, task_id)
+        return result
+
+    def _one_task_per_call(self, *_: Any, **__: Any) -> Any:
+        raise InvalidToolCall(
+            self.tool.name,
+            "starmap(), chunks() and map() would run every call inside one task, past the "
+            f"gate; send one task per call: group({self.tool.name}.s(**kwargs) for kwargs in ...)",
+        )
+
+    starmap = chunks = map = _one_task_per_call
+
+    def _check_schedule(self, options: dict[str, Any]) -> None:
+        if problem := schedule_problem(options, visibility_s(self.app)):
+            raise InvalidToolCall(self.tool.name, problem)
+
+    def _check_unused(self, task_id: Any) -> None:
+        if problem := reused_id_problem(self.backend, task_id):
+            raise InvalidToolCall(self.tool.name, problem)
+
+    def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
+        """Register the call (its gate member) so the reaper can re-publish it if the broker
+        loses it."""
+        registration = self._start_registration(member, kwargs, headers)
+        return registration is not None and self._confirm(registration, member)
+
+    def _start_registration(
+        self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]
+    ) -> Registration | None:
+        """Send the call's registration (None: not registered, see `_register`)."""
+        if not self.throttle.register_calls or self.app.conf.task_always_eager:
+            return None
+        budget_s = self.tool.max_delay_ms / 1000
+        if DEADLINE_S in headers:
+            budget_s = min(budget_s, float(headers[DEADLINE_S]))
+        check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
+        try:
+            return self.throttle.gate.start_register_call(
+                self.tool.name, member, recovery.message(kwargs, headers, check_at), check_at
+            )
+        except StoreUnavailable as exc:
+            self._not_registered(member, exc)
+            return None
+
+    def _confirm(self, registration: Registration, member: str) -> bool:
+        try:
+            registration.wait()
+        except StoreUnavailable as exc:
+            self._not_registered(member, exc)
+            return False
+        return True
+
+    def _not_registered(self, member: str, exc: StoreUnavailable) -> None:
+        logger.error("tool %s: call %s is enqueued but not registered for recovery (%s): "
+                     "a worker answers it as on_store_error says, but if the broker loses "
+                     "its message nothing publishes it again", self.tool.name, member, exc)
+
+    def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        """The call's keyword arguments if they fit the tool's schema and size, else raise."""
+        if args:
+            raise InvalidToolCall(self.tool.name, POSITIONAL)
+        checked: dict[str, Any] = dict(kwargs or {})
+        try:
+            size = len(json.dumps(checked, separators=(",", ":")))
+        except RecursionError:
+            raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH)) from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidToolCall(self.tool.name, f"arguments are not JSON: {exc}") from None
+        if size > self.tool.max_args_bytes:
+            raise InvalidToolCall(
+                self.tool.name,
+                f"arguments are {size} bytes, above the tool's max_args_bytes "
+                f"({self.tool.max_args_bytes}); send a reference instead of the data",
+            )
+        if nested_deeper_than(checked, MAX_ARGS_DEPTH):
+            raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH))
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(checked))
+        if error is not None:
+            where = "/".join(str(part) for part in error.absolute_path) or "arguments"
+            raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")
+        return checked
+
+    def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Run the call in this process (eager mode): waits are slept here, never re-published."""
+        headers = {ENQUEUED_AT: time.time(), **(options.pop("headers", None) or {})}
+        return eager.apply(self, super().apply, args, kwargs, headers=headers,
+                           fallback_mark=FALLBACK_MARK, **options)
