@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import Config, load_config
+from throttle.config import LOCAL_CONFIG, PROJECT_CONFIG, Config, default_config_path, load_config
 from throttle.errors import ThrottleError
 from throttle.extras import require_extra
 from throttle.gateway.command import gateway
@@ -31,9 +31,6 @@ from throttle.monitor.limits_cmd import limits
 from throttle.monitor.status import status, top
 from throttle.stub.command import stub_llm
 
-DEFAULT_CONFIG = Path("config") / "tools.toml"
-# The file the deployed workers load when THROTTLE_CONFIG is not set (see workers/celery.py).
-PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 PIPED_WIDTH = 140
 # Celery's worker pools (`celery worker -P`); the green ones need a package of their own.
 POOLS = ("prefork", "threads", "gevent", "eventlet", "solo", "processes")
@@ -79,7 +76,7 @@ def check(path: Path | None, import_functions: bool) -> None:
     `settle` function is checked by reading its module's source (it must exist and define
     the name), without importing it, unless --import is given or the source cannot tell.
     """
-    path = path or Path(os.environ.get("THROTTLE_CONFIG") or DEFAULT_CONFIG)
+    path = path or Path(os.environ.get("THROTTLE_CONFIG") or LOCAL_CONFIG)
     config = _load(path, import_functions=import_functions)
     table = Table(
         title=f"{path}: {len(config.tools)} tools",
@@ -213,9 +210,7 @@ def demo(
     from throttle.demo import DemoSettings, run_demo
 
     if config_path is None:
-        configured = os.environ.get("THROTTLE_CONFIG")
-        local = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else PROJECT_CONFIG
-        config_path = Path(configured) if configured else local
+        config_path = default_config_path()
     settings = DemoSettings(
         config_path=config_path, sessions=sessions, duration_s=duration_s,
         time_scale=time_scale, out_dir=out_dir, broker_url=broker_url, seed=seed, llm=llm,

@@ -7,6 +7,7 @@ milliseconds (`window_ms`, `max_delay_ms`).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,9 @@ from throttle.limit import Limit, format_ms, parse_duration_ms
 from throttle.tool_rules import tool_problems
 
 DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
+LOCAL_CONFIG = Path("config") / "tools.toml"  # the tools file of the current directory
+# The file the deployed workers load when THROTTLE_CONFIG is not set (workers/celery.py).
+PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 DEFAULT_SLOT_MARGIN_MS = 40
 
 
@@ -386,3 +390,11 @@ def _describe(exc: ValidationError, tool: str, where: str) -> str:
             message = str(error["msg"]).removeprefix("Value error, ")
         lines.append(f"{where}: tool {tool!r}, field {field!r}: {message}")
     return "\n".join(lines)
+
+
+def default_config_path() -> Path:
+    """THROTTLE_CONFIG, else ./config/tools.toml, else the project's own."""
+    configured = os.environ.get("THROTTLE_CONFIG")
+    if configured:
+        return Path(configured)
+    return LOCAL_CONFIG if LOCAL_CONFIG.exists() else PROJECT_CONFIG

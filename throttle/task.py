@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from celery import states
 from celery.app.task import get_actual_ignore_result
@@ -282,7 +282,7 @@ class ThrottledTask(SendingTask):
             headers[DEADLINE_S] = caller_s
         return headers
 
-    def _republish(self, wait_s: float, reason: str, *, store_retries: int = 0) -> None:
+    def _republish(self, wait_s: float, reason: str, *, store_retries: int = 0) -> NoReturn:
         """Publish this call again (same id) due in `wait_s`, then ack the current message.
 
         The publish must succeed before the original is acked: on failure the original is

@@ -15,16 +15,14 @@ Settings come from the environment:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from celery import Celery
 
 from throttle import Throttle
+from throttle.config import PROJECT_CONFIG
 from throttle.keys import DEFAULT_PREFIX
 from throttle.store import DEFAULT_REDIS_URL
 from workers.tools import catalog, llm_tasks
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 
 redis_url = os.environ.get("THROTTLE_REDIS_URL", DEFAULT_REDIS_URL)
 app = Celery(
@@ -35,7 +33,7 @@ app = Celery(
 app.conf.worker_send_task_events = os.environ.get("THROTTLE_TASK_EVENTS", "1") != "0"
 throttle = Throttle(
     app,
-    os.environ.get("THROTTLE_CONFIG", str(DEFAULT_CONFIG)),
+    os.environ.get("THROTTLE_CONFIG", str(PROJECT_CONFIG)),
     redis_url,
     prefix=os.environ.get("THROTTLE_PREFIX", DEFAULT_PREFIX),
 )

@@ -6,7 +6,6 @@ THROTTLE_REDIS_URL, THROTTLE_BROKER_URL, THROTTLE_PREFIX, THROTTLE_CONFIG.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,11 @@ import click
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from throttle.config import Config, load_config
+from throttle.config import Config, default_config_path, load_config
 from throttle.keys import DEFAULT_PREFIX, check_prefix
 from throttle.monitor.queues import QueueDepths
 from throttle.store import DEFAULT_REDIS_URL, StoreClient, connect, mask_url
 
-LOCAL_CONFIG = Path("config") / "tools.toml"
-PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tools.toml"
 SOCKET_TIMEOUT_S = 2.0
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,13 +48,6 @@ class Sources:
         return (f"redis {mask_url(self.redis_url)}, broker {mask_url(self.broker_url)}, "
                 f"prefix {self.prefix!r}, config {self.config.source}")
 
-
-def default_config_path() -> Path:
-    """THROTTLE_CONFIG, else ./config/tools.toml, else the project's own."""
-    configured = os.environ.get("THROTTLE_CONFIG")
-    if configured:
-        return Path(configured)
-    return LOCAL_CONFIG if LOCAL_CONFIG.exists() else PROJECT_CONFIG
 
 
 def source_options(command: F) -> F:
