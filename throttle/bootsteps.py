@@ -99,13 +99,13 @@ class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
     @staticmethod
     def _sweep(worker: Any) -> None:
         task_consumer = getattr(getattr(worker, "consumer", None), "task_consumer", None)
-        channel = getattr(task_consumer, "channel", None)
+        channel: Any = getattr(task_consumer, "channel", None)
         restore = getattr(getattr(channel, "qos", None), "restore_visible", None)
-        limit = getattr(channel, "unacked_restore_limit", None)  # Redis channels only
-        if restore is None or limit is None:  # not connected, or a broker that requeues
+        # Only Redis channels keep unacked messages to restore (their limit may be None).
+        if restore is None or not hasattr(channel, "unacked_restore_limit"):
             return
         try:
-            restore(num=limit, interval=1)
+            restore(num=channel.unacked_restore_limit, interval=1)
         except Exception:  # never let the sweep stop the worker's timer
             logger.warning("throttle: sweeping for messages of lost workers failed",
                            exc_info=True)

@@ -171,7 +171,7 @@ def test_task_time_limits_pass_through_to_the_tools_task(
 ) -> None:
     """soft_time_limit given to @throttle.tool stops a body that runs too long (prefork)."""
     options = {"slow": {"soft_time_limit": 0.3, "time_limit": 20}}
-    cluster = make_cluster({"tools": {"slow": tool(["5/1s"], "2s")}},
+    cluster = make_cluster({"tools": {"slow": tool(["5/1s"], "30s")}},
                            env={"THROTTLE_TEST_BODY_S": "10",
                                 "THROTTLE_TEST_TASK_OPTIONS": json.dumps(options)})
     cluster.start(1, concurrency=1)
