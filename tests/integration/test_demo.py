@@ -274,15 +274,16 @@ def test_the_real_demo_prints_the_status_command_that_reads_its_run_and_status_w
 @pytest.mark.celery
 @pytest.mark.slow
 def test_the_real_demo_with_keep_uses_the_default_prefix_and_status_reads_it_afterwards(
-    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+    tmp_path: Path,
 ) -> None:
-    from tests.conftest import delete_prefix
+    """On a redis-server of its own: the default prefix of a shared server is nobody's to
+    fill or empty."""
+    from tests.support.servers import private_redis
     from throttle.keys import DEFAULT_PREFIX
 
-    assert list(redis_client.scan_iter(match=f"{DEFAULT_PREFIX}:*")) == []
-    broker = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BROKER_DB}"))
-    clean_db(broker)
-    try:
+    with private_redis(tmp_path / "redis") as server:
+        redis_url, broker = server.url(0), server.url(BROKER_DB)
+        client = redis.Redis.from_url(redis_url)
         env = demo_env(THROTTLE_REDIS_URL=redis_url, COLUMNS="400")
         done, _ = run_demo(tmp_path, [*REAL_RUN, "--broker", broker, "--keep"], env,
                            REAL_BUDGET_S)
@@ -292,14 +293,12 @@ def test_the_real_demo_with_keep_uses_the_default_prefix_and_status_reads_it_aft
                       if "throttle status --redis-url" in line)
         assert "--prefix" not in status  # the default, as the README runs it
         assert status[status.index("--config") + 1] == str(tmp_path / "tools.toml")
-        assert list(redis_client.scan_iter(match=f"{DEFAULT_PREFIX}:*"))  # kept
+        assert list(client.scan_iter(match=f"{DEFAULT_PREFIX}:*"))  # kept
         shown = CliRunner().invoke(main, status[1:], env={"COLUMNS": "200"}).output
         print("\n" + shown)
         assert "per 15s" in shown and "warning" not in shown
         assert "search_products" in shown
-    finally:
-        delete_prefix(redis_client, DEFAULT_PREFIX)
-        clean_db(broker)
+        client.close()
 
 
 def test_keep_needs_a_real_redis() -> None:
