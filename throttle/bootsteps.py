@@ -72,7 +72,23 @@ class SizePools(bootsteps.Step):  # type: ignore[misc]
         self.owner.size_gate_pool(connections_for(concurrency))
 
 
-class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
+class _TimerStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A step of its Throttle (`owner`) that runs on the worker's timer until it stops."""
+
+    requires = ("celery.worker.components:Timer",)
+    owner: ClassVar[Owner | None] = None
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._timer: Any = None
+
+    def stop(self, worker: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class RestoreLostMessages(_TimerStep):
     """On a worker without kombu's event loop (gevent, eventlet), sweep on a timer for the
     messages lost workers left unacked.
 
@@ -81,13 +97,6 @@ class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
     which a busy node rarely does: on gevent nodes, messages a killed node held were still
     unacked 15 s after the burst had ended.
     """
-
-    requires = ("celery.worker.components:Timer",)
-    owner: ClassVar[Owner | None] = None
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._timer: Any = None
 
     def start(self, worker: Any) -> None:
         if worker.use_eventloop or self.owner is None:
@@ -110,21 +119,9 @@ class RestoreLostMessages(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.warning("throttle: sweeping for messages of lost workers failed",
                            exc_info=True)
 
-    def stop(self, worker: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
-
-class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
+class ReapLostCalls(_TimerStep):
     """Every second, re-publish lost calls of the tools this worker serves."""
-
-    requires = ("celery.worker.components:Timer",)
-    owner: ClassVar[Owner | None] = None
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._timer: Any = None
 
     def start(self, worker: Any) -> None:
         throttle = self.owner
@@ -147,21 +144,9 @@ class ReapLostCalls(bootsteps.StartStopStep):  # type: ignore[misc]
         except Exception:  # never let the reaper stop the worker's loop
             logger.exception("throttle: reaping lost calls failed")
 
-    def stop(self, worker: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
-
-class GiveBackRevokedCalls(bootsteps.StartStopStep):  # type: ignore[misc]
+class GiveBackRevokedCalls(_TimerStep):
     """Give back what revoked tool calls hold; discard held ones as soon as revoked."""
-
-    requires = ("celery.worker.components:Timer",)
-    owner: ClassVar[Owner | None] = None
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._timer: Any = None
 
     def start(self, worker: Any) -> None:
         if self.owner is None:
@@ -180,11 +165,6 @@ class GiveBackRevokedCalls(bootsteps.StartStopStep):  # type: ignore[misc]
             checker()
         except Exception:  # never let the check stop the worker's loop
             logger.exception("throttle: discarding revoked calls failed")
-
-    def stop(self, worker: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 class ReloadOnHangup(bootsteps.StartStopStep):  # type: ignore[misc]
