@@ -16,7 +16,12 @@ from typing import Any
 from throttle.config import Config
 from throttle.errors import Throttled
 from throttle.gate import Action, Decision, GateBase
-from throttle.keys import DEFAULT_PREFIX, cooldown_left_s
+from throttle.keys import (
+    DEFAULT_PREFIX,
+    cooldown_left_s,
+    overrides_version_key,
+    tool_defaults_key,
+)
 from throttle.scripts import Batcher
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
@@ -65,10 +70,18 @@ class AsyncGate(GateBase):
         receipt: str | None = None,
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
+        if self._defaults_due(tool):
+            await self.refresh_defaults()
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
             raw = await self._acquire_batch.run(keys, args)
         return self._decision(raw)
+
+    async def refresh_defaults(self) -> None:
+        """`Gate.refresh_defaults`, over asyncio."""
+        with self._errors:
+            if self._defaults.checked(await self.client.get(overrides_version_key(self.prefix))):
+                self._load_defaults(await self.client.hgetall(tool_defaults_key(self.prefix)))
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""

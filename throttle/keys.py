@@ -37,6 +37,10 @@ decision's own tag::
                                   their own
     <prefix>:{t}:quota      HASH  '<i>:<day start ms>' -> units of daily quota i used that
                                   day (throttle/quotas.py); per key value, beside its log
+    <prefix>:{p}:pool:quota HASH  the same for the daily quotas of pool `p` (all its tools)
+    <prefix>:limits:defaults HASH 'tool:<t>' -> the override of a tool whose key values have
+                                  tags of their own (no script can read one key for all its
+                                  values): the gates cache it and pass it in ARGV
     <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
     <prefix>:limits:version STRING  bumped on every change
 
@@ -160,6 +164,11 @@ def keys_for(prefix: str, tool: ToolConfig, key_value: Any = None) -> ToolKeys:
                      concurrency=tool.concurrency is not None)
 
 
+def tags_per_key_value(tool: ToolConfig) -> bool:
+    """Whether each value of `tool`'s key argument has a hash tag of its own (`{t|h}`)."""
+    return tool.key is not None and tool.pool is None and tool.concurrency is None
+
+
 def overrides_key(prefix: str, tool: ToolConfig, key_value: Any = None) -> str:
     """The hash of live limits acquire.lua reads for `tool` (and key value): its tag's."""
     if tool.pool:
@@ -183,6 +192,11 @@ def override_fields(tool: str, key_value: Any = None) -> tuple[str, str]:
 def overrides_index_key(prefix: str) -> str:
     """Every live override with who set it and when (for `throttle limits show`, `status`)."""
     return f"{prefix}:limits:index"
+
+
+def tool_defaults_key(prefix: str) -> str:
+    """The overrides of per-key tools' defaults, read by the gates' cache, not by a script."""
+    return f"{prefix}:limits:defaults"
 
 
 def overrides_version_key(prefix: str) -> str:
@@ -217,6 +231,11 @@ def receipts_key(log: str) -> str:
 def quota_key(keys: ToolKeys) -> str:
     """The hash of a tool's (and key value's) daily quota use: '<i>:<day start ms>' -> units."""
     return keys.log.removesuffix(":log") + ":quota"
+
+
+def pool_quota_key(prefix: str, pool: str) -> str:
+    """The hash of pool `pool`'s daily quota use, charged by every tool of the pool."""
+    return f"{prefix}:{{{pool}}}:pool:quota"
 
 
 def stats_key(prefix: str, tool: str) -> str:

@@ -37,13 +37,13 @@ async def quota_headers(
     """The x-ratelimit-* headers of `tool`'s tightest daily quota ({} without one)."""
     if not tool.quotas:
         return {}
-    fields, resets_at_s = today_fields(tool)
+    fields, resets_at_s = today_fields(tool.quotas, tool.quota_tz)
     try:
         used = await client.hmget(quota_key(keys_for(prefix, tool, key_value)), fields)
     except (redis.RedisError, OSError) as exc:  # the answer matters more than its headers
         logger.warning("tool %s: quota headers left out (%s)", tool.name, exc)
         return {}
-    tightest = min(quota_uses(tool, list(used), resets_at_s), key=lambda use: use.remaining)
+    tightest = min(quota_uses(tool.quotas, list(used), resets_at_s), key=lambda use: use.remaining)
     kind = "requests" if tool.cost == 1 else "tokens"
     return {
         f"x-ratelimit-limit-{kind}": str(tightest.max),

@@ -34,7 +34,7 @@ from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.quota_headers import quota_headers
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
-from throttle.quotas import today_fields
+from throttle.quotas import day_bounds_ms, days_tz
 from throttle.routing import Throttle
 from throttle.store import connect_async, mask_url
 from throttle.task import FALLBACK_MARK
@@ -186,11 +186,13 @@ class Gateway:
         key_value = call.kwargs.get(tool.key) if tool.key else None
         wait_s = await retry_after_s(self.store, self.settings.prefix, tool, key_value,
                                      budget_s)
-        if reason == "quota":  # nothing frees up before the quota resets
-            wait_s = max(wait_s, math.ceil(today_fields(tool)[1] - time.time()))
+        tz = days_tz(tool, self.config)
+        if reason == "quota":  # nothing frees up before the quota resets (the pool's too)
+            midnight_s = day_bounds_ms(time.time(), tz)[2] / 1000
+            wait_s = max(wait_s, math.ceil(midnight_s - time.time()))
         return ApiError(
             429, f"tool {call.tool!r} is at its limit: "
-            f"{why.format(budget=budget_s, tz=tool.quota_tz)}; retry "
+            f"{why.format(budget=budget_s, tz=tz)}; retry "
             f"after {wait_s}s. The tool's fallback is in 'fallback'", code="rate_limit_exceeded",
             headers={**fallback_headers, "Retry-After": str(wait_s)},
             extra={"fallback": fallback},

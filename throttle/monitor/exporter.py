@@ -178,7 +178,18 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             quota_left.add_metric([view.tool.name, f"{quota.max}/1d"], quota.remaining)
             quota_reset.add_metric([view.tool.name, f"{quota.max}/1d"],
                                    max(0.0, quota.resets_at_s - snapshot.at_s))
-    yield from (quota_left, quota_reset)
+    pool_left = GaugeMetricFamily("throttle_pool_quota_remaining",
+                                  "Units left today in the pool's daily quota (all its tools).",
+                                  labels=["pool", "quota"])
+    pool_reset = GaugeMetricFamily("throttle_pool_quota_reset_seconds",
+                                   "Seconds until the pool's daily quota resets.",
+                                   labels=["pool", "quota"])
+    for pool in snapshot.pools.values():
+        for quota in pool.quotas:
+            pool_left.add_metric([pool.pool.name, f"{quota.max}/1d"], quota.remaining)
+            pool_reset.add_metric([pool.pool.name, f"{quota.max}/1d"],
+                                  max(0.0, quota.resets_at_s - snapshot.at_s))
+    yield from (quota_left, quota_reset, pool_left, pool_reset)
     live = GaugeMetricFamily("throttle_live_limit_set_at_seconds",
                              "When each live override (`throttle limits set`) was set, with "
                              "what it applies to, its limits and who set it.",

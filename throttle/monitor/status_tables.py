@@ -164,6 +164,13 @@ def quota_lines(snapshot: Snapshot) -> list[Text]:
                 f"quota {view.tool.name}: {use.remaining:g} of {use.max} left today, resets in "
                 f"{left_s // 3600}h{left_s % 3600 // 60:02d}m (midnight {view.tool.quota_tz})",
                 style="red" if use.remaining <= 0 else ""))
+    for pool in snapshot.pools.values():
+        for use in pool.quotas:
+            left_s = max(0, int(use.resets_at_s - snapshot.at_s))
+            lines.append(Text(
+                f"quota pool {pool.pool.name}: {use.remaining:g} of {use.max} left today, "
+                f"resets in {left_s // 3600}h{left_s % 3600 // 60:02d}m (midnight "
+                f"{pool.pool.quota_tz})", style="red" if use.remaining <= 0 else ""))
     return lines
 
 
