@@ -160,7 +160,7 @@ def test_a_pool_takes_a_daily_quota_only_beside_a_sliding_limit_in_one_time_zone
                 "tools": {"t": {"limits": ["1/1s", "5/1d"], "max_delay": "1s", "pool": "p",
                                 "priority": "a", "quota_tz": tz}}}
 
-    with pytest.raises(ConfigError, match="pool 'p', field 'limits'.*needs a sliding limit"):
+    with pytest.raises(ConfigError, match=r"pool 'p', field 'limits'.*needs a sliding limit"):
         load_config(pool(["10/1d"]))
     with pytest.raises(ConfigError, match="count days in the pool's quota_tz"):
         load_config(pool(["10/1s", "10/1d"], tz="Asia/Tokyo"))

@@ -145,12 +145,11 @@ if live_fields then
   end
   local live = redis.call('HMGET', KEYS[nkeys - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
                           ARGV[at_arg + 5 + 2 * pn])
-  local mine = (live[2] and parse(live[2], 1)) and live[2] or live[1]
-  if mine then
-    local ms, ws, count, qs = parse(mine, 1)
-    if ms and count > 0 then maxes, windows, n = ms, ws, count end
-    if ms and #qs > 0 then live_quotas = qs end
-  end
+  local ms, ws, count, qs
+  if live[2] then ms, ws, count, qs = parse(live[2], 1) end  -- the tier, else the tool's
+  if not ms and live[1] then ms, ws, count, qs = parse(live[1], 1) end
+  if ms and count > 0 then maxes, windows, n = ms, ws, count end
+  if ms and #qs > 0 then live_quotas = qs end
   if live[3] and pn > 0 then
     local ms, ws, count, qs = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
     if ms and count > 0 then allowances, pool_windows, pn = ms, ws, count end
