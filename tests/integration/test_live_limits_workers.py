@@ -19,6 +19,7 @@ from tests.support.workers import await_outcomes, ledger
 from throttle import load_config
 from throttle.live_defaults import REFRESH_S
 from throttle.overrides import parse_limits, set_override
+from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -107,3 +108,29 @@ def test_a_limit_raised_then_lowered_mid_stream_applies_on_every_worker_within_1
     assert new and max(new_counts) <= 5
     assert not over_new or over_new[-1] - lowered <= 1.0  # within 1 s
     assert len(workers) >= 3  # the admissions came from several workers' processes
+
+
+def test_a_tier_set_live_for_one_key_leaves_the_other_keys_on_the_default(
+    make_cluster: Any, redis_client: redis.Redis, prefix: str
+) -> None:
+    config = {"tools": {"tiered": tool(["2/1s"], "1500ms", key="tenant", params=KEYED_PARAMS)}}
+    cluster = make_cluster(config)
+    cluster.start(2, concurrency=2)
+    _, _, tasks = build(cluster.env)
+    set_override(redis_client, load_config(config), prefix, parse_limits(["6/1s"]),
+                 tool="tiered", key="acme")
+    tenant_of = {}
+    for i in range(10):
+        for tenant in ("acme", "bob", "carol"):
+            tenant_of[tasks["tiered"].delay(n=i, tenant=tenant).id] = tenant
+    results = [tasks["tiered"].AsyncResult(task_id) for task_id in tenant_of]
+    ended = await_outcomes(results, timeout_s=60)
+    assert ended["lost"] == 0, ended
+    admitted: dict[str, list[float]] = {"acme": [], "bob": [], "carol": []}
+    for run in ledger(redis_client, prefix):
+        admitted[tenant_of[run["id"]]].append(run["admitted_at"])
+    busiest = {tenant: most_in_window(times, 1.0) for tenant, times in admitted.items()}
+    print(f"\ntiers: {ended}; busiest second per tenant {busiest}")
+    assert 2 < busiest["acme"] <= 6  # its tier
+    assert busiest["bob"] <= 2 and busiest["carol"] <= 2  # the file's default
+    assert len(admitted["bob"]) >= 2 and len(admitted["carol"]) >= 2
