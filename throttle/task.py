@@ -68,7 +68,8 @@ class ThrottledTask(SendingTask):
             options["headers"] = headers
             member = recovery.member_of(str(request.id), (request.retries or 0) + 1)
             call = request.kwargs if kwargs is None else kwargs
-            registered = self._register(member, dict(call or {}), headers)
+            registered = self._register(member, dict(call or {}), headers,
+                                        recovery.canvas_of_request(request))
             try:
                 return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
                                      **options)
@@ -145,7 +146,8 @@ class ThrottledTask(SendingTask):
         if busy.retry_after_s > self._deadline_left_s():
             return self._fall_back("cooldown")  # the pause outlasts the deadline
         # The gate forgot the call when it admitted it; the re-publish could be lost too.
-        self._register(self._member(), kwargs, self._origin_headers())
+        self._register(self._member(), kwargs, self._origin_headers(),
+                       recovery.canvas_of_request(self.request))
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 
