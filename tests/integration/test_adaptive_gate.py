@@ -13,6 +13,9 @@ from throttle.adaptive import (
     Answer,
     read_states,
 )
+from throttle.monitor.exporter import gauges
+from throttle.monitor.snapshot import read_snapshot
+from throttle.monitor.status_tables import adaptive_lines
 from throttle.overrides import parse_limits, reset_override, set_override
 
 pytestmark = pytest.mark.redis
@@ -118,7 +121,8 @@ def test_a_pool_learns_one_limit_shared_by_its_classes(redis_url: str, prefix: s
     assert (state.target, state.effective) == ("pool llm", 40)
     assert _admitted(gate, "low", 30, P, "l") == 20  # its half of 40
     assert _admitted(gate, "high", 30, P, "h") == 20  # the rest of 40
-    [shown] = [s for s in read_states(gate.client, CONFIG, prefix, now_s=P) if s.target == "pool llm"]
+    states = read_states(gate.client, CONFIG, prefix, now_s=P)
+    [shown] = [s for s in states if s.target == "pool llm"]
     assert (shown.configured, shown.effective, shown.reason) == (100, 40, "headers: limit 40")
 
 
@@ -134,3 +138,22 @@ def test_a_tool_without_adaptive_ignores_reports(redis_url: str, prefix: str) ->
     gate = Gate(redis_url, CONFIG, prefix=prefix)
     assert gate.adapter.report("fixed", [Answer(OPENAI, 200)], now_s=P) == []
     assert _admitted(gate, "fixed", 12, P, "a") == 10
+
+
+def test_status_and_the_exporter_show_configured_vs_effective_and_why(
+    redis_url: str, prefix: str
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    gate.adapter.report("plain", [Answer({"x-ratelimit-limit-requests": "6"}, 200)])
+    snapshot = read_snapshot(gate.client, CONFIG, prefix)
+    lines = [line.plain for line in adaptive_lines(snapshot)]
+    assert any(line.startswith("adaptive tool plain: effective 6/10s of configured 10/10s "
+                               "(last moved") and line.endswith(": headers: limit 6)")
+               for line in lines), lines
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in gauges(snapshot) for s in family.samples
+               if s.name.startswith("throttle_adaptive")}
+    assert samples[("throttle_adaptive_limit", (("kind", "effective"), ("target", "tool plain"),
+                                                ("window", "10s")))] == 6
+    assert samples[("throttle_adaptive_limit", (("kind", "configured"), ("target", "pool llm"),
+                                                ("window", "10s")))] == 100

@@ -88,7 +88,8 @@ local function used_now()
   if redis.call('HLEN', costs) == 0 then return #entries end
   local sum, batch = 0, 500
   for from = 1, #entries, batch do
-    local units = redis.call('HMGET', costs, unpack(entries, from, math.min(#entries, from + batch - 1)))
+    local last = math.min(#entries, from + batch - 1)
+    local units = redis.call('HMGET', costs, unpack(entries, from, last))
     for i = 1, #units do sum = sum + (tonumber(units[i]) or 1) end
   end
   return sum
