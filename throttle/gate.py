@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from throttle.adaptive import Adapter
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall
 from throttle.keys import (
@@ -268,6 +269,7 @@ class Gate(GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
+        self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
 
     def acquire(
         self,
