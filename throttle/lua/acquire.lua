@@ -144,7 +144,9 @@ if live_fields then
     return ms, ws, count, qs
   end
   local live = redis.call('HMGET', KEYS[nkeys - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
-                          ARGV[at_arg + 5 + 2 * pn])
+                          ARGV[at_arg + 5 + 2 * pn], 'adaptive:' .. live_fields,
+                          'adaptive:' .. ARGV[at_arg + 5 + 2 * pn])
+  local share = tonumber(ARGV[at_arg + 6 + 2 * pn])  -- (read before an override changes pn)
   local ms, ws, count, qs
   if live[2] then ms, ws, count, qs = parse(live[2], 1) end  -- the tier, else the tool's
   if not ms and live[1] then ms, ws, count, qs = parse(live[1], 1) end
@@ -154,6 +156,23 @@ if live_fields then
     local ms, ws, count, qs = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
     if ms and count > 0 then allowances, pool_windows, pn = ms, ws, count end
     if ms and #qs > 0 then live_pool_quotas = qs end
+  end
+  -- Adaptive limits (throttle/adaptive.py, adapt.lua): what the upstream reported, stored
+  -- as "until_ms max window_ms ...", is added beside the limits above, so the lower one
+  -- binds: never above the file's or an override, which it leaves in place. Stale (the
+  -- upstream has not answered for a while) after until_ms.
+  local function learned(text, scale)
+    local until_ms, rest = string.match(text, '^(%S+) (.*)$')
+    if not (tonumber(until_ms) and tonumber(until_ms) > now) then return nil end
+    return parse(rest, scale)
+  end
+  local ams, aws, acount = nil, nil, 0
+  if live[4] then ams, aws, acount = learned(live[4], 1) end
+  for i = 1, (ams and acount or 0) do n = n + 1; maxes[n], windows[n] = ams[i], aws[i] end
+  ams = nil
+  if live[5] and pn > 0 then ams, aws, acount = learned(live[5], share) end
+  for i = 1, (ams and acount or 0) do
+    pn = pn + 1; allowances[pn], pool_windows[pn] = ams[i], aws[i]
   end
   longest, pool_longest = 0, 0
   for i = 1, n do if windows[i] > longest then longest = windows[i] end end
