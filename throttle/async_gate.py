@@ -70,7 +70,7 @@ class AsyncGate(GateBase):
         receipt: str | None = None,
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
-        if self._defaults_due(tool):
+        if self._defaults.due(tool):
             await self.refresh_defaults()
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
@@ -81,7 +81,7 @@ class AsyncGate(GateBase):
         """`Gate.refresh_defaults`, over asyncio."""
         with self._errors:
             if self._defaults.checked(await self.client.get(overrides_version_key(self.prefix))):
-                self._load_defaults(await self.client.hgetall(tool_defaults_key(self.prefix)))
+                self._defaults.load(await self.client.hgetall(tool_defaults_key(self.prefix)))
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""

@@ -12,7 +12,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema
 from pydantic import (
@@ -93,7 +92,7 @@ class ToolConfig(BaseModel):
                              "daily quota such as \"10000/1d\" needs a sliding limit beside it)")
         return tuple(item if isinstance(item, Limit) else Limit.parse(str(item)) for item in items)
 
-    _check_quota_tz = field_validator("quota_tz")(lambda value: _check_tz(value))
+    _check_quota_tz = field_validator("quota_tz")(bounds.check_time_zone)
 
     @field_validator("max_delay_ms", mode="before")
     @classmethod
@@ -185,7 +184,7 @@ class PoolConfig(BaseModel):
     _parse_limits = field_validator("limits", mode="before")(
         ToolConfig._parse_limits.__func__  # type: ignore[attr-defined]
     )
-    _check_quota_tz = field_validator("quota_tz")(lambda value: _check_tz(value))
+    _check_quota_tz = field_validator("quota_tz")(bounds.check_time_zone)
 
     @model_validator(mode="before")
     @classmethod
@@ -235,15 +234,6 @@ def _split_quotas(data: dict[str, Any], limits: tuple[Limit, ...]) -> dict[str, 
     if not quotas:
         return data
     return {**data, "limits": tuple(x for x in limits if not x.calendar), "quotas": quotas}
-
-
-def _check_tz(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r}; use an IANA name such as "
-                         "'Europe/Paris' or 'UTC'") from None
-    return value
 
 
 _TOP_LEVEL = {"broker", "defaults", "tools", "pools"}

@@ -40,7 +40,7 @@ from throttle.keys import (
 from throttle.limit import Limit
 from throttle.live_defaults import LiveDefaults
 from throttle.overrides import in_force
-from throttle.quotas import DayBounds, days_tz
+from throttle.quotas import DayBounds, days_tz, quota_tail
 from throttle.scripts import LuaScript, Sent, encode, evalsha, load_script
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
@@ -97,15 +97,15 @@ class GateBase:
         # Per tool, built once and encoded: the fixed tail of the script's arguments, and
         # its keys when they do not depend on a key argument.
         self._tails = {name: self._tail(tool, tool.limits) for name, tool in config.tools.items()}
-        self._quota_tails = {name: self._quota_tail(tool, tool.quotas)
+        self._quota_tails = {name: quota_tail(config, tool, tool.quotas)
                              for name, tool in config.tools.items()}
         days = {tz: DayBounds(tz) for tz in {days_tz(t, config) for t in config.tools.values()}}
         self._days = {name: days[days_tz(tool, config)] for name, tool in config.tools.items()}
-        # Per-key tools whose default is set live: read through `_defaults`, passed in ARGV.
-        self._per_key_tags = {name for name, tool in config.tools.items()
-                              if tags_per_key_value(tool)}
-        self._defaults = LiveDefaults()
-        self._live_tails: dict[str, tuple[list[bytes], tuple[bytes, list[bytes]]]] = {}
+        # The defaults set live of per-key tools whose key values have tags of their own:
+        # cached (throttle/live_defaults.py) and passed in place of the file's limits.
+        self._defaults = LiveDefaults(
+            {name for name, tool in config.tools.items() if tags_per_key_value(tool)},
+            self._live_tails)
         self._fixed_live = {
             name: self._live_fields(tool, None) for name, tool in config.tools.items()
             if tool.key is None
@@ -127,16 +127,12 @@ class GateBase:
         return [encode(value) for value in
                 (self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool, limits))]
 
-    def _quota_tail(self, tool: ToolConfig, quotas: Sequence[Limit]
-                    ) -> tuple[bytes, list[bytes]]:
-        """The quota arguments but the day bounds: the count, then (after the bounds) each
-        quota's max and the pool's quotas (their count, then each class's allowance)."""
-        pool = self.config.pools[tool.pool] if tool.pool else None
-        share = pool.shares[tool.priority] if pool and tool.priority else 1
-        pool_quotas = pool.quotas if pool else ()
-        return encode(len(quotas)), [
-            *(encode(quota.max) for quota in quotas), encode(len(pool_quotas)),
-            *(encode(share * quota.max) for quota in pool_quotas)]
+    def _live_tails(self, name: str, live: tuple[Limit, ...]
+                    ) -> tuple[list[bytes], tuple[bytes, list[bytes]]]:
+        """The argument tails of a tool whose default was set live to `live`."""
+        tool = self.config.tools[name]
+        sliding, quotas = in_force(live, tool.limits, tool.quotas)
+        return self._tail(tool, sliding), quota_tail(self.config, tool, quotas)
 
     def _limits_of(self, tool: ToolConfig, limits: Sequence[Limit]) -> list[Any]:
         args: list[Any] = [len(limits)]
@@ -179,22 +175,6 @@ class GateBase:
             keys.append(pool_quota_key(self.prefix, tool.pool))
         return [name.encode() for name in keys]
 
-    def _defaults_due(self, tool: str) -> bool:
-        """Whether `tool`'s live default must be checked before its next decision."""
-        return tool in self._per_key_tags and self._defaults.due()
-
-    def _load_defaults(self, raw: Any) -> None:
-        """Take a new read of the live defaults: rebuild the argument tails they replace."""
-        self._defaults.load(raw)
-        tails = {}
-        for name, live in self._defaults.limits.items():
-            tool = self.config.tools.get(name)
-            if tool is None or name not in self._per_key_tags:
-                continue
-            sliding, quotas = in_force(live, tool.limits, tool.quotas)
-            tails[name] = (self._tail(tool, sliding), self._quota_tail(tool, quotas))
-        self._live_tails = tails
-
     def _live_fields(self, tool: ToolConfig, key: Any) -> list[bytes]:
         """The fields of the live limits acquire.lua reads (throttle/overrides.py)."""
         tool_field, tier_field = override_fields(tool.name, key if tool.key else None)
@@ -230,9 +210,8 @@ class GateBase:
         deadline_ms: float = tool.max_delay_ms
         if deadline_s is not None:  # may be negative: the deadline has passed
             deadline_ms = min(deadline_ms, deadline_s * 1000)
-        live = self._live_tails.get(tool_name)
-        tail, (quotas, quota_maxes) = live or (self._tails[tool_name],
-                                               self._quota_tails[tool_name])
+        tail, (quotas, quota_maxes) = self._defaults.built.get(tool_name) or (
+            self._tails[tool_name], self._quota_tails[tool_name])
         gap_ms, margin_ms, *limits = tail
         now = b"" if now_s is None else b"%.3f" % (now_s * 1000)
         args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
@@ -338,7 +317,7 @@ class Gate(GateBase):
         admitted member asking again with another receipt is answered 'rerun' (same message
         tag) or 'reused' instead of 'readmitted'.
         """
-        if self._defaults_due(tool):
+        if self._defaults.due(tool):
             self.refresh_defaults()
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
         with self._errors:
@@ -350,7 +329,7 @@ class Gate(GateBase):
         `acquire` at most every `live_defaults.REFRESH_S`)."""
         with self._errors:
             if self._defaults.checked(self.client.get(overrides_version_key(self.prefix))):
-                self._load_defaults(self.client.hgetall(tool_defaults_key(self.prefix)))
+                self._defaults.load(self.client.hgetall(tool_defaults_key(self.prefix)))
 
     def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""

@@ -15,28 +15,31 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from throttle.limit import Limit
 from throttle.overrides import decode
 
 REFRESH_S = 0.5
+T = TypeVar("T")
 
 
-class LiveDefaults:
-    """The last read of `<prefix>:limits:defaults`: tool name -> its live limits."""
+class LiveDefaults(Generic[T]):
+    """The last read of `<prefix>:limits:defaults` for the per-key tools `tools`: what
+    `build(tool, live limits)` makes of each default set live (the script's arguments)."""
 
-    __slots__ = ("_checked_at", "_version", "limits")
+    __slots__ = ("_build", "_checked_at", "_tools", "_version", "built")
 
-    def __init__(self) -> None:
+    def __init__(self, tools: set[str], build: Callable[[str, tuple[Limit, ...]], T]) -> None:
+        self._tools, self._build = tools, build
         self._checked_at = -math.inf
         self._version: Any = None
-        self.limits: dict[str, tuple[Limit, ...]] = {}
+        self.built: dict[str, T] = {}
 
-    def due(self) -> bool:
-        """Whether the version must be checked before the next decision."""
-        return time.monotonic() - self._checked_at >= REFRESH_S
+    def due(self, tool: str) -> bool:
+        """Whether the version must be checked before `tool`'s next decision."""
+        return tool in self._tools and time.monotonic() - self._checked_at >= REFRESH_S
 
     def checked(self, version: Any) -> bool:
         """Note a version read now; True when it differs from the last (read the hash)."""
@@ -48,13 +51,13 @@ class LiveDefaults:
     def load(self, raw: Mapping[Any, Any]) -> None:
         """Take the hash's fields ('tool:<t>' -> encoded limits); bad values are skipped
         (the file's limits then stand, as in the script)."""
-        found = {}
+        built = {}
         for field, value in raw.items():
             name = _text(field).removeprefix("tool:")
             limits = decode(_text(value))
-            if limits is not None:
-                found[name] = limits
-        self.limits = found
+            if limits is not None and name in self._tools:
+                built[name] = self._build(name, limits)
+        self.built = built
 
 
 def _text(value: Any) -> str:

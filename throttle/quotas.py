@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 from throttle.config import Config, PoolConfig, ToolConfig
 from throttle.keys import ToolKeys, pool_quota_key, quota_key
 from throttle.limit import Limit
+from throttle.scripts import encode
 from throttle.store import StoreClient
 
 
@@ -59,6 +60,18 @@ class DayBounds:
             self._today_ms, self._tomorrow_ms = bounds[1], bounds[2]
             self._bounds = tuple(b"%d" % bound for bound in bounds)
         return self._bounds
+
+
+def quota_tail(config: Config, tool: ToolConfig, quotas: Sequence[Limit]
+               ) -> tuple[bytes, list[bytes]]:
+    """acquire.lua's quota arguments but the day bounds: the count, then (after the bounds)
+    each quota's max and the pool's quotas (their count, then the class's allowance of each)."""
+    pool = config.pools[tool.pool] if tool.pool else None
+    share = pool.shares[tool.priority] if pool and tool.priority else 1
+    pool_quotas = pool.quotas if pool else ()
+    return encode(len(quotas)), [
+        *(encode(quota.max) for quota in quotas), encode(len(pool_quotas)),
+        *(encode(share * quota.max) for quota in pool_quotas)]
 
 
 def days_tz(tool: ToolConfig, config: Config) -> str:
