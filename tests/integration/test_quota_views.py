@@ -87,3 +87,35 @@ def test_status_and_the_exporter_show_a_pools_quota_and_a_quota_set_live(
     reset = value(samples, "throttle_pool_quota_reset_seconds", pool="llm", quota="10/1d")
     assert reset is not None and 0 < reset <= 25 * 3600
     assert value(samples, "throttle_quota_remaining", tool="quoted", quota="8/1d") == 7
+
+
+def test_the_gateways_headers_report_a_quota_set_live_and_a_pools_class_allowance(
+    redis_url: str, prefix: str
+) -> None:
+    import asyncio
+
+    import redis.asyncio
+
+    from throttle.gateway.quota_headers import quota_headers
+
+    config = load_config(POOL_QUOTA)
+    gate = Gate(redis_url, config, prefix=prefix)
+    assert all(gate.acquire("chat", f"c{i}").action is Action.ADMIT for i in range(3))
+    assert gate.acquire("quoted", "q").action is Action.ADMIT
+
+    async def headers(tool: str) -> dict[str, str]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await quota_headers(client, prefix, config, config.tool(tool), None)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(headers("quoted"))["x-ratelimit-remaining-requests"] == "4"  # of 5
+    set_override(gate.client, config, prefix, parse_limits(["9/1d"]), tool="quoted")
+    found = asyncio.run(headers("quoted"))
+    assert (found["x-ratelimit-limit-requests"], found["x-ratelimit-remaining-requests"]) == (
+        "9", "8")
+    pooled = asyncio.run(headers("chat"))  # no quota of its own: its pool's, 3 of 10 used
+    assert (pooled["x-ratelimit-limit-requests"], pooled["x-ratelimit-remaining-requests"]) == (
+        "10", "7")
+    gate.close()

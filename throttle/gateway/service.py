@@ -137,7 +137,7 @@ class Gateway:
                 f"be reached ({type(exc).__name__}); check that it runs, then send the call "
                 "again", code="result_backend_unavailable", headers=headers) from None
         tool = self.config.tool(call.tool)
-        headers.update(await quota_headers(self.store, self.settings.prefix, tool,
+        headers.update(await quota_headers(self.store, self.settings.prefix, self.config, tool,
                                            call.kwargs.get(tool.key) if tool.key else None))
         status = meta["status"]
         if status == states.SUCCESS:
