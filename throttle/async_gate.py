@@ -80,8 +80,11 @@ class AsyncGate(GateBase):
     async def refresh_defaults(self) -> None:
         """`Gate.refresh_defaults`, over asyncio."""
         with self._errors:
-            if self._defaults.checked(await self.client.get(overrides_version_key(self.prefix))):
-                self._defaults.load(await self.client.hgetall(tool_defaults_key(self.prefix)))
+            version = await self.client.get(overrides_version_key(self.prefix))
+            if self._defaults.checked(version):
+                fields = self._defaults.fields
+                self._defaults.load(await self.client.hmget(tool_defaults_key(self.prefix),
+                                                            fields), version)
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""

@@ -328,8 +328,11 @@ class Gate(GateBase):
         """Read the live defaults of per-key tools again if their version moved (done by
         `acquire` at most every `live_defaults.REFRESH_S`)."""
         with self._errors:
-            if self._defaults.checked(self.client.get(overrides_version_key(self.prefix))):
-                self._defaults.load(self.client.hgetall(tool_defaults_key(self.prefix)))
+            version = self.client.get(overrides_version_key(self.prefix))
+            if self._defaults.checked(version):
+                fields = self._defaults.fields
+                self._defaults.load(self.client.hmget(tool_defaults_key(self.prefix), fields),
+                                    version)
 
     def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""

@@ -5,17 +5,17 @@ Each value of such a tool's key argument keeps its keys under a hash tag of its 
 limits set TOOL` writes the tool's default into `<prefix>:limits:defaults` and bumps
 `<prefix>:limits:version`; a gate checks the version when a decision of such a tool comes
 more than `REFRESH_S` after its last check (one GET on that decision's path, not one per
-decision) and reads the hash again only when the version moved. Every decision thus uses a
-default at most `REFRESH_S` old, in every process, without a thread of its own (prefork,
-threads, gevent and asyncio alike). Tiers and the defaults of other tools are read by the
-script itself, in the same call.
+decision) and reads its tools' fields of the hash (HMGET) only when the version moved. Every
+decision thus uses a default at most `REFRESH_S` old, in every process, without a thread of
+its own (prefork, threads, gevent and asyncio alike). Tiers and the defaults of other tools
+are read by the script itself, in the same call.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from throttle.limit import Limit
@@ -42,22 +42,25 @@ class LiveDefaults(Generic[T]):
         return tool in self._tools and time.monotonic() - self._checked_at >= REFRESH_S
 
     def checked(self, version: Any) -> bool:
-        """Note a version read now; True when it differs from the last (read the hash)."""
+        """Note a version read now; True when it differs from the one loaded (read the
+        hash, then `load` with this version)."""
         self._checked_at = time.monotonic()
-        changed = bool(version != self._version)
-        self._version = version
-        return changed
+        return bool(version != self._version)
 
-    def load(self, raw: Mapping[Any, Any]) -> None:
-        """Take the hash's fields ('tool:<t>' -> encoded limits); bad values are skipped
-        (the file's limits then stand, as in the script)."""
+    @property
+    def fields(self) -> list[str]:
+        """The hash's fields to read (HMGET: its tools are known), one per tool."""
+        return [f"tool:{name}" for name in sorted(self._tools)]
+
+    def load(self, values: Sequence[Any], version: Any) -> None:
+        """Take the values read at `fields` (encoded limits, or None) under `version`; bad
+        values are skipped (the file's limits then stand, as in the script)."""
         built = {}
-        for field, value in raw.items():
-            name = _text(field).removeprefix("tool:")
-            limits = decode(_text(value))
-            if limits is not None and name in self._tools:
+        for name, value in zip(sorted(self._tools), values, strict=True):
+            limits = None if value is None else decode(_text(value))
+            if limits is not None:
                 built[name] = self._build(name, limits)
-        self.built = built
+        self.built, self._version = built, version
 
 
 def _text(value: Any) -> str:
