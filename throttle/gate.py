@@ -217,7 +217,7 @@ class GateBase:
         args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
                 margin_ms, now, *limits,
                 *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
-                quotas, *self._days[tool_name].at(now_s), *quota_maxes]
+                quotas, self._days[tool_name].at(now_s), *quota_maxes]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         args.append(encode(receipt or ""))  # always the last argument (acquire.lua)
         if receipt:

@@ -42,23 +42,24 @@ def day_bounds_ms(now_s: float, tz: str) -> tuple[int, int, int, int]:
 
 
 class DayBounds:
-    """`day_bounds_ms` of one time zone as acquire.lua takes them (decimal bytes), computed
-    again only when the day has turned: a decision pays a comparison, not a time zone."""
+    """`day_bounds_ms` of one time zone as acquire.lua takes them (one argument: four
+    decimal numbers), computed again only when the day has turned: a decision pays a
+    comparison, not a time zone."""
 
     __slots__ = ("_bounds", "_today_ms", "_tomorrow_ms", "tz")
 
     def __init__(self, tz: str) -> None:
         self.tz = tz
         self._today_ms, self._tomorrow_ms = math.inf, -math.inf
-        self._bounds: tuple[bytes, ...] = ()
+        self._bounds = b""
 
-    def at(self, now_s: float | None) -> tuple[bytes, ...]:
+    def at(self, now_s: float | None) -> bytes:
         """The four bounds around `now_s` (the clock when None)."""
         now_ms = (time.time() if now_s is None else now_s) * 1000
         if not self._today_ms <= now_ms < self._tomorrow_ms:
             bounds = day_bounds_ms(now_ms / 1000, self.tz)
             self._today_ms, self._tomorrow_ms = bounds[1], bounds[2]
-            self._bounds = tuple(b"%d" % bound for bound in bounds)
+            self._bounds = b" ".join(b"%d" % bound for bound in bounds)
         return self._bounds
 
 

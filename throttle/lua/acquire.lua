@@ -38,9 +38,9 @@ then     p            number of pool limits, then p pairs: the class's allowance
 then     (optional) the live limits' fields: the tool's, the key value's tier ('' for none),
                       the pool's ('' for none), and the class's share of the pool; then the
                       number q of calendar quotas, the starts of yesterday, today, tomorrow
-                      and the day after (ms, around the worker's clock), each quota's max
-                      units per day, the number pq of the pool's quotas and each one's
-                      allowance (share x max) (throttle/quotas.py)
+                      and the day after in one argument ('<ms> <ms> <ms> <ms>', around the
+                      worker's clock), each quota's max units per day, the number pq of the
+                      pool's quotas and each one's allowance (share x max) (throttle/quotas.py)
 last     receipt      '' for none, else '<message tag>|<delivery nonce>': the tag names the
                       message (kept when the broker delivers it again; may be empty), the
                       nonce this delivery of it
@@ -186,14 +186,18 @@ local calls_at = nkeys - (live_fields and 2 or 0) - 1
 local quota_key = KEYS[nkeys]
 local qn = tonumber(ARGV[extra_at + 4]) or 0
 local days, quota_max, pool_quota_max = {}, {}, {}
-for i = 1, 4 do days[i] = tonumber(ARGV[extra_at + 4 + i]) end
-for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 8 + i]) end
-local pqn = tonumber(ARGV[extra_at + 9 + qn]) or 0
-for i = 1, pqn do pool_quota_max[i] = tonumber(ARGV[extra_at + 9 + qn + i]) end
+for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 5 + i]) end
+local pqn = tonumber(ARGV[extra_at + 6 + qn]) or 0
+for i = 1, pqn do pool_quota_max[i] = tonumber(ARGV[extra_at + 6 + qn + i]) end
 if live_quotas then quota_max, qn = live_quotas, #live_quotas end
 if live_pool_quotas then pool_quota_max, pqn = live_pool_quotas, #live_pool_quotas end
 if not pool_quota then pqn = 0 end
-if not days[4] then qn, pqn = 0, 0 end  -- (a caller without the quota arguments)
+if qn > 0 or pqn > 0 then  -- (parsed only when a quota is in force)
+  for bound in string.gmatch(ARGV[extra_at + 5] or '', '%d+') do
+    days[#days + 1] = tonumber(bound)
+  end
+  if not days[4] then qn, pqn = 0, 0 end  -- (a caller without the quota arguments)
+end
 local function day_of(t)  -- the start and end of the calendar day holding t
   if t >= days[3] then return days[3], days[4] end
   if t >= days[2] then return days[2], days[3] end
