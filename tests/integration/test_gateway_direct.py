@@ -1,0 +1,78 @@
+"""The gateway in direct mode: it gates each call itself and runs the LLM body, no worker.
+
+The same stack as test_gateway.py (the real `throttle gateway` and `throttle stub-llm` in
+their own processes, the real Redis), started with `--direct
+workers.tools.llm:chat_completion` and no worker at all: a served call proves the gateway
+ran the body, and the gate's windows and the upstream's pauses hold as on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import openai
+import pytest
+import redis
+
+from tests.integration import test_gateway
+from tests.integration.test_gateway import Stack, burst, error_of, weather_call
+from throttle.keys import tool_keys
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+stub = test_gateway.stub
+gateway_stack = test_gateway.gateway_stack
+DIRECT = ("--direct", "workers.tools.llm:chat_completion")
+
+
+def test_direct_mode_serves_within_the_limit_and_answers_the_rest_with_429_and_fallback(
+    gateway_stack: Callable[..., Stack], redis_client: redis.Redis, prefix: str,
+    redis_dbs: tuple[str, str],
+) -> None:
+    stack = gateway_stack(workers=0, weather_limits=("2/2s",), weather_delay="1s",
+                          gateway_args=DIRECT)
+    answers = asyncio.run(burst(stack.async_client(), 6))
+    served = [a for a in answers if not isinstance(a, BaseException)]
+    refused = [a for a in answers if isinstance(a, BaseException)]
+    assert len(served) == 2 and len(refused) == 4, refused
+    assert all(a.headers["x-throttle-outcome"] == "result" for a in served)
+    assert served[0].parse().choices[0].message.tool_calls[0].function.name == "get_weather"
+    fallback = stack.config.tool("get_weather").fallback
+    for error in refused:
+        assert isinstance(error, openai.RateLimitError), error
+        assert error.response.headers["x-throttle-fallback-reason"] == "deadline"
+        assert 1 <= int(error.response.headers["retry-after"]) <= 2
+        assert error.response.json()["fallback"] == fallback
+    assert len(stack.stub.stats()["log"]) == 2  # the refused calls never reached the upstream
+    assert redis_client.zcard(tool_keys(prefix, "get_weather").log) == 2
+    broker = redis.Redis.from_url(redis_dbs[0])
+    assert list(broker.scan_iter(match="tool.*")) == []  # nothing went through the broker
+
+    invalid = error_of(lambda: stack.client().chat.completions.create(
+        **weather_call(messages=[])))
+    assert isinstance(invalid, openai.BadRequestError)
+    assert invalid.body["code"] == "invalid_tool_call" and invalid.body["param"] == "messages"
+
+
+def test_direct_mode_waits_out_an_upstream_pause_or_falls_back_when_it_outlasts_the_deadline(
+    gateway_stack: Callable[..., Stack], redis_client: redis.Redis, prefix: str,
+) -> None:
+    stack = gateway_stack(workers=0, weather_delay="3s", gateway_args=DIRECT,
+                          worker_env={"THROTTLE_LLM_MAX_RETRIES": "0"})
+    client = stack.client()
+    stack.stub.configure(busy_next=1, retry_after_s=1)
+    started = time.monotonic()
+    answer = client.chat.completions.with_raw_response.create(**weather_call())
+    waited_s = time.monotonic() - started
+    assert answer.headers["x-throttle-outcome"] == "result"
+    assert waited_s >= 0.9  # the pause, shared through the gate, then the call again
+    assert len(stack.stub.stats()["log"]) == 2
+
+    stack.stub.configure(busy_next=1, retry_after_s=30)
+    paused = error_of(lambda: client.chat.completions.create(**weather_call()))
+    assert isinstance(paused, openai.RateLimitError)
+    assert paused.response.headers["x-throttle-fallback-reason"] == "cooldown"
+    cooldown = tool_keys(prefix, "get_weather").cooldown
+    assert redis_client.pttl(cooldown) > 20_000  # every gateway and worker now waits

@@ -1,0 +1,132 @@
+"""Direct mode: the gateway gates each call itself and runs the tool's body in its process.
+
+No broker, no worker, no result backend round trip: `AsyncGate.slot` waits for the call's
+slot (the same script and windows the workers use, so both modes can share one limit), and
+the body (`--direct module:function`, e.g. the LLM tool's `workers.tools.llm:chat_completion`)
+runs on a thread of the gateway's own pool. What the workers do around a body happens here
+too: the arguments are checked against the tool's schema, the cost is charged and settled,
+an `UpstreamBusy` pauses the tool for everyone and the call waits the pause out (or falls
+back when the pause outlasts its deadline). The answer has the shape of a Celery result, so
+both modes answer a request alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import states
+
+from throttle.async_gate import AsyncGate
+from throttle.config import Config, ToolConfig
+from throttle.errors import StoreUnavailable, Throttled, UpstreamBusy
+from throttle.results import FALLBACK_MARK
+
+logger = logging.getLogger("throttle.gateway")
+
+MAX_PAUSES = 5  # upstream pauses one call waits out before it falls back
+
+
+def fallback_meta(tool: ToolConfig, reason: str) -> dict[str, Any]:
+    """A fallback answer, as the workers store it."""
+    return {"status": states.SUCCESS, "result": tool.fallback,
+            "traceback": f"{FALLBACK_MARK} ({reason})"}
+
+
+def failure_meta(exc: BaseException) -> dict[str, Any]:
+    """A failed body's answer, as Celery's JSON result backend stores the exception."""
+    return {"status": states.FAILURE,
+            "result": {"exc_type": type(exc).__name__, "exc_message": list(exc.args)}}
+
+
+class DirectRunner:
+    """Gates with `AsyncGate` and runs `body` on `threads` threads of this process."""
+
+    def __init__(self, gate: AsyncGate, prefix: str, body: Callable[..., Any],
+                 threads: int) -> None:
+        self.gate, self.prefix = gate, prefix
+        self.body = body
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gateway-body")
+
+    @property
+    def config(self) -> Config:
+        return self.gate.config
+
+    def use(self, config: Config) -> None:
+        """Gate with a reloaded config from the next call on (same connections)."""
+        self.gate = AsyncGate(self.gate.client, config, prefix=self.prefix)
+
+    async def run(self, tool_name: str, kwargs: dict[str, Any],
+                  deadline_s: float | None) -> dict[str, Any]:
+        """The call's answer (result, fallback or failure) in Celery's result form."""
+        tool = self.config.tool(tool_name)
+        key = kwargs.get(tool.key) if tool.key else None
+        budget_s = tool.max_delay_ms / 1000
+        if deadline_s is not None:
+            budget_s = min(budget_s, deadline_s)
+        cost = tool.units(kwargs)
+        started = time.monotonic()
+        for _ in range(MAX_PAUSES):
+            member = uuid.uuid4().hex  # a new admission after each upstream pause
+            left_s = budget_s - (time.monotonic() - started)
+            try:
+                async with self.gate.slot(tool_name, key=key, cost=cost, deadline_s=left_s,
+                                          member=member):
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, functools.partial(self.body, **kwargs))
+            except Throttled as throttled:
+                return fallback_meta(tool, throttled.reason)
+            except StoreUnavailable as exc:
+                if tool.on_store_error != "admit":
+                    logger.warning("tool %s: %s; answering with the fallback", tool_name, exc)
+                    return fallback_meta(tool, "store_unavailable")
+                logger.warning("tool %s: %s; running the call ungated (on_store_error = "
+                               "admit)", tool_name, exc)
+                return await self._run_ungated(kwargs)
+            except UpstreamBusy as busy:
+                await self._pause(tool, busy, key, member)
+                if busy.retry_after_s > budget_s - (time.monotonic() - started):
+                    return fallback_meta(tool, "cooldown")
+                continue
+            except Exception as exc:
+                return failure_meta(exc)
+            await self._settle(tool, kwargs, result, key, member)
+            return {"status": states.SUCCESS, "result": result}
+        return fallback_meta(tool, "cooldown")
+
+    async def _run_ungated(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.pool, functools.partial(self.body, **kwargs))
+        except Exception as exc:
+            return failure_meta(exc)
+        return {"status": states.SUCCESS, "result": result}
+
+    async def _pause(self, tool: ToolConfig, busy: UpstreamBusy, key: Any, member: str) -> None:
+        logger.warning("tool %s: %s; pausing it everywhere", tool.name, busy)
+        try:
+            await self.gate.cool_down(tool.name, busy.retry_after_s, key=key, member=member)
+        except StoreUnavailable as exc:
+            logger.warning("tool %s: cooldown not shared (%s)", tool.name, exc)
+
+    async def _settle(self, tool: ToolConfig, kwargs: dict[str, Any], result: Any, key: Any,
+                      member: str) -> None:
+        try:
+            units = tool.settled_units(kwargs, result)
+            if units is not None:
+                await self.gate.settle(tool.name, member, units, key=key)
+        except StoreUnavailable as exc:
+            logger.warning("tool %s: charge not settled (%s)", tool.name, exc)
+        except Exception as exc:  # a result the settle function cannot read
+            logger.warning("tool %s: charge not settled (%s: %s)", tool.name,
+                           type(exc).__name__, exc)
+
+    def close(self) -> None:
+        """Stop the body threads (the gate's connections belong to the gateway)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
