@@ -17,8 +17,15 @@ import pytest
 import redis
 
 from tests.integration import test_gateway
-from tests.integration.test_gateway import Stack, burst, error_of, weather_call
-from throttle.keys import tool_keys
+from tests.integration.test_gateway import (
+    Stack,
+    burst,
+    error_of,
+    forcing,
+    function,
+    weather_call,
+)
+from throttle.keys import keys_for, tool_keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -76,3 +83,23 @@ def test_direct_mode_waits_out_an_upstream_pause_or_falls_back_when_it_outlasts_
     assert paused.response.headers["x-throttle-fallback-reason"] == "cooldown"
     cooldown = tool_keys(prefix, "get_weather").cooldown
     assert redis_client.pttl(cooldown) > 20_000  # every gateway and worker now waits
+
+
+def test_direct_mode_settles_a_token_charge_to_the_upstream_s_usage(
+    gateway_stack: Callable[..., Stack], redis_client: redis.Redis, prefix: str,
+) -> None:
+    stack = gateway_stack(workers=0, gateway_args=DIRECT)
+    answer = stack.client().chat.completions.create(  # not a chat tool: chat_completion gates
+        **weather_call(tools=[function("lookup_city")], tool_choice=forcing("lookup_city")))
+    assert answer.usage is not None
+    tool = stack.config.tool("chat_completion")
+    keys = keys_for(prefix, tool)
+    assert keys.pool_cost is not None
+    charged: dict[bytes, bytes] = {}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # settled just after the answer went out
+        charged = redis_client.hgetall(keys.pool_cost)
+        if [float(v) for v in charged.values()] == [answer.usage.total_tokens]:
+            break
+        time.sleep(0.05)
+    assert [float(v) for v in charged.values()] == [answer.usage.total_tokens]

@@ -4,10 +4,10 @@ No broker, no worker, no result backend round trip: `AsyncGate.slot` waits for t
 slot (the same script and windows the workers use, so both modes can share one limit), and
 the body (`--direct module:function`, e.g. the LLM tool's `workers.tools.llm:chat_completion`)
 runs on a thread of the gateway's own pool. What the workers do around a body happens here
-too: the arguments are checked against the tool's schema, the cost is charged and settled,
-an `UpstreamBusy` pauses the tool for everyone and the call waits the pause out (or falls
-back when the pause outlasts its deadline). The answer has the shape of a Celery result, so
-both modes answer a request alike.
+too: the arguments are checked against the tool's schema, the cost is charged, and settled
+after the answer (a correction the caller need not wait for); an `UpstreamBusy` pauses the
+tool for everyone and the call waits the pause out, or falls back when the pause outlasts
+its deadline. The answer has the shape of a Celery result, so both modes answer alike.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from throttle.results import FALLBACK_MARK
 logger = logging.getLogger("throttle.gateway")
 
 MAX_PAUSES = 5  # upstream pauses one call waits out before it falls back
+SETTLE_WAIT_S = 5.0  # how long closing waits for settlements still under way
 
 
 def fallback_meta(tool: ToolConfig, reason: str) -> dict[str, Any]:
@@ -53,6 +54,7 @@ class DirectRunner:
         self.gate, self.prefix = gate, prefix
         self.body = body
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gateway-body")
+        self._settling: set[asyncio.Task[None]] = set()
 
     @property
     def config(self) -> Config:
@@ -96,7 +98,9 @@ class DirectRunner:
                 continue
             except Exception as exc:
                 return failure_meta(exc)
-            await self._settle(tool, kwargs, result, key, member)
+            settling = asyncio.create_task(self._settle(tool, kwargs, result, key, member))
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
             return {"status": states.SUCCESS, "result": result}
         return fallback_meta(tool, "cooldown")
 
@@ -127,6 +131,9 @@ class DirectRunner:
             logger.warning("tool %s: charge not settled (%s: %s)", tool.name,
                            type(exc).__name__, exc)
 
-    def close(self) -> None:
-        """Stop the body threads (the gate's connections belong to the gateway)."""
+    async def close(self) -> None:
+        """Finish the settlements under way, stop the body threads (the gate's connections
+        belong to the gateway)."""
+        if self._settling:
+            await asyncio.wait(self._settling, timeout=SETTLE_WAIT_S)
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -120,7 +120,7 @@ class Gateway:
         await self.waiter.close()
         self.publisher.shutdown(wait=False, cancel_futures=True)
         if self.direct is not None:
-            self.direct.close()
+            await self.direct.close()
         await self.results.aclose()
         await self.store.aclose()
         self.throttle.gate.close()
@@ -132,7 +132,8 @@ class Gateway:
         return meta
 
     async def complete(self, call: ChatCall, deadline_s: float | None = None) -> Answer:
-        """Run `call` through its tool's queue and gate; the completion, or an ApiError."""
+        """Run `call` through its tool's gate (and queue, unless in direct mode); the
+        completion, or an ApiError."""
         tool = self.config.tool(call.tool)
         budget_s = tool.max_delay_ms / 1000
         if deadline_s is not None:
