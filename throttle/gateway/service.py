@@ -20,7 +20,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +80,7 @@ class Gateway:
     """Publishes calls and awaits their results for the HTTP layer."""
 
     def __init__(self, settings: GatewaySettings) -> None:
+        body = None if settings.direct is None else _load_body(settings.direct)
         self.settings = settings
         self.config = settings.config
         self.celery = Celery("throttle-gateway", broker=settings.broker_url)
@@ -97,12 +98,7 @@ class Gateway:
         self.store = connect_async(settings.redis_url, **options)
         self.waiter = ResultWaiter(self.results, self._decode, sweep_s=settings.sweep_s)
         self.direct: DirectRunner | None = None
-        if settings.direct is not None:
-            try:
-                body = load_function(settings.direct)
-            except ValueError as exc:
-                raise ConfigError(f"--direct: {exc}; name the tool body as "
-                                  "'module:function' importable by the gateway") from None
+        if body is not None:
             self.direct = DirectRunner(
                 AsyncGate(self.store, self.config, prefix=settings.prefix), settings.prefix,
                 body, settings.body_threads)
@@ -263,6 +259,15 @@ class Gateway:
         with self.celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
                                          timeout=HEALTH_TIMEOUT_S - 0.5)
+
+
+def _load_body(path: str) -> Callable[..., Any]:
+    """Direct mode's tool body, or a ConfigError naming --direct."""
+    try:
+        return load_function(path)
+    except ValueError as exc:
+        raise ConfigError(f"--direct: {exc}; name the tool body as 'module:function', "
+                          "importable by the gateway (PYTHONPATH)") from None
 
 
 def _invalid(call: ChatCall, exc: InvalidToolCall) -> ApiError:
