@@ -20,7 +20,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,7 +238,7 @@ class Gateway:
         """'ok' or what failed, for the gate's Redis, the result backend and the broker (not
         in direct mode)."""
         loop = asyncio.get_running_loop()
-        checks = {
+        checks: dict[str, Awaitable[None]] = {
             "redis": self._ping(self.store),
             "result_backend": self._ping(self.results),
         }
