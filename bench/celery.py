@@ -20,7 +20,8 @@ numbers 3, 4 and 5, see `--dbs`), measures, stops them, and deletes every key it
 Parts 1 and 2 then run again on three gevent nodes (`-P gevent -c 50`, see `--green`), the
 pool I/O-bound tools run on, so the two pools' figures stand side by side.
 
-`--quick` shrinks every size; `--json PATH` saves all figures; `--check` exits 1 on a MISS.
+`--quick` shrinks every size; `--parts 2` runs only part 2 (any of the digits 1-4); `--json
+PATH` saves all figures; `--check` exits 1 on a MISS.
 Each part lives in a module of its own (`bench.celery_overhead`, `celery_binding`,
 `celery_memory`, `celery_rates`); `bench.celery_setup` holds the nodes and apps of a run.
 """
@@ -77,6 +78,8 @@ def run_green(
         ("2g binding limit", lambda: binding(bench, sizes["burst_n"], pool, nodes="G")),
     ]
     for title, step in steps:
+        if title[0] not in args.parts:
+            continue
         console.print(f"{time.monotonic() - began:5.0f}s  {title} ({pool}) ...", highlight=False)
         with cpu_use(ours, redis_pid) as used:
             figures += step()
@@ -116,9 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="overhead runs per contender")
     parser.add_argument("--rate", type=int, default=RATE, help="limit of part 4, per second")
+    parser.add_argument("--parts", default="1234", metavar="DIGITS",
+                        help="which parts to run, e.g. 2 or 14 (default 1234)")
     parser.add_argument("--green", type=int, default=GREEN_CONCURRENCY, metavar="C",
                         help="concurrency of the gevent nodes (0: skip them)")
     args = parser.parse_args(argv)
+    if not args.parts or set(args.parts) - set("1234"):
+        parser.error(f"--parts {args.parts!r}: give part numbers 1 to 4, e.g. --parts 2")
     sizes = {name: pair[1 if args.quick else 0] for name, pair in SIZES.items()}
     console = Console()
     if not console.is_terminal:
@@ -143,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_pid = local_redis_pid(bench.gate)
             ours = [os.getpid()] + [pid for node in nodes for pid in (node.pid, *node.children)]
             for title, step in steps:
+                if title[0] not in args.parts:
+                    continue
                 console.print(f"{time.monotonic() - began:5.0f}s  {title} ...", highlight=False)
                 with cpu_use(ours, redis_pid) as used:
                     figures += step()
