@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import openai
@@ -26,6 +27,7 @@ from tests.integration.test_gateway import (
     function,
     weather_call,
 )
+from tests.support.relay import Relay
 from throttle.keys import keys_for, tool_keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -107,3 +109,23 @@ def test_direct_mode_settles_a_token_charge_to_the_upstream_s_usage(
             break
         time.sleep(0.05)
     assert [float(v) for v in charged.values()] == [answer.usage.total_tokens]
+
+
+def test_direct_mode_answers_with_the_fallback_when_the_gate_s_redis_is_gone(
+    gateway_stack: Callable[..., Stack], redis_url: str,
+) -> None:
+    parts = urlsplit(redis_url)
+    with Relay(parts.hostname or "127.0.0.1", parts.port or 6379) as relay:
+        gate_url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{relay.port}"))
+        stack = gateway_stack(workers=0, gateway_args=DIRECT,
+                              gateway_env={"THROTTLE_REDIS_URL": gate_url})
+        client = stack.client()
+        assert client.chat.completions.with_raw_response.create(
+            **weather_call()).headers["x-throttle-outcome"] == "result"
+        relay.refusing.set()
+        relay.cut()
+        refused = error_of(lambda: client.chat.completions.create(**weather_call()))
+    assert isinstance(refused, openai.RateLimitError)  # on_store_error = "fallback"
+    assert refused.response.headers["x-throttle-fallback-reason"] == "store_unavailable"
+    assert refused.response.json()["fallback"] == stack.config.tool("get_weather").fallback
+    assert len(stack.stub.stats()["log"]) == 1  # never called blind

@@ -31,6 +31,7 @@ from throttle.results import FALLBACK_MARK
 logger = logging.getLogger("throttle.gateway")
 
 MAX_PAUSES = 5  # upstream pauses one call waits out before it falls back
+Ran = tuple[Any, Exception | None]  # a body's result, or the exception it raised
 SETTLE_WAIT_S = 5.0  # how long closing waits for settlements still under way
 
 
@@ -77,40 +78,46 @@ class DirectRunner:
         for _ in range(MAX_PAUSES):
             member = uuid.uuid4().hex  # a new admission after each upstream pause
             left_s = budget_s - (time.monotonic() - started)
+            ran: Ran | None = None
             try:
                 async with self.gate.slot(tool_name, key=key, cost=cost, deadline_s=left_s,
                                           member=member):
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self.pool, functools.partial(self.body, **kwargs))
+                    ran = await self._call(kwargs)
             except Throttled as throttled:
                 return fallback_meta(tool, throttled.reason)
             except StoreUnavailable as exc:
-                if tool.on_store_error != "admit":
+                if ran is not None:  # the lease was not given back: it times out
+                    logger.warning("tool %s: lease not returned (%s)", tool_name, exc)
+                elif tool.on_store_error == "admit":
+                    logger.warning("tool %s: %s; running the call ungated (on_store_error = "
+                                   "admit)", tool_name, exc)
+                    ran = await self._call(kwargs)
+                else:
                     logger.warning("tool %s: %s; answering with the fallback", tool_name, exc)
-                    return fallback_meta(tool, "store_unavailable")
-                logger.warning("tool %s: %s; running the call ungated (on_store_error = "
-                               "admit)", tool_name, exc)
-                return await self._run_ungated(kwargs)
-            except UpstreamBusy as busy:
-                await self._pause(tool, busy, key, member)
-                if busy.retry_after_s > budget_s - (time.monotonic() - started):
+            if ran is None:  # no store, and the tool's policy is to fall back
+                return fallback_meta(tool, "store_unavailable")
+            result, error = ran
+            if isinstance(error, UpstreamBusy):
+                await self._pause(tool, error, key, member)
+                if error.retry_after_s > budget_s - (time.monotonic() - started):
                     return fallback_meta(tool, "cooldown")
                 continue
-            except Exception as exc:
-                return failure_meta(exc)
+            if error is not None:
+                return failure_meta(error)
             settling = asyncio.create_task(self._settle(tool, kwargs, result, key, member))
             self._settling.add(settling)
             settling.add_done_callback(self._settling.discard)
             return {"status": states.SUCCESS, "result": result}
         return fallback_meta(tool, "cooldown")
 
-    async def _run_ungated(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, kwargs: dict[str, Any]) -> Ran:
+        """Run the body on a thread: its result, or the exception it raised."""
         try:
             result = await asyncio.get_running_loop().run_in_executor(
                 self.pool, functools.partial(self.body, **kwargs))
         except Exception as exc:
-            return failure_meta(exc)
-        return {"status": states.SUCCESS, "result": result}
+            return None, exc
+        return result, None
 
     async def _pause(self, tool: ToolConfig, busy: UpstreamBusy, key: Any, member: str) -> None:
         logger.warning("tool %s: %s; pausing it everywhere", tool.name, busy)
