@@ -60,6 +60,7 @@ class ToolConfig(BaseModel):
     cost: float | str = 1
     settle: str | None = None
     concurrency: int | None = Field(default=None, gt=0)
+    adaptive: bool = False  # learn the upstream's real limit from its answers (adaptive.py)
     lease_timeout_ms: int = Field(default=60_000, alias="lease_timeout")
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     result: dict[str, Any] = Field(default_factory=dict)
@@ -188,6 +189,7 @@ class PoolConfig(BaseModel):
     name: str
     limits: tuple[Limit, ...]
     shares: dict[str, float]
+    adaptive: bool = False  # learn the upstream's real limit from its answers (adaptive.py)
 
     _parse_limits = field_validator("limits", mode="before")(
         ToolConfig._parse_limits.__func__  # type: ignore[attr-defined]
@@ -327,6 +329,11 @@ def _build_pools(raw: Any, where: str) -> dict[str, PoolConfig]:
 
 def _check_pool(tool: ToolConfig, pools: Mapping[str, PoolConfig], where: str) -> None:
     here = f"{where}: tool {tool.name!r}"
+    if tool.adaptive and tool.key is not None:
+        raise ConfigError(
+            f"{here}, field 'adaptive': the tool keeps a window per {tool.key!r} value, but an "
+            "upstream reports one limit for the account; put the tool in a pool and set "
+            "`adaptive = true` on the pool, or drop `key`")
     if tool.pool is None:
         if tool.priority is not None:
             raise ConfigError(f"{here}, field 'priority': only a tool in a pool has a priority")

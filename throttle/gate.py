@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from throttle.adaptive import Adapter
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall
 from throttle.keys import (
@@ -197,7 +198,8 @@ class GateBase:
 
     @staticmethod
     def _release_keys(keys: ToolKeys) -> list[str]:
-        return [keys.log, keys.rsv, keys.cost, keys.free]
+        pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
+        return [keys.log, keys.rsv, keys.cost, keys.free, *pool]
 
     def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
         if not units >= 0:
@@ -267,6 +269,7 @@ class Gate(GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
+        self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
 
     def acquire(
         self,

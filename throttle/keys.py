@@ -35,6 +35,11 @@ decision's own tag::
     <prefix>:{p}:limits     HASH  the same for the tools of pool `p`, and 'pool' -> the pool's
     <prefix>:{t|h}:limits   HASH  'tier:<t>:<h>' for a tool whose key values have tags of
                                   their own
+        and, for an `adaptive` tool or pool (throttle/adaptive.py, written by adapt.lua):
+        'adaptive:tool:<t>', 'adaptive:pool'   "until_ms max window_ms ..." that acquire.lua
+                                  adds beside the standing limits (the lower binds)
+        'adaptive-state:tool:<t>', 'adaptive-state:pool'   JSON: configured and effective
+                                  max, why and when it moved (for status and the exporter)
     <prefix>:{t}:quota      HASH  '<i>:<day start ms>' -> units of daily quota i used that
                                   day (throttle/quotas.py); per key value, beside its log
     <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
@@ -178,6 +183,11 @@ def override_fields(tool: str, key_value: Any = None) -> tuple[str, str]:
     """The fields of a tool's override and of a key value's tier ('' when no key value)."""
     tier = "" if key_value is None else f"tier:{tool}:{hash_key_value(key_value)}"
     return f"tool:{tool}", tier
+
+
+def adaptive_fields(target: str) -> tuple[str, str]:
+    """The fields of a learned limit and of its state; `target` is 'pool' or 'tool:<t>'."""
+    return f"adaptive:{target}", f"adaptive-state:{target}"
 
 
 def overrides_index_key(prefix: str) -> str:

@@ -6,8 +6,8 @@ decides: every worker, gateway and exporter enforces it from its next decision o
 restart and no extra round trip. Each change is also recorded in an index (who, when, which
 version) for `throttle limits show`, `status` and the exporter.
 
-A later writer (adaptive limits lowered from what the upstream reports) writes the same
-values through `set_override`, with its own `set_by`.
+Adaptive limits (throttle/adaptive.py) live in the same hash under fields of their own
+('adaptive:<target>'), which acquire.lua min-combines with whatever limit stands here.
 """
 
 from __future__ import annotations

@@ -130,7 +130,9 @@ if live_fields then
     return ms, ws, count
   end
   local live = redis.call('HMGET', KEYS[nkeys - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
-                          ARGV[at_arg + 5 + 2 * pn])
+                          ARGV[at_arg + 5 + 2 * pn], 'adaptive:' .. live_fields,
+                          'adaptive:' .. ARGV[at_arg + 5 + 2 * pn])
+  local share = tonumber(ARGV[at_arg + 6 + 2 * pn])  -- (read before an override changes pn)
   local mine = (live[2] and parse(live[2], 1)) and live[2] or live[1]
   if mine then
     local ms, ws, count = parse(mine, 1)
@@ -139,6 +141,23 @@ if live_fields then
   if live[3] and pn > 0 then
     local ms, ws, count = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
     if ms then allowances, pool_windows, pn = ms, ws, count end
+  end
+  -- Adaptive limits (throttle/adaptive.py, adapt.lua): what the upstream reported, stored
+  -- as "until_ms max window_ms ...", is added beside the limits above, so the lower one
+  -- binds: never above the file's or an override, which it leaves in place. Stale (the
+  -- upstream has not answered for a while) after until_ms.
+  local function learned(text, scale)
+    local until_ms, rest = string.match(text, '^(%S+) (.*)$')
+    if not (tonumber(until_ms) and tonumber(until_ms) > now) then return nil end
+    return parse(rest, scale)
+  end
+  local ams, aws, acount = nil, nil, 0
+  if live[4] then ams, aws, acount = learned(live[4], 1) end
+  for i = 1, (ams and acount or 0) do n = n + 1; maxes[n], windows[n] = ams[i], aws[i] end
+  ams = nil
+  if live[5] and pn > 0 then ams, aws, acount = learned(live[5], share) end
+  for i = 1, (ams and acount or 0) do
+    pn = pn + 1; allowances[pn], pool_windows[pn] = ams[i], aws[i]
   end
   longest, pool_longest = 0, 0
   for i = 1, n do if windows[i] > longest then longest = windows[i] end end

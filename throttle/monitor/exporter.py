@@ -186,8 +186,21 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
     for override in snapshot.overrides:
         live.add_metric([override.target, override.limits_text, override.set_by,
                          str(override.version)], override.set_at_s)
+    adaptive = GaugeMetricFamily("throttle_adaptive_limit",
+                                 "An adaptive pool's or tool's limit of its longest window: "
+                                 "configured (or overridden) and effective (learned from the "
+                                 "upstream's answers).", labels=["target", "window", "kind"])
+    moved = GaugeMetricFamily("throttle_adaptive_moved_at_seconds",
+                              "When an adaptive limit last moved, and why ('headers: ...', "
+                              "'429', 'raised').", labels=["target", "reason"])
+    for state in snapshot.adaptive:
+        window = format_ms(state.window_ms)
+        adaptive.add_metric([state.target, window, "configured"], state.configured)
+        adaptive.add_metric([state.target, window, "effective"], state.effective)
+        if state.changed_at_s is not None:
+            moved.add_metric([state.target, state.reason], state.changed_at_s)
     yield from (in_window, limit_rate, effective, waiting, reserved, depth, cooldown,
-                pool_usage, pool_units, live)
+                pool_usage, pool_units, live, adaptive, moved)
 
 
 def _stop(signum: int, _: Any) -> None:

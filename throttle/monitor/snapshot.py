@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from throttle.adaptive import AdaptiveState, read_states
 from throttle.config import Config, PoolConfig, ToolConfig
 from throttle.keys import (
     ToolKeys,
@@ -106,6 +107,7 @@ class Snapshot:
     tools: tuple[ToolView, ...]
     pools: Mapping[str, PoolView] = field(default_factory=dict)
     overrides: tuple[Override, ...] = ()  # every live override (throttle/overrides.py)
+    adaptive: tuple[AdaptiveState, ...] = ()  # every adaptive limit (throttle/adaptive.py)
 
     def pool_use(self, view: ToolView) -> float | None:
         """The use of the tool's class allowance in its pool, or None without a pool."""
@@ -269,4 +271,5 @@ def read_snapshot(
         for name, (pool, _) in pools.items()
     }
     return Snapshot(at_s=now_ms / 1000, tools=tuple(views), pools=pool_views,
-                    overrides=tuple(overrides))
+                    overrides=tuple(overrides),
+                    adaptive=tuple(read_states(client, config, prefix, now_s=now_ms / 1000)))

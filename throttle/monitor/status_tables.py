@@ -178,6 +178,21 @@ def override_lines(snapshot: Snapshot) -> list[Text]:
     ]
 
 
+def adaptive_lines(snapshot: Snapshot) -> list[Text]:
+    """A line per adaptive pool or tool: configured vs effective limit, and why it moved."""
+    lines = []
+    for state in snapshot.adaptive:
+        window = format_ms(state.window_ms)
+        why = ""
+        if state.reason and state.changed_at_s is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(state.changed_at_s))
+            why = f" (last moved {at}: {state.reason})"
+        style = "yellow" if state.effective < state.configured else "cyan"
+        lines.append(Text(f"adaptive {state.target}: effective {state.effective:g}/{window} of "
+                          f"configured {state.configured:g}/{window}{why}", style=style))
+    return lines
+
+
 def limit_warnings(snapshot: Snapshot, config_source: str) -> list[str]:
     """A line per tool whose workers enforce other limits than the config read here says."""
     lines = []
@@ -200,5 +215,6 @@ def render(snapshot: Snapshot, title: str, width: int, warnings: list[str] | Non
     parts += pool_lines(snapshot)
     parts += quota_lines(snapshot)
     parts += override_lines(snapshot)
+    parts += adaptive_lines(snapshot)
     parts.append(capacity_table(snapshot))
     return Group(*parts)

@@ -13,6 +13,7 @@ Settings come from the worker's environment (read at each call; a change makes a
 
 A 429, or a 503 with a retry hint, raises `UpstreamBusy` (the worker pauses the tool or its
 pool everywhere); any other 4xx raises `UpstreamError` with the upstream's message at once.
+Every answer's headers go to `throttle.report_headers` (adaptive limits learn from them).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from throttle.adaptive import report_headers
 from throttle.errors import ThrottleError, UpstreamBusy
 from throttle.store import mask_url
 from workers.tools.retry_hints import pause_s
@@ -178,6 +180,7 @@ def post_chat(body: dict[str, Any]) -> dict[str, Any]:
             status = None
             failure = f"could not be reached ({type(exc).__name__}: {settings.redact(str(exc))})"
         else:
+            report_headers(response.headers, status=response.status_code)  # adaptive limits
             if response.status_code < 400:
                 return _json_of(response, settings)
             _raise_if_final(response, settings)
