@@ -3,7 +3,8 @@
 The same stack as test_gateway.py (the real `throttle gateway` and `throttle stub-llm` in
 their own processes, the real Redis), started with `--direct
 workers.tools.llm:chat_completion` and no worker at all: a served call proves the gateway
-ran the body, and the gate's windows and the upstream's pauses hold as on the workers.
+ran the body, and the gate's windows, the upstream's pauses and what it reports of its
+limits hold as on the workers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.integration.test_gateway import (
     weather_call,
 )
 from tests.support.relay import Relay
+from throttle.adaptive import read_states
 from throttle.keys import keys_for, tool_keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -129,3 +131,14 @@ def test_direct_mode_answers_with_the_fallback_when_the_gate_s_redis_is_gone(
     assert refused.response.headers["x-throttle-fallback-reason"] == "store_unavailable"
     assert refused.response.json()["fallback"] == stack.config.tool("get_weather").fallback
     assert len(stack.stub.stats()["log"]) == 1  # never called blind
+
+
+def test_direct_mode_teaches_an_adaptive_tool_the_limit_the_upstream_reports(
+    gateway_stack: Callable[..., Stack], redis_client: redis.Redis, prefix: str,
+) -> None:
+    stack = gateway_stack(workers=0, weather_limits=("1000/60s",), gateway_args=DIRECT,
+                          weather_extra={"adaptive": True})
+    stack.stub.configure(hidden_requests=600, hidden_window_s=60, limit_headers="openai")
+    stack.client().chat.completions.create(**weather_call())
+    [state] = read_states(redis_client, stack.config, prefix)
+    assert (state.target, state.configured, state.effective) == ("tool get_weather", 1000, 600)

@@ -5,7 +5,8 @@ slot (the same script and windows the workers use, so both modes can share one l
 the body (`--direct module:function`, e.g. the LLM tool's `workers.tools.llm:chat_completion`)
 runs on a thread of the gateway's own pool. What the workers do around a body happens here
 too: the arguments are checked against the tool's schema, the cost is charged, and settled
-after the answer (a correction the caller need not wait for); an `UpstreamBusy` pauses the
+after the answer (a correction the caller need not wait for); the upstream's headers the
+body reports go to the adaptive limits (`throttle.adaptive`); an `UpstreamBusy` pauses the
 tool for everyone and the call waits the pause out, or falls back when the pause outlasts
 its deadline. The answer has the shape of a Celery result, so both modes answer alike.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 from celery import states
 
+from throttle import adaptive
 from throttle.async_gate import AsyncGate
 from throttle.config import Config, ToolConfig
 from throttle.errors import StoreUnavailable, Throttled, UpstreamBusy
@@ -48,12 +50,14 @@ def failure_meta(exc: BaseException) -> dict[str, Any]:
 
 
 class DirectRunner:
-    """Gates with `AsyncGate` and runs `body` on `threads` threads of this process."""
+    """Gates with `AsyncGate` and runs `body` on `threads` threads of this process;
+    `adapter()` is the (sync) gate's `Adapter` the body threads report answers to."""
 
     def __init__(self, gate: AsyncGate, prefix: str, body: Callable[..., Any],
-                 threads: int) -> None:
+                 threads: int, adapter: Callable[[], adaptive.Adapter]) -> None:
         self.gate, self.prefix = gate, prefix
         self.body = body
+        self.adapter = adapter
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gateway-body")
         self._settling: set[asyncio.Task[None]] = set()
 
@@ -82,7 +86,7 @@ class DirectRunner:
             try:
                 async with self.gate.slot(tool_name, key=key, cost=cost, deadline_s=left_s,
                                           member=member):
-                    ran = await self._call(kwargs)
+                    ran = await self._call(tool_name, kwargs)
             except Throttled as throttled:
                 return fallback_meta(tool, throttled.reason)
             except StoreUnavailable as exc:
@@ -91,7 +95,7 @@ class DirectRunner:
                 elif tool.on_store_error == "admit":
                     logger.warning("tool %s: %s; running the call ungated (on_store_error = "
                                    "admit)", tool_name, exc)
-                    ran = await self._call(kwargs)
+                    ran = await self._call(tool_name, kwargs)
                 else:
                     logger.warning("tool %s: %s; answering with the fallback", tool_name, exc)
             if ran is None:  # no store, and the tool's policy is to fall back
@@ -110,14 +114,33 @@ class DirectRunner:
             return {"status": states.SUCCESS, "result": result}
         return fallback_meta(tool, "cooldown")
 
-    async def _call(self, kwargs: dict[str, Any]) -> Ran:
+    async def _call(self, tool: str, kwargs: dict[str, Any]) -> Ran:
         """Run the body on a thread: its result, or the exception it raised."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(self._run_body, tool, kwargs))
+
+    def _run_body(self, tool: str, kwargs: dict[str, Any]) -> Ran:
+        """On a body thread: the body, then what it heard of the upstream's limits."""
+        answers: list[adaptive.Answer] = []  # what the body hands to report_headers
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.pool, functools.partial(self.body, **kwargs))
+            with adaptive.collecting(answers):
+                result = self.body(**kwargs)
+        except UpstreamBusy as busy:
+            self._report(tool, answers, busy=True)
+            return None, busy
         except Exception as exc:
             return None, exc
+        self._report(tool, answers, busy=False)
         return result, None
+
+    def _report(self, tool: str, answers: list[adaptive.Answer], *, busy: bool) -> None:
+        """Move the adaptive limits by what the upstream said (never fails the call)."""
+        try:
+            adapter = self.adapter()
+            if adapter.adapts(tool):
+                adapter.report(tool, answers, busy=busy)
+        except StoreUnavailable as exc:
+            logger.warning("tool %s: upstream limits not reported (%s)", tool, exc)
 
     async def _pause(self, tool: ToolConfig, busy: UpstreamBusy, key: Any, member: str) -> None:
         logger.warning("tool %s: %s; pausing it everywhere", tool.name, busy)

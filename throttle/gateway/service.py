@@ -101,7 +101,7 @@ class Gateway:
         if body is not None:
             self.direct = DirectRunner(
                 AsyncGate(self.store, self.config, prefix=settings.prefix), settings.prefix,
-                body, settings.body_threads)
+                body, settings.body_threads, lambda: self.throttle.gate.adapter)
 
     def reload(self) -> None:
         """Load the tools file again (on SIGHUP); a ConfigError keeps the running config."""
