@@ -17,7 +17,6 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +32,7 @@ from throttle.results import FALLBACK_MARK
 logger = logging.getLogger("throttle.gateway")
 
 MAX_PAUSES = 5  # upstream pauses one call waits out before it falls back
+PAUSE_MARK = "~pause"
 Ran = tuple[Any, Exception | None]  # a body's result, or the exception it raised
 SETTLE_WAIT_S = 5.0  # how long closing waits for settlements still under way
 
@@ -69,9 +69,13 @@ class DirectRunner:
         """Gate with a reloaded config from the next call on (same connections)."""
         self.gate = AsyncGate(self.gate.client, config, prefix=self.prefix)
 
-    async def run(self, tool_name: str, kwargs: dict[str, Any],
-                  deadline_s: float | None) -> dict[str, Any]:
-        """The call's answer (result, fallback or failure) in Celery's result form."""
+    async def run(self, tool_name: str, kwargs: dict[str, Any], deadline_s: float | None,
+                  call_id: str) -> dict[str, Any]:
+        """The call's answer (result, fallback or failure) in Celery's result form.
+
+        `call_id` is the call's member in the gate's windows (`<id>~pause<n>` after n
+        upstream pauses, each a new admission).
+        """
         tool = self.config.tool(tool_name)
         key = kwargs.get(tool.key) if tool.key else None
         budget_s = tool.max_delay_ms / 1000
@@ -79,8 +83,8 @@ class DirectRunner:
             budget_s = min(budget_s, deadline_s)
         cost = tool.units(kwargs)
         started = time.monotonic()
-        for _ in range(MAX_PAUSES):
-            member = uuid.uuid4().hex  # a new admission after each upstream pause
+        for pauses in range(MAX_PAUSES):
+            member = f"{call_id}{PAUSE_MARK}{pauses}" if pauses else call_id
             left_s = budget_s - (time.monotonic() - started)
             ran: Ran | None = None
             try:

@@ -138,7 +138,7 @@ class Gateway:
         headers = {"X-Throttle-Tool": call.tool, "X-Throttle-Task-Id": task_id}
         if self.direct is not None:
             self._check(call)
-            meta = await self.direct.run(call.tool, call.kwargs, deadline_s)
+            meta = await self.direct.run(call.tool, call.kwargs, deadline_s, task_id)
         else:
             meta = await self._on_workers(call, task_id, deadline_s, budget_s, headers)
         return await self._answer(call, meta, task_id, budget_s, headers)
