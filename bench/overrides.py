@@ -38,7 +38,8 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from bench.gate import DEFAULT_URL, _delete_prefix
+from bench.gate import DEFAULT_URL
+from bench.gate_contenders import delete_prefix
 from throttle import Action, Gate, load_config
 from throttle.overrides import parse_limits, set_override
 from throttle.store import mask_url
@@ -111,7 +112,7 @@ def run(url: str, n: int, rounds: int, progress: Callable[[str], None]) -> dict[
                 ratios[pair].append(spent[absent] / spent[present])
     finally:
         gate.close()
-        _delete_prefix(admin, prefix)
+        delete_prefix(admin, prefix)
         admin.close()
     return {"n": n, "rounds": rounds, "redis_url": mask_url(url), "ratios": ratios}
 

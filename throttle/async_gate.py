@@ -128,13 +128,15 @@ class AsyncGate(GateBase):
 
     @asynccontextmanager
     async def slot(
-        self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None
+        self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None,
+        member: str | None = None,
     ) -> AsyncIterator[Decision]:
         """Wait for this call's reserved slot, then run the block.
 
         Raises `Throttled` (carrying the tool's fallback) when the slot would miss the deadline.
+        `member` names the call in the windows (default: a new id), e.g. to `settle` it.
         """
-        member = uuid.uuid4().hex
+        member = member or uuid.uuid4().hex
         budget_s = self.config.tool(tool).max_delay_ms / 1000
         if deadline_s is not None:
             budget_s = min(budget_s, deadline_s)

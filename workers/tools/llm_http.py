@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,7 @@ class _Upstream:
 
 
 _upstream: _Upstream | None = None
+_making = threading.Lock()  # threads arriving together make one client (each costs ~50 ms)
 
 
 def upstream() -> _Upstream:
@@ -143,10 +145,15 @@ def upstream() -> _Upstream:
     connections must not be shared across processes) and when the settings change."""
     global _upstream
     settings = Settings.from_env()
-    if _upstream is None or _upstream.pid != os.getpid() or _upstream.settings != settings:
-        # The old client is not closed: another thread of this process may still use it.
-        _upstream = _Upstream(settings)
-    return _upstream
+    current = _upstream
+    if current is not None and current.pid == os.getpid() and current.settings == settings:
+        return current
+    with _making:
+        current = _upstream
+        if current is None or current.pid != os.getpid() or current.settings != settings:
+            # The old client is not closed: another thread of this process may still use it.
+            current = _upstream = _Upstream(settings)
+    return current
 
 
 def post_chat(body: dict[str, Any]) -> dict[str, Any]:
