@@ -363,13 +363,14 @@ local function forget_decided(answer)
   return answer
 end
 
--- Fast path: a new call admitted at once, on a tool without a pool or a concurrency cap
--- and with no quota in force, gets the answer decide() below would give, before the
+-- Fast path: a new call admitted at once, on a tool without a pool, a concurrency cap or
+-- cost weights and with no quota in force, gets the answer decide() below would give, before the
 -- functions of the other paths are built (each closure costs the server ~0.3 µs here: it
 -- looks up its upvalues among this chunk's many locals). It reads what decide() reads
 -- first and hands it on (known_held, known_latest) when the call takes another path.
 local known_held, known_latest
-if pn == 0 and cap == 0 and qn == 0 and pqn == 0 and deadline >= 0 and cool_until <= now then
+if pn == 0 and cap == 0 and qn == 0 and pqn == 0 and not weighted and deadline >= 0
+    and cool_until <= now then
   known_held = redis.call('ZSCORE', log, member)
   if not known_held then
     known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
@@ -391,7 +392,8 @@ end
 -- it, counting admissions and the due reservations ahead of it (slot <= mine), but not
 -- itself nor the due reservations behind it: those wait for the capacity after it, so
 -- calls held up by late ones are admitted in order, each once.
-local function due_free_at(max, window, mine)
+-- (Built unless the fast path found a new call: then only new-call functions are needed.)
+local due_free_at = known_held ~= false and function(max, window, mine)
   if cost > max then return nil end
   local floor = now - window
   local lo = '(' .. fmt(floor)
@@ -486,7 +488,8 @@ end
 -- Whether a call placed at `s` leaves every window of `zset` that would hold it, (x - w, x]
 -- for x from s up to s + w, within `max`. Entries on both sides of `s` count: later
 -- reservations lie ahead of it.
-local function fits_in(zset, hash, heavy, s, max, w)
+-- (fits_in, fits_at and take_freed serve new calls only: not built for a held member.)
+local fits_in = not known_held and function(zset, hash, heavy, s, max, w)
   local page = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(s - w), '(' .. fmt(s + w),
                           'WITHSCORES')
   local times, units = {}, {}
@@ -509,7 +512,7 @@ end
 
 -- Whether a call placed at `s` fits every tool limit (w = window + margin, as reservations
 -- are placed).
-local function fits_at(s)
+local fits_at = not known_held and function(s)
   for i = 1, n do
     if not fits_in(log, costs, weighted, s, maxes[i], windows[i] + margin / 2) then
       return false
@@ -522,7 +525,7 @@ end
 -- slot `t` would come later, if the windows still hold it (admissions and reservations
 -- made since may have used its units). New calls are otherwise placed after the latest
 -- slot taken (FIFO), and a freed slot before it would stay idle.
-local function take_freed(t)
+local take_freed = not known_held and function(t)
   if redis.call('EXISTS', free) == 0 then return nil end  -- (no slot was given back)
   redis.call('ZREMRANGEBYSCORE', free, '-inf', fmt(math.max(now, cool_until)))
   local slots = redis.call('ZRANGEBYSCORE', free, '(' .. fmt(now), fmt(now + deadline),
