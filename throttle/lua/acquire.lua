@@ -290,6 +290,16 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
   local floor = fmt(from - window)
   local lo = '(' .. floor
   local hi = upto and fmt(upto) or '+inf'
+  if not heavy and not skip and not upto and max % 1 == 0 and cost % 1 == 0 then
+    -- The same answer in one lookup by rank: the entries after `floor` are the newest,
+    -- so the window is too full when the newest but k = max - cost lies in it, and that
+    -- entry is the one that must leave (the count below less k is its place from the
+    -- oldest). Whole numbers only: then k is exact.
+    local k = max - cost
+    local entry = redis.call('ZREVRANGE', zset, k, k, 'WITHSCORES')
+    if not entry[2] or tonumber(entry[2]) <= tonumber(floor) then return from end
+    return tonumber(entry[2]) + window
+  end
   if not heavy then
     -- Unit costs: count, then fetch only the entry that must leave the window.
     local used = redis.call('ZCOUNT', zset, lo, hi)
