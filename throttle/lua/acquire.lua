@@ -378,10 +378,10 @@ end
 -- functions of the other paths are built (each closure costs the server ~0.3 µs here: it
 -- looks up its upvalues among this chunk's many locals). It reads what decide() reads
 -- first and hands it on (known_held, known_latest) when the call takes another path.
-local known_held, known_latest
+local known_held = redis.call('ZSCORE', log, member)  -- (false for a new call)
+local known_latest
 if pn == 0 and cap == 0 and qn == 0 and pqn == 0 and not weighted and deadline >= 0
     and cool_until <= now then
-  known_held = redis.call('ZSCORE', log, member)
   if not known_held then
     known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
     local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
@@ -402,8 +402,8 @@ end
 -- it, counting admissions and the due reservations ahead of it (slot <= mine), but not
 -- itself nor the due reservations behind it: those wait for the capacity after it, so
 -- calls held up by late ones are admitted in order, each once.
--- (Built unless the fast path found a new call: then only new-call functions are needed.)
-local due_free_at = known_held ~= false and function(max, window, mine)
+-- (Built for a held member only, as the functions below for a new call only.)
+local due_free_at = known_held and function(max, window, mine)
   if cost > max then return nil end
   local floor = now - window
   local lo = '(' .. fmt(floor)
@@ -440,11 +440,12 @@ local due_free_at = known_held ~= false and function(max, window, mine)
 end
 
 -- When the pool lets this call's class admit it (now, or the time enough use expires).
-local pool_free_at = pn > 0 and function()
+-- `skip`: the member, when it has an entry in the pool log (else nil: nothing to skip).
+local pool_free_at = pn > 0 and function(skip)
   local t = now
   for i = 1, pn do
     local at = earliest_in(pool_log, pool_costs, pool_weighted, now, now, allowances[i],
-                           pool_windows[i], member)
+                           pool_windows[i], skip)
     if at == nil then return nil end
     if at > t then t = at end
   end
@@ -498,8 +499,9 @@ end
 -- Whether a call placed at `s` leaves every window of `zset` that would hold it, (x - w, x]
 -- for x from s up to s + w, within `max`. Entries on both sides of `s` count: later
 -- reservations lie ahead of it.
--- (fits_in, fits_at and take_freed serve new calls only: not built for a held member.)
-local fits_in = not known_held and function(zset, hash, heavy, s, max, w)
+-- (fits_in, fits_at and take_freed serve new calls of a tool without a pool or quota.)
+local freed_on = not known_held and pn == 0 and not quotas_on
+local fits_in = freed_on and function(zset, hash, heavy, s, max, w)
   local page = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(s - w), '(' .. fmt(s + w),
                           'WITHSCORES')
   local times, units = {}, {}
@@ -522,7 +524,7 @@ end
 
 -- Whether a call placed at `s` fits every tool limit (w = window + margin, as reservations
 -- are placed).
-local fits_at = not known_held and function(s)
+local fits_at = freed_on and function(s)
   for i = 1, n do
     if not fits_in(log, costs, weighted, s, maxes[i], windows[i] + margin / 2) then
       return false
@@ -535,7 +537,7 @@ end
 -- slot `t` would come later, if the windows still hold it (admissions and reservations
 -- made since may have used its units). New calls are otherwise placed after the latest
 -- slot taken (FIFO), and a freed slot before it would stay idle.
-local take_freed = not known_held and function(t)
+local take_freed = freed_on and function(t)
   if redis.call('EXISTS', free) == 0 then return nil end  -- (no slot was given back)
   redis.call('ZREMRANGEBYSCORE', free, '-inf', fmt(math.max(now, cool_until)))
   local slots = redis.call('ZRANGEBYSCORE', free, '(' .. fmt(now), fmt(now + deadline),
@@ -605,7 +607,7 @@ pool_wait = pn > 0 and function(from)
   local own = tonumber(redis.call('ZSCORE', pool_log, member))
   if from <= now then
     if own and own > now then return {'delay', fmt(own - now), fmt(own), 'pool'} end
-    local free = pool_free_at()
+    local free = pool_free_at(own and member)  -- (own: its ZSCORE, read above)
     if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if free <= now then return nil end
   end
@@ -633,8 +635,7 @@ end
 
 -- The decision; every return below is the script's answer.
 local function decide()
-  local held = known_held  -- (read by the fast path, when it ran)
-  if held == nil then held = redis.call('ZSCORE', log, member) end
+  local held = known_held  -- (read before the fast path)
   if held then
     local slot = redis.call('ZSCORE', rsv, member)
     if not slot then
