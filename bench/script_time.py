@@ -15,8 +15,8 @@ What it measures
     2. Bytes per held (reserved) call: `MEMORY USAGE` of every key of a tool holding
        `--n` reservations, over `--n`, with the log and reservation set apart.
     3. Decisions per second seen by one client, in slices that alternate (bench.interleaved):
-       a trivial EVALSHA, `limits`' moving window and the Gate admit- and delay-heavy rows
-       (as in bench.gate), the Gate rows once per script.
+       a trivial EVALSHA, `limits`' moving window and the Gate admit-heavy, delay-heavy and
+       pool + concurrency rows (as in bench.gate), the Gate rows once per script.
 
     With `--baseline PATH` (another acquire.lua, e.g. main's:
     `git show main:throttle/lua/acquire.lua > /tmp/acquire-main.lua`) every part runs both
@@ -333,7 +333,8 @@ def wall(bench: ScriptBench, n: int, rounds: int, out: dict[str, Any]) -> None:
         gate = Gate(url, bench.config, prefix=f"{prefix}-{name}")
         gate._acquire_script = script
         gates.append(gate)
-        for tool, label in (("admit", "admit-heavy"), ("delay_heavy", "delay-heavy")):
+        for tool, label in (("admit", "admit-heavy"), ("delay_heavy", "delay-heavy"),
+                            ("pooled", "pool + concurrency")):
             def call(member: str, gate: Gate = gate, tool: str = tool) -> Any:
                 return gate.acquire(tool, member)
 
@@ -361,6 +362,10 @@ def wall(bench: ScriptBench, n: int, rounds: int, out: dict[str, Any]) -> None:
             row |= {"x_limits": vs_l, "x_evalsha": vs_e}
         print(line)
         out.setdefault("wall", {})[c.key] = row
+    for name in bench.scripts:
+        pooled = ratios(f"pool + concurrency {name}", f"admit-heavy {name}")
+        print(f"   pool + concurrency / admit-heavy ({name}): {_median_range(pooled, 2)}")
+        out["wall"][f"pooled_vs_admit {name}"] = pooled
     for gate in gates:
         gate.close()
     plain.close()
