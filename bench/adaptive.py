@@ -35,7 +35,8 @@ import httpx
 import redis
 
 from throttle import Action, Gate, load_config
-from throttle.adaptive import Answer
+from throttle.adaptive import AdaptiveState, Answer
+from throttle.upstream_headers import read_limits
 
 BODY = {"model": "stub-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -54,8 +55,10 @@ def start_stub(folder: Path, hidden: int, window_s: float, headers: str) -> tupl
     return proc, log.read_text().split("listening on ", 1)[1].split()[0]
 
 
-def drive(gate: Gate, url: str, threads: int, seconds: float) -> list[tuple[float, int]]:
-    """(answer time, status) of every call made by `threads` clients for `seconds`."""
+def drive(gate: Gate, url: str, threads: int, seconds: float,
+          trace: list[dict[str, Any]] | None = None) -> list[tuple[float, int]]:
+    """(answer time, status) of every call made by `threads` clients for `seconds`; with
+    `trace`, also what each answer reported and what the gate set after it."""
     answers: list[tuple[float, int]] = []
     lock = threading.Lock()
     end = time.time() + seconds
@@ -71,13 +74,15 @@ def drive(gate: Gate, url: str, threads: int, seconds: float) -> list[tuple[floa
                 if decision.action is Action.FALLBACK:
                     continue
                 response = http.post("chat/completions", json=BODY)
-                gate.adapter.report("api", [Answer(dict(response.headers),
-                                                   response.status_code)])
+                states = gate.adapter.report("api", [Answer(dict(response.headers),
+                                                            response.status_code)])
                 if response.status_code == 429:
                     pause_s = float(response.headers.get("retry-after-ms", 1000)) / 1000
                     gate.cool_down("api", max(pause_s, 0.001), member=member)
                 with lock:
                     answers.append((time.time(), response.status_code))
+                    if trace is not None:
+                        trace.append(_traced(response, states))
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for worker in workers:
@@ -85,6 +90,17 @@ def drive(gate: Gate, url: str, threads: int, seconds: float) -> list[tuple[floa
     for worker in workers:
         worker.join()
     return answers
+
+
+def _traced(response: httpx.Response, states: list[AdaptiveState]) -> dict[str, Any]:
+    reading = read_limits(response.headers).requests
+    return {"at_s": round(time.time(), 4), "status": response.status_code,
+            "limit": reading.limit, "remaining": reading.remaining,
+            "reset_s": reading.reset_s,
+            "effective": states[0].effective if states else None,
+            "reason": states[0].reason if states else None,
+            "headers": {k: v for k, v in response.headers.items()
+                        if "ratelimit" in k or "retry-after" in k}}
 
 
 def per_window(answers: list[tuple[float, int]], start: float, window_s: float,
@@ -98,13 +114,14 @@ def per_window(answers: list[tuple[float, int]], start: float, window_s: float,
 
 
 def phase(url_redis: str, stub_url: str, adaptive: bool, limit: int, window_s: float,
-          threads: int, windows: int, prefix: str) -> tuple[list[Counter[int]], Gate]:
+          threads: int, windows: int, prefix: str,
+          trace: list[dict[str, Any]] | None = None) -> tuple[list[Counter[int]], Gate]:
     config = load_config({"tools": {"api": {
         "limits": [f"{limit}/{int(window_s * 1000)}ms"], "max_delay": "10s",
         "adaptive": adaptive}}})
     gate = Gate(url_redis, config, prefix=prefix)
     start = time.time()
-    answers = drive(gate, stub_url, threads, windows * window_s)
+    answers = drive(gate, stub_url, threads, windows * window_s, trace)
     return per_window(answers, start, window_s, windows), gate
 
 
@@ -116,6 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=6)
     parser.add_argument("--phase-windows", type=int, default=12)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--trace", type=Path, help="JSON lines: each adaptive-phase answer's "
+                        "reported limit, remaining and reset, and the effective limit after it")
     args = parser.parse_args()
     url = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
     hidden = int(args.limit * 0.6)
@@ -132,8 +151,9 @@ def main() -> None:
             figures["fixed_429_per_minute"] = busy / (args.phase_windows * args.window) * 60
             figures["fixed_served_per_window"] = [w[200] for w in fixed]
             time.sleep(args.window * 2)  # the fixed phase's cooldowns and window pass
+            trace: list[dict[str, Any]] = []
             adaptive, gate = phase(url, stub_url, True, args.limit, args.window, args.threads,
-                                   args.phase_windows, prefix + "-adaptive")
+                                   args.phase_windows, prefix + "-adaptive", trace)
             learned = next((i for i in range(len(adaptive))
                             if all(w[429] <= 1 for w in adaptive[i:])), None)
             after = adaptive[(learned or 0) + 1:] if learned is not None else []
@@ -144,7 +164,9 @@ def main() -> None:
                 sum(w[200] for w in after) / (len(after) * hidden) if after else None)
             admin.post("/_stub/config", json={"hidden_requests": args.limit}).raise_for_status()
             start = time.time()
-            answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window)
+            trace.append({"phase": "raised", "at_s": time.time()})
+            answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window,
+                            trace)
             raised = per_window(answers, start, args.window, args.phase_windows)
             figures["raised_served_per_window"] = [w[200] for w in raised]
             figures["raised_429_per_window"] = [w[429] for w in raised]
@@ -160,6 +182,8 @@ def main() -> None:
             client.close()
     for name, value in figures.items():
         print(f"{name:32} {value}")
+    if args.trace:
+        args.trace.write_text("".join(json.dumps(line) + "\n" for line in trace))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
