@@ -13,6 +13,9 @@ worker does. Three phases, each `--phase-windows` windows long:
   raised     the hidden limit goes back to the configured one: windows until served
              reaches 0.9 of it again
 
+A 429 pauses the tool as a worker does (the answer's retry hint, else 1 s) before its
+answer is reported. The last line says which of the issue's targets were met.
+
 `--json PATH` saves every figure.
 """
 
@@ -37,6 +40,8 @@ import redis
 from throttle import Action, Gate, load_config
 from throttle.adaptive import AdaptiveState, Answer
 from throttle.upstream_headers import read_limits
+from workers.tools.llm_http import DEFAULT_PAUSE_S
+from workers.tools.retry_hints import pause_s
 
 BODY = {"model": "stub-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -74,11 +79,12 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
                 if decision.action is Action.FALLBACK:
                     continue
                 response = http.post("chat/completions", json=BODY)
+                if response.status_code == 429:  # as a worker does: pause, then report
+                    asked_s = pause_s(response.headers)
+                    gate.cool_down("api", DEFAULT_PAUSE_S if asked_s is None else asked_s,
+                                   member=member)
                 states = gate.adapter.report("api", [Answer(dict(response.headers),
                                                             response.status_code)])
-                if response.status_code == 429:
-                    pause_s = float(response.headers.get("retry-after-ms", 1000)) / 1000
-                    gate.cool_down("api", max(pause_s, 0.001), member=member)
                 with lock:
                     answers.append((time.time(), response.status_code))
                     if trace is not None:
@@ -123,6 +129,22 @@ def phase(url_redis: str, stub_url: str, adaptive: bool, limit: int, window_s: f
     start = time.time()
     answers = drive(gate, stub_url, threads, windows * window_s, trace)
     return per_window(answers, start, window_s, windows), gate
+
+
+def verdict(figures: dict[str, Any]) -> dict[str, str]:
+    """Each target of the issue, 'pass' or 'FAIL' with the figure. With headers: learned
+    within 2 windows, then at most one 429 per window and utilization >= 0.9; recovered
+    within 3 windows. Without (429s only): the same with utilization >= 0.85, recovery
+    within 4 windows."""
+    headers = figures["headers"] != "none"
+    learned, used = figures["learned_after_windows"], figures["utilization_after_learning"]
+    recovered = figures["recovered_after_windows"]
+    want_use, want_recovery = (0.9, 3) if headers else (0.85, 4)
+    checks = {"learned <= 2 windows": learned is not None and learned <= 2,
+              f"utilization >= {want_use}": used is not None and used >= want_use,
+              f"recovered <= {want_recovery} windows": (recovered is not None
+                                                        and recovered <= want_recovery)}
+    return {name: "pass" if ok else "FAIL" for name, ok in checks.items()}
 
 
 def main() -> None:
@@ -180,6 +202,7 @@ def main() -> None:
             for key in client.scan_iter(match=f"{prefix}*", count=1000):
                 client.delete(key)
             client.close()
+    figures["verdict"] = verdict(figures)
     for name, value in figures.items():
         print(f"{name:32} {value}")
     if args.trace:

@@ -7,12 +7,7 @@ from __future__ import annotations
 import pytest
 
 from throttle import Action, Gate, load_config
-from throttle.adaptive import (
-    DECREASE,
-    INCREASE_PER_WINDOW,
-    Answer,
-    read_states,
-)
+from throttle.adaptive import APPROACH_WINDOWS, BACKOFF, Answer, read_states
 from throttle.monitor.exporter import gauges
 from throttle.monitor.snapshot import read_snapshot
 from throttle.monitor.status_tables import adaptive_lines
@@ -96,22 +91,77 @@ def test_an_override_caps_it_and_is_left_in_place(redis_url: str, prefix: str) -
     assert _admitted(gate, "plain", 9, P + 20, "b") == 6
 
 
-def test_429s_without_headers_decrease_it_once_per_hold_then_answers_raise_it(
+def test_a_429_without_headers_cuts_below_where_it_came_then_it_climbs_back_and_probes(
+    redis_url: str, prefix: str
+) -> None:
+    assert (BACKOFF, APPROACH_WINDOWS) == (0.1, 2)
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 8, P, "a") == 8
+    # Refused with 8 in the window: the upstream's level is 8, the limit goes 10% under it.
+    [cut] = gate.adapter.report("plain", [], busy=True, now_s=P)
+    assert (cut.effective, cut.reason) == (pytest.approx(7.2), "429")
+    # Another 429 of the same overshoot (within a window) does not cut again.
+    [same] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 5)
+    assert same.effective == pytest.approx(7.2)
+    # Answers bring it back to the level over two windows, slowly near it ...
+    [half] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
+    assert (half.effective, half.reason) == (pytest.approx(8 * (1 - 0.1 / 8)), "raised")
+    [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    assert level.effective == pytest.approx(8)
+    # ... then probe above it, the overshoot doubling each window.
+    [probe] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 30)
+    assert probe.effective == pytest.approx(8.8)
+    assert _admitted(gate, "plain", 10, P + 30, "b") == 8
+    # The probe is refused with 8 in the window: back under 8 again, not under 8.8.
+    [again] = gate.adapter.report("plain", [], busy=True, now_s=P + 30)
+    assert again.effective == pytest.approx(7.2)
+    [up] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 80)
+    assert up.effective == 10  # a higher upstream limit is found: 8 x 1.3, capped
+
+
+def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(
+    redis_url: str, prefix: str
+) -> None:
+    """The upstream (limit 6) counts a call on arrival, after the gate admitted it: a call
+    that arrived late is still in its window for a moment after it left the gate's. The
+    gate counts its own window half a slot margin longer (as it checks admissions)."""
+    config = load_config({"tools": {"plain": {"limits": ["10/10s"], "adaptive": True,
+                                              "slot_margin": "400ms", "max_delay": "1m"}}})
+    gate = Gate(redis_url, config, prefix=prefix)
+    arrivals: list[float] = []
+    seen = []
+    for i in range(20):  # one call every 2 s for four windows; every other window's first
+        at = P + 2 * i     # arrives late, still counted there when the next window's arrives
+        assert _admitted(gate, "plain", 1, at, f"c{i}") == 1
+        arrivals.append(at + (0.15 if i % 10 == 0 else 0.02))
+        answered = at + 0.05
+        if arrivals[-1] > answered:
+            answered = arrivals[-1] + 0.01
+        held = sum(1 for a in arrivals if answered - 10 < a <= answered)
+        headers = {"x-ratelimit-limit-requests": "6",
+                   "x-ratelimit-remaining-requests": str(6 - held)}
+        [state] = gate.adapter.report("plain", [Answer(headers, 200)], now_s=answered)
+        seen.append((state.effective, state.reason))
+    assert set(seen) == {(6, "headers: limit 6")}, seen
+
+
+def test_after_a_real_shortfall_it_stays_lowered_for_a_window_then_comes_back(
     redis_url: str, prefix: str
 ) -> None:
     gate = Gate(redis_url, CONFIG, prefix=prefix)
-    [cut] = gate.adapter.report("plain", [], busy=True, now_s=P)
-    assert (cut.effective, cut.reason) == (10 * DECREASE, "429")
-    # A second 429 of the same burst (within the hold) does not cut again.
-    [same] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 0.5)
-    assert same.effective == 10 * DECREASE
-    [again] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 2)
-    assert again.effective == pytest.approx(10 * DECREASE**2)
-    # Answers without a 429: +INCREASE_PER_WINDOW x 10 per 10 s window.
-    [up] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 12)
-    assert up.effective == pytest.approx(10 * DECREASE**2 + 10 * INCREASE_PER_WINDOW)
-    assert up.reason == "raised"
-    assert _admitted(gate, "plain", 9, P + 12, "a") == int(up.effective)
+    six = {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "6"}
+    gate.adapter.report("plain", [Answer(six, 200)], now_s=P)
+    assert _admitted(gate, "plain", 1, P, "a") == 1
+    # Someone else took 3 of the upstream's 6: it says 2 remain where the gate counts 5.
+    short = {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "2"}
+    [low] = gate.adapter.report("plain", [Answer(short, 200)], now_s=P + 1)
+    assert (low.effective, low.reason) == (3, "headers: remaining 2 < 5")
+    # Answers that no longer say so do not raise it within the window ...
+    [kept] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 9)
+    assert (kept.effective, kept.reason) == (3, "headers: remaining 2 < 5")
+    # ... after it they do, unless the upstream reports a higher limit than it did then.
+    [back] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 11.5)
+    assert (back.effective, back.reason) == (6, "headers: limit 6")
 
 
 def test_a_pool_learns_one_limit_shared_by_its_classes(redis_url: str, prefix: str) -> None:
