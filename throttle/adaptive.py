@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from throttle.config import Config, ToolConfig
+from throttle.errors import ConfigError
 from throttle.keys import adaptive_fields, keys_for, overrides_key, pool_overrides_key
 from throttle.limit import Limit
 from throttle.overrides import encode
@@ -216,6 +217,22 @@ def read_states(client: StoreClient, config: Config, prefix: str, *,
             str(record.get("reason") or ""),
             None if changed_ms is None else float(changed_ms) / 1000))
     return states
+
+
+def forget(client: StoreClient, config: Config, prefix: str, *, tool: str | None = None,
+           pool: str | None = None) -> bool:
+    """Drop the limit learned for `tool` or `pool` at once (the file's or an override's
+    applies from the next decision); False if none was learned. ConfigError if it does not
+    adapt."""
+    label = f"pool {pool}" if pool is not None else f"tool {tool}"
+    found = {target.label: target for target in all_targets(config, prefix)}
+    if (tool is None) == (pool is None) or label not in found:
+        adaptive = ", ".join(found) or "none"
+        raise ConfigError(f"{label if tool or pool else 'nothing named'} has no adaptive "
+                          f"limit (adaptive targets: {adaptive}); name a tool or --pool with "
+                          "`adaptive = true`")
+    target = found[label]
+    return int(client.hdel(target.limits_key, *adaptive_fields(target.field))) > 0
 
 
 def _override_max(text: str, window_ms: int, default: float) -> float:

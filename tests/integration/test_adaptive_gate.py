@@ -4,10 +4,16 @@ caps it, 429s without headers drive it down and answers raise it back (AIMD)."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+from typing import Any
 
+import pytest
+from click.testing import CliRunner
+
+from tests.support.servers import write_config
 from throttle import Action, Gate, load_config
 from throttle.adaptive import APPROACH_WINDOWS, BACKOFF, Answer, read_states
+from throttle.cli import main
 from throttle.monitor.exporter import gauges
 from throttle.monitor.snapshot import read_snapshot
 from throttle.monitor.status_tables import adaptive_lines
@@ -16,7 +22,7 @@ from throttle.overrides import parse_limits, reset_override, set_override
 pytestmark = pytest.mark.redis
 
 P = 1_700_000_000.0
-CONFIG = load_config(
+DOCUMENT: dict[str, Any] = (
     {
         "defaults": {"slot_margin": "0ms", "max_delay": "1m"},
         "pools": {"llm": {"limits": ["100/10s"], "shares": {"high": 1.0, "low": 0.5},
@@ -29,6 +35,7 @@ CONFIG = load_config(
         },
     }
 )
+CONFIG = load_config(DOCUMENT)
 OPENAI = {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "5",
           "x-ratelimit-reset-requests": "1s"}
 
@@ -207,3 +214,27 @@ def test_status_and_the_exporter_show_configured_vs_effective_and_why(
                                                 ("window", "10s")))] == 6
     assert samples[("throttle_adaptive_limit", (("kind", "configured"), ("target", "pool llm"),
                                                 ("window", "10s")))] == 100
+
+
+def test_limits_reset_adaptive_forgets_a_learned_limit_at_once(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    gate.adapter.report("plain", [Answer(OPENAI, 200)], now_s=P)
+    gate.adapter.report("high", [Answer({"x-ratelimit-limit-requests": "40"}, 200)], now_s=P)
+    where = ["--redis-url", redis_url, "--prefix", prefix,
+             "--config", str(write_config(DOCUMENT, tmp_path / "tools.toml"))]
+
+    def reset(*args: str) -> Any:
+        return CliRunner().invoke(main, ["limits", "reset", *args, "--adaptive", *where])
+
+    done = reset("plain")
+    assert (done.exit_code, done.output) == (0, "tool plain: learned limit forgotten\n")
+    assert _admitted(gate, "plain", 12, P + 1, "a") == 10  # the file's 10 at once, not 6
+    assert reset("plain").output == "tool plain: had no learned limit\n"
+    assert reset("--pool", "llm").output == "pool llm: learned limit forgotten\n"
+    assert _admitted(gate, "high", 120, P + 1, "h") == 100
+    refused = reset("fixed")
+    assert refused.exit_code == 1
+    assert ("tool fixed has no adaptive limit (adaptive targets: pool llm, tool plain); "
+            "name a tool or --pool with `adaptive = true`") in refused.output
