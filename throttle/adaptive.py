@@ -9,7 +9,8 @@ every decision: never above the file's limit or an operator's override, lowered 
 when the upstream reports a lower limit or less remaining than the gate counts, raised
 back as it reports more. Answers without those headers move it by their status: a 429 cuts
 it BACKOFF below the level the upstream refused at, answers without one bring it back to
-that level over APPROACH_WINDOWS windows, then probe above it (adapt.lua). A learned limit
+that level over APPROACH_WINDOWS windows, then probe above it, PROBE_SHARE of it at
+first, each window's step PROBE_GROWTH times the last (adapt.lua). A learned limit
 not confirmed for KEEP_WINDOWS windows lapses.
 """
 
@@ -36,7 +37,9 @@ from throttle.upstream_headers import read_limits
 logger = logging.getLogger("throttle.adaptive")
 
 BACKOFF = 0.1  # a 429 without headers cuts the limit this share below where it came
-APPROACH_WINDOWS = 2  # windows to climb back to that level before probing above it
+APPROACH_WINDOWS = 1  # windows to climb back to that level before probing above it
+PROBE_SHARE = 0.05  # the first probe above it, a share of it ...
+PROBE_GROWTH = 3.0  # ... each window's step this many times the last one's
 FLOOR_SHARE = 0.05  # the effective limit never goes under this share of the ceiling
 SLACK_SHARE = 0.02  # remaining may fall this short of the gate's count before it lowers
 HOLD_WINDOWS = 1.0  # after a 429 cut, other 429s within this many windows are the same one
@@ -174,7 +177,7 @@ class Adapter:
                     encode(target.configured), "1" if busy else "0",
                     _number(reading.limit), _number(reading.remaining), hold_ms, BACKOFF,
                     APPROACH_WINDOWS, FLOOR_SHARE, keep_ms, SLACK_SHARE,
-                    tool_config.slot_margin_ms / 2]
+                    tool_config.slot_margin_ms / 2, PROBE_SHARE, PROBE_GROWTH]
             with self._errors:
                 raw = self._script(keys=[target.limits_key, target.log, target.cost],
                                    args=args)

@@ -12,7 +12,14 @@ from click.testing import CliRunner
 
 from tests.support.servers import write_config
 from throttle import Action, Gate, load_config
-from throttle.adaptive import APPROACH_WINDOWS, BACKOFF, Answer, read_states
+from throttle.adaptive import (
+    APPROACH_WINDOWS,
+    BACKOFF,
+    PROBE_GROWTH,
+    PROBE_SHARE,
+    Answer,
+    read_states,
+)
 from throttle.cli import main
 from throttle.monitor.exporter import gauges
 from throttle.monitor.snapshot import read_snapshot
@@ -101,29 +108,31 @@ def test_an_override_caps_it_and_is_left_in_place(redis_url: str, prefix: str) -
 def test_a_429_without_headers_cuts_below_where_it_came_then_it_climbs_back_and_probes(
     redis_url: str, prefix: str
 ) -> None:
-    assert (BACKOFF, APPROACH_WINDOWS) == (0.1, 2)
+    assert (BACKOFF, APPROACH_WINDOWS, PROBE_SHARE, PROBE_GROWTH) == (0.1, 1, 0.05, 3)
     gate = Gate(redis_url, CONFIG, prefix=prefix)
     assert _admitted(gate, "plain", 8, P, "a") == 8
     # Refused with 8 in the window: the upstream's level is 8, the limit goes 10% under it.
     [cut] = gate.adapter.report("plain", [], busy=True, now_s=P)
     assert (cut.effective, cut.reason) == (pytest.approx(7.2), "429")
     # Another 429 of the same overshoot (within a window) does not cut again.
-    [same] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 5)
+    [same] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 3)
     assert same.effective == pytest.approx(7.2)
-    # Answers bring it back to the level over two windows, slowly near it ...
-    [half] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
-    assert (half.effective, half.reason) == (pytest.approx(8 * (1 - 0.1 / 8)), "raised")
-    [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
-    assert level.effective == pytest.approx(8)
-    # ... then probe above it, the overshoot doubling each window.
-    [probe] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 30)
-    assert probe.effective == pytest.approx(8.8)
-    assert _admitted(gate, "plain", 10, P + 30, "b") == 8
-    # The probe is refused with 8 in the window: back under 8 again, not under 8.8.
-    [again] = gate.adapter.report("plain", [], busy=True, now_s=P + 30)
+    # Answers bring it back to the level over a window, slowly near it ...
+    [near] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 5)
+    assert near.effective == pytest.approx(8 * (1 - 0.1 / 8))
+    [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
+    assert (level.effective, level.reason) == (pytest.approx(8), "raised")
+    # ... then probe above it: 5%, then each window's step 3 times the last.
+    [probe] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    assert probe.effective == pytest.approx(8.4)
+    assert _admitted(gate, "plain", 10, P + 20, "b") == 8
+    # The probe is refused with 8 in the window: back under 8 again, not under 8.4.
+    [again] = gate.adapter.report("plain", [], busy=True, now_s=P + 20)
     assert again.effective == pytest.approx(7.2)
-    [up] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 80)
-    assert up.effective == 10  # a higher upstream limit is found: 8 x 1.3, capped
+    [up] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 50)
+    assert up.effective == pytest.approx(8 * 1.2)
+    [found] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 60)
+    assert found.effective == 10  # a higher upstream limit is found: 8 x 1.65, capped
 
 
 def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(

@@ -20,7 +20,7 @@ ARGV[7]  hold_ms     after a 429 cut, no other 429 cuts again for this long
 ARGV[8]  backoff     after a 429 without headers, the limit goes this share below the
                      level the 429 came at (e.g. 0.1)
 ARGV[9]  approach    windows it takes to climb back to that level; past them it probes
-                     above it (e.g. 2)
+                     above it (e.g. 1)
 ARGV[10] floor       the effective limit's floor, a share of the ceiling (e.g. 0.05)
 ARGV[11] keep_ms     how long a learned limit stands without a new answer
 ARGV[12] slack       share of the ceiling by which the upstream's remaining may fall short
@@ -29,6 +29,8 @@ ARGV[12] slack       share of the ceiling by which the upstream's remaining may 
 ARGV[13] lag_ms      how much further back the gate's count reaches: half the tool's slot
                      margin, as acquire.lua checks admissions (the upstream counts a call
                      when it arrives, so it still holds calls just gone from the window)
+ARGV[14] probe       the first probe above the level, a share of it (e.g. 0.05)
+ARGV[15] growth      each window of probing without a 429 multiplies the step (e.g. 3)
 
 The effective limit is kept for the longest window; every other window of the target is
 scaled by the same ratio. With headers: min(ceiling, limit, used + remaining), where used
@@ -37,10 +39,10 @@ see, or has a lower limit). Without headers, 429s drive it, in the manner of TCP
 marks the level the upstream refused at (`level`: the target's use of the window then, as
 the gate counts it, or the effective limit if lower) and cuts the limit to
 (1 - backoff) x level; from there it climbs back to the level along a concave curve over
-`approach` windows (slow near the level), then probes above it, the overshoot doubling
-each window: level x (1 + backoff x (2^(t - approach) - 1)), t in windows since the cut.
-Under a steady upstream that is one 429 per probe, every `approach` + 1 windows or so; when
-the upstream's limit rises the probe finds it within a few windows. Back at the ceiling the
+`approach` windows (slow near the level), then probes above it, each window's step
+`growth` times the last: level x (1 + probe x (growth^n - 1) / (growth - 1)) after n
+windows of probing. Under a steady upstream that is one 429 per probe, every `approach` + 1
+windows or so; when the upstream's limit rises the probe finds it within a few windows. Back at the ceiling the
 'adaptive:' field is deleted (the standing limits apply alone).
 
 Returns {effective, ceiling, reason}: the longest window's maxes (decimal strings) and why
@@ -60,6 +62,7 @@ local reported_limit, remaining = tonumber(ARGV[5]), tonumber(ARGV[6])
 local hold_ms, backoff, approach = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local floor_share, keep_ms = tonumber(ARGV[10]), tonumber(ARGV[11])
 local slack_share, lag_ms = tonumber(ARGV[12]), tonumber(ARGV[13]) or 0
+local probe, growth = tonumber(ARGV[14]), tonumber(ARGV[15])
 local field, state_field = 'adaptive:' .. target, 'adaptive-state:' .. target
 
 local function pairs_of(text)
@@ -134,7 +137,7 @@ if reported_limit or remaining then
   state.level, state.cut_ms = nil, nil  -- headers rule; 429s start afresh without them
 elseif busy then
   if now - (tonumber(state.cut_ms) or -math.huge) >= hold_ms then
-    local level = math.max(floor, math.min(current, used_now(0)))
+    local level = math.max(floor, math.min(current, used_now(lag_ms)))
     effective, reason = math.max(floor, (1 - backoff) * level), '429'
     state.level, state.cut_ms = level, now
   end
@@ -147,7 +150,9 @@ elseif current < ceiling then
   local t = (now - cut) / window
   local curve
   if t < approach then curve = level * (1 - backoff * (1 - t / approach) ^ 3)
-  else curve = level * (1 + backoff * (2 ^ math.min(t - approach, 60) - 1)) end
+  else
+    curve = level * (1 + probe * (growth ^ math.min(t - approach, 60) - 1) / (growth - 1))
+  end
   effective = math.min(ceiling, math.max(current, curve))
   if effective > current then reason = 'raised' end
 end
