@@ -119,16 +119,18 @@ def per_window(answers: list[tuple[float, int]], start: float, window_s: float,
     return windows
 
 
-def phase(url_redis: str, stub_url: str, adaptive: bool, limit: int, window_s: float,
-          threads: int, windows: int, prefix: str,
-          trace: list[dict[str, Any]] | None = None) -> tuple[list[Counter[int]], Gate]:
-    config = load_config({"tools": {"api": {
-        "limits": [f"{limit}/{int(window_s * 1000)}ms"], "max_delay": "10s",
-        "adaptive": adaptive}}})
+def phase(url_redis: str, stub_url: str, adaptive: bool, args: argparse.Namespace,
+          prefix: str, trace: list[dict[str, Any]] | None = None
+          ) -> tuple[list[Counter[int]], Gate]:
+    tool: dict[str, Any] = {"limits": [f"{args.limit}/{int(args.window * 1000)}ms"],
+                            "max_delay": "10s", "adaptive": adaptive}
+    if args.slot_margin_ms is not None:
+        tool["slot_margin"] = f"{args.slot_margin_ms}ms"
+    config = load_config({"tools": {"api": tool}})
     gate = Gate(url_redis, config, prefix=prefix)
     start = time.time()
-    answers = drive(gate, stub_url, threads, windows * window_s, trace)
-    return per_window(answers, start, window_s, windows), gate
+    answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window, trace)
+    return per_window(answers, start, args.window, args.phase_windows), gate
 
 
 def verdict(figures: dict[str, Any]) -> dict[str, str]:
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--headers", default="openai", choices=["openai", "anthropic", "none"])
     parser.add_argument("--threads", type=int, default=6)
     parser.add_argument("--phase-windows", type=int, default=12)
+    parser.add_argument("--slot-margin-ms", type=int,
+                        help="the tool's slot_margin (default: the config's default)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--trace", type=Path, help="JSON lines: each adaptive-phase answer's "
                         "reported limit, remaining and reset, and the effective limit after it")
@@ -162,20 +166,18 @@ def main() -> None:
     hidden = int(args.limit * 0.6)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     figures: dict[str, Any] = {"limit": args.limit, "hidden": hidden, "window_s": args.window,
-                               "headers": args.headers}
+                               "headers": args.headers, "slot_margin_ms": args.slot_margin_ms}
     with tempfile.TemporaryDirectory() as folder:
         stub, stub_url = start_stub(Path(folder), hidden, args.window, args.headers)
         admin = httpx.Client(base_url=stub_url.removesuffix("/v1"), timeout=10)
         try:
-            fixed, _ = phase(url, stub_url, False, args.limit, args.window, args.threads,
-                             args.phase_windows, prefix + "-fixed")
+            fixed, _ = phase(url, stub_url, False, args, prefix + "-fixed")
             busy = sum(w[429] for w in fixed)
             figures["fixed_429_per_minute"] = busy / (args.phase_windows * args.window) * 60
             figures["fixed_served_per_window"] = [w[200] for w in fixed]
             time.sleep(args.window * 2)  # the fixed phase's cooldowns and window pass
             trace: list[dict[str, Any]] = []
-            adaptive, gate = phase(url, stub_url, True, args.limit, args.window, args.threads,
-                                   args.phase_windows, prefix + "-adaptive", trace)
+            adaptive, gate = phase(url, stub_url, True, args, prefix + "-adaptive", trace)
             learned = next((i for i in range(len(adaptive))
                             if all(w[429] <= 1 for w in adaptive[i:])), None)
             after = adaptive[(learned or 0) + 1:] if learned is not None else []

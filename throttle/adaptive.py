@@ -177,7 +177,8 @@ class Adapter:
                     encode(target.configured), "1" if busy else "0",
                     _number(reading.limit), _number(reading.remaining), hold_ms, BACKOFF,
                     APPROACH_WINDOWS, FLOOR_SHARE, keep_ms, SLACK_SHARE,
-                    tool_config.slot_margin_ms / 2, PROBE_SHARE, PROBE_GROWTH]
+                    tool_config.slot_margin_ms / 2, PROBE_SHARE, PROBE_GROWTH,
+                    "" if reading.reset_s is None else reading.reset_s * 1000]
             with self._errors:
                 raw = self._script(keys=[target.limits_key, target.log, target.cost],
                                    args=args)

@@ -161,7 +161,7 @@ def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(
     assert set(seen) == {(6, "headers: limit 6")}, seen
 
 
-def test_after_a_real_shortfall_it_stays_lowered_for_a_window_then_comes_back(
+def test_after_a_real_shortfall_it_stays_lowered_until_the_upstreams_reset(
     redis_url: str, prefix: str
 ) -> None:
     gate = Gate(redis_url, CONFIG, prefix=prefix)
@@ -178,6 +178,14 @@ def test_after_a_real_shortfall_it_stays_lowered_for_a_window_then_comes_back(
     # ... after it they do, unless the upstream reports a higher limit than it did then.
     [back] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 11.5)
     assert (back.effective, back.reason) == (6, "headers: limit 6")
+    # When the upstream says when room comes back, it holds until then.
+    soon = {**short, "x-ratelimit-reset-requests": "2s"}
+    [low] = gate.adapter.report("plain", [Answer(soon, 200)], now_s=P + 20)
+    assert (low.effective, low.reason) == (2, "headers: remaining 2 < 6")
+    [kept] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 21.9)
+    assert kept.effective == 2
+    [back] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 22.1)
+    assert back.effective == 6
 
 
 def test_a_pool_learns_one_limit_shared_by_its_classes(redis_url: str, prefix: str) -> None:

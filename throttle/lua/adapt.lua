@@ -31,6 +31,7 @@ ARGV[13] lag_ms      how much further back the gate's count reaches: half the to
                      when it arrives, so it still holds calls just gone from the window)
 ARGV[14] probe       the first probe above the level, a share of it (e.g. 0.05)
 ARGV[15] growth      each window of probing without a 429 multiplies the step (e.g. 3)
+ARGV[16] reset_ms    when the upstream says room comes back ('' when not reported)
 
 The effective limit is kept for the longest window; every other window of the target is
 scaled by the same ratio. With headers: min(ceiling, limit, used + remaining), where used
@@ -62,7 +63,7 @@ local reported_limit, remaining = tonumber(ARGV[5]), tonumber(ARGV[6])
 local hold_ms, backoff, approach = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local floor_share, keep_ms = tonumber(ARGV[10]), tonumber(ARGV[11])
 local slack_share, lag_ms = tonumber(ARGV[12]), tonumber(ARGV[13]) or 0
-local probe, growth = tonumber(ARGV[14]), tonumber(ARGV[15])
+local probe, growth, reset_ms = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 local field, state_field = 'adaptive:' .. target, 'adaptive-state:' .. target
 
 local function pairs_of(text)
@@ -126,11 +127,14 @@ if reported_limit or remaining then
   end
   goal = math.max(goal, math.min(floor, reported_limit or floor))
   -- Hysteresis: after the upstream had less left than the gate counted, the limit is not
-  -- raised again until a whole window of answers has not said so, unless the upstream
-  -- reports a higher limit than it did then.
+  -- raised again until the upstream said room would come back (its reset; a window when
+  -- it names none), unless it reports a higher limit than it did then.
   local reported = reported_limit or ceiling
-  if short then state.short_ms, state.short_limit = now, reported end
-  local held = now - (tonumber(state.short_ms) or -math.huge) < window
+  if short then
+    state.short_until = now + math.min(window, reset_ms or window)
+    state.short_limit = reported
+  end
+  local held = now < (tonumber(state.short_until) or -math.huge)
                and reported <= (tonumber(state.short_limit) or math.huge)
   if goal < current then effective, reason = goal, why
   elseif goal > current and not held then effective, reason = goal, why end
