@@ -135,6 +135,20 @@ def test_a_429_without_headers_cuts_below_where_it_came_then_it_climbs_back_and_
     assert found.effective == 10  # a higher upstream limit is found: 8 x 1.65, capped
 
 
+def test_later_429s_of_the_same_overshoot_refine_the_level_without_cutting_again(
+    redis_url: str, prefix: str
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 9, P, "a") == 9
+    [cut] = gate.adapter.report("plain", [], busy=True, now_s=P)
+    assert cut.effective == pytest.approx(8.1)
+    # Two more calls of the burst are refused; the cooldown takes each out of the log.
+    for member in ("a-7", "a-8"):
+        gate.cool_down("plain", 0.001, member=member, now_s=P + 0.1)
+        [state] = gate.adapter.report("plain", [], busy=True, now_s=P + 0.1)
+    assert (state.effective, state.reason) == (pytest.approx(6.3), "429")  # 0.9 x 7
+
+
 def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(
     redis_url: str, prefix: str
 ) -> None:

@@ -140,10 +140,17 @@ if reported_limit or remaining then
   elseif goal > current and not held then effective, reason = goal, why end
   state.level, state.cut_ms = nil, nil  -- headers rule; 429s start afresh without them
 elseif busy then
+  local level = math.max(floor, used_now(lag_ms))
   if now - (tonumber(state.cut_ms) or -math.huge) >= hold_ms then
-    local level = math.max(floor, math.min(current, used_now(lag_ms)))
+    level = math.min(current, level)
     effective, reason = math.max(floor, (1 - backoff) * level), '429'
     state.level, state.cut_ms = level, now
+  elseif level < (tonumber(state.level) or math.huge) then
+    -- The same overshoot: no new cut, but its refused calls have left the log (cooldown),
+    -- so the use now tells the level the upstream served at more closely.
+    state.level = level
+    local refined = math.max(floor, (1 - backoff) * level)
+    if refined < current then effective, reason = refined, '429' end
   end
 elseif current < ceiling then
   local level, cut = tonumber(state.level), tonumber(state.cut_ms)
