@@ -228,13 +228,15 @@ def forget(client: StoreClient, config: Config, prefix: str, *, tool: str | None
     """Drop the limit learned for `tool` or `pool` at once (the file's or an override's
     applies from the next decision); False if none was learned. ConfigError if it does not
     adapt."""
-    label = f"pool {pool}" if pool is not None else f"tool {tool}"
     found = {target.label: target for target in all_targets(config, prefix)}
-    if (tool is None) == (pool is None) or label not in found:
-        adaptive = ", ".join(found) or "none"
-        raise ConfigError(f"{label if tool or pool else 'nothing named'} has no adaptive "
-                          f"limit (adaptive targets: {adaptive}); name a tool or --pool with "
-                          "`adaptive = true`")
+    known = ", ".join(found) or "none"
+    if (tool is None) == (pool is None):
+        raise ConfigError(f"name one tool or one --pool whose learned limit to forget "
+                          f"(adaptive: {known})")
+    label = f"pool {pool}" if pool is not None else f"tool {tool}"
+    if label not in found:
+        raise ConfigError(f"{label} has no adaptive limit (adaptive: {known}); name a tool "
+                          "or --pool with `adaptive = true`")
     target = found[label]
     return int(client.hdel(target.limits_key, *adaptive_fields(target.field))) > 0
 

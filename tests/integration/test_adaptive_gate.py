@@ -267,5 +267,5 @@ def test_limits_reset_adaptive_forgets_a_learned_limit_at_once(
     assert _admitted(gate, "high", 120, P + 1, "h") == 100
     refused = reset("fixed")
     assert refused.exit_code == 1
-    assert ("tool fixed has no adaptive limit (adaptive targets: pool llm, tool plain); "
-            "name a tool or --pool with `adaptive = true`") in refused.output
+    assert ("tool fixed has no adaptive limit (adaptive: pool llm, tool plain); name a tool "
+            "or --pool with `adaptive = true`") in refused.output

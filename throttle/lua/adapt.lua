@@ -36,14 +36,16 @@ ARGV[16] reset_ms    when the upstream says room comes back ('' when not reporte
 The effective limit is kept for the longest window; every other window of the target is
 scaled by the same ratio. With headers: min(ceiling, limit, used + remaining), where used
 is the target's use of its longest window now (the upstream counts calls the gate does not
-see, or has a lower limit). Without headers, 429s drive it, in the manner of TCP CUBIC: a 429
-marks the level the upstream refused at (`level`: the target's use of the window then, as
-the gate counts it, or the effective limit if lower) and cuts the limit to
-(1 - backoff) x level; from there it climbs back to the level along a concave curve over
-`approach` windows (slow near the level), then probes above it, each window's step
-`growth` times the last: level x (1 + probe x (growth^n - 1) / (growth - 1)) after n
-windows of probing. Under a steady upstream that is one 429 per probe, every `approach` + 1
-windows or so; when the upstream's limit rises the probe finds it within a few windows. Back at the ceiling the
+see, or has a lower limit); after such a shortfall it is not raised again until the
+upstream's reset (hysteresis). Without headers, 429s drive it, in the manner of TCP CUBIC:
+a 429 marks the level the upstream refused at (`level`: the target's use of the window
+then, as the gate counts it, or the effective limit if lower) and cuts the limit to
+(1 - backoff) x level; later 429s within `hold_ms` only lower the level to the use then.
+From there it climbs back to the level along a concave curve over `approach` windows
+(slow near the level), then probes above it, each window's step `growth` times the last:
+level x (1 + probe x (growth^n - 1) / (growth - 1)) after n windows of probing. Under a
+steady upstream that is one 429 per probe, every `approach` + 1 windows or so; when the
+upstream's limit rises the probe finds it within a few windows. Back at the ceiling the
 'adaptive:' field is deleted (the standing limits apply alone).
 
 Returns {effective, ceiling, reason}: the longest window's maxes (decimal strings) and why
