@@ -63,9 +63,11 @@ class AsyncGate(GateBase):
         deadline_s: float | None = None,
         now_s: float | None = None,
         receipt: str | None = None,
+        fair_key: Any = None,
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
+                                        fair_key)
         with self._errors:
             raw = await self._acquire_batch.run(keys, args)
         return self._decision(raw)

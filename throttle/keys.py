@@ -40,6 +40,16 @@ decision's own tag::
     <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
     <prefix>:limits:version STRING  bumped on every change
 
+Fair sharing (throttle/fairness.py; `fair_by` on a tool, or on a pool for all its tools),
+under the decision's tag, beside the tool's log (`<prefix>:{p}:pool:fair:...` for a pool)::
+
+    <base>:fair:finish  ZSET  tenant digest -> its virtual finish tag (only tenants ahead
+                              of the virtual clock: idle tenants have no entry)
+    <base>:fair:queue   ZSET  waiting (parked) task id -> its virtual start tag
+    <base>:fair:parked  ZSET  task id -> by when it must come back (ms), else it is dropped
+    <base>:fair:cost    HASH  task id -> units, for waiting calls whose cost is not 1
+    <base>:fair:clock   STRING  the virtual clock: the tag of the latest call given a slot
+
 Counters for monitoring (written by the workers' metrics, never by a gate script)::
 
     <prefix>:stats:{t}           HASH  field -> running total (see throttle/monitor/stats.py)
@@ -217,6 +227,16 @@ def receipts_key(log: str) -> str:
 def quota_key(keys: ToolKeys) -> str:
     """The hash of a tool's (and key value's) daily quota use: '<i>:<day start ms>' -> units."""
     return keys.log.removesuffix(":log") + ":quota"
+
+
+FAIR_PARTS = ("finish", "queue", "parked", "cost", "clock")
+
+
+def fair_keys(keys: ToolKeys, pool: str | None = None, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """The fair-sharing keys acquire.lua takes, in its order: beside the tool's log (`keys`),
+    or the pool's own when the pool shares by tenant."""
+    base = f"{prefix}:{{{pool}}}:pool" if pool else keys.log.removesuffix(":log")
+    return [f"{base}:fair:{part}" for part in FAIR_PARTS]
 
 
 def stats_key(prefix: str, tool: str) -> str:
