@@ -114,7 +114,8 @@ class AsyncGate(GateBase):
 
     @asynccontextmanager
     async def slot(
-        self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None
+        self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None,
+        fair_key: Any = None,
     ) -> AsyncIterator[Decision]:
         """Wait for this call's reserved slot, then run the block.
 
@@ -128,7 +129,8 @@ class AsyncGate(GateBase):
         try:
             while True:
                 left_s = budget_s - (time.monotonic() - started)
-                decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s)
+                decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s,
+                                              fair_key=fair_key)
                 if decision.action is Action.ADMIT:
                     break
                 if decision.action is Action.FALLBACK:

@@ -540,7 +540,8 @@ end
 -- admitted now or reserved) only when that slot, plus the units of the calls waiting with
 -- lower tags placed at the full rate, lies within now + horizon. Otherwise it is parked:
 -- told when it may come back (an estimate, no reservation), keeping its tag. V is the tag
--- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry.
+-- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry, and
+-- when no call waits at all, no tenant has one.
 local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
 local tenant, fair_weight, horizon, fair_grace
 local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
@@ -623,6 +624,8 @@ local function fair_after(answer)
     local clock = tonumber(redis.call('GET', fair_clock) or '0')
     if tag > clock then redis.call('SET', fair_clock, fmt(tag)) end
   end
+  -- Nothing waits any more: every tenant is idle, and none keeps an entry.
+  if redis.call('ZCARD', fair_queue) == 0 then redis.call('DEL', fair_finish) end
   fair_keep(now)
 end
 -- -----------------------------------------------------------------------------------------
