@@ -541,12 +541,14 @@ end
 -- lower tags placed at the full rate, lies within now + horizon. Otherwise it is parked:
 -- told when it may come back (an estimate, no reservation), keeping its tag. V is the tag
 -- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry, and
--- when no call waits at all, no tenant has one.
+-- when no call waits at all, no tenant has one (nor V: nothing then needs it).
 local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
 local tenant, fair_weight, horizon, fair_grace
+local fair_tag, fair_new = nil, false  -- this call's tag; whether it was not waiting yet
 local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
 if fair then
-  fair_finish, fair_queue, fair_parked, fair_costs, fair_clock = unpack(fair_keys)
+  fair_finish, fair_queue, fair_parked = fair_keys[1], fair_keys[2], fair_keys[3]
+  fair_costs, fair_clock = fair_keys[4], fair_keys[5]
   tenant, fair_weight = ARGV[#ARGV - 3], tonumber(ARGV[#ARGV - 2])
   horizon = tonumber(ARGV[#ARGV - 1]) + margin
   fair_grace = math.max(5000, 2 * horizon)  -- past its come-back time, a parked call is lost
@@ -569,25 +571,32 @@ end
 
 -- nil when the call may take its slot `t`; else its answer: parked, or a fallback.
 local function fair_check(t)
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_parked, '-inf', fmt(now))) do
-    fair_leave(m)  -- parked calls that never came back
+  local waiting = redis.call('ZCARD', fair_queue)
+  if waiting > 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_parked, '-inf', fmt(now))) do
+      fair_leave(m)  -- parked calls that never came back
+      waiting = waiting - 1
+    end
   end
-  local clock = tonumber(redis.call('GET', fair_clock) or '0')
-  redis.call('ZREMRANGEBYSCORE', fair_finish, '-inf', fmt(clock))  -- idle tenants
-  local tag = tonumber(redis.call('ZSCORE', fair_queue, member))
-  if not tag then
-    tag = math.max(clock, tonumber(redis.call('ZSCORE', fair_finish, tenant) or '0'))
-    redis.call('ZADD', fair_finish, fmt(tag + cost / fair_weight), tenant)
-    redis.call('ZADD', fair_queue, fmt(tag), member)
-    if cost ~= 1 then redis.call('HSET', fair_costs, member, cost) end
+  fair_tag = waiting > 0 and tonumber(redis.call('ZSCORE', fair_queue, member))
+  if not fair_tag then
+    fair_new = true
+    fair_tag = tonumber(redis.call('GET', fair_clock) or '0')
+    if waiting > 0 then
+      redis.call('ZREMRANGEBYSCORE', fair_finish, '-inf', fmt(fair_tag))  -- idle tenants
+      local finish = tonumber(redis.call('ZSCORE', fair_finish, tenant) or '0')
+      if finish > fair_tag then fair_tag = finish end
+    end
   end
   -- The units waiting ahead of it (lower tags).
   local ahead = 0
-  if redis.call('HLEN', fair_costs) == 0 then
-    ahead = redis.call('ZCOUNT', fair_queue, '-inf', '(' .. fmt(tag))
-  else
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_queue, '-inf', '(' .. fmt(tag))) do
-      ahead = ahead + tonumber(redis.call('HGET', fair_costs, m) or '1')
+  if waiting > 0 then
+    if redis.call('HLEN', fair_costs) == 0 then
+      ahead = redis.call('ZCOUNT', fair_queue, '-inf', '(' .. fmt(fair_tag))
+    else
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_queue, '-inf', '(' .. fmt(fair_tag))) do
+        ahead = ahead + tonumber(redis.call('HGET', fair_costs, m) or '1')
+      end
     end
   end
   local slot = t
@@ -606,26 +615,38 @@ local function fair_check(t)
   return {'delay', fmt(back - now), fmt(back), 'parked'}
 end
 
--- After the decision: a waiting call that took a slot (or ended) leaves the queue and moves
--- the virtual clock; one still waiting (parked, or held by a cooldown, quota or cap) keeps
--- its tag and must come back by its answer's time plus the grace.
+-- After the decision: a call still waiting (parked, or held by a cooldown, quota or cap)
+-- keeps its tag and must come back by its answer's time plus the grace; one that took a
+-- slot moves its tenant's finish tag and the virtual clock; either way it leaves the queue.
 local function fair_after(answer)
-  local tag = tonumber(redis.call('ZSCORE', fair_queue, member))
-  if not tag then return end
+  if not fair_tag then  -- not placed by fair_check (a cooldown, say): waiting already?
+    fair_tag = redis.call('ZCARD', fair_queue) > 0
+               and tonumber(redis.call('ZSCORE', fair_queue, member))
+    if not fair_tag then return end
+  end
   local action, reason = answer[1], answer[4]
+  local finish = fair_tag + cost / fair_weight
   if action == 'delay' and reason ~= 'reserved' and reason ~= 'pool' then
+    if fair_new then
+      redis.call('ZADD', fair_queue, fmt(fair_tag), member)
+      redis.call('ZADD', fair_finish, 'GT', fmt(finish), tenant)
+      if cost ~= 1 then redis.call('HSET', fair_costs, member, cost) end
+    end
     local back = tonumber(answer[3])
     redis.call('ZADD', fair_parked, fmt(back + fair_grace), member)
     fair_keep(back)
     return
   end
-  fair_leave(member)
-  if action ~= 'fallback' then
-    local clock = tonumber(redis.call('GET', fair_clock) or '0')
-    if tag > clock then redis.call('SET', fair_clock, fmt(tag)) end
+  if not fair_new then fair_leave(member) end
+  if action == 'fallback' then return end
+  if redis.call('ZCARD', fair_queue) == 0 then
+    -- Nothing waits any more: every tenant is idle, and none keeps an entry.
+    redis.call('DEL', fair_finish, fair_clock)
+    return
   end
-  -- Nothing waits any more: every tenant is idle, and none keeps an entry.
-  if redis.call('ZCARD', fair_queue) == 0 then redis.call('DEL', fair_finish) end
+  if fair_new then redis.call('ZADD', fair_finish, 'GT', fmt(finish), tenant) end
+  local clock = tonumber(redis.call('GET', fair_clock) or '0')
+  if fair_tag > clock then redis.call('SET', fair_clock, fmt(fair_tag)) end
   fair_keep(now)
 end
 -- -----------------------------------------------------------------------------------------
