@@ -55,6 +55,8 @@ Counters for monitoring (written by the workers' metrics, never by a gate script
     <prefix>:stats:{t}           HASH  field -> running total (see throttle/monitor/stats.py)
     <prefix>:stats:{t}:<epoch s> HASH  the same fields for one 10 s bucket, expiring soon
     <prefix>:stats:{t}:limits    STRING  the limits the tool's workers enforce ("100/1m")
+    <prefix>:stats:{t}:tenants:<epoch s>  HASH  a fair tool's admitted calls and waits per
+                                 tenant for one 10 s bucket (throttle/monitor/tenants.py)
     <prefix>:stats:{t}:waiting:<reason>  ZSET  calls held with an ETA, member = task id,
                                  score = ETA (ms); see throttle/monitor/waiting.py
 
@@ -255,6 +257,11 @@ def recent_stats_key(prefix: str, tool: str, bucket_s: int) -> str:
 def limits_key(prefix: str, tool: str) -> str:
     """The limits `tool`'s workers last enforced, as text, so `status` can spot another config."""
     return f"{stats_key(prefix, tool)}:limits"
+
+
+def tenants_key(prefix: str, tool: str, bucket_s: int) -> str:
+    """The hash of a fair tool's per-tenant counts for the 10 s bucket starting at `bucket_s`."""
+    return f"{stats_key(prefix, tool)}:tenants:{bucket_s}"
 
 
 def waiting_key(prefix: str, tool: str, reason: str) -> str:

@@ -89,7 +89,8 @@ class ThrottledTask(SendingTask):
         decision = self._decide(kwargs)
         if decision.action is Action.ADMIT:
             self.request.throttle_admitted_at = decision.slot_at
-            metrics.observe_decision(self, "admit", decision.reason, 0.0)
+            metrics.observe_decision(self, "admit", decision.reason, 0.0,
+                                     tenant=self._fair_key_of(kwargs))
             return self._run(kwargs)
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)

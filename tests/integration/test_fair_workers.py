@@ -8,6 +8,7 @@ half the rate: about 1 s, plus the window A holds and the horizon. Times are the
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +17,9 @@ import redis
 from tests.apps.ledger import build
 from tests.integration.test_celery_flow import RESULT
 from tests.support.workers import await_outcomes, ledger
+from throttle import load_config
+from throttle.monitor.snapshot import read_snapshot
+from throttle.monitor.status_tables import tenant_lines
 from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
@@ -55,6 +59,18 @@ def test_a_quiet_tenant_runs_within_its_fair_share_of_a_flood_on_real_workers(
     assert b_waits[-1] <= B_BOUND_S, b_waits
     # Work-conserving: A's 60 calls take the limit's rate (6 windows), not much more.
     assert a_last <= FLOOD / 10 + 1.5
+
+    # `throttle status` and the exporter read the tenants the workers counted (flushed
+    # every second): A and B with their admissions, B's mean wait well under A's.
+    time.sleep(1.5)
+    snapshot = read_snapshot(redis_client, load_config({"tools": {"shared": tool}}), prefix)
+    view = next(v for v in snapshot.tools if v.tool.name == "shared")
+    uses = {use.tenant: use for use in view.tenants}
+    assert (uses["a"].admitted, uses["b"].admitted) == (FLOOD, QUIET), view.tenants
+    assert uses["b"].mean_wait_s < uses["a"].mean_wait_s
+    line = str(tenant_lines(snapshot)[0])
+    assert line.startswith("shared: shared fairly by 'tenant'; parked 0;"), line
+    assert "a 60 (wait" in line
 
 
 def redis_time(client: redis.Redis) -> float:

@@ -541,7 +541,7 @@ end
 -- lower tags placed at the full rate, lies within now + horizon. Otherwise it is parked:
 -- told when it may come back (an estimate, no reservation), keeping its tag. V is the tag
 -- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry, and
--- when no call waits at all, no tenant has one (nor V: nothing then needs it).
+-- when no call waits at all, no tenant has one.
 local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
 local tenant, fair_weight, horizon, fair_grace
 local fair_tag, fair_new = nil, false  -- this call's tag; whether it was not waiting yet
@@ -641,7 +641,7 @@ local function fair_after(answer)
   if action == 'fallback' then return end
   if redis.call('ZCARD', fair_queue) == 0 then
     -- Nothing waits any more: every tenant is idle, and none keeps an entry.
-    redis.call('DEL', fair_finish, fair_clock)
+    redis.call('ZREMRANGEBYSCORE', fair_finish, '-inf', '+inf')
     return
   end
   if fair_new then redis.call('ZADD', fair_finish, 'GT', fmt(finish), tenant) end
