@@ -49,6 +49,7 @@ under the decision's tag, beside the tool's log (`<prefix>:{p}:pool:fair:...` fo
     <base>:fair:parked  ZSET  task id -> by when it must come back (ms), else it is dropped
     <base>:fair:cost    HASH  task id -> units, for waiting calls whose cost is not 1
     <base>:fair:clock   STRING  the virtual clock: the tag of the latest call given a slot
+    <base>:fair:weights HASH  tenant digest -> weight set at run time (no TTL; fairness.py)
 
 Counters for monitoring (written by the workers' metrics, never by a gate script)::
 
@@ -231,7 +232,7 @@ def quota_key(keys: ToolKeys) -> str:
     return keys.log.removesuffix(":log") + ":quota"
 
 
-FAIR_PARTS = ("finish", "queue", "parked", "cost", "clock")
+FAIR_PARTS = ("finish", "queue", "parked", "cost", "clock", "weights")
 
 
 def fair_keys(keys: ToolKeys, pool: str | None = None, prefix: str = DEFAULT_PREFIX) -> list[str]:

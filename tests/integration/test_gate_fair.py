@@ -16,6 +16,7 @@ admitted or falls back. Checked on every example (docs/gate.md, "Fair sharing"):
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 import uuid
@@ -27,7 +28,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from throttle import Action, Gate, load_config
+from throttle import Action, AsyncGate, Gate, load_config
+from throttle.errors import InvalidToolCall
+from throttle.fairness import reset_live_weight, set_live_weight
 from throttle.keys import fair_keys, tool_keys
 
 pytestmark = pytest.mark.redis
@@ -264,7 +267,7 @@ def test_a_flood_of_distinct_tenants_leaves_one_entry_per_waiting_call(
     scenario = Scenario(5, 1000, None, (1,), 60_000, ())
     prefix = f"fair-{uuid.uuid4().hex[:8]}"
     gate = Gate(client, load_config(config_for(scenario, True)), prefix=prefix)
-    finish, queue, parked, _, _ = fair_keys(tool_keys(prefix, TOOL), None, prefix)
+    finish, queue, parked = fair_keys(tool_keys(prefix, TOOL), None, prefix)[:3]
     try:
         answers = [gate.acquire(TOOL, f"m{i}", fair_key=f"tenant-{i}", now_s=BASE_MS / 1000)
                    for i in range(300)]
@@ -299,3 +302,99 @@ def test_a_quiet_tenant_is_served_within_its_fair_share_of_a_flood(client: redis
                           if c.tenant == 1)
     assert waits[False] > 19_000
     assert waits[True] <= 1_000 + 1_000
+
+
+def pool_config(fair: bool) -> dict[str, object]:
+    pool: dict[str, object] = {"limits": ["20/1s"], "shares": {"std": 1.0}}
+    if fair:
+        pool["fair_by"] = "tenant"
+    tool = {"limits": ["1000/1s"], "max_delay": "60s", "pool": "p", "priority": "std",
+            "params": {"type": "object", "properties": {"tenant": {"type": "string"}},
+                       "required": ["tenant"]}}
+    return {"pools": {"p": pool}, "tools": {"x": tool, "y": tool}}
+
+
+def test_a_pool_shared_by_tenant_serves_a_quiet_tenant_of_another_tool_within_its_share(
+    client: redis.Redis,
+) -> None:
+    """Pool 20/1s shared by tenant: A floods tool x with 200 calls, B sends 10 to tool y
+    0.1 s later; B waits its share (10 calls at 10/s) plus a window and the horizon."""
+    waits = {}
+    for fair in (False, True):
+        prefix = f"fair-{uuid.uuid4().hex[:8]}"
+        gate = Gate(client, load_config(pool_config(fair)), prefix=prefix)
+        calls = {f"a{i}": ("x", "a", 0) for i in range(200)}
+        calls |= {f"b{i}": ("y", "b", 100) for i in range(10)}
+        events = [(at, i, m) for i, (m, (_, _, at)) in enumerate(calls.items())]
+        heapq.heapify(events)
+        admitted: dict[str, float] = {}
+        sequence = len(events)
+        try:
+            while events:
+                at, _, member = heapq.heappop(events)
+                tool, tenant, _ = calls[member]
+                decision = gate.acquire(tool, member, fair_key=tenant,
+                                        now_s=(BASE_MS + at) / 1000)
+                if decision.action is Action.ADMIT:
+                    admitted[member] = at
+                else:
+                    assert decision.action is Action.DELAY, decision
+                    sequence += 1
+                    back = max(math.ceil(decision.slot_at * 1000 - BASE_MS - 1e-3), at + 1)
+                    heapq.heappush(events, (back, sequence, member))
+        finally:
+            delete_prefix(client, prefix)
+        assert_windows_hold([(at, 1) for at in admitted.values()],
+                            Scenario(20, 1000, None, (1,), 60_000, ()))
+        waits[fair] = max(admitted[f"b{i}"] - 100 for i in range(10))
+    assert waits[False] > 8_000
+    assert waits[True] <= 1_000 + 1_000 + 520
+
+
+def test_a_fair_tool_refuses_a_call_without_its_tenant(client: redis.Redis) -> None:
+    scenario = Scenario(5, 1000, None, (1,), 60_000, ())
+    gate = Gate(client, load_config(config_for(scenario, True)), prefix="fair-refused")
+    with pytest.raises(InvalidToolCall, match="shared fairly by 'tenant': pass fair_key="):
+        gate.acquire(TOOL, "m")
+
+
+def test_the_async_gate_parks_like_the_sync_one(redis_url: str, client: redis.Redis) -> None:
+    scenario = Scenario(2, 1000, None, (1,), 60_000, ())
+    prefix = f"fair-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> list[str]:
+        gate = AsyncGate(redis_url, load_config(config_for(scenario, True)), prefix=prefix)
+        try:
+            return [(await gate.acquire(TOOL, f"m{i}", fair_key="a",
+                                        now_s=BASE_MS / 1000)).reason for i in range(3)]
+        finally:
+            await gate.aclose()
+
+    try:
+        assert asyncio.run(main()) == ["admitted", "admitted", "parked"]
+    finally:
+        delete_prefix(client, prefix)
+
+
+def test_a_weight_set_at_run_time_gives_a_tenant_its_larger_share(client: redis.Redis) -> None:
+    """Two tenants flood a 20/1s tool; a live weight of 3 for B (set before the run) gives
+    B about 3/4 of the slots while both wait, and resetting it gives back the file's."""
+    scenario = Scenario(20, 1000, None, (1, 1), 60_000,
+                        (Burst(0, 0, 200, 1), Burst(1, 0, 200, 1)))
+    config = load_config(config_for(scenario, True))
+    shares = []
+    for weight in (3.0, None):
+        prefix = f"fair-{uuid.uuid4().hex[:8]}"
+        if weight is not None:
+            set_live_weight(client, config, TOOL, "t1", weight, prefix=prefix)
+        try:
+            run = simulate(client, prefix, scenario, fair=True)
+            if weight is not None:
+                assert reset_live_weight(client, config, TOOL, "t1", prefix=prefix)
+        finally:
+            delete_prefix(client, prefix)
+        early = [c for c in run.calls.values()
+                 if c.admitted_ms is not None and 2_000 <= c.admitted_ms < 12_000]
+        shares.append(sum(c.tenant == 1 for c in early) / len(early))
+    assert 0.70 <= shares[0] <= 0.80, shares
+    assert 0.45 <= shares[1] <= 0.55, shares

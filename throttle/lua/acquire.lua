@@ -16,8 +16,9 @@ KEYS[next] calls msg HASH  (optional) their messages; both lose the member once 
 KEYS[next] limits    HASH (when ARGV carries the fields below) live limits that replace the
                       ones passed in ARGV: see "Live limits" below and throttle/overrides.py
 KEYS[next] quota     HASH  (with them) units used per calendar day: '<i>:<day start ms>'
-KEYS[next] fair      (tools or pools with `fair_by`) five keys: finish ZSET, queue ZSET,
-                      parked ZSET, cost HASH, clock STRING (see "Fair sharing" below)
+KEYS[next] fair      (tools or pools with `fair_by`) six keys: finish ZSET, queue ZSET,
+                      parked ZSET, cost HASH, clock STRING, weights HASH (live weights, no
+                      TTL; see "Fair sharing" below)
 KEYS[last] receipts  HASH  (when a receipt is passed) member -> the receipt of the delivery
                       that was admitted
   (all keys share one hash tag: the pool's, or the tool's)
@@ -110,12 +111,14 @@ if receipt ~= '' then
   receipts = KEYS[nkeys]
   nkeys = nkeys - 1
 end
--- Fair sharing: its four arguments and five keys come just before the receipt's.
+-- Fair sharing: its four arguments and six keys come just before the receipt's.
 local fair = ARGV[#ARGV - 4] == 'fair'
-local fair_keys = nil
+local fair_keys, fair_weights = nil, nil
 if fair then
-  fair_keys = {KEYS[nkeys - 4], KEYS[nkeys - 3], KEYS[nkeys - 2], KEYS[nkeys - 1], KEYS[nkeys]}
-  nkeys = nkeys - 5
+  fair_keys = {KEYS[nkeys - 5], KEYS[nkeys - 4], KEYS[nkeys - 3], KEYS[nkeys - 2],
+               KEYS[nkeys - 1]}
+  fair_weights = KEYS[nkeys]
+  nkeys = nkeys - 6
 end
 
 -- Live limits (`throttle limits set`, throttle/overrides.py): a value in the limits hash,
@@ -581,6 +584,8 @@ local function fair_check(t)
   fair_tag = waiting > 0 and tonumber(redis.call('ZSCORE', fair_queue, member))
   if not fair_tag then
     fair_new = true
+    local live = tonumber(redis.call('HGET', fair_weights, tenant))  -- a live weight wins
+    if live and live > 0 and live < math.huge then fair_weight = live end
     fair_tag = tonumber(redis.call('GET', fair_clock) or '0')
     if waiting > 0 then
       redis.call('ZREMRANGEBYSCORE', fair_finish, '-inf', fmt(fair_tag))  -- idle tenants
