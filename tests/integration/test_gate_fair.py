@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import fakeredis
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -398,3 +399,22 @@ def test_a_weight_set_at_run_time_gives_a_tenant_its_larger_share(client: redis.
         shares.append(sum(c.tenant == 1 for c in early) / len(early))
     assert 0.70 <= shares[0] <= 0.80, shares
     assert 0.45 <= shares[1] <= 0.55, shares
+
+
+def test_fair_sharing_runs_the_same_on_the_embedded_emulation(client: redis.Redis) -> None:
+    """The embedded demo runs the same script on fakeredis: same answers as real Redis."""
+    scenario = Scenario(2, 1000, None, (1, 1), 60_000, ())
+    calls = [("a0", "t0"), ("a1", "t0"), ("a2", "t0"), ("a3", "t0"), ("b0", "t1")]
+    answers = []
+    for store in (client, fakeredis.FakeRedis()):
+        prefix = f"fair-{uuid.uuid4().hex[:8]}"
+        gate = Gate(store, load_config(config_for(scenario, True)), prefix=prefix)
+        try:
+            answers.append([gate.acquire(TOOL, m, fair_key=t, now_s=BASE_MS / 1000)
+                            for m, t in calls])
+        finally:
+            delete_prefix(client, prefix)
+    assert answers[0] == answers[1]
+    assert [d.reason for d in answers[0]] == ["admitted", "admitted", "parked", "parked",
+                                              "parked"]
+    assert answers[0][4].wait_s < answers[0][3].wait_s  # B's first call goes ahead of A's
