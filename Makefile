@@ -38,8 +38,8 @@ test-deep: $(VENV)/.installed
 		$(BIN)/python -m pytest -q $(PROPERTY_TESTS) $(ARGS)
 
 bench: $(VENV)/.installed
-	$(SERVICES) bash -c '$(BIN)/python -m bench.gate && $(BIN)/python -m bench.celery \
-		&& $(BIN)/python -m bench.gateway'
+	$(SERVICES) bash -c '$(BIN)/python -m bench.gate && $(BIN)/python -m bench.overrides \
+		&& $(BIN)/python -m bench.celery && $(BIN)/python -m bench.gateway'
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check throttle workers tests bench

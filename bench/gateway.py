@@ -11,6 +11,8 @@ calls with `--concurrency` in flight to each contender, alternated over `--round
   direct     the stub itself
   in-proc    `Gateway.complete()` in this process: publish, worker, result; no HTTP
   gateway    the gateway over HTTP: what a caller sees
+  gw-direct  a second gateway in direct mode (`--direct workers.tools.llm:chat_completion`):
+             it gates with `AsyncGate` and runs the LLM body itself, no broker or worker
 
 The best round of each counts. Then `--solo-n` requests go one at a time to each contender:
 the latency the gateway adds without queueing (under load, queueing on the CPU dominates:
@@ -63,6 +65,9 @@ REQUEST = {
     "max_tokens": 32,
 }
 START_TIMEOUT_S = 60
+DIRECT_BODY = "workers.tools.llm:chat_completion"
+TARGET_ADDED_P50_MS = 5.0  # one request at a time
+TARGET_RATE_RATIO = 0.8  # at --concurrency in flight, vs the stub directly
 
 
 @dataclass
@@ -170,10 +175,12 @@ async def timed(send: Callable[[], Awaitable[Any]], n: int, concurrency: int,
 
 
 async def measure(args: argparse.Namespace, settings: GatewaySettings, stub_url: str,
-                  gateway_url: str, pids: dict[str, int]) -> list[Run]:
+                  gateway_url: str, direct_url: str, pids: dict[str, int]) -> list[Run]:
     direct = openai.AsyncOpenAI(base_url=stub_url, api_key="bench", max_retries=0, timeout=60)
     through = openai.AsyncOpenAI(base_url=gateway_url, api_key="bench", max_retries=0,
                                  timeout=120)
+    short = openai.AsyncOpenAI(base_url=direct_url, api_key="bench", max_retries=0,
+                               timeout=120)
     call = read_call(REQUEST, settings.config, settings.default_tool)
     runs: list[Run] = []
     async with running(settings) as gateway:
@@ -181,6 +188,7 @@ async def measure(args: argparse.Namespace, settings: GatewaySettings, stub_url:
             "direct": lambda: direct.chat.completions.create(**REQUEST),
             "in-proc": lambda: gateway.complete(call),
             "gateway": lambda: through.chat.completions.create(**REQUEST),
+            "gw-direct": lambda: short.chat.completions.create(**REQUEST),
         }
         for send in contenders.values():  # warm up every path (connections, worker threads)
             await drive(send, args.concurrency, args.concurrency)
@@ -198,8 +206,8 @@ async def measure(args: argparse.Namespace, settings: GatewaySettings, stub_url:
             run = await timed(send, args.solo_n, 1, pids)
             run.contender, run.round = f"{name} x1", 0
             runs.append(run)
-    await direct.close()
-    await through.close()
+    for client in (direct, through, short):
+        await client.close()
     return runs
 
 
@@ -207,7 +215,7 @@ def render(best: dict[str, Run], base: Run, title: str, console: Console) -> dic
     table = Table(title=title)
     for column in ("contender", "req/s", "x direct", "p50 ms", "p99 ms", "max ms",
                    "added p50 ms", "added p99 ms", "errors", "CPU ms/req: client", "gateway",
-                   "worker", "stub"):
+                   "worker", "gw-direct", "stub"):
         table.add_column(column, justify="left" if column == "contender" else "right")
     figures: dict[str, Any] = {}
     for name, run in best.items():
@@ -222,7 +230,7 @@ def render(best: dict[str, Run], base: Run, title: str, console: Console) -> dic
                       f"{run.pct_ms(100):.1f}", "" if run is base else f"{added50:+.1f}",
                       "" if run is base else f"{added99:+.1f}", str(run.errors),
                       *(f"{cpu.get(process, math.nan):.1f}"
-                        for process in ("client", "gateway", "worker", "stub")))
+                        for process in ("client", "gateway", "worker", "gw-direct", "stub")))
     console.print(table)
     return figures
 
@@ -243,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dbs", type=int, nargs=2, default=(6, 7), metavar=("BROKER", "RESULTS"),
                         help="database numbers for the broker and results, emptied (default 6 7)")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if 0 in args.dbs or len(set(args.dbs)) != 2:
         raise SystemExit("--dbs: two different database numbers other than 0 (they are emptied)")
@@ -282,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             folder / "gateway.log", env)
             procs.append(gateway)
             gateway_url = url_in(folder / "gateway.log", gateway)
+            short = start([sys.executable, "-m", "throttle.cli", "gateway", "--port", "0",
+                           "--no-access-log", "--log-level", "warning", "--direct", DIRECT_BODY],
+                          folder / "direct.log", env)
+            procs.append(short)
+            direct_url = url_in(folder / "direct.log", short)
             settings = GatewaySettings(config=load_config(config_path),
                                        redis_url=args.redis_url, broker_url=broker,
                                        result_backend=results, prefix=prefix,
@@ -289,8 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"stub, worker and gateway up after {time.monotonic() - began:.1f}s; "
                           f"Redis {mask_url(args.redis_url)}, dbs {args.dbs}", highlight=False)
             pids = {"client": os.getpid(), "gateway": gateway.pid, "worker": worker.pid,
-                    "stub": stub.pid}
-            runs = asyncio.run(measure(args, settings, stub_url, gateway_url, pids))
+                    "gw-direct": short.pid, "stub": stub.pid}
+            runs = asyncio.run(measure(args, settings, stub_url, gateway_url, direct_url, pids))
         finally:
             stop(procs)
             for url in (broker, results):
@@ -299,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key in list(gate.scan_iter(match=f"{prefix}:*", count=1000)):
                 gate.delete(key)
             gate.close()
-    names = ("direct", "in-proc", "gateway")
+    names = ("direct", "in-proc", "gateway", "gw-direct")
     best = {name: max((r for r in runs if r.contender == name), key=lambda r: r.rate)
             for name in names}
     solo = {f"{name} x1": next(r for r in runs if r.contender == f"{name} x1") for name in names}
@@ -309,15 +323,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{args.rounds}", console)
     figures.update(render(solo, solo["direct x1"], f"one at a time: {args.solo_n} requests "
                           "each", console))
+    verdicts = check(figures)
+    for line in verdicts:
+        console.print(line, highlight=False)
     load = os.getloadavg()
     console.print(f"  {os.cpu_count()} CPUs, load average {load[0]:.2f} at the end; total "
                   f"{time.monotonic() - began:.0f}s. Worker: threads pool, -c {args.concurrency}; "
                   "gateway: one uvicorn process, no access log.", highlight=False)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "best": figures,
+                                         "best": figures, "targets": verdicts,
                                          "runs": [asdict(r) for r in runs]}, indent=1))
-    return 0
+    return 1 if args.check and any(line.endswith("MISS") for line in verdicts) else 0
+
+
+def check(figures: dict[str, Any]) -> list[str]:
+    """One PASS/MISS line per target and gateway mode."""
+    lines = []
+    for mode in ("gateway", "gw-direct"):
+        added = figures[f"{mode} x1"]["added_p50_ms"]
+        ratio = figures[mode]["ratio"]
+        verdict = "PASS" if added <= TARGET_ADDED_P50_MS else "MISS"
+        lines.append(f"  {mode}: added p50 one at a time {added:+.1f} ms (<= "
+                     f"+{TARGET_ADDED_P50_MS:g}) {verdict}")
+        lines.append(f"  {mode}: throughput vs direct {ratio:.2f}x (>= {TARGET_RATE_RATIO:g}x) "
+                     f"{'PASS' if ratio >= TARGET_RATE_RATIO else 'MISS'}")
+    return lines
 
 
 if __name__ == "__main__":

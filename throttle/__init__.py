@@ -1,5 +1,6 @@
 """throttle: a distributed throttler for LLM tool calls on Celery and Redis."""
 
+from throttle.adaptive import report_headers
 from throttle.async_gate import AsyncGate
 from throttle.awaiting import wait
 from throttle.config import Config, load_config
@@ -32,5 +33,6 @@ __all__ = [
     "fallback_reason",
     "load_config",
     "outcome",
+    "report_headers",
     "wait",
 ]

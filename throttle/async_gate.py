@@ -16,7 +16,12 @@ from typing import Any
 from throttle.config import Config
 from throttle.errors import Throttled
 from throttle.gate import Action, Decision, GateBase
-from throttle.keys import DEFAULT_PREFIX, cooldown_left_s
+from throttle.keys import (
+    DEFAULT_PREFIX,
+    cooldown_left_s,
+    overrides_version_key,
+    tool_defaults_key,
+)
 from throttle.scripts import Batcher
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
@@ -66,11 +71,22 @@ class AsyncGate(GateBase):
         fair_key: Any = None,
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
+        if self._defaults.due(tool):
+            await self.refresh_defaults()
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
                                         fair_key)
         with self._errors:
             raw = await self._acquire_batch.run(keys, args)
         return self._decision(raw)
+
+    async def refresh_defaults(self) -> None:
+        """`Gate.refresh_defaults`, over asyncio."""
+        with self._errors:
+            version = await self.client.get(overrides_version_key(self.prefix))
+            if self._defaults.checked(version):
+                fields = self._defaults.fields
+                self._defaults.load(await self.client.hmget(tool_defaults_key(self.prefix),
+                                                            fields), version)
 
     async def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""
@@ -115,13 +131,15 @@ class AsyncGate(GateBase):
     @asynccontextmanager
     async def slot(
         self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None,
-        fair_key: Any = None,
+        member: str | None = None, fair_key: Any = None,
     ) -> AsyncIterator[Decision]:
         """Wait for this call's reserved slot, then run the block.
 
         Raises `Throttled` (carrying the tool's fallback) when the slot would miss the deadline.
+        `member` names the call in the windows (default: a new id), e.g. to `settle` it;
+        `fair_key` is its tenant, for a tool shared with `fair_by`.
         """
-        member = uuid.uuid4().hex
+        member = member or uuid.uuid4().hex
         budget_s = self.config.tool(tool).max_delay_ms / 1000
         if deadline_s is not None:
             budget_s = min(budget_s, deadline_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 HOUR_MS = 3_600_000
 MAX_DURATION_MS = 366 * 24 * HOUR_MS  # any duration at all
@@ -50,3 +51,13 @@ def check_name(name: str, what: str) -> str:
 
 def _hours(ms: int) -> str:
     return f"{ms // HOUR_MS}h" if ms >= HOUR_MS else f"{ms // 1000}s"
+
+
+def check_time_zone(value: str) -> str:
+    """An IANA time zone name, or a ValueError naming the form."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}; use an IANA name such as "
+                         "'Europe/Paris' or 'UTC'") from None
+    return value

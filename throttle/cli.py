@@ -99,7 +99,8 @@ def check(path: Path | None, import_functions: bool) -> None:
     _console().print(table)
     for pool in config.pools.values():
         shares = ", ".join(f"{name} {share:g}" for name, share in pool.shares.items())
-        limits = ", ".join(str(limit) for limit in pool.limits)
+        limits = ", ".join([*(str(limit) for limit in pool.limits),
+                            *(f"{quota} ({pool.quota_tz})" for quota in pool.quotas)])
         _console().print(f"pool {pool.name}: {limits}; shares {shares}")
 
 

@@ -12,7 +12,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema
 from pydantic import (
@@ -60,6 +59,7 @@ class ToolConfig(BaseModel):
     cost: float | str = 1
     settle: str | None = None
     concurrency: int | None = Field(default=None, gt=0)
+    adaptive: bool = False  # learn the upstream's real limit from its answers (adaptive.py)
     lease_timeout_ms: int = Field(default=60_000, alias="lease_timeout")
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     result: dict[str, Any] = Field(default_factory=dict)
@@ -79,11 +79,8 @@ class ToolConfig(BaseModel):
             limits = cls._parse_limits(data.get("limits"))
         except (ValueError, TypeError):
             return data  # the limits' own validator reports the mistake
-        # Calendar quotas ("N/1d") are not sliding windows: they go to `quotas`.
-        quotas = tuple(limit for limit in limits if limit.calendar)
-        if quotas:
-            limits = tuple(limit for limit in limits if not limit.calendar)
-            data = {**data, "limits": limits, "quotas": quotas}
+        data = _split_quotas(data, limits)
+        limits = tuple(limit for limit in limits if not limit.calendar)
         if "slot_margin" in data or not limits:
             return data
         shortest = min(limit.window_ms for limit in limits)
@@ -98,15 +95,7 @@ class ToolConfig(BaseModel):
                              "daily quota such as \"10000/1d\" needs a sliding limit beside it)")
         return tuple(item if isinstance(item, Limit) else Limit.parse(str(item)) for item in items)
 
-    @field_validator("quota_tz")
-    @classmethod
-    def _check_quota_tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as "
-                             "'Europe/Paris' or 'UTC'") from None
-        return value
+    _check_quota_tz = field_validator("quota_tz")(bounds.check_time_zone)
 
     @field_validator("max_delay_ms", mode="before")
     @classmethod
@@ -204,7 +193,10 @@ class PoolConfig(BaseModel):
 
     name: str
     limits: tuple[Limit, ...]
+    quotas: tuple[Limit, ...] = ()  # daily quotas of the whole pool ("N/1d" among its limits)
+    quota_tz: str = "UTC"  # the time zone whose midnight resets them (and its tools' quotas)
     shares: dict[str, float]
+    adaptive: bool = False  # learn the upstream's real limit from its answers (adaptive.py)
     fair_by: str | None = None  # every tool of the pool has this argument (fairness.py)
     fair_weights: dict[str, float] = Field(default_factory=dict)
     fair_horizon_ms: int | None = Field(default=None, alias="fair_horizon")
@@ -212,6 +204,7 @@ class PoolConfig(BaseModel):
     _parse_limits = field_validator("limits", mode="before")(
         ToolConfig._parse_limits.__func__  # type: ignore[attr-defined]
     )
+    _check_quota_tz = field_validator("quota_tz")(bounds.check_time_zone)
     _parse_fair_horizon = field_validator("fair_horizon_ms", mode="before")(
         ToolConfig._parse_fair_horizon.__func__  # type: ignore[attr-defined]
     )
@@ -219,13 +212,16 @@ class PoolConfig(BaseModel):
         ToolConfig._check_fair_weights.__func__  # type: ignore[attr-defined]
     )
 
-    @field_validator("limits")
+    @model_validator(mode="before")
     @classmethod
-    def _no_quotas(cls, value: tuple[Limit, ...]) -> tuple[Limit, ...]:
-        if any(limit.calendar for limit in value):
-            raise ValueError("a pool takes sliding limits only; put a daily quota ('N/1d') on "
-                             "its tools, or use a sliding window such as '10000/24h'")
-        return value
+    def _quotas_apart(cls, data: Any) -> Any:
+        """Daily quotas ("N/1d") written among the limits go to `quotas`."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            return _split_quotas(data, cls._parse_limits(data.get("limits")))
+        except (ValueError, TypeError):
+            return data  # the limits' own validator reports the mistake
 
     @field_validator("shares")
     @classmethod
@@ -256,6 +252,14 @@ class Config(BaseModel):
         except KeyError:
             known = ", ".join(sorted(self.tools)) or "(none)"
             raise ConfigError(f"unknown tool {name!r}; known tools: {known}") from None
+
+
+def _split_quotas(data: dict[str, Any], limits: tuple[Limit, ...]) -> dict[str, Any]:
+    """Calendar quotas ("N/1d") are not sliding windows: they go to `quotas`."""
+    quotas = tuple(limit for limit in limits if limit.calendar)
+    if not quotas:
+        return data
+    return {**data, "limits": tuple(x for x in limits if not x.calendar), "quotas": quotas}
 
 
 _TOP_LEVEL = {"broker", "defaults", "tools", "pools"}
@@ -353,6 +357,11 @@ def _build_pools(raw: Any, where: str) -> dict[str, PoolConfig]:
 
 def _check_pool(tool: ToolConfig, pools: Mapping[str, PoolConfig], where: str) -> None:
     here = f"{where}: tool {tool.name!r}"
+    if tool.adaptive and tool.key is not None:
+        raise ConfigError(
+            f"{here}, field 'adaptive': the tool keeps a window per {tool.key!r} value, but an "
+            "upstream reports one limit for the account; put the tool in a pool and set "
+            "`adaptive = true` on the pool, or drop `key`")
     if tool.pool is None:
         if tool.priority is not None:
             raise ConfigError(f"{here}, field 'priority': only a tool in a pool has a priority")
@@ -361,6 +370,10 @@ def _check_pool(tool: ToolConfig, pools: Mapping[str, PoolConfig], where: str) -
     if pool is None:
         known = ", ".join(sorted(pools)) or "(none)"
         raise ConfigError(f"{here}, field 'pool': unknown pool {tool.pool!r}; known: {known}")
+    if tool.quotas and tool.quota_tz != pool.quota_tz:
+        raise ConfigError(f"{here}, field 'quota_tz': {tool.quota_tz!r}, but the tools of pool "
+                          f"{tool.pool!r} count days in the pool's quota_tz ({pool.quota_tz!r}); "
+                          "set quota_tz on the pool instead")
     if pool.fair_by is not None:
         if tool.fair_by is not None:
             raise ConfigError(f"{here}, field 'fair_by': its pool {tool.pool!r} shares by "

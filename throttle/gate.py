@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from throttle.adaptive import Adapter
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall
 from throttle.fairness import Fairness, fairness_of
@@ -29,12 +30,19 @@ from throttle.keys import (
     keys_for,
     override_fields,
     overrides_key,
+    overrides_version_key,
+    pool_quota_key,
     quota_key,
     receipts_key,
     redelivery_key,
     registry_keys,
+    tags_per_key_value,
+    tool_defaults_key,
 )
-from throttle.quotas import quota_args
+from throttle.limit import Limit
+from throttle.live_defaults import LiveDefaults
+from throttle.overrides import in_force
+from throttle.quotas import DayBounds, days_tz, quota_tail
 from throttle.scripts import LuaScript, Sent, encode, evalsha, load_script
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
@@ -93,11 +101,16 @@ class GateBase:
         }
         # Per tool, built once and encoded: the fixed tail of the script's arguments, and
         # its keys when they do not depend on a key argument.
-        self._tails = {
-            name: [encode(value) for value in
-                   (self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool))]
-            for name, tool in config.tools.items()
-        }
+        self._tails = {name: self._tail(tool, tool.limits) for name, tool in config.tools.items()}
+        self._quota_tails = {name: quota_tail(config, tool, tool.quotas)
+                             for name, tool in config.tools.items()}
+        days = {tz: DayBounds(tz) for tz in {days_tz(t, config) for t in config.tools.values()}}
+        self._days = {name: days[days_tz(tool, config)] for name, tool in config.tools.items()}
+        # The defaults set live of per-key tools whose key values have tags of their own:
+        # cached (throttle/live_defaults.py) and passed in place of the file's limits.
+        self._defaults = LiveDefaults(
+            {name for name, tool in config.tools.items() if tags_per_key_value(tool)},
+            self._live_tails)
         self._fixed_live = {
             name: self._live_fields(tool, None) for name, tool in config.tools.items()
             if tool.key is None
@@ -114,9 +127,21 @@ class GateBase:
             client.register_script(load_script(name)) for name in SCRIPTS
         )
 
-    def _limits_of(self, tool: ToolConfig) -> list[Any]:
-        args: list[Any] = [len(tool.limits)]
-        for limit in tool.limits:
+    def _tail(self, tool: ToolConfig, limits: Sequence[Limit]) -> list[bytes]:
+        """The fixed arguments after now_ms: gap, margin, the limits, the pool's, the cap."""
+        return [encode(value) for value in
+                (self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool, limits))]
+
+    def _live_tails(self, name: str, live: tuple[Limit, ...]
+                    ) -> tuple[list[bytes], tuple[bytes, list[bytes]]]:
+        """The argument tails of a tool whose default was set live to `live`."""
+        tool = self.config.tools[name]
+        sliding, quotas = in_force(live, tool.limits, tool.quotas)
+        return self._tail(tool, sliding), quota_tail(self.config, tool, quotas)
+
+    def _limits_of(self, tool: ToolConfig, limits: Sequence[Limit]) -> list[Any]:
+        args: list[Any] = [len(limits)]
+        for limit in limits:
             args += [limit.max, limit.window_ms]
         pool = self.config.pools[tool.pool] if tool.pool else None
         args.append(len(pool.limits) if pool else 0)
@@ -151,6 +176,8 @@ class GateBase:
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
         keys += [overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
+        if tool.pool:
+            keys.append(pool_quota_key(self.prefix, tool.pool))
         fair = self.fairness[tool.name]
         if fair is not None:  # after every other key but the receipts (acquire.lua)
             keys += fair_keys(tool_keys, fair.pool, self.prefix)
@@ -192,12 +219,14 @@ class GateBase:
         deadline_ms: float = tool.max_delay_ms
         if deadline_s is not None:  # may be negative: the deadline has passed
             deadline_ms = min(deadline_ms, deadline_s * 1000)
-        gap_ms, margin_ms, *limits = self._tails[tool_name]
+        tail, (quotas, quota_maxes) = self._defaults.built.get(tool_name) or (
+            self._tails[tool_name], self._quota_tails[tool_name])
+        gap_ms, margin_ms, *limits = tail
         now = b"" if now_s is None else b"%.3f" % (now_s * 1000)
         args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
                 margin_ms, now, *limits,
                 *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
-                *(encode(value) for value in quota_args(tool, now_s))]
+                quotas, self._days[tool_name].at(now_s), *quota_maxes]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
         fair = self.fairness[tool_name]
         if fair is not None:
@@ -223,7 +252,8 @@ class GateBase:
 
     @staticmethod
     def _release_keys(keys: ToolKeys) -> list[str]:
-        return [keys.log, keys.rsv, keys.cost, keys.free]
+        pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
+        return [keys.log, keys.rsv, keys.cost, keys.free, *pool]
 
     def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
         if not units >= 0:
@@ -293,6 +323,7 @@ class Gate(GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
+        self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
 
     def acquire(
         self,
@@ -315,11 +346,23 @@ class Gate(GateBase):
         for a tool (or pool) with `fair_by`: a DELAY with reason 'parked' is an estimate,
         not a reservation; the call comes back then and keeps its place.
         """
+        if self._defaults.due(tool):
+            self.refresh_defaults()
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
                                         fair_key)
         with self._errors:
             raw = evalsha(self.client, self._acquire_script, keys, args)
         return self._decision(raw)
+
+    def refresh_defaults(self) -> None:
+        """Read the live defaults of per-key tools again if their version moved (done by
+        `acquire` at most every `live_defaults.REFRESH_S`)."""
+        with self._errors:
+            version = self.client.get(overrides_version_key(self.prefix))
+            if self._defaults.checked(version):
+                fields = self._defaults.fields
+                self._defaults.load(self.client.hmget(tool_defaults_key(self.prefix), fields),
+                                    version)
 
     def release(self, tool: str, member: str, *, key: Any = None) -> bool:
         """Free `member`'s unused reservation; True if it held one."""

@@ -35,8 +35,17 @@ decision's own tag::
     <prefix>:{p}:limits     HASH  the same for the tools of pool `p`, and 'pool' -> the pool's
     <prefix>:{t|h}:limits   HASH  'tier:<t>:<h>' for a tool whose key values have tags of
                                   their own
+        and, for an `adaptive` tool or pool (throttle/adaptive.py, written by adapt.lua):
+        'adaptive:tool:<t>', 'adaptive:pool'   "until_ms max window_ms ..." that acquire.lua
+                                  adds beside the standing limits (the lower binds)
+        'adaptive-state:tool:<t>', 'adaptive-state:pool'   JSON: configured and effective
+                                  max, why and when it moved (for status and the exporter)
     <prefix>:{t}:quota      HASH  '<i>:<day start ms>' -> units of daily quota i used that
                                   day (throttle/quotas.py); per key value, beside its log
+    <prefix>:{p}:pool:quota HASH  the same for the daily quotas of pool `p` (all its tools)
+    <prefix>:limits:defaults HASH 'tool:<t>' -> the override of a tool whose key values have
+                                  tags of their own (no script can read one key for all its
+                                  values): the gates cache it and pass it in ARGV
     <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
     <prefix>:limits:version STRING  bumped on every change
 
@@ -173,6 +182,11 @@ def keys_for(prefix: str, tool: ToolConfig, key_value: Any = None) -> ToolKeys:
                      concurrency=tool.concurrency is not None)
 
 
+def tags_per_key_value(tool: ToolConfig) -> bool:
+    """Whether each value of `tool`'s key argument has a hash tag of its own (`{t|h}`)."""
+    return tool.key is not None and tool.pool is None and tool.concurrency is None
+
+
 def overrides_key(prefix: str, tool: ToolConfig, key_value: Any = None) -> str:
     """The hash of live limits acquire.lua reads for `tool` (and key value): its tag's."""
     if tool.pool:
@@ -193,9 +207,19 @@ def override_fields(tool: str, key_value: Any = None) -> tuple[str, str]:
     return f"tool:{tool}", tier
 
 
+def adaptive_fields(target: str) -> tuple[str, str]:
+    """The fields of a learned limit and of its state; `target` is 'pool' or 'tool:<t>'."""
+    return f"adaptive:{target}", f"adaptive-state:{target}"
+
+
 def overrides_index_key(prefix: str) -> str:
     """Every live override with who set it and when (for `throttle limits show`, `status`)."""
     return f"{prefix}:limits:index"
+
+
+def tool_defaults_key(prefix: str) -> str:
+    """The overrides of per-key tools' defaults, read by the gates' cache, not by a script."""
+    return f"{prefix}:limits:defaults"
 
 
 def overrides_version_key(prefix: str) -> str:
@@ -230,6 +254,11 @@ def receipts_key(log: str) -> str:
 def quota_key(keys: ToolKeys) -> str:
     """The hash of a tool's (and key value's) daily quota use: '<i>:<day start ms>' -> units."""
     return keys.log.removesuffix(":log") + ":quota"
+
+
+def pool_quota_key(prefix: str, pool: str) -> str:
+    """The hash of pool `pool`'s daily quota use, charged by every tool of the pool."""
+    return f"{prefix}:{{{pool}}}:pool:quota"
 
 
 FAIR_PARTS = ("finish", "queue", "parked", "cost", "clock", "weights")

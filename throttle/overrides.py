@@ -6,8 +6,8 @@ decides: every worker, gateway and exporter enforces it from its next decision o
 restart and no extra round trip. Each change is also recorded in an index (who, when, which
 version) for `throttle limits show`, `status` and the exporter.
 
-A later writer (adaptive limits lowered from what the upstream reports) writes the same
-values through `set_override`, with its own `set_by`.
+Adaptive limits (throttle/adaptive.py) live in the same hash under fields of their own
+('adaptive:<target>'), which acquire.lua min-combines with whatever limit stands here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from throttle.keys import (
     overrides_key,
     overrides_version_key,
     pool_overrides_key,
+    tags_per_key_value,
+    tool_defaults_key,
 )
 from throttle.limit import Limit
 from throttle.store import StoreClient
@@ -79,15 +81,35 @@ def parse_limits(texts: Sequence[str]) -> tuple[Limit, ...]:
             limits.append(Limit.parse(text))
         except ValueError as exc:
             raise ConfigError(f"limit {text!r}: {exc}") from None
-    if any(limit.calendar for limit in limits):
-        raise ConfigError("a daily quota ('N/1d') is set in the tools file; a live override "
-                          "takes sliding windows, e.g. '10000/24h'")
     return tuple(limits)
 
 
 def encode(limits: Sequence[Limit]) -> str:
-    """The text acquire.lua parses: "max window_ms max window_ms ..."."""
-    return " ".join(f"{limit.max} {limit.window_ms}" for limit in limits)
+    """The text acquire.lua parses: "max window_ms ..." pairs, "max d" for a daily quota."""
+    return " ".join(f"{limit.max} {'d' if limit.calendar else limit.window_ms}"
+                    for limit in limits)
+
+
+def decode(text: str) -> tuple[Limit, ...] | None:
+    """The limits of an `encode`d value; None for a value acquire.lua would not apply."""
+    words = text.split()
+    if not words or len(words) % 2:
+        return None
+    try:
+        return tuple(Limit.parse(f"{m}/1d") if w == "d" else Limit.parse(f"{m}/{w}ms")
+                     for m, w in zip(words[::2], words[1::2], strict=True))
+    except ValueError:
+        return None
+
+
+def in_force(live: Sequence[Limit] | None, sliding: Sequence[Limit],
+             quotas: Sequence[Limit]) -> tuple[tuple[Limit, ...], tuple[Limit, ...]]:
+    """(sliding limits, daily quotas) in force: each kind the override gives replaces the
+    file's of that kind; a kind it leaves out stays the file's."""
+    live = live or ()
+    live_sliding = tuple(limit for limit in live if not limit.calendar)
+    live_quotas = tuple(limit for limit in live if limit.calendar)
+    return live_sliding or tuple(sliding), live_quotas or tuple(quotas)
 
 
 def _place(config: Config, prefix: str, tool: str | None, pool: str | None,
@@ -104,12 +126,10 @@ def _place(config: Config, prefix: str, tool: str | None, pool: str | None,
         raise ConfigError("name a tool (throttle limits set TOOL ...) or a pool (--pool NAME)")
     spec = config.tool(tool)
     if key is None:
-        if spec.key is not None and spec.pool is None and spec.concurrency is None:
-            raise ConfigError(
-                f"tool {tool!r} keeps a window per {spec.key!r} value: set a tier per value "
-                f"with --key VALUE, or change its default in {config.source} and send the "
-                "workers SIGHUP")
-        return overrides_key(prefix, spec), override_fields(tool)[0], f"tool:{tool}"
+        field = override_fields(tool)[0]
+        if tags_per_key_value(spec):  # no script reads one key for all its key values
+            return tool_defaults_key(prefix), field, field
+        return overrides_key(prefix, spec), field, field
     return _tier_place(prefix, spec, key)
 
 
@@ -145,10 +165,11 @@ def set_override(
         if tiers >= MAX_TIERS_PER_TOOL:
             raise ConfigError(f"tool {tool!r} has {tiers} tiers, the most allowed; reset some "
                               "with `throttle limits reset TOOL --key VALUE`")
+    client.hset(hash_key, field, encode(limits))
+    # Bumped after the write: a gate that sees the new version reads the new value.
     version = int(client.incr(overrides_version_key(prefix)))
     record = {"tool": tool, "pool": pool, "key": key, "limits": [str(x) for x in limits],
               "set_by": set_by or default_setter(), "set_at_s": time.time(), "version": version}
-    client.hset(hash_key, field, encode(limits))
     client.hset(index, index_field, json.dumps(record))
     return _override(record)
 

@@ -15,6 +15,10 @@ A call is re-published once. Still undecided at its next check, it is given up: 
 becomes the tool's fallback, marked `lost` (the answer the gate would give a call past its
 deadline), and it leaves the registry. A call that already has a result (a failure too) is
 never re-published. So no message comes back forever, and every registered call is answered.
+
+The registration keeps the call's place in a canvas (its chain, chord, links and ids): a call
+published again keeps it, and a call given up continues its chain, chord part and links with
+the fallback, as a worker does after a body returns.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from celery import states
+from celery import signature, states
+from celery.app.task import Context
 from kombu.exceptions import ChannelError
 
 from throttle.errors import StoreUnavailable
@@ -52,9 +57,27 @@ def check_at_s(enqueued_at: float, deadline_s: float) -> float:
     return enqueued_at + deadline_s + REAP_AFTER_S
 
 
-def message(kwargs: Mapping[str, Any], headers: Mapping[str, Any], check_at: float) -> str:
+# apply_async's options that place a call in a canvas, and the request fields that hold them.
+CANVAS = {"link": "callbacks", "link_error": "errbacks", "chain": "chain", "chord": "chord",
+          "group_id": "group", "group_index": "group_index", "root_id": "root_id",
+          "parent_id": "parent_id"}
+
+
+def canvas_of(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The canvas options among a call's apply_async options."""
+    return {name: options[name] for name in CANVAS if options.get(name) is not None}
+
+
+def canvas_of_request(request: Any) -> dict[str, Any]:
+    """The canvas options of the call a worker is running (for its retry or re-publish)."""
+    return canvas_of({name: getattr(request, field, None) for name, field in CANVAS.items()})
+
+
+def message(kwargs: Mapping[str, Any], headers: Mapping[str, Any], check_at: float,
+            canvas: Mapping[str, Any] | None = None) -> str:
     """What the reaper needs to publish the call again (and its first check time)."""
-    call = {"kwargs": dict(kwargs), "headers": dict(headers), "check_at": check_at}
+    call = {"kwargs": dict(kwargs), "headers": dict(headers), "check_at": check_at,
+            "canvas": dict(canvas or {})}
     return json.dumps(call, separators=(",", ":"))
 
 
@@ -86,26 +109,55 @@ def _republish(throttle: Owner, task: Any, tool: str, task_id: str, raw: str,
     if call.get("reaped"):
         logger.error("tool %s: call %s was published again and still never reached the gate; "
                      "answering it with the fallback", tool, task_id)
-        _answer_lost(throttle, task, tool, task_id)
+        _answer_lost(throttle, task, tool, task_id, call.get("canvas") or {})
         return 0
     logger.warning("tool %s: call %s never reached the gate (the broker lost its message); "
                    "publishing it again", tool, task_id)
     real_id, _, retries = task_id.partition(RETRY_MARK)
     task.apply_async(kwargs=call["kwargs"], task_id=real_id, headers=call["headers"],
-                     priority=task.priority_again, retries=int(retries or 0))
+                     priority=task.priority_again, retries=int(retries or 0),
+                     **(call.get("canvas") or {}))
     call["reaped"] = True  # the next claim gives it up
     throttle.gate.register_call(tool, task_id, json.dumps(call, separators=(",", ":")),
                                 now_s + RETRY_S)
     return 1
 
 
-def _answer_lost(throttle: Owner, task: Any, tool: str, task_id: str) -> None:
-    """Store the tool's fallback for a call given up (unless it got a result meanwhile)."""
+def _answer_lost(throttle: Owner, task: Any, tool: str, task_id: str,
+                 canvas: Mapping[str, Any]) -> None:
+    """Answer a call given up with the tool's fallback (unless it got a result meanwhile),
+    and continue what waits on it."""
     real_id = task_id.partition(RETRY_MARK)[0]
-    if not task.ignore_result and not _finished(task, real_id):
-        task.backend.store_result(real_id, throttle.config.tool(tool).fallback, states.SUCCESS,
-                                  traceback=f"{FALLBACK_MARK} (lost)")
+    if not _finished(task, real_id):
+        fallback = throttle.config.tool(tool).fallback
+        if not task.ignore_result:
+            task.backend.store_result(real_id, fallback, states.SUCCESS,
+                                      traceback=f"{FALLBACK_MARK} (lost)")
+        try:
+            _continue(task, real_id, fallback, canvas)
+        except Exception:
+            logger.exception("tool %s: call %s answered with the fallback, but what waits on "
+                             "it (chain, chord, link) could not be sent", tool, real_id)
     throttle.gate.forget_call(tool, task_id)
+
+
+def _continue(task: Any, task_id: str, value: Any, canvas: Mapping[str, Any]) -> None:
+    """Send a call's chord part, next chain step and links, as Celery's worker does once a
+    body returns `value`."""
+    root_id = canvas.get("root_id") or task_id
+    if canvas.get("chord"):
+        request = Context(id=task_id, chord=canvas["chord"], group=canvas.get("group_id"),
+                          group_index=canvas.get("group_index"), root_id=root_id,
+                          parent_id=canvas.get("parent_id"), task=task.name)
+        task.backend.on_chord_part_return(request, states.SUCCESS, value)
+    steps = list(canvas.get("chain") or ())
+    if steps:
+        signature(steps.pop(), app=task.app).apply_async(
+            (value,), chain=steps, parent_id=task_id, root_id=root_id)
+    links = canvas.get("link") or ()
+    for callback in [links] if isinstance(links, dict) else links:  # one, or a list
+        signature(callback, app=task.app).apply_async((value,), parent_id=task_id,
+                                                      root_id=root_id)
 
 
 def _backlog(throttle: Owner, queue: str) -> bool:

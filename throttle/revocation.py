@@ -1,4 +1,5 @@
-"""Revoked calls give back what they hold at the gate: reservation, lease, registry entry.
+"""Revoked calls give back what they hold at the gate: reservation, lease, registry entry
+(and leave the count of waiting calls).
 
 Celery discards a revoked call when its message arrives, when a held (ETA) call comes due,
 or at once for `terminate=True` on a running call, and each time sends `task_revoked`;
@@ -18,6 +19,7 @@ from typing import Any
 from celery.worker import state as worker_state
 
 from throttle.errors import InvalidToolCall, StoreUnavailable
+from throttle.monitor import metrics
 from throttle.task import ThrottledTask
 
 logger = logging.getLogger("throttle")
@@ -35,6 +37,7 @@ def give_back(sender: Any = None, request: Any = None, terminated: bool = False,
     kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
     key = kwargs.get(tool.key) if tool.key else None
     gate = sender.throttle.gate
+    metrics.observe_revoked(sender, request.id)
     try:
         freed = gate.release(tool.name, request.id, key=key)
         if tool.concurrency is not None:

@@ -83,7 +83,8 @@ class SendingTask(Task):  # type: ignore[misc]
             self._check_unused(task_id)
         task_id = task_id or uuid()
         # The registration is sent first, and confirmed once the call is published.
-        registration = self._start_registration(task_id, checked, headers)
+        registration = self._start_registration(task_id, checked, headers,
+                                                recovery.canvas_of(options))
         try:
             result = super().apply_async(
                 args, kwargs, task_id=task_id, headers=headers, **options
@@ -115,14 +116,16 @@ class SendingTask(Task):  # type: ignore[misc]
         if problem := reused_id_problem(self.backend, task_id):
             raise InvalidToolCall(self.tool.name, problem)
 
-    def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]) -> bool:
+    def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
+                  canvas: dict[str, Any]) -> bool:
         """Register the call (its gate member) so the reaper can re-publish it if the broker
         loses it."""
-        registration = self._start_registration(member, kwargs, headers)
+        registration = self._start_registration(member, kwargs, headers, canvas)
         return registration is not None and self._confirm(registration, member)
 
     def _start_registration(
-        self, member: str, kwargs: dict[str, Any], headers: dict[str, Any]
+        self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
+        canvas: dict[str, Any],
     ) -> Registration | None:
         """Send the call's registration (None: not registered, see `_register`)."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:
@@ -132,9 +135,8 @@ class SendingTask(Task):  # type: ignore[misc]
             budget_s = min(budget_s, float(headers[DEADLINE_S]))
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
         try:
-            return self.throttle.gate.start_register_call(
-                self.tool.name, member, recovery.message(kwargs, headers, check_at), check_at
-            )
+            call = recovery.message(kwargs, headers, check_at, canvas)
+            return self.throttle.gate.start_register_call(self.tool.name, member, call, check_at)
         except StoreUnavailable as exc:
             self._not_registered(member, exc)
             return None

@@ -19,7 +19,7 @@ from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry
 from kombu.utils.uuid import uuid
 
-from throttle import eager, recovery
+from throttle import adaptive, eager, recovery
 from throttle.errors import StoreUnavailable, UpstreamBusy
 from throttle.gate import Action, Decision
 from throttle.headers import DEADLINE_S, DELAYS, ENQUEUED_AT, STORE_RETRIES, THROTTLE_HEADERS
@@ -68,7 +68,8 @@ class ThrottledTask(SendingTask):
             options["headers"] = headers
             member = recovery.member_of(str(request.id), (request.retries or 0) + 1)
             call = request.kwargs if kwargs is None else kwargs
-            registered = self._register(member, dict(call or {}), headers)
+            registered = self._register(member, dict(call or {}), headers,
+                                        recovery.canvas_of_request(request))
             try:
                 return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
                                      **options)
@@ -108,8 +109,10 @@ class ThrottledTask(SendingTask):
         """Run the body; settle its charge, give back its lease, and obey an upstream pause."""
         started = time.perf_counter()
         status = "error"
+        answers: list[adaptive.Answer] = []  # what the body hands to report_headers
         try:
-            result = self.run(**kwargs)
+            with adaptive.collecting(answers):
+                result = self.run(**kwargs)
             status = "success"
         except UpstreamBusy as busy:
             status = "busy"
@@ -118,6 +121,8 @@ class ThrottledTask(SendingTask):
             metrics.observe_run(self, status, time.perf_counter() - started)
             if self.tool.concurrency is not None:
                 self._finish_lease(kwargs)
+            if status != "error" and self.throttle.gate.adapter.adapts(self.tool.name):
+                self._report_answers(answers, busy=status == "busy")
         units = self.tool.settled_units(kwargs, result)
         if units is not None:
             try:
@@ -128,6 +133,14 @@ class ThrottledTask(SendingTask):
                 metrics.observe_store_error(self)
                 logger.warning("tool %s: charge not settled (%s)", self.tool.name, exc)
         return result
+
+    def _report_answers(self, answers: list[adaptive.Answer], *, busy: bool) -> None:
+        """Move the adaptive limits by what the upstream said (never fails the call)."""
+        try:
+            self.throttle.gate.adapter.report(self.tool.name, answers, busy=busy)
+        except StoreUnavailable as exc:
+            metrics.observe_store_error(self)
+            logger.warning("tool %s: upstream limits not reported (%s)", self.tool.name, exc)
 
     def _cool_down(self, busy: UpstreamBusy, kwargs: dict[str, Any]) -> Any:
         """Pause the tool (or its pool) everywhere, then send this call back to wait it out.
@@ -146,7 +159,8 @@ class ThrottledTask(SendingTask):
         if busy.retry_after_s > self._deadline_left_s():
             return self._fall_back("cooldown")  # the pause outlasts the deadline
         # The gate forgot the call when it admitted it; the re-publish could be lost too.
-        self._register(self._member(), kwargs, self._origin_headers())
+        self._register(self._member(), kwargs, self._origin_headers(),
+                       recovery.canvas_of_request(self.request))
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 

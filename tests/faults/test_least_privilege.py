@@ -29,6 +29,7 @@ from tests.support.servers import (
 )
 from tests.support.workers import cluster, ledger
 from throttle import Action, Gate, StoreUnavailable, load_config, outcome
+from throttle.overrides import parse_limits, set_override
 from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
@@ -144,6 +145,10 @@ def test_a_least_privilege_user_runs_every_gate_operation_and_nothing_else(
     acl_user: str, redis_client: redis.Redis, prefix: str
 ) -> None:
     redis_client.script_flush()  # the user loads the scripts itself
+    # Live limits an operator set: a per-key default (the gate's cache reads it) and quotas.
+    set_override(redis_client, GATE_CONFIG, prefix, parse_limits(["4/300ms", "1000/1d"]),
+                 tool="weighted")
+    set_override(redis_client, GATE_CONFIG, prefix, parse_limits(["1000/1d"]), pool="p")
     gate = Gate(acl_user, GATE_CONFIG, prefix=prefix)
     decisions = exercise(gate)
     denied_during_work = acl_denials(redis_client)

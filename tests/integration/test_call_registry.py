@@ -4,13 +4,14 @@ broker loses nothing, so their calls cost no registration round trip."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any
 
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, chord
 from celery.exceptions import MaxRetriesExceededError, Retry
 
 from throttle import InvalidToolCall, Throttle, fallback_reason, load_config, recovery
@@ -171,3 +172,58 @@ def test_the_reaper_never_publishes_a_call_that_already_failed(
     assert recovery.reap(throttle, ["search"], now_s=lost_at + 1) == 0
     assert not broker.keys("tool.search*") and redis_client.zcard(calls) == 0
     assert result.state == "FAILURE"
+
+
+def sent(broker: redis.Redis, queue: str) -> dict[str, tuple[dict[str, Any], Any]]:
+    """The task messages waiting in `queue` (kombu's Redis lists, one per priority):
+    id -> (headers, body)."""
+    messages = [json.loads(raw) for key in broker.keys(f"{queue}*")
+                for raw in broker.lrange(key, 0, -1)]
+    return {m["headers"]["id"]: (m["headers"], json.loads(base64.b64decode(m["body"])))
+            for m in messages}
+
+
+def test_a_lost_call_keeps_its_chain_chord_and_links_when_published_again_or_given_up(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    """The reaper publishes a lost call with its place in a canvas, and a call it gives up
+    continues its chain, its chord and its links with the fallback: a canvas never stalls on
+    a message the broker lost."""
+    app = Celery("registry", broker=redis_dbs[0], backend=redis_dbs[1], set_as_current=False)
+    throttle = Throttle(app, load_config(TOOLS), redis_url, prefix=prefix)
+
+    @throttle.tool
+    def search(query: str = "") -> str:
+        return query
+
+    def step(*_: Any) -> None:
+        return None
+
+    for name in ("chain_next", "chord_body", "linked"):
+        app.task(name=name)(step)
+    tasks = app.tasks
+    in_chain = (search.si(query="lamp") | tasks["chain_next"].si()).apply_async().parent
+    chord([search.si(query="desk")], tasks["chord_body"].si()).apply_async()
+    linked = search.apply_async(kwargs={"query": "rug"}, link=tasks["linked"].si())
+    broker = redis.Redis.from_url(redis_dbs[0])
+    first = sent(broker, "tool.search")
+    assert len(first) == 3 and in_chain.id in first and linked.id in first
+    broker.delete(*broker.keys("tool.search*"))  # the broker lost all three
+    calls, _ = throttle.gate.registry("search")
+    lost_at = max(score for _, score in redis_client.zrange(calls, 0, -1, withscores=True)) / 1000
+
+    assert recovery.reap(throttle, ["search"], now_s=lost_at + 1) == 3
+    again = sent(broker, "tool.search")
+    assert again.keys() == first.keys()
+    ids = ("root_id", "parent_id", "group", "group_index")
+    for task_id, (headers, body) in first.items():  # each with its place in the canvas
+        assert again[task_id][1][2] == body[2]  # (chain, chord, callbacks, errbacks)
+        assert {k: again[task_id][0][k] for k in ids} == {k: headers[k] for k in ids}
+
+    broker.delete(*broker.keys("tool.search*"))  # lost again: given up, with the fallback
+    assert recovery.reap(throttle, ["search"], now_s=lost_at + recovery.RETRY_S + 2) == 0
+    assert fallback_reason(in_chain) == "lost" and fallback_reason(linked) == "lost"
+    continued = sorted((headers["task"], headers["root_id"] == headers["id"])
+                       for headers, _ in sent(broker, "celery").values())
+    assert [name for name, _ in continued] == ["chain_next", "chord_body", "linked"]
+    assert redis_client.zcard(calls) == 0

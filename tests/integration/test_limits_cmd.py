@@ -62,8 +62,6 @@ def test_set_show_and_reset_a_tool_a_tier_and_a_pool(
         (("set", "nope", "1/1s"), "unknown tool 'nope'; known tools: chat, per_user, search"),
         (("set", "search", "ten/1s"), "max 'ten' must be a whole number"),
         (("set", "search"), "give at least one limit"),
-        (("set", "search", "5/1d"), "a daily quota ('N/1d') is set in the tools file"),
-        (("set", "per_user", "5/1s"), "set a tier per value with --key"),
         (("set", "search", "--key", "x", "5/1s"), "has no key argument"),
         (("set", "--pool", "nope", "5/1s"), "unknown pool 'nope'"),
         (("reset",), "name a tool"),
@@ -83,3 +81,17 @@ def test_an_unreachable_redis_is_named_with_its_password_masked(
     done = limits(tmp_path, "redis://:hunter2@127.0.0.1:1/0", prefix, "set", "search", "1/1s")
     assert done.exit_code != 0
     assert "cannot write to the gate's Redis" in done.output and "hunter2" not in done.output
+
+
+def test_set_a_per_key_default_and_daily_quotas_and_show_them_beside_the_files(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    run = lambda *args: limits(tmp_path, redis_url, prefix, *args)  # noqa: E731
+    assert "per_user: 8/1s 100/1d" in run("set", "per_user", "8/1s", "100/1d").output
+    assert "search: 5000/1d" in run("set", "search", "5000/1d").output
+    assert "pool llm: 90000/1d" in run("set", "--pool", "llm", "90000/1d").output
+    shown = run("show").output
+    for line in ("per_user ", "8/1s 100/1d", "5000/1d", "90000/1d"):
+        assert line in shown
+    assert "back to the tools file's limits" in run("reset", "per_user").output
+    assert "per_user " not in run("show").output

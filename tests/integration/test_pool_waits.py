@@ -132,3 +132,22 @@ def test_real_workers_deliver_each_call_the_pool_holds_back_about_once(
     assert len(lines) == sum(run["delays"] for run in runs)
     assert "pool api/standard" in lines
     assert not re.search(r"\] ignored$", logs, re.MULTILINE)
+
+
+def test_releasing_a_call_the_pool_holds_back_gives_its_pool_unit_back(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """A pool-held call that is revoked (released) leaves the pool's window: the pool's other
+    calls may use its unit instead of it counting for a call that never runs."""
+    gate = Gate(redis_client, config("0ms"), prefix=prefix)
+    for i in range(8):
+        assert gate.acquire("cheap", f"c{i}", now_s=T0).action is Action.ADMIT
+    held = [gate.acquire("cheap", f"h{i}", now_s=T0) for i in range(8)]
+    assert {(d.action, d.reason, d.slot_at) for d in held} == {(Action.DELAY, "pool", T0 + 2)}
+
+    assert gate.release("cheap", "h0") is True
+    assert gate.release("cheap", "h0") is False
+    # Half a second after the held calls are due, vital calls may fill the pool's 10: seven
+    # held calls count, so three vital calls are admitted (two if h0 still counted).
+    vital = [gate.acquire("vital", f"v{i}", now_s=T0 + 2.5).action for i in range(4)]
+    assert vital == [Action.ADMIT] * 3 + [Action.DELAY]

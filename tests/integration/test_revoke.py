@@ -14,7 +14,7 @@ from celery import states
 from tests.apps.ledger import build
 from tests.support.rabbit import rabbitmq_queue
 from tests.support.workers import ledger, most_in_window
-from throttle.keys import registry_keys, tool_keys
+from throttle.keys import registry_keys, tool_keys, waiting_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -62,6 +62,10 @@ def run_revoke_scenario(cluster: Any, client: redis.Redis, prefix: str, *,
     given_back_at = wait_until(
         lambda: not any(client.zscore(rsv, first[n].id) for n in revoked), 5,
         "the slots given back")
+    waiting = waiting_key(prefix, "pair", "reserved")
+    wait_until(lambda: not any(client.zscore(waiting, first[n].id) for n in revoked), 3,
+               "the revoked calls out of the waiting count")
+    assert client.zcard(waiting) == 2, "the calls reserved at ~8 s still count as waiting"
     later = [send(6 + i) for i in range(2)]
     kept = [r for n, r in enumerate(first) if n not in revoked] + later
     for result in kept:

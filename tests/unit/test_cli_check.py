@@ -64,3 +64,15 @@ def test_check_lists_a_daily_quota_with_its_time_zone(tmp_path: Path) -> None:
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "10/1s, 500/1d (Asia/Tokyo)" in done.stdout
+
+
+def test_check_lists_a_pools_daily_quota_with_its_time_zone(tmp_path: Path) -> None:
+    path = tmp_path / "tools.toml"
+    path.write_text('[pools.llm]\nlimits = ["100/1m", "9000/1d"]\nshares = { high = 1.0 }\n'
+                    'quota_tz = "Asia/Tokyo"\n[tools.q]\nlimits = ["10/1s"]\nmax_delay = "5s"\n'
+                    'pool = "llm"\npriority = "high"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "throttle.cli", "check", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "pool llm: 100/1m, 9000/1d (Asia/Tokyo); shares high 1" in done.stdout

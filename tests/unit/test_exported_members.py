@@ -18,6 +18,7 @@ DOCUMENTED = {
     "Throttled",
     "load_config",
     "outcome",
+    "report_headers",
     "wait",
 }
 

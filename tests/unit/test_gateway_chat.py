@@ -17,6 +17,7 @@ from throttle.gateway.callers import callers_from_env
 from throttle.gateway.chat import completion, read_call
 from throttle.gateway.command import _check_reachable
 from throttle.gateway.errors import ApiError, failure_error
+from throttle.gateway.service import Gateway
 from throttle.gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,3 +183,18 @@ def test_the_gateway_refuses_to_start_when_the_gate_s_redis_does_not_answer(
                                broker_url="memory://", result_backend=f"redis://127.0.0.1:{port}")
     with pytest.raises(click.ClickException, match=r"does not answer.*set THROTTLE_REDIS_URL"):
         _check_reachable(settings)
+
+
+def test_direct_mode_refuses_a_body_that_is_not_an_importable_module_function(
+    config: Config,
+) -> None:
+    urls = {"redis_url": "redis://127.0.0.1:1/0", "broker_url": "memory://",
+            "result_backend": "redis://127.0.0.1:1/2"}
+    with pytest.raises(ConfigError, match="--direct 'chat_completion' is not 'module:function'"):
+        GatewaySettings(config=config, direct="chat_completion", **urls)
+    with pytest.raises(ConfigError, match="--body-threads 0 must be at least 1"):
+        GatewaySettings(config=config, direct="workers.tools.llm:chat_completion",
+                        body_threads=0, **urls)
+    settings = GatewaySettings(config=config, direct="workers.tools.nope:chat", **urls)
+    with pytest.raises(ConfigError, match=r"--direct: cannot import function .*workers\.tools"):
+        Gateway(settings)

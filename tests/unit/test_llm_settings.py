@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -65,3 +67,18 @@ def test_the_client_is_made_once_per_process_and_again_when_the_settings_change(
     monkeypatch.setenv("THROTTLE_LLM_READ_TIMEOUT_S", "3")
     second = upstream()
     assert second is not first and second.client.timeout.read == 3.0
+
+
+def test_threads_asking_for_the_client_together_get_one_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("THROTTLE_LLM_BASE_URL", "http://127.0.0.1:9/v2")  # new settings
+    start = threading.Barrier(16)
+
+    def ask() -> int:
+        start.wait()
+        return id(upstream())
+
+    with ThreadPoolExecutor(16) as pool:
+        clients = set(pool.map(lambda _: ask(), range(16)))
+    assert len(clients) == 1

@@ -18,6 +18,7 @@ from throttle.errors import ThrottleError
 from throttle.extras import require_extra
 from throttle.gateway.callers import KEYS_FILE_VARIABLE, KEYS_VARIABLE, callers_from_env
 from throttle.gateway.settings import (
+    DEFAULT_BODY_THREADS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PUBLISH_THREADS,
     DEFAULT_RUN_TIMEOUT_S,
@@ -49,6 +50,13 @@ logger = logging.getLogger("throttle.gateway")
               "the gateway answers 504.")
 @click.option("--publish-threads", default=DEFAULT_PUBLISH_THREADS, show_default=True,
               type=click.IntRange(1, 256), help="Threads that publish calls to the broker.")
+@click.option("--direct", metavar="MODULE:FUNCTION", envvar="THROTTLE_GATEWAY_DIRECT",
+              help="Direct mode: gate each call here and run this tool body in the gateway "
+              "(e.g. workers.tools.llm:chat_completion), with no broker or worker in between "
+              "[env THROTTLE_GATEWAY_DIRECT].")
+@click.option("--body-threads", default=DEFAULT_BODY_THREADS, show_default=True,
+              type=click.IntRange(1, 1024),
+              help="Direct mode: threads that run bodies (the most calls at the upstream at once).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=True, show_default=True,

@@ -2,21 +2,32 @@
 
 `x-ratelimit-limit-<kind>`, `x-ratelimit-remaining-<kind>` and `x-ratelimit-reset-<kind>`
 (a duration such as "6h0m0s" or "1.5s"), where kind is `tokens` for a weighted tool and
-`requests` otherwise. With several quotas the one with the least left is reported. Read
-from the gate's quota hash (one HMGET); nothing is added for a tool without a quota.
+`requests` otherwise. With several quotas (the tool's, its class's allowance of its pool's)
+the one with the least left is reported. Quotas set live count: the overrides and the quota
+hashes are read in one pipelined round trip; nothing is added for a tool without a quota.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis
 import redis.asyncio
 
-from throttle.config import ToolConfig
-from throttle.keys import keys_for, quota_key
-from throttle.quotas import quota_uses, today_fields
+from throttle.config import Config, ToolConfig
+from throttle.keys import (
+    keys_for,
+    override_fields,
+    overrides_key,
+    pool_overrides_key,
+    pool_quota_key,
+    quota_key,
+    tool_defaults_key,
+)
+from throttle.overrides import decode, in_force
+from throttle.quotas import day_bounds_ms, days_tz
 
 logger = logging.getLogger("throttle.gateway")
 
@@ -31,22 +42,52 @@ def openai_duration(seconds: float) -> str:
 
 
 async def quota_headers(
-    client: redis.asyncio.Redis | redis.asyncio.RedisCluster, prefix: str, tool: ToolConfig,
-    key_value: object,
+    client: redis.asyncio.Redis | redis.asyncio.RedisCluster, prefix: str, config: Config,
+    tool: ToolConfig, key_value: object,
 ) -> dict[str, str]:
-    """The x-ratelimit-* headers of `tool`'s tightest daily quota ({} without one)."""
-    if not tool.quotas:
-        return {}
-    fields, resets_at_s = today_fields(tool)
+    """The x-ratelimit-* headers of the tightest daily quota in force for a call of `tool`:
+    its own (a tier's, or one set live) or its class's allowance of its pool's ({} if none)."""
+    key_value = key_value if tool.key else None
+    pool = config.pools[tool.pool] if tool.pool else None
+    tool_field, tier_field = override_fields(tool.name, key_value)
+    pipe = client.pipeline(transaction=False)
+    pipe.hmget(overrides_key(prefix, tool, key_value), [tier_field or tool_field, tool_field])
+    pipe.hget(tool_defaults_key(prefix), tool_field)
+    pipe.hgetall(quota_key(keys_for(prefix, tool, key_value)))
+    if pool:
+        pipe.hget(pool_overrides_key(prefix, pool.name), "pool")
+        pipe.hgetall(pool_quota_key(prefix, pool.name))
     try:
-        used = await client.hmget(quota_key(keys_for(prefix, tool, key_value)), fields)
+        raw = await pipe.execute()
     except (redis.RedisError, OSError) as exc:  # the answer matters more than its headers
         logger.warning("tool %s: quota headers left out (%s)", tool.name, exc)
         return {}
-    tightest = min(quota_uses(tool, list(used), resets_at_s), key=lambda use: use.remaining)
+    (tier, own), default, used = raw[:3]
+    live = next((found for text in (tier, own, default) if text
+                 for found in [decode(_text(text))] if found), None)
+    _, today, tomorrow, _ = day_bounds_ms(time.time(), days_tz(tool, config))
+    left = [(float(quota.max), quota.max - _used(used, i, today))
+            for i, quota in enumerate(in_force(live, tool.limits, tool.quotas)[1], 1)]
+    if pool and tool.priority:
+        share = pool.shares[tool.priority]
+        pool_live = decode(_text(raw[3])) if raw[3] else None
+        left += [(share * quota.max, share * quota.max - _used(raw[4], i, today))
+                 for i, quota in enumerate(in_force(pool_live, pool.limits, pool.quotas)[1], 1)]
+    if not left:
+        return {}
+    limit, remaining = min(left, key=lambda pair: pair[1])
     kind = "requests" if tool.cost == 1 else "tokens"
     return {
-        f"x-ratelimit-limit-{kind}": str(tightest.max),
-        f"x-ratelimit-remaining-{kind}": f"{tightest.remaining:g}",
-        f"x-ratelimit-reset-{kind}": openai_duration(tightest.resets_at_s - time.time()),
+        f"x-ratelimit-limit-{kind}": f"{limit:g}",
+        f"x-ratelimit-remaining-{kind}": f"{max(0.0, remaining):g}",
+        f"x-ratelimit-reset-{kind}": openai_duration(tomorrow / 1000 - time.time()),
     }
+
+
+def _used(day_use: dict[Any, Any], index: int, today_ms: int) -> float:
+    value = day_use.get(f"{index}:{today_ms}".encode(), day_use.get(f"{index}:{today_ms}"))
+    return float(value or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -7,6 +7,9 @@ registers the call for recovery exactly as `.delay()` does. Its tasks have no bo
 subscribe a blocking pub/sub connection per call; `ResultWaiter` reads the same results
 on the event loop instead. Publishing (kombu and one Redis round trip) runs on a small
 thread pool, so many waiting requests hold no thread.
+
+In direct mode (`settings.direct`) the gateway gates each call itself and runs the tool's
+body in its own process (`throttle.gateway.direct`); both modes answer alike.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +31,16 @@ from celery import Celery, states
 from celery.backends.redis import RedisBackend
 from kombu.utils.uuid import uuid
 
-from throttle.errors import InvalidToolCall
+from throttle.async_gate import AsyncGate
+from throttle.errors import ConfigError, InvalidToolCall
+from throttle.functions import load_function
 from throttle.gateway.chat import ChatCall, completion
+from throttle.gateway.direct import DirectRunner
 from throttle.gateway.errors import ApiError, failure_error
 from throttle.gateway.quota_headers import quota_headers
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
-from throttle.quotas import today_fields
+from throttle.quotas import day_bounds_ms, days_tz
 from throttle.routing import Throttle
 from throttle.store import connect_async, mask_url
 from throttle.task import FALLBACK_MARK
@@ -74,6 +80,7 @@ class Gateway:
     """Publishes calls and awaits their results for the HTTP layer."""
 
     def __init__(self, settings: GatewaySettings) -> None:
+        body = None if settings.direct is None else _load_body(settings.direct)
         self.settings = settings
         self.config = settings.config
         self.celery = Celery("throttle-gateway", broker=settings.broker_url)
@@ -90,10 +97,17 @@ class Gateway:
         self.results = redis.asyncio.Redis.from_url(settings.result_backend, **options)
         self.store = connect_async(settings.redis_url, **options)
         self.waiter = ResultWaiter(self.results, self._decode, sweep_s=settings.sweep_s)
+        self.direct: DirectRunner | None = None
+        if body is not None:
+            self.direct = DirectRunner(
+                AsyncGate(self.store, self.config, prefix=settings.prefix), settings.prefix,
+                body, settings.body_threads, lambda: self.throttle.gate.adapter)
 
     def reload(self) -> None:
         """Load the tools file again (on SIGHUP); a ConfigError keeps the running config."""
         self.config = self.throttle.reload()
+        if self.direct is not None:
+            self.direct.use(self.config)
 
     async def start(self) -> None:
         await self.waiter.start()
@@ -101,6 +115,8 @@ class Gateway:
     async def close(self) -> None:
         await self.waiter.close()
         self.publisher.shutdown(wait=False, cancel_futures=True)
+        if self.direct is not None:
+            await self.direct.close()
         await self.results.aclose()
         await self.store.aclose()
         self.throttle.gate.close()
@@ -112,13 +128,25 @@ class Gateway:
         return meta
 
     async def complete(self, call: ChatCall, deadline_s: float | None = None) -> Answer:
-        """Run `call` through its tool's queue and gate; the completion, or an ApiError."""
+        """Run `call` through its tool's gate (and queue, unless in direct mode); the
+        completion, or an ApiError."""
         tool = self.config.tool(call.tool)
         budget_s = tool.max_delay_ms / 1000
         if deadline_s is not None:
             budget_s = min(budget_s, deadline_s)
         task_id = uuid()
         headers = {"X-Throttle-Tool": call.tool, "X-Throttle-Task-Id": task_id}
+        if self.direct is not None:
+            self._check(call)
+            meta = await self.direct.run(call.tool, call.kwargs, deadline_s, task_id)
+        else:
+            meta = await self._on_workers(call, task_id, deadline_s, budget_s, headers)
+        return await self._answer(call, meta, task_id, budget_s, headers)
+
+    async def _on_workers(self, call: ChatCall, task_id: str, deadline_s: float | None,
+                          budget_s: float, headers: dict[str, str]) -> dict[str, Any]:
+        """Publish the call on its tool's queue and wait for the workers' result."""
+        tool = self.config.tool(call.tool)
         wait_s = budget_s + self.settings.run_timeout_s
         try:
             async with self.waiter.watch(self.backend.get_key_for_task(task_id)) as result:
@@ -136,8 +164,13 @@ class Gateway:
                 503, f"the result backend at {mask_url(self.settings.result_backend)} cannot "
                 f"be reached ({type(exc).__name__}); check that it runs, then send the call "
                 "again", code="result_backend_unavailable", headers=headers) from None
+        return meta
+
+    async def _answer(self, call: ChatCall, meta: dict[str, Any], task_id: str,
+                      budget_s: float, headers: dict[str, str]) -> Answer:
+        """The HTTP answer for a call's result (a completion, a fallback or a failure)."""
         tool = self.config.tool(call.tool)
-        headers.update(await quota_headers(self.store, self.settings.prefix, tool,
+        headers.update(await quota_headers(self.store, self.settings.prefix, self.config, tool,
                                            call.kwargs.get(tool.key) if tool.key else None))
         status = meta["status"]
         if status == states.SUCCESS:
@@ -155,6 +188,13 @@ class Gateway:
                        "(a worker shut down, or an operator revoked it); send it again",
                        code="revoked", headers=headers)
 
+    def _check(self, call: ChatCall) -> None:
+        """Direct mode: the schema check `.delay()` makes, as a 400."""
+        try:
+            self.tasks[call.tool].check_arguments((), call.kwargs)
+        except InvalidToolCall as exc:
+            raise _invalid(call, exc) from None
+
     async def _publish(self, call: ChatCall, task_id: str, deadline_s: float | None) -> None:
         task = self.tasks[call.tool]
         send = functools.partial(task.apply_async, kwargs=call.kwargs, task_id=task_id,
@@ -162,9 +202,7 @@ class Gateway:
         try:
             await asyncio.get_running_loop().run_in_executor(self.publisher, send)
         except InvalidToolCall as exc:
-            head = exc.message.split(":", 1)[0]
-            param = head if head in call.kwargs or head in ("messages", "tools") else None
-            raise ApiError(400, str(exc), param=param, code="invalid_tool_call") from None
+            raise _invalid(call, exc) from None
         except Exception as exc:
             logger.error("tool %s: could not publish a call (%s: %s)", call.tool,
                          type(exc).__name__, exc)
@@ -186,24 +224,28 @@ class Gateway:
         key_value = call.kwargs.get(tool.key) if tool.key else None
         wait_s = await retry_after_s(self.store, self.settings.prefix, tool, key_value,
                                      budget_s)
-        if reason == "quota":  # nothing frees up before the quota resets
-            wait_s = max(wait_s, math.ceil(today_fields(tool)[1] - time.time()))
+        tz = days_tz(tool, self.config)
+        if reason == "quota":  # nothing frees up before the quota resets (the pool's too)
+            midnight_s = day_bounds_ms(time.time(), tz)[2] / 1000
+            wait_s = max(wait_s, math.ceil(midnight_s - time.time()))
         return ApiError(
             429, f"tool {call.tool!r} is at its limit: "
-            f"{why.format(budget=budget_s, tz=tool.quota_tz)}; retry "
+            f"{why.format(budget=budget_s, tz=tz)}; retry "
             f"after {wait_s}s. The tool's fallback is in 'fallback'", code="rate_limit_exceeded",
             headers={**fallback_headers, "Retry-After": str(wait_s)},
             extra={"fallback": fallback},
         )
 
     async def health(self) -> dict[str, str]:
-        """'ok' or what failed, for the gate's Redis, the result backend and the broker."""
+        """'ok' or what failed, for the gate's Redis, the result backend and the broker (not
+        in direct mode)."""
         loop = asyncio.get_running_loop()
-        checks = {
+        checks: dict[str, Awaitable[None]] = {
             "redis": self._ping(self.store),
             "result_backend": self._ping(self.results),
-            "broker": loop.run_in_executor(self.publisher, self._check_broker),
         }
+        if self.direct is None:  # direct mode publishes nothing
+            checks["broker"] = loop.run_in_executor(self.publisher, self._check_broker)
         answers = {}
         for name, check in checks.items():
             try:
@@ -221,6 +263,21 @@ class Gateway:
         with self.celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
                                          timeout=HEALTH_TIMEOUT_S - 0.5)
+
+
+def _load_body(path: str) -> Callable[..., Any]:
+    """Direct mode's tool body, or a ConfigError naming --direct."""
+    try:
+        return load_function(path)
+    except ValueError as exc:
+        raise ConfigError(f"--direct: {exc}; name the tool body as 'module:function', "
+                          "importable by the gateway (PYTHONPATH)") from None
+
+
+def _invalid(call: ChatCall, exc: InvalidToolCall) -> ApiError:
+    head = exc.message.split(":", 1)[0]
+    param = head if head in call.kwargs or head in ("messages", "tools") else None
+    return ApiError(400, str(exc), param=param, code="invalid_tool_call")
 
 
 @contextlib.asynccontextmanager

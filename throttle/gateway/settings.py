@@ -15,6 +15,7 @@ DEFAULT_TOOL = "chat_completion"
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEFAULT_RUN_TIMEOUT_S = 180.0
 DEFAULT_PUBLISH_THREADS = 8
+DEFAULT_BODY_THREADS = 64
 RESULT_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -22,6 +23,8 @@ RESULT_SCHEMES = ("redis", "rediss", "unix")
 class GatewaySettings:
     """The tools file, the gate's Redis, the broker, the result backend and the limits.
 
+    `direct` names the tool body ('module:function') the gateway runs itself in direct mode
+    (None: calls go through the broker to the workers); `body_threads` run those bodies.
     `callers` holds the bearer tokens callers must send, each bound to a tenant (none:
     every caller is accepted, as tenant `local`); only their SHA-256 digests are kept.
     """
@@ -37,6 +40,8 @@ class GatewaySettings:
     publish_threads: int = DEFAULT_PUBLISH_THREADS
     sweep_s: float = 1.0
     callers: Callers = field(default_factory=Callers)
+    direct: str | None = None  # 'module:function' of the body the gateway runs itself
+    body_threads: int = DEFAULT_BODY_THREADS
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -54,6 +59,11 @@ class GatewaySettings:
             raise ConfigError(f"the result backend {mask_url(self.result_backend)} is not "
                               "Redis: the gateway waits on Redis results; set "
                               "THROTTLE_RESULT_BACKEND (or --result-backend) to redis://...")
+        if self.direct is not None and (":" not in self.direct or self.direct.startswith(":")):
+            raise ConfigError(f"--direct {self.direct!r} is not 'module:function'; name the "
+                              "tool's body, e.g. workers.tools.llm:chat_completion")
+        if self.body_threads < 1:
+            raise ConfigError(f"--body-threads {self.body_threads} must be at least 1")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body-bytes {self.max_body_bytes} is too small for any "
                               "chat request; use at least 1024")

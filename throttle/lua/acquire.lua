@@ -16,6 +16,7 @@ KEYS[next] calls msg HASH  (optional) their messages; both lose the member once 
 KEYS[next] limits    HASH (when ARGV carries the fields below) live limits that replace the
                       ones passed in ARGV: see "Live limits" below and throttle/overrides.py
 KEYS[next] quota     HASH  (with them) units used per calendar day: '<i>:<day start ms>'
+KEYS[next] pool quota HASH (with them, tools in a pool) the same for the pool's quotas
 KEYS[next] fair      (tools or pools with `fair_by`) six keys: finish ZSET, queue ZSET,
                       parked ZSET, cost HASH, clock STRING, weights HASH (live weights, no
                       TTL; see "Fair sharing" below)
@@ -39,9 +40,10 @@ then     p            number of pool limits, then p pairs: the class's allowance
                       max) and window ms; then the concurrency cap (0: none) and lease ms
 then     (optional) the live limits' fields: the tool's, the key value's tier ('' for none),
                       the pool's ('' for none), and the class's share of the pool; then the
-                      number q of calendar quotas and, when q > 0, the starts of yesterday,
-                      today, tomorrow and the day after (ms, around the worker's clock) and
-                      each quota's max units per day (throttle/quotas.py)
+                      number q of calendar quotas, the starts of yesterday, today, tomorrow
+                      and the day after in one argument ('<ms> <ms> <ms> <ms>', around the
+                      worker's clock), each quota's max units per day, the number pq of the
+                      pool's quotas and each one's allowance (share x max) (throttle/quotas.py)
 then     (fair sharing only) 'fair', the tenant (a digest), its weight and the horizon ms
 last     receipt      '' for none, else '<message tag>|<delivery nonce>': the tag names the
                       message (kept when the broker delivers it again; may be empty), the
@@ -120,38 +122,70 @@ if fair then
   fair_weights = KEYS[nkeys]
   nkeys = nkeys - 6
 end
+-- A pooled call's keys end (before the fair keys and the receipts) with the pool's quota hash.
+local pool_quota = nil
+if pn > 0 then
+  pool_quota = KEYS[nkeys]
+  nkeys = nkeys - 1
+end
 
 -- Live limits (`throttle limits set`, throttle/overrides.py): a value in the limits hash,
 -- under this decision's own hash tag, replaces the limits passed above, in this same call.
 -- A key value's tier wins over the tool's override; the pool's override is scaled by the
--- class's share. Values are "max window_ms max window_ms ...".
+-- class's share. Values are "max window_ms max window_ms ...", a daily quota "max d"; each
+-- kind a value gives (sliding limits, quotas) replaces the one passed, the other stands.
 local function fmt_day(ms) return string.format('%d', ms) end
 local extra_at = at_arg + 3 + 2 * pn
 local live_fields = ARGV[extra_at]
+local live_quotas, live_pool_quotas  -- replace the quotas passed below, when set
 if live_fields then
   -- nil for a value that is not all positive numbers: the limits passed above then stand.
   local function parse(text, scale)
-    local ms, ws, count = {}, {}, 0
+    local ms, ws, count, qs = {}, {}, 0, {}
     for m, w in string.gmatch(text, '(%S+) (%S+)') do
-      local max, window = tonumber(m), tonumber(w)
+      local max, window = tonumber(m), (w == 'd') and 1 or tonumber(w)
       if not (max and window and max > 0 and window > 0 and max < math.huge
               and window < math.huge) then return nil end  -- (NaN fails every comparison)
-      count = count + 1
-      ms[count], ws[count] = max * scale, window
+      if w == 'd' then
+        qs[#qs + 1] = max * scale
+      else
+        count = count + 1
+        ms[count], ws[count] = max * scale, window
+      end
     end
-    if count == 0 then return nil end
-    return ms, ws, count
+    if count == 0 and #qs == 0 then return nil end
+    return ms, ws, count, qs
   end
   local live = redis.call('HMGET', KEYS[nkeys - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
-                          ARGV[at_arg + 5 + 2 * pn])
-  local mine = (live[2] and parse(live[2], 1)) and live[2] or live[1]
-  if mine then
-    local ms, ws, count = parse(mine, 1)
-    if ms then maxes, windows, n = ms, ws, count end
-  end
+                          ARGV[at_arg + 5 + 2 * pn], 'adaptive:' .. live_fields,
+                          'adaptive:' .. ARGV[at_arg + 5 + 2 * pn])
+  local share = tonumber(ARGV[at_arg + 6 + 2 * pn])  -- (read before an override changes pn)
+  local ms, ws, count, qs
+  if live[2] then ms, ws, count, qs = parse(live[2], 1) end  -- the tier, else the tool's
+  if not ms and live[1] then ms, ws, count, qs = parse(live[1], 1) end
+  if ms and count > 0 then maxes, windows, n = ms, ws, count end
+  if ms and #qs > 0 then live_quotas = qs end
   if live[3] and pn > 0 then
-    local ms, ws, count = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
-    if ms then allowances, pool_windows, pn = ms, ws, count end
+    local ms, ws, count, qs = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
+    if ms and count > 0 then allowances, pool_windows, pn = ms, ws, count end
+    if ms and #qs > 0 then live_pool_quotas = qs end
+  end
+  -- Adaptive limits (throttle/adaptive.py, adapt.lua): what the upstream reported, stored
+  -- as "until_ms max window_ms ...", is added beside the limits above, so the lower one
+  -- binds: never above the file's or an override, which it leaves in place. Stale (the
+  -- upstream has not answered for a while) after until_ms.
+  local function learned(text, scale)
+    local until_ms, rest = string.match(text, '^(%S+) (.*)$')
+    if not (tonumber(until_ms) and tonumber(until_ms) > now) then return nil end
+    return parse(rest, scale)
+  end
+  local ams, aws, acount = nil, nil, 0
+  if live[4] then ams, aws, acount = learned(live[4], 1) end
+  for i = 1, (ams and acount or 0) do n = n + 1; maxes[n], windows[n] = ams[i], aws[i] end
+  ams = nil
+  if live[5] and pn > 0 then ams, aws, acount = learned(live[5], share) end
+  for i = 1, (ams and acount or 0) do
+    pn = pn + 1; allowances[pn], pool_windows[pn] = ams[i], aws[i]
   end
   longest, pool_longest = 0, 0
   for i = 1, n do if windows[i] > longest then longest = windows[i] end end
@@ -160,12 +194,23 @@ end
 local calls_at = nkeys - (live_fields and 2 or 0) - 1
 
 -- Calendar quotas (throttle/quotas.py): units per calendar day, charged to the day of a
--- call's slot when it takes the slot and given back when a reserved call is dropped.
+-- call's slot when it takes the slot and given back when a reserved call is dropped. A
+-- pool's quotas count every tool of the pool; a class may use its allowance of them.
 local quota_key = KEYS[nkeys]
 local qn = tonumber(ARGV[extra_at + 4]) or 0
-local days, quota_max = {}, {}
-for i = 1, (qn > 0 and 4 or 0) do days[i] = tonumber(ARGV[extra_at + 4 + i]) end
-for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 8 + i]) end
+local days, quota_max, pool_quota_max = {}, {}, {}
+for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 5 + i]) end
+local pqn = tonumber(ARGV[extra_at + 6 + qn]) or 0
+for i = 1, pqn do pool_quota_max[i] = tonumber(ARGV[extra_at + 6 + qn + i]) end
+if live_quotas then quota_max, qn = live_quotas, #live_quotas end
+if live_pool_quotas then pool_quota_max, pqn = live_pool_quotas, #live_pool_quotas end
+if not pool_quota then pqn = 0 end
+if qn > 0 or pqn > 0 then  -- (parsed only when a quota is in force)
+  for bound in string.gmatch(ARGV[extra_at + 5] or '', '%d+') do
+    days[#days + 1] = tonumber(bound)
+  end
+  if not days[4] then qn, pqn = 0, 0 end  -- (a caller without the quota arguments)
+end
 local function day_of(t)  -- the start and end of the calendar day holding t
   if t >= days[3] then return days[3], days[4] end
   if t >= days[2] then return days[2], days[3] end
@@ -178,16 +223,28 @@ local function quota_spent_until(t)
     local used = tonumber(redis.call('HGET', quota_key, i .. ':' .. fmt_day(start)) or '0')
     if used + cost > quota_max[i] then return stop end
   end
+  for i = 1, pqn do
+    local used = tonumber(redis.call('HGET', pool_quota, i .. ':' .. fmt_day(start)) or '0')
+    if used + cost > pool_quota_max[i] then return stop end
+  end
   return nil
 end
-local function charge(t, units)
-  if qn == 0 then return end
+-- Add `units` to the day of `t` in `hash`'s first `count` quotas (never below 0: a quota set
+-- live may be given back units it never charged).
+local function charge_in(hash, count, t, units)
   local start = day_of(t)
-  for i = 1, qn do
-    redis.call('HINCRBYFLOAT', quota_key, i .. ':' .. fmt_day(start), units)
-    if start > days[1] then redis.call('HDEL', quota_key, i .. ':' .. fmt_day(days[1])) end
+  for i = 1, count do
+    local field = i .. ':' .. fmt_day(start)
+    if tonumber(redis.call('HINCRBYFLOAT', hash, field, units)) < 0 then
+      redis.call('HSET', hash, field, 0)
+    end
+    if start > days[1] then redis.call('HDEL', hash, i .. ':' .. fmt_day(days[1])) end
   end
-  redis.call('PEXPIRE', quota_key, math.ceil(days[4] - now) + 86400000)
+  redis.call('PEXPIRE', hash, math.ceil(days[4] - now) + 86400000)
+end
+local function charge(t, units)
+  if qn > 0 then charge_in(quota_key, qn, t, units) end
+  if pqn > 0 then charge_in(pool_quota, pqn, t, units) end
 end
 local pool_log, pool_costs = KEYS[4], KEYS[5]
 local leases = KEYS[4]
@@ -764,7 +821,7 @@ local function decide()
     if parked then return parked end
   end
 
-  if qn > 0 then
+  if qn > 0 or pqn > 0 then
     -- The quota of the slot's day is spent: come back when it resets, or fall back.
     local reset = quota_spent_until(t)
     if reset then

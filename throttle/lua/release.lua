@@ -5,6 +5,8 @@ KEYS[2]  rsv   ZSET  members holding a reservation not yet admitted
 KEYS[3]  cost  HASH  member -> units
 KEYS[4]  free  ZSET  slots given back, member = '<units>:<task id>', score = slot (ms);
                      acquire.lua gives them to the next new calls
+KEYS[5]  pool log   ZSET  (tools in a pool) the pool's entries; a held call's slot leaves it
+KEYS[6]  pool cost  HASH  (tools in a pool) member -> units
 ARGV[1]  member
 
 Returns 1 when a reservation was freed, 0 when the member held none. An admission that
@@ -21,6 +23,10 @@ local units = redis.call('HGET', costs, member) or '1'
 redis.call('ZREM', rsv, member)
 redis.call('ZREM', log, member)
 redis.call('HDEL', costs, member)
+if KEYS[6] then  -- a call the pool held back also gives back its unit of the pool
+  redis.call('ZREM', KEYS[5], member)
+  redis.call('HDEL', KEYS[6], member)
+end
 redis.call('ZADD', free, slot, units .. ':' .. member)
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000

@@ -178,7 +178,18 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             quota_left.add_metric([view.tool.name, f"{quota.max}/1d"], quota.remaining)
             quota_reset.add_metric([view.tool.name, f"{quota.max}/1d"],
                                    max(0.0, quota.resets_at_s - snapshot.at_s))
-    yield from (quota_left, quota_reset)
+    pool_left = GaugeMetricFamily("throttle_pool_quota_remaining",
+                                  "Units left today in the pool's daily quota (all its tools).",
+                                  labels=["pool", "quota"])
+    pool_reset = GaugeMetricFamily("throttle_pool_quota_reset_seconds",
+                                   "Seconds until the pool's daily quota resets.",
+                                   labels=["pool", "quota"])
+    for pool in snapshot.pools.values():
+        for quota in pool.quotas:
+            pool_left.add_metric([pool.pool.name, f"{quota.max}/1d"], quota.remaining)
+            pool_reset.add_metric([pool.pool.name, f"{quota.max}/1d"],
+                                  max(0.0, quota.resets_at_s - snapshot.at_s))
+    yield from (quota_left, quota_reset, pool_left, pool_reset)
     live = GaugeMetricFamily("throttle_live_limit_set_at_seconds",
                              "When each live override (`throttle limits set`) was set, with "
                              "what it applies to, its limits and who set it.",
@@ -186,6 +197,19 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
     for override in snapshot.overrides:
         live.add_metric([override.target, override.limits_text, override.set_by,
                          str(override.version)], override.set_at_s)
+    adaptive = GaugeMetricFamily("throttle_adaptive_limit",
+                                 "An adaptive pool's or tool's limit of its longest window: "
+                                 "configured (or overridden) and effective (learned from the "
+                                 "upstream's answers).", labels=["target", "window", "kind"])
+    moved = GaugeMetricFamily("throttle_adaptive_moved_at_seconds",
+                              "When an adaptive limit last moved, and why ('headers: ...', "
+                              "'429', 'raised').", labels=["target", "reason"])
+    for state in snapshot.adaptive:
+        window = format_ms(state.window_ms)
+        adaptive.add_metric([state.target, window, "configured"], state.configured)
+        adaptive.add_metric([state.target, window, "effective"], state.effective)
+        if state.changed_at_s is not None:
+            moved.add_metric([state.target, state.reason], state.changed_at_s)
     tenant_admitted = GaugeMetricFamily(
         "throttle_tenant_admitted_last_minute", "Calls of a fair tool admitted in the last "
         "minute, for its top tenants and 'other'", labels=["tool", "tenant"])
@@ -198,7 +222,7 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             tenant_wait.add_metric([view.tool.name, tenant.tenant], tenant.mean_wait_s)
     yield from (tenant_admitted, tenant_wait)
     yield from (in_window, limit_rate, effective, waiting, reserved, depth, cooldown,
-                pool_usage, pool_units, live)
+                pool_usage, pool_units, live, adaptive, moved)
 
 
 def _stop(signum: int, _: Any) -> None:

@@ -1,12 +1,15 @@
 """`throttle limits set / reset / show`: change a tool's, a tenant's or a pool's limits live.
 
   throttle limits set TOOL "200/60s" ["10/1s" ...]        the tool's limits, on every worker
+  throttle limits set TOOL "500/1s" "10000/1d"            ... and its daily quota
   throttle limits set TOOL --key acme "1000/60s"          a tier for one key value
-  throttle limits set --pool llm "500/60s"                a pool's limits
+  throttle limits set --pool llm "500/60s" "90000/1d"     a pool's limits (and its quota)
   throttle limits reset TOOL [--key acme] | --pool llm    back to the tools file
   throttle limits show                                    every override, who set it and when
 
-Overrides live in Redis (throttle/overrides.py) and apply from the next decision on.
+Overrides live in Redis (throttle/overrides.py) and apply from the next decision on (within
+0.5 s for the default of a tool whose key values have keys of their own). Each kind an
+override gives (sliding limits, daily quotas) replaces the file's; a kind it leaves out stays.
 """
 
 from __future__ import annotations
@@ -140,9 +143,10 @@ def _file_limits(override: Override, sources: Sources) -> str:
     config = sources.config
     if override.pool is not None:
         pool = config.pools.get(override.pool)
-        return " ".join(str(x) for x in pool.limits) if pool else "(no such pool)"
+        return " ".join(str(x) for x in (*pool.limits, *pool.quotas)) if pool else (
+            "(no such pool)")
     tool = config.tools.get(override.tool or "")
-    return " ".join(str(x) for x in tool.limits) if tool else "(no such tool)"
+    return " ".join(str(x) for x in (*tool.limits, *tool.quotas)) if tool else "(no such tool)"
 
 
 def _when(at_s: float) -> str:

@@ -1,11 +1,11 @@
 """What the worker observes about each call: counted in memory, flushed to Redis every second.
 
-`throttle/task.py` calls the three hooks; they never raise into the task and never make a
-Redis round trip of their own. Each process keeps one `StatsBuffer` per `Throttle`; a daemon
-thread (started on first use, and again in a forked child) writes them every
-`FLUSH_INTERVAL_S` in one pipeline, and once more when the process ends (Celery's
-`worker_process_shutdown` / `worker_shutdown`, or `atexit`). `throttle exporter` serves
-the totals to Prometheus, however many processes and hosts wrote them.
+`throttle/task.py` calls the hooks (`throttle/revocation.py` the revoke's); they never raise
+into the task and never make a Redis round trip of their own. Each process keeps one
+`StatsBuffer` per `Throttle`; a daemon thread (started on first use, and again in a forked
+child) writes them every `FLUSH_INTERVAL_S` in one pipeline, and once more when the process
+ends (Celery's `worker_process_shutdown` / `worker_shutdown`, or `atexit`). `throttle
+exporter` serves the totals to Prometheus, however many processes and hosts wrote them.
 
 Each delay and fallback is logged at INFO with its reason and wait
 (`throttle/monitor/decisions.py`), and sent as a Celery event (`task-delayed`, `task-fallback`)
@@ -104,6 +104,14 @@ def _delays_before(request: Any) -> int | None:
     except ValueError:
         return None
     return count if 0 <= count < 1_000_000 and getattr(request, "id", None) else None
+
+
+def observe_revoked(task: Observed, call_id: str) -> None:
+    """A revoked call of `task`'s: it no longer counts as waiting."""
+    try:
+        _buffer(task).forget_waiting(task.tool.name, call_id)
+    except Exception:  # metrics must never break a revoke
+        logger.debug("could not forget the revoked call %s", call_id, exc_info=True)
 
 
 def limits_text(tool: Any) -> str:

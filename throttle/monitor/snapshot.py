@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from throttle.adaptive import AdaptiveState, read_states
 from throttle.config import Config, PoolConfig, ToolConfig
 from throttle.fairness import fairness_of
 from throttle.keys import (
@@ -39,8 +40,8 @@ from throttle.monitor.stats import (
 )
 from throttle.monitor.tenants import TenantUse, bucket_keys, tenant_uses
 from throttle.monitor.waiting import DELAY_REASONS, GRACE_S
-from throttle.overrides import Override, read_overrides
-from throttle.quotas import QuotaUse, read_quotas
+from throttle.overrides import Override, in_force, read_overrides
+from throttle.quotas import QuotaUse, read_pool_quotas, read_quotas
 from throttle.store import StoreClient
 
 logger = logging.getLogger("throttle.monitor.snapshot")
@@ -78,8 +79,8 @@ class ToolView:
 
     @property
     def limits(self) -> tuple[Limit, ...]:
-        """The limits the gate enforces now: the live override's, else the file's."""
-        return self.live.limits if self.live else self.tool.limits
+        """The sliding limits the gate enforces now: the live override's, else the file's."""
+        return in_force(self.live.limits if self.live else None, self.tool.limits, ())[0]
 
     @property
     def waiting_calls(self) -> int:
@@ -101,6 +102,7 @@ class PoolView:
     pool: PoolConfig
     windows: tuple[WindowUse, ...]
     cooldown_s: float
+    quotas: tuple[QuotaUse, ...] = ()  # today's use of the pool's daily quotas (all tools)
 
     def class_use(self, priority: str) -> float:
         """The pool's use over the class's allowance (share x max), in its tightest window;
@@ -117,6 +119,7 @@ class Snapshot:
     tools: tuple[ToolView, ...]
     pools: Mapping[str, PoolView] = field(default_factory=dict)
     overrides: tuple[Override, ...] = ()  # every live override (throttle/overrides.py)
+    adaptive: tuple[AdaptiveState, ...] = ()  # every adaptive limit (throttle/adaptive.py)
 
     def pool_use(self, view: ToolView) -> float | None:
         """The use of the tool's class allowance in its pool, or None without a pool."""
@@ -208,10 +211,14 @@ def read_snapshot(
     overrides = read_overrides(client, prefix)
     live = {(o.pool, o.tool): o for o in overrides if o.key is None}
 
+    def in_force_of(tool: str | None, pool: str | None, sliding: tuple[Limit, ...],
+                    quotas: tuple[Limit, ...]) -> tuple[tuple[Limit, ...], tuple[Limit, ...]]:
+        found = live.get((pool, tool))
+        return in_force(found.limits if found else None, sliding, quotas)
+
     def limits_of(tool: str | None, pool: str | None, default: tuple[Limit, ...]
                   ) -> tuple[Limit, ...]:
-        found = live.get((pool, tool))
-        return found.limits if found else default
+        return in_force_of(tool, pool, default, ())[0]
 
     tools = list(config.tools.values())
     pools: dict[str, tuple[PoolConfig, ToolKeys]] = {}
@@ -270,18 +277,23 @@ def read_snapshot(
             waiting=waiting,
             enforced_limits=None if enforced is None else _text(enforced),
             live=live.get((None, tool.name)),
-            quotas=() if per_key else tuple(
-                read_quotas(client, tool, _keys(prefix, tool), now_ms / 1000)),
+            quotas=() if per_key else tuple(read_quotas(
+                client, tool, _keys(prefix, tool), now_ms / 1000,
+                in_force_of(tool.name, None, tool.limits, tool.quotas)[1])),
         ))
     pool_views = {
         name: PoolView(pool, cooldown_s=cooldown_left_s(next(raw)),
                        windows=tuple(WindowUse(lim, next(units))
-                                     for lim in limits_of(None, name, pool.limits)))
+                                     for lim in limits_of(None, name, pool.limits)),
+                       quotas=tuple(read_pool_quotas(
+                           client, prefix, pool, now_ms / 1000,
+                           in_force_of(None, name, pool.limits, pool.quotas)[1])))
         for name, (pool, _) in pools.items()
     }
     views = _with_tenants(client, config, prefix, views, now_ms / 1000)
     return Snapshot(at_s=now_ms / 1000, tools=tuple(views), pools=pool_views,
-                    overrides=tuple(overrides))
+                    overrides=tuple(overrides),
+                    adaptive=tuple(read_states(client, config, prefix, now_s=now_ms / 1000)))
 
 
 def _with_tenants(client: StoreClient, config: Config, prefix: str, views: list[ToolView],

@@ -120,6 +120,11 @@ class StatsBuffer:
                 self._counts[totals, "delay:count"] += 1
                 self._sums[totals, "delay:sum"] += wait_s
 
+    def forget_waiting(self, tool: str, call_id: str) -> None:
+        """A held call that will not come back (revoked) leaves every reason's set."""
+        with self._lock:
+            self._waiting[tool, call_id] = (None, True)
+
     def note_limits(self, tool: str, limits: str) -> None:
         """Record the limits this process enforces for `tool` (written at the next flush)."""
         self._limits[tool] = limits

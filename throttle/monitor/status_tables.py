@@ -164,6 +164,13 @@ def quota_lines(snapshot: Snapshot) -> list[Text]:
                 f"quota {view.tool.name}: {use.remaining:g} of {use.max} left today, resets in "
                 f"{left_s // 3600}h{left_s % 3600 // 60:02d}m (midnight {view.tool.quota_tz})",
                 style="red" if use.remaining <= 0 else ""))
+    for pool in snapshot.pools.values():
+        for use in pool.quotas:
+            left_s = max(0, int(use.resets_at_s - snapshot.at_s))
+            lines.append(Text(
+                f"quota pool {pool.pool.name}: {use.remaining:g} of {use.max} left today, "
+                f"resets in {left_s // 3600}h{left_s % 3600 // 60:02d}m (midnight "
+                f"{pool.pool.quota_tz})", style="red" if use.remaining <= 0 else ""))
     return lines
 
 
@@ -176,6 +183,21 @@ def override_lines(snapshot: Snapshot) -> list[Text]:
              style="cyan")
         for o in snapshot.overrides
     ]
+
+
+def adaptive_lines(snapshot: Snapshot) -> list[Text]:
+    """A line per adaptive pool or tool: configured vs effective limit, and why it moved."""
+    lines = []
+    for state in snapshot.adaptive:
+        window = format_ms(state.window_ms)
+        why = ""
+        if state.reason and state.changed_at_s is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(state.changed_at_s))
+            why = f" (last moved {at}: {state.reason})"
+        style = "yellow" if state.effective < state.configured else "cyan"
+        lines.append(Text(f"adaptive {state.target}: effective {state.effective:g}/{window} of "
+                          f"configured {state.configured:g}/{window}{why}", style=style))
+    return lines
 
 
 def limit_warnings(snapshot: Snapshot, config_source: str) -> list[str]:
@@ -215,5 +237,6 @@ def render(snapshot: Snapshot, title: str, width: int, warnings: list[str] | Non
     parts += quota_lines(snapshot)
     parts += tenant_lines(snapshot)
     parts += override_lines(snapshot)
+    parts += adaptive_lines(snapshot)
     parts.append(capacity_table(snapshot))
     return Group(*parts)

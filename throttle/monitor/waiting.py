@@ -7,10 +7,10 @@ next decision (admit, fallback or another delay) takes it out of every reason's 
 writes go out with the counters' once-a-second flush, from whichever process decided, so
 the sets hold every waiting call of every worker on every host.
 
-A call counts as waiting from its delay until its next decision, or until `GRACE_S` past its
-ETA, whichever comes first: a call whose worker died, or whose revocation skipped the
-next decision, leaves the count by itself, and so does the rare entry written after that
-call's next decision (two processes flushing out of order, for waits under a second).
+A call counts as waiting from its delay until its next decision, its revocation, or until
+`GRACE_S` past its ETA, whichever comes first: a call whose worker died leaves the count by
+itself, and so does the rare entry written after that call's next decision (two processes
+flushing out of order, for waits under a second).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
+from throttle.stub.hidden import HiddenLimits, go_duration
 from throttle.stub.values import minimal_value
 from throttle.tokens import compact_json, prompt_tokens, text_tokens
 
@@ -43,6 +44,11 @@ class StubSettings(BaseModel):
     fail_until: float = 0.0
     fail_status: int = Field(default=500, ge=400, le=599)
     answer: Literal["tool_call", "text", "bad_json", "invalid"] = "tool_call"
+    # Hidden limits (throttle/stub/hidden.py): 0 for none; 429 past them.
+    hidden_requests: int = Field(default=0, ge=0)  # requests per hidden window
+    hidden_tokens: int = Field(default=0, ge=0)  # tokens per hidden window
+    hidden_window_s: float = Field(default=60.0, gt=0, le=86_400)
+    limit_headers: Literal["openai", "anthropic", "none"] = "none"  # how answers report them
 
     def changed(self, changes: dict[str, Any], *, now_s: float) -> StubSettings:
         """These settings with `changes`; `busy_for_s` / `fail_for_s` set a window from now."""
@@ -79,6 +85,7 @@ class Stub:
     def __init__(self, settings: StubSettings) -> None:
         self.settings = settings
         self.stats = Stats()
+        self.hidden = HiddenLimits()
 
     def refusal(self, authorization: str | None, now_s: float) -> Reply | None:
         """Count a request; a 401, 429 or failure status when the settings call for one."""
@@ -86,20 +93,20 @@ class Stub:
         number, settings = self.stats.requests, self.settings
         if settings.api_key and authorization != f"Bearer {settings.api_key}":
             presented = (authorization or "").removeprefix("Bearer ")
-            return 401, {}, _error(f"Incorrect API key provided: {presented}.",
+            return 401, {}, error_body(f"Incorrect API key provided: {presented}.",
                                    "invalid_request_error", "invalid_api_key")
         self.stats.authorized += 1
         if _due(number, settings.busy_every, settings.busy_next, settings.busy_until, now_s):
             if settings.busy_next:
                 self.settings = settings.model_copy(update={"busy_next": settings.busy_next - 1})
             wait = settings.retry_after_s
-            return 429, pause_headers(wait, settings.retry_style, now_s), _error(
+            return 429, pause_headers(wait, settings.retry_style, now_s), error_body(
                 f"Rate limit reached (stub). Please try again in {wait:g}s.", "requests",
                 "rate_limit_exceeded")
         if _due(number, settings.fail_every, settings.fail_next, settings.fail_until, now_s):
             if settings.fail_next:
                 self.settings = settings.model_copy(update={"fail_next": settings.fail_next - 1})
-            return settings.fail_status, {}, _error(
+            return settings.fail_status, {}, error_body(
                 "The server had an error while processing your request (stub).", "server_error")
         return None
 
@@ -116,7 +123,7 @@ def _due(number: int, every: int, next_n: int, until: float, now_s: float) -> bo
     return next_n > 0 or (every > 0 and number % every == 0) or now_s < until
 
 
-def _error(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
@@ -134,23 +141,11 @@ def pause_headers(wait_s: float, style: str, now_s: float) -> dict[str, str]:
     return {"Retry-After": str(math.ceil(wait_s))}
 
 
-def go_duration(seconds: float) -> str:
-    """Seconds as the duration text OpenAI sends: "6m0s", "1.5s", "250ms"."""
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{secs:g}s"
-    if hours or minutes:
-        text = f"{int(minutes)}m{text}"
-    return f"{int(hours)}h{text}" if hours else text
-
-
 def completion(body: Any, settings: StubSettings, number: int) -> Reply:
     """The chat completion for a request body: a call of the forced tool, or a 400."""
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) \
             or not body["messages"] or not isinstance(body.get("model"), str):
-        return 400, {}, _error("expected a JSON object with 'model' and a non-empty "
+        return 400, {}, error_body("expected a JSON object with 'model' and a non-empty "
                                "'messages' list", "invalid_request_error")
     tools = body.get("tools") or []
     prompt = prompt_tokens(body["messages"], tools)
@@ -158,7 +153,7 @@ def completion(body: Any, settings: StubSettings, number: int) -> Reply:
     try:
         name, schema = _forced(tools, body.get("tool_choice"))
     except ValueError as exc:
-        return 400, {}, _error(str(exc), "invalid_request_error")
+        return 400, {}, error_body(str(exc), "invalid_request_error")
     message: dict[str, Any] = {"role": "assistant", "content": None}
     if name is None or settings.answer == "text":
         message["content"] = "This is the stub's answer."
@@ -167,7 +162,7 @@ def completion(body: Any, settings: StubSettings, number: int) -> Reply:
         try:
             text = _arguments(name, schema, settings.answer)
         except ValueError as exc:
-            return 400, {}, _error(str(exc), "invalid_request_error")
+            return 400, {}, error_body(str(exc), "invalid_request_error")
         finish = "tool_calls"
         if text_tokens(text) > limit:
             text, finish = text[: limit * 4], "length"

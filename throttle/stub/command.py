@@ -33,6 +33,16 @@ from throttle.stub.behaviour import StubSettings
 @click.option("--fail-every", default=0, type=click.IntRange(min=0),
               help="Answer every Nth request with --fail-status.")
 @click.option("--fail-status", default=500, show_default=True, type=click.IntRange(400, 599))
+@click.option("--hidden-requests", default=0, type=click.IntRange(min=0),
+              help="Serve at most this many requests per --hidden-window; 429 past it.")
+@click.option("--hidden-tokens", default=0, type=click.IntRange(min=0),
+              help="Serve at most this many tokens per --hidden-window; 429 past it.")
+@click.option("--hidden-window", "hidden_window_s", default=60.0, show_default=True,
+              type=click.FloatRange(0.001, 86_400), help="Seconds of the hidden limits' window.")
+@click.option("--limit-headers", default="none", show_default=True,
+              type=click.Choice(["openai", "anthropic", "none"]),
+              help="How answers report the hidden limits: x-ratelimit-* (OpenAI), "
+                   "anthropic-ratelimit-* (Anthropic), or not at all.")
 def stub_llm(host: str, port: int, **options: object) -> None:
     """An OpenAI-compatible POST /v1/chat/completions stub on HOST:PORT.
 

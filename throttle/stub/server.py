@@ -22,7 +22,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from throttle.stub.behaviour import Stub, StubSettings, completion
+from throttle.stub.behaviour import Stub, StubSettings, completion, error_body
 
 
 class _Handler(tornado.web.RequestHandler):
@@ -56,12 +56,28 @@ class ChatCompletions(_Handler):
         number = self.stub.stats.requests
         settings = self.stub.settings
         status, headers, body = completion(self.body_json(), settings, number)
+        if status == 200 and (settings.hidden_requests or settings.hidden_tokens):
+            status, headers, body = self.hidden(arrived, status, body)
         if status == 200 and settings.latency_s:
             await asyncio.sleep(settings.latency_s)
         usage = body.get("usage", {})
         self.stub.record(arrived, status, usage.get("prompt_tokens", 0),
                          usage.get("completion_tokens", 0))
         self.reply(status, body, headers)
+
+
+    def hidden(self, arrived: float, status: int, body: dict[str, Any]
+               ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """The answer under the hidden limits: served with their headers, or a 429."""
+        settings = self.stub.settings
+        tokens = int(body.get("usage", {}).get("total_tokens", 0))
+        fits, headers = self.stub.hidden.check(
+            arrived, tokens, settings.hidden_requests, settings.hidden_tokens,
+            settings.hidden_window_s, settings.limit_headers)
+        if fits:
+            return status, headers, body
+        return 429, headers, error_body("Rate limit reached (stub's hidden limit).", "requests",
+                                    "rate_limit_exceeded")
 
 
 class Models(_Handler):

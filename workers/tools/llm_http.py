@@ -13,6 +13,7 @@ Settings come from the worker's environment (read at each call; a change makes a
 
 A 429, or a 503 with a retry hint, raises `UpstreamBusy` (the worker pauses the tool or its
 pool everywhere); any other 4xx raises `UpstreamError` with the upstream's message at once.
+Every answer's headers go to `throttle.report_headers` (adaptive limits learn from them).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from throttle.adaptive import report_headers
 from throttle.errors import ThrottleError, UpstreamBusy
 from throttle.store import mask_url
 from workers.tools.retry_hints import pause_s
@@ -134,6 +137,7 @@ class _Upstream:
 
 
 _upstream: _Upstream | None = None
+_making = threading.Lock()  # threads arriving together make one client (each costs ~50 ms)
 
 
 def upstream() -> _Upstream:
@@ -141,10 +145,15 @@ def upstream() -> _Upstream:
     connections must not be shared across processes) and when the settings change."""
     global _upstream
     settings = Settings.from_env()
-    if _upstream is None or _upstream.pid != os.getpid() or _upstream.settings != settings:
-        # The old client is not closed: another thread of this process may still use it.
-        _upstream = _Upstream(settings)
-    return _upstream
+    current = _upstream
+    if current is not None and current.pid == os.getpid() and current.settings == settings:
+        return current
+    with _making:
+        current = _upstream
+        if current is None or current.pid != os.getpid() or current.settings != settings:
+            # The old client is not closed: another thread of this process may still use it.
+            current = _upstream = _Upstream(settings)
+    return current
 
 
 def post_chat(body: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +180,7 @@ def post_chat(body: dict[str, Any]) -> dict[str, Any]:
             status = None
             failure = f"could not be reached ({type(exc).__name__}: {settings.redact(str(exc))})"
         else:
+            report_headers(response.headers, status=response.status_code)  # adaptive limits
             if response.status_code < 400:
                 return _json_of(response, settings)
             _raise_if_final(response, settings)
