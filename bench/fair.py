@@ -19,8 +19,8 @@ What it measures (every row against the same Redis, `THROTTLE_REDIS_URL`)
     cost         decisions per second, real clock, one client: a tool whose limit never binds
                  (every call ADMIT) and one limited to 10/1s (every call after the first waits:
                  reserved without fair_by, mostly parked with it), each with and without
-                 `fair_by`, slices of 1,000 calls alternating; best of `--rounds`; target fair
-                 >= 0.8x the same tool without it.
+                 `fair_by`, slices of 1,000 calls alternating; best of `--rounds` (and the
+                 range of the rounds' ratios); target fair >= 0.8x the same tool without it.
     celery       (`--celery`; `--quick` is smaller) the flood through 3 real `celery worker`
                  nodes (prefork, 2 processes each), FIFO then fair: the quiet tenants' longest
                  wait from their send to their body's start, the most admitted in a window,
@@ -172,6 +172,7 @@ def cost_rows(client: redis.Redis, n: int, rounds: int) -> list[dict[str, Any]]:
                   (("admit-heavy", "10000000/10m"), ("delay-heavy", "10/1s"))
                   for fair in (False, True)]
     best: dict[tuple[str, bool], float] = {}
+    ratios: dict[str, list[float]] = {}  # per round: fair / plain
     answers: dict[tuple[str, bool], Counter[str]] = {}
     for _ in range(rounds):
         prefixes = {c: f"bench-fair-{uuid.uuid4().hex[:8]}" for c in contenders}
@@ -191,6 +192,10 @@ def cost_rows(client: redis.Redis, n: int, rounds: int) -> list[dict[str, Any]]:
                     seen[d.reason] += 1
                 spent[c] += time.perf_counter() - started
             done += 1000
+        for label in ("admit-heavy", "delay-heavy"):
+            pair = [c for c in contenders if c[0] == label]
+            plain, fair = (spent[c] for c in sorted(pair, key=lambda c: c[2]))
+            ratios.setdefault(label, []).append(plain / fair)
         for c in contenders:
             rate = n / spent[c]
             best[(c[0], c[2])] = max(best.get((c[0], c[2]), 0.0), rate)
@@ -200,8 +205,10 @@ def cost_rows(client: redis.Redis, n: int, rounds: int) -> list[dict[str, Any]]:
     rows = []
     for label in ("admit-heavy", "delay-heavy"):
         plain, fair = best[(label, False)], best[(label, True)]
+        low, high = min(ratios[label]), max(ratios[label])
         rows.append({"row": label, "plain_per_s": plain, "fair_per_s": fair,
-                     "ratio": fair / plain, "answers_fair": dict(answers[(label, True)])})
+                     "ratio": fair / plain, "ratio_range": f"{low:.2f}-{high:.2f}",
+                     "answers_fair": dict(answers[(label, True)])})
     return rows
 
 
@@ -372,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         result["zipf"], ["row", "jain_5s", "jain_1s", "most_in_1s"]))
     if result["cost"]:
         console.print(table("cost: decisions/s, fair vs the same tool without fair_by",
-                            result["cost"], ["row", "plain_per_s", "fair_per_s", "ratio"]))
+                            result["cost"], ["row", "plain_per_s", "fair_per_s", "ratio",
+                                             "ratio_range"]))
     if args.celery:
         with tempfile.TemporaryDirectory(prefix="bench-fair-") as workdir:
             result["celery"] = [celery_row(url, fair, args.quick, Path(workdir))
