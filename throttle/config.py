@@ -28,7 +28,7 @@ from throttle import bounds
 from throttle.errors import ConfigError
 from throttle.functions import check_function_path, load_function
 from throttle.limit import Limit, format_ms, parse_duration_ms
-from throttle.tool_rules import tool_problems
+from throttle.tool_rules import argument_problem, tool_problems
 
 DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
 LOCAL_CONFIG = Path("config") / "tools.toml"  # the tools file of the current directory
@@ -64,6 +64,9 @@ class ToolConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     result: dict[str, Any] = Field(default_factory=dict)
     fallback: Any = None
+    fair_by: str | None = None  # share the limits among this argument's values (fairness.py)
+    fair_weights: dict[str, float] = Field(default_factory=dict)
+    fair_horizon_ms: int | None = Field(default=None, alias="fair_horizon")
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +111,20 @@ class ToolConfig(BaseModel):
             raise ValueError(f"{value!r} needs a unit; write it as a string such as \"60s\"")
         return bounds.check_duration(value, parse_duration_ms(value),
                                      bounds.MAX_LEASE_TIMEOUT_MS, bounds.MIN_LEASE_TIMEOUT_MS)
+
+    @field_validator("fair_horizon_ms", mode="before")
+    @classmethod
+    def _parse_fair_horizon(cls, value: Any) -> int:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"500ms\"")
+        return bounds.check_duration(value, parse_duration_ms(value), bounds.MAX_WINDOW_MS)
+
+    @field_validator("fair_weights")
+    @classmethod
+    def _check_fair_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for tenant, weight in value.items():
+            bounds.check_units(weight, f"the weight of {tenant!r}")
+        return value
 
     @field_validator("cost", "settle")
     @classmethod
@@ -180,11 +197,20 @@ class PoolConfig(BaseModel):
     quota_tz: str = "UTC"  # the time zone whose midnight resets them (and its tools' quotas)
     shares: dict[str, float]
     adaptive: bool = False  # learn the upstream's real limit from its answers (adaptive.py)
+    fair_by: str | None = None  # every tool of the pool has this argument (fairness.py)
+    fair_weights: dict[str, float] = Field(default_factory=dict)
+    fair_horizon_ms: int | None = Field(default=None, alias="fair_horizon")
 
     _parse_limits = field_validator("limits", mode="before")(
         ToolConfig._parse_limits.__func__  # type: ignore[attr-defined]
     )
     _check_quota_tz = field_validator("quota_tz")(bounds.check_time_zone)
+    _parse_fair_horizon = field_validator("fair_horizon_ms", mode="before")(
+        ToolConfig._parse_fair_horizon.__func__  # type: ignore[attr-defined]
+    )
+    _check_fair_weights = field_validator("fair_weights")(
+        ToolConfig._check_fair_weights.__func__  # type: ignore[attr-defined]
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -348,6 +374,15 @@ def _check_pool(tool: ToolConfig, pools: Mapping[str, PoolConfig], where: str) -
         raise ConfigError(f"{here}, field 'quota_tz': {tool.quota_tz!r}, but the tools of pool "
                           f"{tool.pool!r} count days in the pool's quota_tz ({pool.quota_tz!r}); "
                           "set quota_tz on the pool instead")
+    if pool.fair_by is not None:
+        if tool.fair_by is not None:
+            raise ConfigError(f"{here}, field 'fair_by': its pool {tool.pool!r} shares by "
+                              f"{pool.fair_by!r}; set fair_by on the pool or on its tools, "
+                              "not both")
+        problem = argument_problem(tool.params, pool.fair_by, "fair share")
+        if problem:
+            raise ConfigError(f"{here}, field 'params' (pool {tool.pool!r} has fair_by = "
+                              f"{pool.fair_by!r}): {problem}")
     if tool.priority not in pool.shares:
         classes = ", ".join(sorted(pool.shares))
         raise ConfigError(
@@ -390,8 +425,8 @@ def _build_tool(name: str, body: dict[str, Any], where: str, import_functions: b
 
 def _describe(exc: ValidationError, tool: str, where: str) -> str:
     lines = []
-    internal = ("name", "max_delay_ms", "slot_margin_ms")
-    fields = sorted([*ToolConfig.model_fields, "max_delay", "slot_margin"])
+    internal = ("name", "max_delay_ms", "slot_margin_ms", "fair_horizon_ms")
+    fields = sorted([*ToolConfig.model_fields, "max_delay", "slot_margin", "fair_horizon"])
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         if error["type"] == "extra_forbidden":

@@ -20,11 +20,13 @@ from typing import Any
 from throttle.adaptive import Adapter
 from throttle.config import Config, ToolConfig
 from throttle.errors import InvalidToolCall
+from throttle.fairness import Fairness, fairness_of
 from throttle.keys import (
     DEFAULT_PREFIX,
     ToolKeys,
     check_prefix,
     cooldown_left_s,
+    fair_keys,
     keys_for,
     override_fields,
     overrides_key,
@@ -94,6 +96,9 @@ class GateBase:
         self.prefix = check_prefix(prefix)
         self.url = url
         self._errors = StoreErrors(url)
+        self.fairness: dict[str, Fairness | None] = {
+            name: fairness_of(config, tool) for name, tool in config.tools.items()
+        }
         # Per tool, built once and encoded: the fixed tail of the script's arguments, and
         # its keys when they do not depend on a key argument.
         self._tails = {name: self._tail(tool, tool.limits) for name, tool in config.tools.items()}
@@ -173,6 +178,9 @@ class GateBase:
         keys += [overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
         if tool.pool:
             keys.append(pool_quota_key(self.prefix, tool.pool))
+        fair = self.fairness[tool.name]
+        if fair is not None:  # after every other key but the receipts (acquire.lua)
+            keys += fair_keys(tool_keys, fair.pool, self.prefix)
         return [name.encode() for name in keys]
 
     def _live_fields(self, tool: ToolConfig, key: Any) -> list[bytes]:
@@ -196,6 +204,7 @@ class GateBase:
         deadline_s: float | None,
         now_s: float | None,
         receipt: str | None = None,
+        fair_key: Any = None,
     ) -> tuple[list[bytes], list[bytes]]:
         tool = self.config.tool(tool_name)
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (
@@ -219,10 +228,27 @@ class GateBase:
                 *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
                 quotas, self._days[tool_name].at(now_s), *quota_maxes]
         keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
+        fair = self.fairness[tool_name]
+        if fair is not None:
+            args += self._fair_args(tool_name, fair, fair_key)
         args.append(encode(receipt or ""))  # always the last argument (acquire.lua)
         if receipt:
             keys = [*keys, receipts_key(keys[0].decode()).encode()]
         return keys, args
+
+    @staticmethod
+    def _fair_args(tool_name: str, fair: Fairness, fair_key: Any) -> list[bytes]:
+        """acquire.lua's fair-sharing arguments: the marker, tenant, weight and horizon."""
+        if fair_key is None:
+            raise InvalidToolCall(tool_name, f"its calls are shared fairly by {fair.by!r}: "
+                                  f"pass fair_key=<the call's {fair.by}>")
+        try:
+            tenant = fair.tenant_id(fair_key)
+        except (TypeError, ValueError) as exc:
+            raise InvalidToolCall(tool_name, f"its fair_key must be a JSON value (a string, "
+                                  f"number, list or object): {exc}") from None
+        return [b"fair", tenant.encode(), encode(fair.weight(fair_key)),
+                encode(fair.horizon_ms)]
 
     @staticmethod
     def _release_keys(keys: ToolKeys) -> list[str]:
@@ -309,17 +335,21 @@ class Gate(GateBase):
         deadline_s: float | None = None,
         now_s: float | None = None,
         receipt: str | None = None,
+        fair_key: Any = None,
     ) -> Decision:
         """Decide one call of `tool` identified by `member` (the task id).
 
         `deadline_s` tightens the tool's max_delay; `now_s` pins the clock (tests only).
         `receipt` ('<message tag>|<delivery nonce>') names this delivery of the call: an
         admitted member asking again with another receipt is answered 'rerun' (same message
-        tag) or 'reused' instead of 'readmitted'.
+        tag) or 'reused' instead of 'readmitted'. `fair_key` is the call's tenant, required
+        for a tool (or pool) with `fair_by`: a DELAY with reason 'parked' is an estimate,
+        not a reservation; the call comes back then and keeps its place.
         """
         if self._defaults.due(tool):
             self.refresh_defaults()
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
+                                        fair_key)
         with self._errors:
             raw = evalsha(self.client, self._acquire_script, keys, args)
         return self._decision(raw)
