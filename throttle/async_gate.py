@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from throttle.config import Config
+from throttle.decision import Action, Decision
 from throttle.errors import Throttled
-from throttle.gate import Action, Decision, GateBase
+from throttle.gate_args import GateBase
 from throttle.keys import (
     DEFAULT_PREFIX,
     cooldown_left_s,

@@ -20,8 +20,8 @@ from celery.exceptions import Ignore, Reject, Retry
 from kombu.utils.uuid import uuid
 
 from throttle import adaptive, eager, recovery
+from throttle.decision import Action, Decision
 from throttle.errors import StoreUnavailable, UpstreamBusy
-from throttle.gate import Action, Decision
 from throttle.headers import DEADLINE_S, DELAYS, ENQUEUED_AT, STORE_RETRIES, THROTTLE_HEADERS
 from throttle.intake import header_count, header_number
 from throttle.monitor import metrics
