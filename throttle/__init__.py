@@ -3,7 +3,8 @@
 from throttle.adaptive import report_headers
 from throttle.async_gate import AsyncGate
 from throttle.awaiting import wait
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
 from throttle.decision import Action, Decision
 from throttle.errors import (
     ConfigError,

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import LOCAL_CONFIG, PROJECT_CONFIG, Config, default_config_path, load_config
+from throttle.config import Config
+from throttle.config_file import LOCAL_CONFIG, PROJECT_CONFIG, default_config_path, load_config
 from throttle.errors import ThrottleError
 from throttle.extras import require_extra
 from throttle.gateway.command import gateway

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from rich.console import Console
 from rich.live import Live
 
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
 from throttle.demo.chart import write_chart
 from throttle.demo.configs import demo_tools_only, scale_config, share_fairly
 from throttle.demo.embedded import embedded_stack
