@@ -13,6 +13,9 @@ worker does. Three phases, each `--phase-windows` windows long:
   raised     the hidden limit goes back to the configured one: windows until served
              reaches 0.9 of it again
 
+A 429 pauses the tool as a worker does (the answer's retry hint, else 1 s) before its
+answer is reported. The last line says which of the issue's targets were met.
+
 `--json PATH` saves every figure.
 """
 
@@ -35,7 +38,10 @@ import httpx
 import redis
 
 from throttle import Action, Gate, load_config
-from throttle.adaptive import Answer
+from throttle.adaptive import AdaptiveState, Answer
+from throttle.upstream_headers import read_limits
+from workers.tools.llm_http import DEFAULT_PAUSE_S
+from workers.tools.retry_hints import pause_s
 
 BODY = {"model": "stub-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -54,8 +60,10 @@ def start_stub(folder: Path, hidden: int, window_s: float, headers: str) -> tupl
     return proc, log.read_text().split("listening on ", 1)[1].split()[0]
 
 
-def drive(gate: Gate, url: str, threads: int, seconds: float) -> list[tuple[float, int]]:
-    """(answer time, status) of every call made by `threads` clients for `seconds`."""
+def drive(gate: Gate, url: str, threads: int, seconds: float,
+          trace: list[dict[str, Any]] | None = None) -> list[tuple[float, int]]:
+    """(answer time, status) of every call made by `threads` clients for `seconds`; with
+    `trace`, also what each answer reported and what the gate set after it."""
     answers: list[tuple[float, int]] = []
     lock = threading.Lock()
     end = time.time() + seconds
@@ -71,13 +79,16 @@ def drive(gate: Gate, url: str, threads: int, seconds: float) -> list[tuple[floa
                 if decision.action is Action.FALLBACK:
                     continue
                 response = http.post("chat/completions", json=BODY)
-                gate.adapter.report("api", [Answer(dict(response.headers),
-                                                   response.status_code)])
-                if response.status_code == 429:
-                    pause_s = float(response.headers.get("retry-after-ms", 1000)) / 1000
-                    gate.cool_down("api", max(pause_s, 0.001), member=member)
+                if response.status_code == 429:  # as a worker does: pause, then report
+                    asked_s = pause_s(response.headers)
+                    gate.cool_down("api", DEFAULT_PAUSE_S if asked_s is None else asked_s,
+                                   member=member)
+                states = gate.adapter.report("api", [Answer(dict(response.headers),
+                                                            response.status_code)])
                 with lock:
                     answers.append((time.time(), response.status_code))
+                    if trace is not None:
+                        trace.append(_traced(response, states))
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for worker in workers:
@@ -85,6 +96,17 @@ def drive(gate: Gate, url: str, threads: int, seconds: float) -> list[tuple[floa
     for worker in workers:
         worker.join()
     return answers
+
+
+def _traced(response: httpx.Response, states: list[AdaptiveState]) -> dict[str, Any]:
+    reading = read_limits(response.headers).requests
+    return {"at_s": round(time.time(), 4), "status": response.status_code,
+            "limit": reading.limit, "remaining": reading.remaining,
+            "reset_s": reading.reset_s,
+            "effective": states[0].effective if states else None,
+            "reason": states[0].reason if states else None,
+            "headers": {k: v for k, v in response.headers.items()
+                        if "ratelimit" in k or "retry-after" in k}}
 
 
 def per_window(answers: list[tuple[float, int]], start: float, window_s: float,
@@ -97,15 +119,34 @@ def per_window(answers: list[tuple[float, int]], start: float, window_s: float,
     return windows
 
 
-def phase(url_redis: str, stub_url: str, adaptive: bool, limit: int, window_s: float,
-          threads: int, windows: int, prefix: str) -> tuple[list[Counter[int]], Gate]:
-    config = load_config({"tools": {"api": {
-        "limits": [f"{limit}/{int(window_s * 1000)}ms"], "max_delay": "10s",
-        "adaptive": adaptive}}})
+def phase(url_redis: str, stub_url: str, adaptive: bool, args: argparse.Namespace,
+          prefix: str, trace: list[dict[str, Any]] | None = None
+          ) -> tuple[list[Counter[int]], Gate]:
+    tool: dict[str, Any] = {"limits": [f"{args.limit}/{int(args.window * 1000)}ms"],
+                            "max_delay": "10s", "adaptive": adaptive}
+    if args.slot_margin_ms is not None:
+        tool["slot_margin"] = f"{args.slot_margin_ms}ms"
+    config = load_config({"tools": {"api": tool}})
     gate = Gate(url_redis, config, prefix=prefix)
     start = time.time()
-    answers = drive(gate, stub_url, threads, windows * window_s)
-    return per_window(answers, start, window_s, windows), gate
+    answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window, trace)
+    return per_window(answers, start, args.window, args.phase_windows), gate
+
+
+def verdict(figures: dict[str, Any]) -> dict[str, str]:
+    """Each target of the issue, 'pass' or 'FAIL' with the figure. With headers: learned
+    within 2 windows, then at most one 429 per window and utilization >= 0.9; recovered
+    within 3 windows. Without (429s only): the same with utilization >= 0.85, recovery
+    within 4 windows."""
+    headers = figures["headers"] != "none"
+    learned, used = figures["learned_after_windows"], figures["utilization_after_learning"]
+    recovered = figures["recovered_after_windows"]
+    want_use, want_recovery = (0.9, 3) if headers else (0.85, 4)
+    checks = {"learned <= 2 windows": learned is not None and learned <= 2,
+              f"utilization >= {want_use}": used is not None and used >= want_use,
+              f"recovered <= {want_recovery} windows": (recovered is not None
+                                                        and recovered <= want_recovery)}
+    return {name: "pass" if ok else "FAIL" for name, ok in checks.items()}
 
 
 def main() -> None:
@@ -115,25 +156,28 @@ def main() -> None:
     parser.add_argument("--headers", default="openai", choices=["openai", "anthropic", "none"])
     parser.add_argument("--threads", type=int, default=6)
     parser.add_argument("--phase-windows", type=int, default=12)
+    parser.add_argument("--slot-margin-ms", type=int,
+                        help="the tool's slot_margin (default: the config's default)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--trace", type=Path, help="JSON lines: each adaptive-phase answer's "
+                        "reported limit, remaining and reset, and the effective limit after it")
     args = parser.parse_args()
     url = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
     hidden = int(args.limit * 0.6)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     figures: dict[str, Any] = {"limit": args.limit, "hidden": hidden, "window_s": args.window,
-                               "headers": args.headers}
+                               "headers": args.headers, "slot_margin_ms": args.slot_margin_ms}
     with tempfile.TemporaryDirectory() as folder:
         stub, stub_url = start_stub(Path(folder), hidden, args.window, args.headers)
         admin = httpx.Client(base_url=stub_url.removesuffix("/v1"), timeout=10)
         try:
-            fixed, _ = phase(url, stub_url, False, args.limit, args.window, args.threads,
-                             args.phase_windows, prefix + "-fixed")
+            fixed, _ = phase(url, stub_url, False, args, prefix + "-fixed")
             busy = sum(w[429] for w in fixed)
             figures["fixed_429_per_minute"] = busy / (args.phase_windows * args.window) * 60
             figures["fixed_served_per_window"] = [w[200] for w in fixed]
             time.sleep(args.window * 2)  # the fixed phase's cooldowns and window pass
-            adaptive, gate = phase(url, stub_url, True, args.limit, args.window, args.threads,
-                                   args.phase_windows, prefix + "-adaptive")
+            trace: list[dict[str, Any]] = []
+            adaptive, gate = phase(url, stub_url, True, args, prefix + "-adaptive", trace)
             learned = next((i for i in range(len(adaptive))
                             if all(w[429] <= 1 for w in adaptive[i:])), None)
             after = adaptive[(learned or 0) + 1:] if learned is not None else []
@@ -144,7 +188,9 @@ def main() -> None:
                 sum(w[200] for w in after) / (len(after) * hidden) if after else None)
             admin.post("/_stub/config", json={"hidden_requests": args.limit}).raise_for_status()
             start = time.time()
-            answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window)
+            trace.append({"phase": "raised", "at_s": time.time()})
+            answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window,
+                            trace)
             raised = per_window(answers, start, args.window, args.phase_windows)
             figures["raised_served_per_window"] = [w[200] for w in raised]
             figures["raised_429_per_window"] = [w[429] for w in raised]
@@ -158,8 +204,11 @@ def main() -> None:
             for key in client.scan_iter(match=f"{prefix}*", count=1000):
                 client.delete(key)
             client.close()
+    figures["verdict"] = verdict(figures)
     for name, value in figures.items():
         print(f"{name:32} {value}")
+    if args.trace:
+        args.trace.write_text("".join(json.dumps(line) + "\n" for line in trace))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -77,8 +77,9 @@ def bench_config(fair: bool) -> Config:
         "delay_heavy": {"limits": [RESERVE_LIMIT], "max_delay": "59m"},
     }
     if fair:
-        tools[FAIR_TOOL] = {"limits": ["10000000/10m"], "max_delay": "10m",
-                            "fair_by": "tenant"}
+        tools[FAIR_TOOL] = {"limits": ["10000000/10m"], "max_delay": "10m", "fair_by": "tenant",
+                            "params": {"type": "object", "required": ["tenant"],
+                                       "properties": {"tenant": {"type": "string"}}}}
     return load_config({
         "broker": {"visibility_timeout": "2h"},
         "pools": {"bench_pool": {"limits": ["10000000/10m"],
@@ -171,8 +172,8 @@ class ScriptBench:
         return paths
 
     def fair_acquire(self, script: LuaScript, member: str, i: int) -> list[Any]:
-        keys, args = self.gate._acquire_call(  # type: ignore[call-arg]
-            FAIR_TOOL, member, None, 1, None, None, None, f"t{i % 8}")
+        keys, args = self.gate._acquire_call(FAIR_TOOL, member, None, 1, None, None, None,
+                                             fair_key=f"t{i % 8}")
         answer: list[Any] = evalsha(self.client, script, keys, args)
         return answer
 

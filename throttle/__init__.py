@@ -3,7 +3,9 @@
 from throttle.adaptive import report_headers
 from throttle.async_gate import AsyncGate
 from throttle.awaiting import wait
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
+from throttle.decision import Action, Decision
 from throttle.errors import (
     ConfigError,
     InvalidToolCall,
@@ -12,7 +14,7 @@ from throttle.errors import (
     ThrottleError,
     UpstreamBusy,
 )
-from throttle.gate import Action, Decision, Gate
+from throttle.gate import Gate
 from throttle.routing import Throttle
 from throttle.task import ThrottledTask, fallback_reason, outcome
 

@@ -7,9 +7,11 @@ requests or tokens, whichever the target counts) to adapt.lua, which keeps the e
 limit in the target's live-limits hash, where acquire.lua reads it in the same call as
 every decision: never above the file's limit or an operator's override, lowered at once
 when the upstream reports a lower limit or less remaining than the gate counts, raised
-back as it reports more. Answers without those headers move it by their status: a 429
-multiplies it by DECREASE, every window of answers without one adds INCREASE_PER_WINDOW of
-the ceiling (AIMD). A learned limit not confirmed for KEEP_WINDOWS windows lapses.
+back as it reports more. Answers without those headers move it by their status: a 429 cuts
+it BACKOFF below the level the upstream refused at, answers without one bring it back to
+that level over APPROACH_WINDOWS windows, then probe above it, PROBE_SHARE of it at
+first, each window's step PROBE_GROWTH times the last (adapt.lua). A learned limit
+not confirmed for KEEP_WINDOWS windows lapses.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from throttle.config import Config, ToolConfig
+from throttle.errors import ConfigError
 from throttle.keys import adaptive_fields, keys_for, overrides_key, pool_overrides_key
 from throttle.limit import Limit
 from throttle.overrides import encode
@@ -33,11 +36,13 @@ from throttle.upstream_headers import read_limits
 
 logger = logging.getLogger("throttle.adaptive")
 
-DECREASE = 0.7  # a 429 without headers keeps this share of the effective limit
-INCREASE_PER_WINDOW = 0.1  # share of the ceiling given back per window without a 429
+BACKOFF = 0.1  # a 429 without headers cuts the limit this share below where it came
+APPROACH_WINDOWS = 1  # windows to climb back to that level before probing above it
+PROBE_SHARE = 0.05  # the first probe above it, a share of it ...
+PROBE_GROWTH = 3.0  # ... each window's step this many times the last one's
 FLOOR_SHARE = 0.05  # the effective limit never goes under this share of the ceiling
 SLACK_SHARE = 0.02  # remaining may fall this short of the gate's count before it lowers
-HOLD_SHARE = 0.1  # after a 429 decrease, others within this share of the window are one
+HOLD_WINDOWS = 1.0  # after a 429 cut, other 429s within this many windows are the same one
 KEEP_WINDOWS = 10  # a learned limit lapses after this many windows without an answer
 MIN_KEEP_MS = 60_000
 
@@ -155,8 +160,8 @@ class Adapter:
 
         `busy`: the call ended with a 429 (UpstreamBusy) even if no answer was reported.
         """
-        found = self._targets.get(tool) or targets(self.config, self.prefix,
-                                                   self.config.tool(tool))
+        tool_config = self.config.tool(tool)
+        found = self._targets.get(tool) or targets(self.config, self.prefix, tool_config)
         if not found:
             return []
         with_headers = [answer for answer in answers if answer.headers]
@@ -166,12 +171,14 @@ class Adapter:
         for target in found:
             reading = limits.of(target.kind)
             pause_ms = (limits.retry_after_s or reading.reset_s or 0) * 1000
-            hold_ms = max(pause_ms, HOLD_SHARE * target.window_ms)
+            hold_ms = max(pause_ms, HOLD_WINDOWS * target.window_ms)
             keep_ms = max(MIN_KEEP_MS, KEEP_WINDOWS * target.window_ms)
             args = [target.field, "" if now_s is None else f"{now_s * 1000:.3f}",
                     encode(target.configured), "1" if busy else "0",
-                    _number(reading.limit), _number(reading.remaining), hold_ms, DECREASE,
-                    INCREASE_PER_WINDOW, FLOOR_SHARE, keep_ms, SLACK_SHARE]
+                    _number(reading.limit), _number(reading.remaining), hold_ms, BACKOFF,
+                    APPROACH_WINDOWS, FLOOR_SHARE, keep_ms, SLACK_SHARE,
+                    tool_config.slot_margin_ms / 2, PROBE_SHARE, PROBE_GROWTH,
+                    "" if reading.reset_s is None else reading.reset_s * 1000]
             with self._errors:
                 raw = self._script(keys=[target.limits_key, target.log, target.cost],
                                    args=args)
@@ -214,6 +221,24 @@ def read_states(client: StoreClient, config: Config, prefix: str, *,
             str(record.get("reason") or ""),
             None if changed_ms is None else float(changed_ms) / 1000))
     return states
+
+
+def forget(client: StoreClient, config: Config, prefix: str, *, tool: str | None = None,
+           pool: str | None = None) -> bool:
+    """Drop the limit learned for `tool` or `pool` at once (the file's or an override's
+    applies from the next decision); False if none was learned. ConfigError if it does not
+    adapt."""
+    found = {target.label: target for target in all_targets(config, prefix)}
+    known = ", ".join(found) or "none"
+    if (tool is None) == (pool is None):
+        raise ConfigError(f"name one tool or one --pool whose learned limit to forget "
+                          f"(adaptive: {known})")
+    label = f"pool {pool}" if pool is not None else f"tool {tool}"
+    if label not in found:
+        raise ConfigError(f"{label} has no adaptive limit (adaptive: {known}); name a tool "
+                          "or --pool with `adaptive = true`")
+    target = found[label]
+    return int(client.hdel(target.limits_key, *adaptive_fields(target.field))) > 0
 
 
 def _override_max(text: str, window_ms: int, default: float) -> float:

@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from throttle.config import Config
+from throttle.decision import Action, Decision
 from throttle.errors import Throttled
-from throttle.gate import Action, Decision, GateBase
+from throttle.gate_args import GateBase
 from throttle.keys import (
     DEFAULT_PREFIX,
     cooldown_left_s,
@@ -68,11 +69,13 @@ class AsyncGate(GateBase):
         deadline_s: float | None = None,
         now_s: float | None = None,
         receipt: str | None = None,
+        fair_key: Any = None,
     ) -> Decision:
         """Decide one call; the same contract as `Gate.acquire`."""
         if self._defaults.due(tool):
             await self.refresh_defaults()
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
+                                        fair_key)
         with self._errors:
             raw = await self._acquire_batch.run(keys, args)
         return self._decision(raw)
@@ -129,12 +132,13 @@ class AsyncGate(GateBase):
     @asynccontextmanager
     async def slot(
         self, tool: str, *, key: Any = None, cost: float = 1, deadline_s: float | None = None,
-        member: str | None = None,
+        member: str | None = None, fair_key: Any = None,
     ) -> AsyncIterator[Decision]:
         """Wait for this call's reserved slot, then run the block.
 
         Raises `Throttled` (carrying the tool's fallback) when the slot would miss the deadline.
-        `member` names the call in the windows (default: a new id), e.g. to `settle` it.
+        `member` names the call in the windows (default: a new id), e.g. to `settle` it;
+        `fair_key` is its tenant, for a tool shared with `fair_by`.
         """
         member = member or uuid.uuid4().hex
         budget_s = self.config.tool(tool).max_delay_ms / 1000
@@ -144,7 +148,8 @@ class AsyncGate(GateBase):
         try:
             while True:
                 left_s = budget_s - (time.monotonic() - started)
-                decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s)
+                decision = await self.acquire(tool, member, key=key, cost=cost, deadline_s=left_s,
+                                              fair_key=fair_key)
                 if decision.action is Action.ADMIT:
                     break
                 if decision.action is Action.FALLBACK:

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from throttle.config import LOCAL_CONFIG, PROJECT_CONFIG, Config, default_config_path, load_config
+from throttle.config import Config
+from throttle.config_file import LOCAL_CONFIG, PROJECT_CONFIG, default_config_path, load_config
 from throttle.errors import ThrottleError
 from throttle.extras import require_extra
 from throttle.gateway.command import gateway
@@ -194,9 +195,16 @@ def _check_pool(options: list[str]) -> None:
               help="Real mode only: use the default key prefix and keep the gate's keys (and "
               "the scaled config, in --out), so `throttle status`, `top` and the exporter "
               "see the run with their default settings.")
+@click.option("--runaway", default=0, show_default=True, type=click.IntRange(min=0),
+              help="One session behaves like a runaway agent: it also fires this many "
+              "searches at once; the summary shows the other sessions' waits beside it.")
+@click.option("--fair-by", "fair_by", metavar="ARGUMENT",
+              help="Share each tool's limits fairly by this argument, e.g. session_id: run "
+              "with and without it to compare the waits.")
 def demo(
     sessions: int, duration_s: float, config_path: Path | None, time_scale: float,
-    out_dir: Path, broker_url: str | None, seed: int, llm: bool, keep: bool,
+    out_dir: Path, broker_url: str | None, seed: int, llm: bool, keep: bool, runaway: int,
+    fair_by: str | None,
 ) -> None:
     """The seed's e-commerce burst through the throttle, shown live, then summed up.
 
@@ -215,7 +223,7 @@ def demo(
     settings = DemoSettings(
         config_path=config_path, sessions=sessions, duration_s=duration_s,
         time_scale=time_scale, out_dir=out_dir, broker_url=broker_url, seed=seed, llm=llm,
-        keep=keep,
+        keep=keep, runaway=runaway, fair_by=fair_by,
     )
     try:
         run_demo(settings, _console())

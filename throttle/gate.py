@@ -2,46 +2,29 @@
 
 `Gate.acquire` answers ADMIT (run now), DELAY (a slot is reserved `wait_s` from now; come
 back then with the same member) or FALLBACK (the slot would miss the deadline; nothing is
-reserved). The algorithm lives only in `throttle/lua/*.lua`; this module builds arguments
-(the fixed ones encoded once per tool), runs the scripts with EVALSHA (`throttle/scripts.py`:
-straight through a connection, NOSCRIPT handled once; concurrent asyncio decisions share one
-pipeline per event-loop tick) and types the answer.
+reserved). The algorithm lives only in `throttle/lua/*.lua`; `throttle/gate_args.py` builds
+the scripts' arguments (the fixed ones encoded once per tool), and this module runs them with
+EVALSHA (`throttle/scripts.py`: straight through a connection, NOSCRIPT handled once; the
+async gate's concurrent decisions share one pipeline per event-loop tick).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from throttle.adaptive import Adapter
-from throttle.config import Config, ToolConfig
-from throttle.errors import InvalidToolCall
+from throttle.config import Config
+from throttle.decision import Decision, text
+from throttle.gate_args import GateBase
 from throttle.keys import (
     DEFAULT_PREFIX,
-    ToolKeys,
-    check_prefix,
     cooldown_left_s,
-    keys_for,
-    override_fields,
-    overrides_key,
     overrides_version_key,
-    pool_quota_key,
-    quota_key,
-    receipts_key,
     redelivery_key,
-    registry_keys,
-    tags_per_key_value,
     tool_defaults_key,
 )
-from throttle.limit import Limit
-from throttle.live_defaults import LiveDefaults
-from throttle.overrides import in_force
-from throttle.quotas import DayBounds, days_tz, quota_tail
-from throttle.scripts import LuaScript, Sent, encode, evalsha, load_script
+from throttle.scripts import Sent, encode, evalsha
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     StoreClient,
@@ -53,205 +36,6 @@ from throttle.store import (
 )
 
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
-# Run through redis-py `Script`s; acquire and register take the lean path of scripts.py (the
-# `_acquire` Script stays for callers that queue a decision on their own pipeline).
-SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim")
-
-
-class Action(StrEnum):
-    """What the worker does with a call."""
-
-    ADMIT = "admit"
-    DELAY = "delay"
-    FALLBACK = "fallback"
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The gate's answer: the action, how long to wait, the slot (epoch seconds) and why."""
-
-    action: Action
-    wait_s: float
-    slot_at: float
-    reason: str
-
-
-_ACTIONS: dict[str | bytes, Action] = {
-    **{a.value: a for a in Action},
-    **{a.value.encode(): a for a in Action},
-}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class GateBase:
-    """Argument building and answer typing shared by `Gate` and `AsyncGate`."""
-
-    def __init__(self, config: Config, prefix: str, url: str) -> None:
-        self.config = config
-        self.prefix = check_prefix(prefix)
-        self.url = url
-        self._errors = StoreErrors(url)
-        # Per tool, built once and encoded: the fixed tail of the script's arguments, and
-        # its keys when they do not depend on a key argument.
-        self._tails = {name: self._tail(tool, tool.limits) for name, tool in config.tools.items()}
-        self._quota_tails = {name: quota_tail(config, tool, tool.quotas)
-                             for name, tool in config.tools.items()}
-        days = {tz: DayBounds(tz) for tz in {days_tz(t, config) for t in config.tools.values()}}
-        self._days = {name: days[days_tz(tool, config)] for name, tool in config.tools.items()}
-        # The defaults set live of per-key tools whose key values have tags of their own:
-        # cached (throttle/live_defaults.py) and passed in place of the file's limits.
-        self._defaults = LiveDefaults(
-            {name for name, tool in config.tools.items() if tags_per_key_value(tool)},
-            self._live_tails)
-        self._fixed_live = {
-            name: self._live_fields(tool, None) for name, tool in config.tools.items()
-            if tool.key is None
-        }
-        self._fixed_keys = {
-            name: self._acquire_keys(tool, None) for name, tool in config.tools.items()
-            if tool.key is None
-        }
-        self._acquire_script = LuaScript("acquire")
-        self._register_script = LuaScript("register")
-
-    def _load_scripts(self, client: Any) -> None:
-        (self._acquire, self._release, self._settle, self._cooldown, self._claim) = (
-            client.register_script(load_script(name)) for name in SCRIPTS
-        )
-
-    def _tail(self, tool: ToolConfig, limits: Sequence[Limit]) -> list[bytes]:
-        """The fixed arguments after now_ms: gap, margin, the limits, the pool's, the cap."""
-        return [encode(value) for value in
-                (self._gap_ms(tool), tool.slot_margin_ms, *self._limits_of(tool, limits))]
-
-    def _live_tails(self, name: str, live: tuple[Limit, ...]
-                    ) -> tuple[list[bytes], tuple[bytes, list[bytes]]]:
-        """The argument tails of a tool whose default was set live to `live`."""
-        tool = self.config.tools[name]
-        sliding, quotas = in_force(live, tool.limits, tool.quotas)
-        return self._tail(tool, sliding), quota_tail(self.config, tool, quotas)
-
-    def _limits_of(self, tool: ToolConfig, limits: Sequence[Limit]) -> list[Any]:
-        args: list[Any] = [len(limits)]
-        for limit in limits:
-            args += [limit.max, limit.window_ms]
-        pool = self.config.pools[tool.pool] if tool.pool else None
-        args.append(len(pool.limits) if pool else 0)
-        if pool and tool.priority:
-            share = pool.shares[tool.priority]
-            for limit in pool.limits:
-                args += [share * limit.max, limit.window_ms]
-        return [*args, tool.concurrency or 0, tool.lease_timeout_ms]
-
-    @staticmethod
-    def _gap_ms(tool: ToolConfig) -> float:
-        if tool.pace != "even":
-            return 0.0
-        return max(limit.window_ms / limit.max for limit in tool.limits)
-
-    def _keys(self, tool: ToolConfig, key: Any) -> ToolKeys:
-        if tool.key is not None and key is None:
-            raise InvalidToolCall(
-                tool.name, f"its limits apply per {tool.key!r}: pass key=<the call's {tool.key}>"
-            )
-        try:
-            return keys_for(self.prefix, tool, None if tool.key is None else key)
-        except (TypeError, ValueError) as exc:
-            raise InvalidToolCall(
-                tool.name, f"its key value must be a JSON value (a string, number, list or "
-                f"object): {exc}"
-            ) from None
-
-    def _acquire_keys(self, tool: ToolConfig, key: Any) -> list[bytes]:
-        tool_keys = self._keys(tool, key)
-        keys = [*tool_keys.as_list(), tool_keys.free]
-        if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
-            keys += self.registry(tool.name)
-        keys += [overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
-        if tool.pool:
-            keys.append(pool_quota_key(self.prefix, tool.pool))
-        return [name.encode() for name in keys]
-
-    def _live_fields(self, tool: ToolConfig, key: Any) -> list[bytes]:
-        """The fields of the live limits acquire.lua reads (throttle/overrides.py)."""
-        tool_field, tier_field = override_fields(tool.name, key if tool.key else None)
-        share = self.config.pools[tool.pool].shares[tool.priority] if (
-            tool.pool and tool.priority) else 1
-        return [encode(value) for value in
-                (tool_field, tier_field, "pool" if tool.pool else "", share)]
-
-    def registry(self, tool: str) -> tuple[str, str]:
-        """The keys of `tool`'s registry of undecided calls (see throttle/recovery.py)."""
-        return registry_keys(self.prefix, tool, self.config.tool(tool).pool)
-
-    def _acquire_call(
-        self,
-        tool_name: str,
-        member: str,
-        key: Any,
-        cost: float,
-        deadline_s: float | None,
-        now_s: float | None,
-        receipt: str | None = None,
-    ) -> tuple[list[bytes], list[bytes]]:
-        tool = self.config.tool(tool_name)
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (
-            0 < cost < math.inf
-        ):
-            raise InvalidToolCall(
-                tool_name, f"cost must be greater than zero (a finite number), got {cost!r}"
-            )
-        if not isinstance(member, str) or not member:
-            raise InvalidToolCall(tool_name, f"the member (task id) must be a non-empty "
-                                  f"string, got {member!r}")
-        deadline_ms: float = tool.max_delay_ms
-        if deadline_s is not None:  # may be negative: the deadline has passed
-            deadline_ms = min(deadline_ms, deadline_s * 1000)
-        tail, (quotas, quota_maxes) = self._defaults.built.get(tool_name) or (
-            self._tails[tool_name], self._quota_tails[tool_name])
-        gap_ms, margin_ms, *limits = tail
-        now = b"" if now_s is None else b"%.3f" % (now_s * 1000)
-        args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
-                margin_ms, now, *limits,
-                *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
-                quotas, self._days[tool_name].at(now_s), *quota_maxes]
-        keys = self._fixed_keys.get(tool_name) or self._acquire_keys(tool, key)
-        args.append(encode(receipt or ""))  # always the last argument (acquire.lua)
-        if receipt:
-            keys = [*keys, receipts_key(keys[0].decode()).encode()]
-        return keys, args
-
-    @staticmethod
-    def _release_keys(keys: ToolKeys) -> list[str]:
-        pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
-        return [keys.log, keys.rsv, keys.cost, keys.free, *pool]
-
-    def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
-        if not units >= 0:
-            raise InvalidToolCall(tool_name, f"settled units must be >= 0, got {units!r}")
-        keys = self._keys(self.config.tool(tool_name), key)
-        pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
-        return [keys.log, keys.cost, *pool]
-
-    def _cooldown_call(
-        self, tool_name: str, seconds: float, key: Any, member: str | None, now_s: float | None
-    ) -> tuple[list[str], list[Any]]:
-        tool = self.config.tool(tool_name)
-        if not seconds > 0:
-            raise InvalidToolCall(tool_name, f"a cooldown must last more than 0 s, got {seconds!r}")
-        now = "" if now_s is None else f"{now_s * 1000:.3f}"
-        keys = self._keys(tool, key).as_list()
-        return keys, [member or "", seconds * 1000, now, "1" if tool.pool else "0"]
-
-    @staticmethod
-    def _decision(raw: Sequence[Any]) -> Decision:
-        action, wait_ms, slot_ms, reason = raw
-        return Decision(
-            _ACTIONS[action], float(wait_ms) / 1000, float(slot_ms) / 1000, _text(reason)
-        )
 
 
 class Registration:
@@ -309,17 +93,21 @@ class Gate(GateBase):
         deadline_s: float | None = None,
         now_s: float | None = None,
         receipt: str | None = None,
+        fair_key: Any = None,
     ) -> Decision:
         """Decide one call of `tool` identified by `member` (the task id).
 
         `deadline_s` tightens the tool's max_delay; `now_s` pins the clock (tests only).
         `receipt` ('<message tag>|<delivery nonce>') names this delivery of the call: an
         admitted member asking again with another receipt is answered 'rerun' (same message
-        tag) or 'reused' instead of 'readmitted'.
+        tag) or 'reused' instead of 'readmitted'. `fair_key` is the call's tenant, required
+        for a tool (or pool) with `fair_by`: a DELAY with reason 'parked' is an estimate,
+        not a reservation; the call comes back then and keeps its place.
         """
         if self._defaults.due(tool):
             self.refresh_defaults()
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
+                                        fair_key)
         with self._errors:
             raw = evalsha(self.client, self._acquire_script, keys, args)
         return self._decision(raw)
@@ -403,7 +191,7 @@ class Gate(GateBase):
         now_ms = (time.time() if now_s is None else now_s) * 1000
         with self._errors:
             raw = self._claim(keys=self.registry(tool), args=[now_ms, retry_s * 1000, limit])
-        return [(_text(raw[i]), _text(raw[i + 1])) for i in range(0, len(raw), 2)]
+        return [(text(raw[i]), text(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     def finish(self, tool: str, member: str, *, key: Any = None) -> None:
         """Give back `member`'s concurrency lease (the call ended: result, error or fallback)."""

@@ -49,11 +49,24 @@ decision's own tag::
     <prefix>:limits:index   HASH  field -> who set which override when (JSON), for `show`
     <prefix>:limits:version STRING  bumped on every change
 
+Fair sharing (throttle/fairness.py; `fair_by` on a tool, or on a pool for all its tools),
+under the decision's tag, beside the tool's log (`<prefix>:{p}:pool:fair:...` for a pool)::
+
+    <base>:fair:finish  ZSET  tenant digest -> its virtual finish tag (only tenants ahead
+                              of the virtual clock: idle tenants have no entry)
+    <base>:fair:queue   ZSET  waiting (parked) task id -> its virtual start tag
+    <base>:fair:parked  ZSET  task id -> by when it must come back (ms), else it is dropped
+    <base>:fair:cost    HASH  task id -> units, for waiting calls whose cost is not 1
+    <base>:fair:clock   STRING  the virtual clock: the tag of the latest call given a slot
+    <base>:fair:weights HASH  tenant digest -> weight set at run time (no TTL; fairness.py)
+
 Counters for monitoring (written by the workers' metrics, never by a gate script)::
 
     <prefix>:stats:{t}           HASH  field -> running total (see throttle/monitor/stats.py)
     <prefix>:stats:{t}:<epoch s> HASH  the same fields for one 10 s bucket, expiring soon
     <prefix>:stats:{t}:limits    STRING  the limits the tool's workers enforce ("100/1m")
+    <prefix>:stats:{t}:tenants:<epoch s>  HASH  a fair tool's admitted calls and waits per
+                                 tenant for one 10 s bucket (throttle/monitor/tenants.py)
     <prefix>:stats:{t}:waiting:<reason>  ZSET  calls held with an ETA, member = task id,
                                  score = ETA (ms); see throttle/monitor/waiting.py
 
@@ -248,6 +261,16 @@ def pool_quota_key(prefix: str, pool: str) -> str:
     return f"{prefix}:{{{pool}}}:pool:quota"
 
 
+FAIR_PARTS = ("finish", "queue", "parked", "cost", "clock", "weights")
+
+
+def fair_keys(keys: ToolKeys, pool: str | None = None, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """The fair-sharing keys acquire.lua takes, in its order: beside the tool's log (`keys`),
+    or the pool's own when the pool shares by tenant."""
+    base = f"{prefix}:{{{pool}}}:pool" if pool else keys.log.removesuffix(":log")
+    return [f"{base}:fair:{part}" for part in FAIR_PARTS]
+
+
 def stats_key(prefix: str, tool: str) -> str:
     """The hash of `tool`'s running totals (decisions, delays, body durations, store errors).
 
@@ -264,6 +287,11 @@ def recent_stats_key(prefix: str, tool: str, bucket_s: int) -> str:
 def limits_key(prefix: str, tool: str) -> str:
     """The limits `tool`'s workers last enforced, as text, so `status` can spot another config."""
     return f"{stats_key(prefix, tool)}:limits"
+
+
+def tenants_key(prefix: str, tool: str, bucket_s: int) -> str:
+    """The hash of a fair tool's per-tenant counts for the 10 s bucket starting at `bucket_s`."""
+    return f"{stats_key(prefix, tool)}:tenants:{bucket_s}"
 
 
 def waiting_key(prefix: str, tool: str, reason: str) -> str:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
 from throttle.errors import ConfigError, ThrottleError
 
 logger = logging.getLogger("throttle")

@@ -21,7 +21,8 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from throttle import reload as config_reload
 from throttle.bootsteps import steps_for
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate
 from throttle.keys import DEFAULT_PREFIX

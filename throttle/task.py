@@ -20,8 +20,8 @@ from celery.exceptions import Ignore, Reject, Retry
 from kombu.utils.uuid import uuid
 
 from throttle import adaptive, eager, recovery
+from throttle.decision import Action, Decision
 from throttle.errors import StoreUnavailable, UpstreamBusy
-from throttle.gate import Action, Decision
 from throttle.headers import DEADLINE_S, DELAYS, ENQUEUED_AT, STORE_RETRIES, THROTTLE_HEADERS
 from throttle.intake import header_count, header_number
 from throttle.monitor import metrics
@@ -90,7 +90,8 @@ class ThrottledTask(SendingTask):
         decision = self._decide(kwargs)
         if decision.action is Action.ADMIT:
             self.request.throttle_admitted_at = decision.slot_at
-            metrics.observe_decision(self, "admit", decision.reason, 0.0)
+            metrics.observe_decision(self, "admit", decision.reason, 0.0,
+                                     tenant=self._fair_key_of(kwargs))
             return self._run(kwargs)
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)
@@ -174,6 +175,7 @@ class ThrottledTask(SendingTask):
                 decision = self.throttle.gate.acquire(
                     self.tool.name, member, key=key, cost=cost,
                     deadline_s=self._deadline_left_s(), receipt=receipt,
+                    fair_key=self._fair_key_of(kwargs),
                 )
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
@@ -204,6 +206,11 @@ class ThrottledTask(SendingTask):
     def _key_of(self, kwargs: dict[str, Any]) -> Any:
         """The value of the tool's key argument (None when its limits are not per key)."""
         return kwargs.get(self.tool.key) if self.tool.key else None
+
+    def _fair_key_of(self, kwargs: dict[str, Any]) -> Any:
+        """The call's tenant: the value of its tool's (or pool's) `fair_by` argument."""
+        fair = self.throttle.gate.fairness.get(self.tool.name)
+        return kwargs.get(fair.by) if fair else None
 
     def _header(self, name: str) -> Any:
         """A header of the call: a request attribute on a worker, in `headers` when eager."""

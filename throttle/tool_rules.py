@@ -6,6 +6,7 @@
                 by `params` and refusing null (else a call without it would not be limited
                 per key); checked where `params` declares properties, otherwise at call time
                 (the gate refuses a keyed call without its key)
+  fair_by       the argument calls are shared by is always there and never null (as `key`)
   slot_margin   shorter than the shortest window (else every slot lands past the next one)
 """
 
@@ -34,6 +35,8 @@ class RuledTool(Protocol):
     @property
     def key(self) -> str | None: ...
     @property
+    def fair_by(self) -> str | None: ...
+    @property
     def limits(self) -> Sequence[_Window]: ...
     @property
     def slot_margin_ms(self) -> float: ...
@@ -45,9 +48,12 @@ def tool_problems(tool: RuledTool) -> list[tuple[str, str]]:
     fallback = _fallback_problem(tool.result, tool.fallback)
     if fallback:
         problems.append(("fallback", fallback))
-    key = _key_problem(tool.params, tool.key) if tool.key else None
+    key = argument_problem(tool.params, tool.key, "per-key limits") if tool.key else None
     if key:
         problems.append(("key", key))
+    fair = argument_problem(tool.params, tool.fair_by, "fair share") if tool.fair_by else None
+    if fair:
+        problems.append(("fair_by", fair))
     shortest_ms = min(limit.window_ms for limit in tool.limits)
     if tool.slot_margin_ms >= shortest_ms:
         problems.append(("slot_margin", f"{tool.slot_margin_ms} ms is not shorter than the "
@@ -70,7 +76,9 @@ def _fallback_problem(result: Mapping[str, Any], fallback: Any) -> str | None:
     return f"does not validate against the tool's result schema: {error.message}"
 
 
-def _key_problem(params: Mapping[str, Any], key: str) -> str | None:
+def argument_problem(params: Mapping[str, Any], key: str, what: str) -> str | None:
+    """What is wrong with naming argument `key` for `what` ("per-key limits" or "fair share")
+    (None when it is always there and never null, or `params` declares no properties)."""
     properties = params.get("properties")
     if not isinstance(properties, Mapping):
         return None  # no declared parameters: the gate refuses a call without its key
@@ -78,8 +86,9 @@ def _key_problem(params: Mapping[str, Any], key: str) -> str | None:
         return (f"{key!r} is not a parameter of the tool (its params declare "
                 f"{sorted(properties)}); name one of them, or add {key!r} to params")
     if key not in params.get("required", []):
-        return (f"{key!r} is optional, so a call without it would escape the per-{key} "
-                f"limits; add {key!r} to params.required")
+        escapes = f"the per-{key} limits" if what == "per-key limits" else f"the {what} by {key}"
+        return (f"{key!r} is optional, so a call without it would escape {escapes}; "
+                f"add {key!r} to params.required")
     try:
         accepts_null = jsonschema.Draft202012Validator(properties[key]).is_valid(None)
     except jsonschema.exceptions.SchemaError:
@@ -87,6 +96,8 @@ def _key_problem(params: Mapping[str, Any], key: str) -> str | None:
     except Exception:  # a $ref to the root, say: the schema alone cannot tell
         return None
     if accepts_null:
-        return (f"{key!r} may be null, and a null key would not be limited per {key}; make "
-                f"its schema refuse null (e.g. type = \"string\")")
+        unlimited = (f"a null key would not be limited per {key}" if what == "per-key limits"
+                     else f"a null value would escape the {what} by {key}")
+        return (f"{key!r} may be null, and {unlimited}; make its schema refuse null "
+                f"(e.g. type = \"string\")")
     return None

@@ -19,7 +19,7 @@ import os
 from celery import Celery
 
 from throttle import Throttle
-from throttle.config import PROJECT_CONFIG
+from throttle.config_file import PROJECT_CONFIG
 from throttle.keys import DEFAULT_PREFIX
 from throttle.store import DEFAULT_REDIS_URL
 from workers.tools import catalog, llm_tasks

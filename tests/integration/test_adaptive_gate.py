@@ -4,15 +4,23 @@ caps it, 429s without headers drive it down and answers raise it back (AIMD)."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+from typing import Any
 
+import pytest
+from click.testing import CliRunner
+
+from tests.support.servers import write_config
 from throttle import Action, Gate, load_config
 from throttle.adaptive import (
-    DECREASE,
-    INCREASE_PER_WINDOW,
+    APPROACH_WINDOWS,
+    BACKOFF,
+    PROBE_GROWTH,
+    PROBE_SHARE,
     Answer,
     read_states,
 )
+from throttle.cli import main
 from throttle.monitor.exporter import gauges
 from throttle.monitor.snapshot import read_snapshot
 from throttle.monitor.status_tables import adaptive_lines
@@ -21,7 +29,7 @@ from throttle.overrides import parse_limits, reset_override, set_override
 pytestmark = pytest.mark.redis
 
 P = 1_700_000_000.0
-CONFIG = load_config(
+DOCUMENT: dict[str, Any] = (
     {
         "defaults": {"slot_margin": "0ms", "max_delay": "1m"},
         "pools": {"llm": {"limits": ["100/10s"], "shares": {"high": 1.0, "low": 0.5},
@@ -34,6 +42,7 @@ CONFIG = load_config(
         },
     }
 )
+CONFIG = load_config(DOCUMENT)
 OPENAI = {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "5",
           "x-ratelimit-reset-requests": "1s"}
 
@@ -96,22 +105,101 @@ def test_an_override_caps_it_and_is_left_in_place(redis_url: str, prefix: str) -
     assert _admitted(gate, "plain", 9, P + 20, "b") == 6
 
 
-def test_429s_without_headers_decrease_it_once_per_hold_then_answers_raise_it(
+def test_a_429_without_headers_cuts_below_where_it_came_then_it_climbs_back_and_probes(
+    redis_url: str, prefix: str
+) -> None:
+    assert (BACKOFF, APPROACH_WINDOWS, PROBE_SHARE, PROBE_GROWTH) == (0.1, 1, 0.05, 3)
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 8, P, "a") == 8
+    # Refused with 8 in the window: the upstream's level is 8, the limit goes 10% under it.
+    [cut] = gate.adapter.report("plain", [], busy=True, now_s=P)
+    assert (cut.effective, cut.reason) == (pytest.approx(7.2), "429")
+    # Another 429 of the same overshoot (within a window) does not cut again.
+    [same] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 3)
+    assert same.effective == pytest.approx(7.2)
+    # Answers bring it back to the level over a window, slowly near it ...
+    [near] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 5)
+    assert near.effective == pytest.approx(8 * (1 - 0.1 / 8))
+    [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
+    assert (level.effective, level.reason) == (pytest.approx(8), "raised")
+    # ... then probe above it: 5%, then each window's step 3 times the last.
+    [probe] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    assert probe.effective == pytest.approx(8.4)
+    assert _admitted(gate, "plain", 10, P + 20, "b") == 8
+    # The probe is refused with 8 in the window: back under 8 again, not under 8.4.
+    [again] = gate.adapter.report("plain", [], busy=True, now_s=P + 20)
+    assert again.effective == pytest.approx(7.2)
+    [up] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 50)
+    assert up.effective == pytest.approx(8 * 1.2)
+    [found] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 60)
+    assert found.effective == 10  # a higher upstream limit is found: 8 x 1.65, capped
+
+
+def test_later_429s_of_the_same_overshoot_refine_the_level_without_cutting_again(
     redis_url: str, prefix: str
 ) -> None:
     gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 9, P, "a") == 9
     [cut] = gate.adapter.report("plain", [], busy=True, now_s=P)
-    assert (cut.effective, cut.reason) == (10 * DECREASE, "429")
-    # A second 429 of the same burst (within the hold) does not cut again.
-    [same] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 0.5)
-    assert same.effective == 10 * DECREASE
-    [again] = gate.adapter.report("plain", [Answer({}, 429)], now_s=P + 2)
-    assert again.effective == pytest.approx(10 * DECREASE**2)
-    # Answers without a 429: +INCREASE_PER_WINDOW x 10 per 10 s window.
-    [up] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 12)
-    assert up.effective == pytest.approx(10 * DECREASE**2 + 10 * INCREASE_PER_WINDOW)
-    assert up.reason == "raised"
-    assert _admitted(gate, "plain", 9, P + 12, "a") == int(up.effective)
+    assert cut.effective == pytest.approx(8.1)
+    # Two more calls of the burst are refused; the cooldown takes each out of the log.
+    for member in ("a-7", "a-8"):
+        gate.cool_down("plain", 0.001, member=member, now_s=P + 0.1)
+        [state] = gate.adapter.report("plain", [], busy=True, now_s=P + 0.1)
+    assert (state.effective, state.reason) == (pytest.approx(6.3), "429")  # 0.9 x 7
+
+
+def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(
+    redis_url: str, prefix: str
+) -> None:
+    """The upstream (limit 6) counts a call on arrival, after the gate admitted it: a call
+    that arrived late is still in its window for a moment after it left the gate's. The
+    gate counts its own window half a slot margin longer (as it checks admissions)."""
+    config = load_config({"tools": {"plain": {"limits": ["10/10s"], "adaptive": True,
+                                              "slot_margin": "400ms", "max_delay": "1m"}}})
+    gate = Gate(redis_url, config, prefix=prefix)
+    arrivals: list[float] = []
+    seen = []
+    for i in range(20):  # one call every 2 s for four windows; every other window's first
+        at = P + 2 * i     # arrives late, still counted there when the next window's arrives
+        assert _admitted(gate, "plain", 1, at, f"c{i}") == 1
+        arrivals.append(at + (0.15 if i % 10 == 0 else 0.02))
+        answered = at + 0.05
+        if arrivals[-1] > answered:
+            answered = arrivals[-1] + 0.01
+        held = sum(1 for a in arrivals if answered - 10 < a <= answered)
+        headers = {"x-ratelimit-limit-requests": "6",
+                   "x-ratelimit-remaining-requests": str(6 - held)}
+        [state] = gate.adapter.report("plain", [Answer(headers, 200)], now_s=answered)
+        seen.append((state.effective, state.reason))
+    assert set(seen) == {(6, "headers: limit 6")}, seen
+
+
+def test_after_a_real_shortfall_it_stays_lowered_until_the_upstreams_reset(
+    redis_url: str, prefix: str
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    six = {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "6"}
+    gate.adapter.report("plain", [Answer(six, 200)], now_s=P)
+    assert _admitted(gate, "plain", 1, P, "a") == 1
+    # Someone else took 3 of the upstream's 6: it says 2 remain where the gate counts 5.
+    short = {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "2"}
+    [low] = gate.adapter.report("plain", [Answer(short, 200)], now_s=P + 1)
+    assert (low.effective, low.reason) == (3, "headers: remaining 2 < 5")
+    # Answers that no longer say so do not raise it within the window ...
+    [kept] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 9)
+    assert (kept.effective, kept.reason) == (3, "headers: remaining 2 < 5")
+    # ... after it they do, unless the upstream reports a higher limit than it did then.
+    [back] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 11.5)
+    assert (back.effective, back.reason) == (6, "headers: limit 6")
+    # When the upstream says when room comes back, it holds until then.
+    soon = {**short, "x-ratelimit-reset-requests": "2s"}
+    [low] = gate.adapter.report("plain", [Answer(soon, 200)], now_s=P + 20)
+    assert (low.effective, low.reason) == (2, "headers: remaining 2 < 6")
+    [kept] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 21.9)
+    assert kept.effective == 2
+    [back] = gate.adapter.report("plain", [Answer(six, 200)], now_s=P + 22.1)
+    assert back.effective == 6
 
 
 def test_a_pool_learns_one_limit_shared_by_its_classes(redis_url: str, prefix: str) -> None:
@@ -157,3 +245,27 @@ def test_status_and_the_exporter_show_configured_vs_effective_and_why(
                                                 ("window", "10s")))] == 6
     assert samples[("throttle_adaptive_limit", (("kind", "configured"), ("target", "pool llm"),
                                                 ("window", "10s")))] == 100
+
+
+def test_limits_reset_adaptive_forgets_a_learned_limit_at_once(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    gate.adapter.report("plain", [Answer(OPENAI, 200)], now_s=P)
+    gate.adapter.report("high", [Answer({"x-ratelimit-limit-requests": "40"}, 200)], now_s=P)
+    where = ["--redis-url", redis_url, "--prefix", prefix,
+             "--config", str(write_config(DOCUMENT, tmp_path / "tools.toml"))]
+
+    def reset(*args: str) -> Any:
+        return CliRunner().invoke(main, ["limits", "reset", *args, "--adaptive", *where])
+
+    done = reset("plain")
+    assert (done.exit_code, done.output) == (0, "tool plain: learned limit forgotten\n")
+    assert _admitted(gate, "plain", 12, P + 1, "a") == 10  # the file's 10 at once, not 6
+    assert reset("plain").output == "tool plain: had no learned limit\n"
+    assert reset("--pool", "llm").output == "pool llm: learned limit forgotten\n"
+    assert _admitted(gate, "high", 120, P + 1, "h") == 100
+    refused = reset("fixed")
+    assert refused.exit_code == 1
+    assert ("tool fixed has no adaptive limit (adaptive: pool llm, tool plain); name a tool "
+            "or --pool with `adaptive = true`") in refused.output

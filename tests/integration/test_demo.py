@@ -308,3 +308,19 @@ def test_keep_needs_a_real_redis() -> None:
     )
     assert done.returncode != 0
     assert "--keep needs THROTTLE_REDIS_URL" in done.stdout + done.stderr
+
+
+def test_the_demo_runs_a_runaway_session_shared_fairly_and_sums_up_the_others_waits(
+    tmp_path: Path,
+) -> None:
+    args = ["--sessions", "3", "--duration", "6", "--runaway", "300",
+            "--fair-by", "session_id"]
+    done, _ = run_demo(tmp_path, args, demo_env(), EMBEDDED_BUDGET_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "runaway session-000 (" in done.stdout
+    assert "(shared fairly by session_id)" in "".join(done.stdout.split("\n"))
+    summary = check_summary(tmp_path, "embedded")
+    assert (summary["runaway"], summary["fair_by"]) == (300, "session_id")
+    waits = summary["session_waits"]
+    assert waits["runaway"]["calls"] > 300 and waits["others"]["calls"] > 0
+    assert waits["others"]["max_s"] is not None

@@ -96,7 +96,7 @@ def test_fallbacks_say_they_are_degraded_answers(tools_config: dict[str, Any]) -
 
 
 def test_the_config_loads_with_the_throttle_loader() -> None:
-    from throttle.config import load_config
+    from throttle.config_file import load_config
 
     config = load_config(CONFIG_PATH)
     assert {name: str(t.limits[0]) for name, t in config.tools.items()} == {

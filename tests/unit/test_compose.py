@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.support.needs import program
-from throttle.config import load_config
+from throttle.config_file import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -16,7 +16,7 @@ import yaml
 
 from tests.support.programs import require
 from tests.support.servers import ROOT
-from throttle.config import load_config
+from throttle.config_file import load_config
 from throttle.monitor.exporter import counters, gauges
 from throttle.monitor.snapshot import Snapshot
 

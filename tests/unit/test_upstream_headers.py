@@ -77,5 +77,13 @@ def test_the_stubs_hidden_limits_read_back_as_what_they_are(style: str) -> None:
     assert not fits
     limits = read_limits(headers, now_s=NOW + 0.3)
     assert limits.tokens.limit == 1000 and limits.tokens.remaining == 700
-    assert limits.retry_after_s == pytest.approx(1.7, abs=0.01)
+    # OpenAI's 429 says retry-after-ms; Anthropic's only retry-after, whole seconds rounded up.
+    assert limits.retry_after_s == (pytest.approx(1.7, abs=0.01) if style == "openai" else 2)
     assert hidden.check(NOW + 2.01, 100, 3, 1000, 2.0, "none") == (True, {})
+
+
+def test_the_stubs_anthropic_resets_are_whole_seconds_never_before_the_real_reset() -> None:
+    hidden = HiddenLimits()
+    _, headers = hidden.check(NOW + 0.25, 100, 3, 0, 2.0, "anthropic")
+    assert headers["anthropic-ratelimit-requests-reset"] == "2026-12-04T10:00:03Z"  # 2.25 s up
+    assert "retry-after-ms" not in headers

@@ -76,3 +76,16 @@ def _scale_duration(value: Any, time_scale: float) -> str:
 
 def _ms_text(ms: float) -> str:
     return format_ms(max(1, round(ms)))
+
+
+def share_fairly(raw: Mapping[str, Any], argument: str) -> dict[str, Any]:
+    """A copy of a parsed tools file whose tools that require `argument` share their limits
+    fairly by it (`fair_by` on each such tool: the tools' own limits bind before their
+    pool's, and each tool's slot already waits for the pool's)."""
+    document = copy.deepcopy(dict(raw))
+    tools = document.get("tools", {})
+    for tool in tools.values() if isinstance(tools, Mapping) else []:
+        params = tool.get("params") if isinstance(tool, dict) else None
+        if isinstance(params, Mapping) and argument in (params.get("required") or []):
+            tool["fair_by"] = argument
+    return document

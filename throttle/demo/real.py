@@ -28,7 +28,8 @@ import redis
 import tomli_w
 from celery import Celery
 
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
 from throttle.demo.seed import DEMO_TOOLS
 from throttle.demo.stack import RESULT_CACHE_MAX, Stack, register_tools
 from throttle.errors import ThrottleError

@@ -16,9 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 from rich.console import Console
 from rich.live import Live
 
-from throttle.config import Config, load_config
+from throttle.config import Config
+from throttle.config_file import load_config
 from throttle.demo.chart import write_chart
-from throttle.demo.configs import demo_tools_only, scale_config
+from throttle.demo.configs import demo_tools_only, scale_config, share_fairly
 from throttle.demo.embedded import embedded_stack
 from throttle.demo.live import banner, live_view
 from throttle.demo.real import DemoError, real_stack
@@ -31,7 +32,8 @@ from throttle.demo.report import (
     summary_table,
     write_summary,
 )
-from throttle.demo.seed import DEMO_TOOLS, LLM_TOOL, PlannedCall, plan_sessions
+from throttle.demo.seed import DEMO_TOOLS, LLM_TOOL, RUNAWAY_SESSION, PlannedCall, plan_sessions
+from throttle.demo.sessions import session_line, session_waits
 from throttle.demo.stack import Stack
 from throttle.demo.tracker import Tracker
 from throttle.demo.upstream import stub_upstream
@@ -55,6 +57,8 @@ class DemoSettings:
     seed: int = 7
     llm: bool = True
     keep: bool = False  # real mode: default prefix, keys and scaled config kept
+    runaway: int = 0  # extra searches one session fires at once (a runaway agent)
+    fair_by: str | None = None  # share each tool's limits fairly by this argument
 
 
 def run_demo(settings: DemoSettings, console: Console) -> None:
@@ -66,11 +70,14 @@ def run_demo(settings: DemoSettings, console: Console) -> None:
     original = load_config(settings.config_path)
     raw = tomllib.loads(settings.config_path.read_text(encoding="utf-8"))
     document = scale_config(demo_tools_only(raw, llm=settings.llm), settings.time_scale)
+    if settings.fair_by:
+        document = share_fairly(document, settings.fair_by)
     scaled = load_config(document)
     if not set(DEMO_TOOLS) & set(scaled.tools):
         raise DemoError(f"the demo calls {', '.join(DEMO_TOOLS)}; {settings.config_path} "
                         "declares none of them")
-    plan = plan_sessions(settings.sessions, settings.duration_s, scaled.tools, seed=settings.seed)
+    plan = plan_sessions(settings.sessions, settings.duration_s, scaled.tools, seed=settings.seed,
+                         runaway=settings.runaway)
     with ExitStack() as exits:
         with console.status("starting the broker, workers and gate store…"):
             if LLM_TOOL in scaled.tools:
@@ -93,11 +100,15 @@ def run_demo(settings: DemoSettings, console: Console) -> None:
     console.print(summary_table(summaries, keyed=keyed))
     for pool in pools:
         console.print(pool_table(pool))
+    waits = session_waits(tracker.calls.values(), RUNAWAY_SESSION) if settings.runaway else None
+    if waits:
+        console.print(session_line(waits, settings.fair_by))
     summary = settings.out_dir / SUMMARY_NAME
     write_summary(
         summary, summaries, pools, mode=stack.mode, sessions=settings.sessions,
         duration_s=settings.duration_s, time_scale=settings.time_scale,
         elapsed_s=round(elapsed_s, 2), prefix=stack.prefix, chart=str(chart),
+        runaway=settings.runaway, fair_by=settings.fair_by, session_waits=waits,
     )
     console.print(f"elapsed {elapsed_s:.1f} s · chart: {chart} · summary: {summary}")
 

@@ -35,11 +35,16 @@ class PlannedCall(Protocol):
     kwargs: Mapping[str, Any]
 
 
+RUNAWAY_SESSION: str = _scenario.RUNAWAY_SESSION
+
+
 def plan_sessions(
-    sessions: int, duration_s: float, tools: Iterable[str], *, seed: int = 7
+    sessions: int, duration_s: float, tools: Iterable[str], *, seed: int = 7, runaway: int = 0
 ) -> list[PlannedCall]:
-    """Every call of the run, in firing order (`workers.scenario.plan_sessions`)."""
-    return cast(list[PlannedCall], _scenario.plan_sessions(sessions, duration_s, tools, seed=seed))
+    """Every call of the run, in firing order (`workers.scenario.plan_sessions`); `runaway`
+    extra searches fired at once by RUNAWAY_SESSION."""
+    return cast(list[PlannedCall], _scenario.plan_sessions(sessions, duration_s, tools,
+                                                           seed=seed, runaway=runaway))
 
 
 def body(tool: str) -> Callable[..., Any]:

@@ -44,6 +44,7 @@ class Call:
     reserved_after: float | None = None
     units: float = 1.0
     pool_slot: bool = False  # its reservation was (also) a slot in its pool's log
+    session: Any = None  # the call's session_id
 
     @property
     def wait_s(self) -> float | None:
@@ -118,7 +119,8 @@ class Tracker:
         key_arg = self.config.tool(tool).key
         key_value = kwargs.get(key_arg) if key_arg else None
         with self._lock:
-            self.calls[task_id] = Call(tool, key_value, sent_at)
+            self.calls[task_id] = Call(tool, key_value, sent_at,
+                                       session=kwargs.get("session_id"))
             self._pending.add(task_id)
             if key_arg:
                 self._key_values.setdefault(tool, set()).add(key_value)

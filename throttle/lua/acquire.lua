@@ -17,6 +17,9 @@ KEYS[next] limits    HASH (when ARGV carries the fields below) live limits that 
                       ones passed in ARGV: see "Live limits" below and throttle/overrides.py
 KEYS[next] quota     HASH  (with them) units used per calendar day: '<i>:<day start ms>'
 KEYS[next] pool quota HASH (with them, tools in a pool) the same for the pool's quotas
+KEYS[next] fair      (tools or pools with `fair_by`) six keys: finish ZSET, queue ZSET,
+                      parked ZSET, cost HASH, clock STRING, weights HASH (live weights, no
+                      TTL; see "Fair sharing" below)
 KEYS[last] receipts  HASH  (when a receipt is passed) member -> the receipt of the delivery
                       that was admitted
   (all keys share one hash tag: the pool's, or the tool's)
@@ -41,6 +44,7 @@ then     (optional) the live limits' fields: the tool's, the key value's tier ('
                       and the day after in one argument ('<ms> <ms> <ms> <ms>', around the
                       worker's clock), each quota's max units per day, the number pq of the
                       pool's quotas and each one's allowance (share x max) (throttle/quotas.py)
+then     (fair sharing only) 'fair', the tenant (a digest), its weight and the horizon ms
 last     receipt      '' for none, else '<message tag>|<delivery nonce>': the tag names the
                       message (kept when the broker delivers it again; may be empty), the
                       nonce this delivery of it
@@ -48,7 +52,7 @@ last     receipt      '' for none, else '<message tag>|<delivery nonce>': the ta
 Returns {action, wait_ms, slot_ms, reason}: action is 'admit', 'delay' or 'fallback';
 wait_ms and slot_ms are decimal strings (slot_ms is the admission time or reserved slot).
 Reasons: admitted, reservation, readmitted, rerun, reused | reserved, early, late, pool,
-concurrency, cooldown, quota | deadline, cost_exceeds_limit, cooldown, quota.
+concurrency, cooldown, quota, parked | deadline, cost_exceeds_limit, cooldown, quota.
 
 An admitted member asking again is 'readmitted' when its receipt is the one recorded at
 admission (the same delivery, whose answer was lost) or when no receipt is passed. With
@@ -109,7 +113,16 @@ if receipt ~= '' then
   receipts = KEYS[nkeys]
   nkeys = nkeys - 1
 end
--- A pooled call's keys end (before the receipts) with the pool's quota hash.
+-- Fair sharing: its four arguments and six keys come just before the receipt's.
+local fair = ARGV[#ARGV - 4] == 'fair'
+local fair_keys, fair_weights = nil, nil
+if fair then
+  fair_keys = {KEYS[nkeys - 5], KEYS[nkeys - 4], KEYS[nkeys - 3], KEYS[nkeys - 2],
+               KEYS[nkeys - 1]}
+  fair_weights = KEYS[nkeys]
+  nkeys = nkeys - 6
+end
+-- A pooled call's keys end (before the fair keys and the receipts) with the pool's quota hash.
 local pool_quota = nil
 if pn > 0 then
   pool_quota = KEYS[nkeys]
@@ -373,15 +386,16 @@ local function forget_decided(answer)
   return answer
 end
 
--- Fast path: a new call admitted at once, on a tool without a pool, a concurrency cap or
--- cost weights and with no quota in force, gets the answer decide() below would give, before the
--- functions of the other paths are built (each closure costs the server ~0.3 µs here: it
--- looks up its upvalues among this chunk's many locals). It reads what decide() reads
--- first and hands it on (known_held, known_latest) when the call takes another path.
+-- Fast path: a new call admitted at once, on a tool without a pool, a concurrency cap,
+-- cost weights or fair sharing and with no quota in force, gets the answer decide() below
+-- would give, before the functions of the other paths are built (each closure costs the
+-- server ~0.3 µs here: it looks up its upvalues among this chunk's many locals). It reads
+-- what decide() reads first and hands it on (known_held, known_latest) when the call takes
+-- another path.
 local known_held = redis.call('ZSCORE', log, member)  -- (false for a new call)
 local known_latest
-if pn == 0 and cap == 0 and qn == 0 and pqn == 0 and not weighted and deadline >= 0
-    and cool_until <= now then
+if pn == 0 and cap == 0 and qn == 0 and pqn == 0 and not weighted and not fair
+    and deadline >= 0 and cool_until <= now then
   if not known_held then
     known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
     local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
@@ -633,6 +647,126 @@ pool_wait = pn > 0 and function(from)
 end
 -- -----------------------------------------------------------------------------------------
 
+-- Fair sharing -------------------------------------------------------------------------
+-- (tools or pools with `fair_by`; docs/gate.md, "Fair sharing".) Start-time fair queueing
+-- over a reservation horizon: a new call of tenant k gets the virtual start tag
+-- S = max(V, F_k) and moves F_k to S + cost / weight; it takes its slot (the path above:
+-- admitted now or reserved) only when that slot, plus the units of the calls waiting with
+-- lower tags placed at the full rate, lies within now + horizon. Otherwise it is parked:
+-- told when it may come back (an estimate, no reservation), keeping its tag. V is the tag
+-- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry, and
+-- when no call waits at all, no tenant has one.
+local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
+local tenant, fair_weight, horizon, fair_grace
+local fair_tag, fair_new = nil, false  -- this call's tag; whether it was not waiting yet
+local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
+if fair then
+  fair_finish, fair_queue, fair_parked = fair_keys[1], fair_keys[2], fair_keys[3]
+  fair_costs, fair_clock = fair_keys[4], fair_keys[5]
+  tenant, fair_weight = ARGV[#ARGV - 3], tonumber(ARGV[#ARGV - 2])
+  horizon = tonumber(ARGV[#ARGV - 1]) + margin
+  fair_grace = math.max(5000, 2 * horizon)  -- past its come-back time, a parked call is lost
+end
+
+-- Keep the fair keys until `last` (ms) plus the grace; a TTL is only ever raised.
+local fair_keep = fair and function(last)  -- (built for fair tools only)
+  local needed = math.ceil(last - now + fair_grace + horizon)
+  for _, key in ipairs(fair_keys) do
+    if redis.call('PTTL', key) < needed then redis.call('PEXPIRE', key, needed + horizon) end
+  end
+end
+
+-- A waiting call leaves the queue (it took a slot, fell back, or was lost).
+local fair_leave = fair and function(m)
+  redis.call('ZREM', fair_queue, m)
+  redis.call('ZREM', fair_parked, m)
+  redis.call('HDEL', fair_costs, m)
+end
+
+-- nil when the call may take its slot `t`; else its answer: parked, or a fallback.
+local fair_check = fair and function(t)
+  local waiting = redis.call('ZCARD', fair_queue)
+  if waiting > 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_parked, '-inf', fmt(now))) do
+      fair_leave(m)  -- parked calls that never came back
+      waiting = waiting - 1
+    end
+  end
+  fair_tag = waiting > 0 and tonumber(redis.call('ZSCORE', fair_queue, member))
+  if not fair_tag then
+    fair_new = true
+    local live = tonumber(redis.call('HGET', fair_weights, tenant))  -- a live weight wins
+    if live and live > 0 and live < math.huge then fair_weight = live end
+    fair_tag = tonumber(redis.call('GET', fair_clock) or '0')
+    if waiting > 0 then
+      redis.call('ZREMRANGEBYSCORE', fair_finish, '-inf', fmt(fair_tag))  -- idle tenants
+      local finish = tonumber(redis.call('ZSCORE', fair_finish, tenant) or '0')
+      if finish > fair_tag then fair_tag = finish end
+    end
+  end
+  -- The units waiting ahead of it (lower tags).
+  local ahead = 0
+  if waiting > 0 then
+    if redis.call('HLEN', fair_costs) == 0 then
+      ahead = redis.call('ZCOUNT', fair_queue, '-inf', '(' .. fmt(fair_tag))
+    else
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_queue, '-inf', '(' .. fmt(fair_tag))) do
+        ahead = ahead + tonumber(redis.call('HGET', fair_costs, m) or '1')
+      end
+    end
+  end
+  local slot = t
+  if pn > 0 then
+    local at = pool_slot(math.max(t, now))
+    if at and at > slot then slot = at end
+  end
+  -- The full rate: the time one unit takes under the tightest limit (as slots are placed).
+  local unit = 0
+  for i = 1, n do unit = math.max(unit, (windows[i] + margin / 2) / maxes[i]) end
+  for i = 1, pn do unit = math.max(unit, (pool_windows[i] + margin / 2) / allowances[i]) end
+  local reach = slot + ahead * unit
+  if reach <= now + horizon then return nil end
+  if reach - now > deadline then return {'fallback', '0', fmt(reach), 'deadline'} end
+  local back = math.max(now + FAIR_MIN_WAIT_MS, reach - horizon)
+  return {'delay', fmt(back - now), fmt(back), 'parked'}
+end
+
+-- After the decision: a call still waiting (parked, or held by a cooldown, quota or cap)
+-- keeps its tag and must come back by its answer's time plus the grace; one that took a
+-- slot moves its tenant's finish tag and the virtual clock; either way it leaves the queue.
+local fair_after = fair and function(answer)
+  if not fair_tag then  -- not placed by fair_check (a cooldown, say): waiting already?
+    fair_tag = redis.call('ZCARD', fair_queue) > 0
+               and tonumber(redis.call('ZSCORE', fair_queue, member))
+    if not fair_tag then return end
+  end
+  local action, reason = answer[1], answer[4]
+  local finish = fair_tag + cost / fair_weight
+  if action == 'delay' and reason ~= 'reserved' and reason ~= 'pool' then
+    if fair_new then
+      redis.call('ZADD', fair_queue, fmt(fair_tag), member)
+      redis.call('ZADD', fair_finish, 'GT', fmt(finish), tenant)
+      if cost ~= 1 then redis.call('HSET', fair_costs, member, cost) end
+    end
+    local back = tonumber(answer[3])
+    redis.call('ZADD', fair_parked, fmt(back + fair_grace), member)
+    fair_keep(back)
+    return
+  end
+  if not fair_new then fair_leave(member) end
+  if action == 'fallback' then return end
+  if redis.call('ZCARD', fair_queue) == 0 then
+    -- Nothing waits any more: every tenant is idle, and none keeps an entry.
+    redis.call('ZREMRANGEBYSCORE', fair_finish, '-inf', '+inf')
+    return
+  end
+  if fair_new then redis.call('ZADD', fair_finish, 'GT', fmt(finish), tenant) end
+  local clock = tonumber(redis.call('GET', fair_clock) or '0')
+  if fair_tag > clock then redis.call('SET', fair_clock, fmt(fair_tag)) end
+  fair_keep(now)
+end
+-- -----------------------------------------------------------------------------------------
+
 -- The decision; every return below is the script's answer.
 local function decide()
   local held = known_held  -- (read before the fast path)
@@ -742,6 +876,10 @@ local function decide()
     local paced = tonumber(latest[2]) + gap
     if paced > t then t = paced end
   end
+  if fair then  -- a call whose turn has not come is parked (Fair sharing, above)
+    local parked = fair_check(t)
+    if parked then return parked end
+  end
 
   if qn > 0 or pqn > 0 then
     -- The quota of the slot's day is spent: come back when it resets, or fall back.
@@ -778,4 +916,5 @@ local function decide()
 end
 
 local answer = decide()
+if fair then fair_after(answer) end
 return forget_decided(answer)

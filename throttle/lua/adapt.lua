@@ -16,22 +16,37 @@ ARGV[3]  configured  the file's limits, "max window_ms ..."; an override in KEYS
 ARGV[4]  busy        '1' when the upstream refused the call (429), else '0'
 ARGV[5]  limit       the upstream's limit for the target's unit ('' when not reported)
 ARGV[6]  remaining   what the upstream says remains of it ('' when not reported)
-ARGV[7]  hold_ms     after a 429 decrease, no other 429 lowers it again for this long
-ARGV[8]  decrease    the multiplicative decrease on a 429 without headers (e.g. 0.7)
-ARGV[9]  increase    share of the ceiling added back per window of answers without
-                     headers and without 429 (e.g. 0.1)
+ARGV[7]  hold_ms     after a 429 cut, no other 429 cuts again for this long
+ARGV[8]  backoff     after a 429 without headers, the limit goes this share below the
+                     level the 429 came at (e.g. 0.1)
+ARGV[9]  approach    windows it takes to climb back to that level; past them it probes
+                     above it (e.g. 1)
 ARGV[10] floor       the effective limit's floor, a share of the ceiling (e.g. 0.05)
 ARGV[11] keep_ms     how long a learned limit stands without a new answer
 ARGV[12] slack       share of the ceiling by which the upstream's remaining may fall short
                      of the gate's before it lowers the limit (the two count a call at
                      slightly different times)
+ARGV[13] lag_ms      how much further back the gate's count reaches: half the tool's slot
+                     margin, as acquire.lua checks admissions (the upstream counts a call
+                     when it arrives, so it still holds calls just gone from the window)
+ARGV[14] probe       the first probe above the level, a share of it (e.g. 0.05)
+ARGV[15] growth      each window of probing without a 429 multiplies the step (e.g. 3)
+ARGV[16] reset_ms    when the upstream says room comes back ('' when not reported)
 
 The effective limit is kept for the longest window; every other window of the target is
 scaled by the same ratio. With headers: min(ceiling, limit, used + remaining), where used
 is the target's use of its longest window now (the upstream counts calls the gate does not
-see, or has a lower limit). Without: a 429 multiplies it by `decrease`, answers raise it by
-`increase` x ceiling per window elapsed. Back at the ceiling the 'adaptive:' field is
-deleted (the standing limits apply alone).
+see, or has a lower limit); after such a shortfall it is not raised again until the
+upstream's reset (hysteresis). Without headers, 429s drive it, in the manner of TCP CUBIC:
+a 429 marks the level the upstream refused at (`level`: the target's use of the window
+then, as the gate counts it, or the effective limit if lower) and cuts the limit to
+(1 - backoff) x level; later 429s within `hold_ms` only lower the level to the use then.
+From there it climbs back to the level along a concave curve over `approach` windows
+(slow near the level), then probes above it, each window's step `growth` times the last:
+level x (1 + probe x (growth^n - 1) / (growth - 1)) after n windows of probing. Under a
+steady upstream that is one 429 per probe, every `approach` + 1 windows or so; when the
+upstream's limit rises the probe finds it within a few windows. Back at the ceiling the
+'adaptive:' field is deleted (the standing limits apply alone).
 
 Returns {effective, ceiling, reason}: the longest window's maxes (decimal strings) and why
 it last moved ('headers: limit 60', 'headers: remaining 12 < 30', '429', 'raised', or
@@ -47,9 +62,10 @@ if not now then
 end
 local busy = ARGV[4] == '1'
 local reported_limit, remaining = tonumber(ARGV[5]), tonumber(ARGV[6])
-local hold_ms, decrease, increase = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local hold_ms, backoff, approach = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local floor_share, keep_ms = tonumber(ARGV[10]), tonumber(ARGV[11])
-local slack_share = tonumber(ARGV[12])
+local slack_share, lag_ms = tonumber(ARGV[12]), tonumber(ARGV[13]) or 0
+local probe, growth, reset_ms = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 local field, state_field = 'adaptive:' .. target, 'adaptive-state:' .. target
 
 local function pairs_of(text)
@@ -82,9 +98,10 @@ end
 local floor = math.max(1, floor_share * ceiling)
 local function fmt(x) return string.format('%.17g', x) end
 
--- Units the target used in its longest window, as the gate counted them.
-local function used_now()
-  local entries = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - window), fmt(now))
+-- Units the target used in its longest window, as the gate counted them; `lag` reaches back
+-- further, to the calls the upstream (counting them on arrival) still holds.
+local function used_now(lag)
+  local entries = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - window - lag), fmt(now))
   if redis.call('HLEN', costs) == 0 then return #entries end
   local sum, batch = 0, 500
   for from = 1, #entries, batch do
@@ -101,25 +118,55 @@ if reported_limit or remaining then
   if reported_limit and reported_limit < goal then
     goal, why = reported_limit, 'headers: limit ' .. fmt(reported_limit)
   end
+  local short = false
   if remaining then
-    local used = used_now()
+    local used = used_now(lag_ms)
     local left = current - used
     if remaining < left - slack_share * ceiling and used + remaining < goal then
-      goal = used + remaining
+      goal, short = used + remaining, true
       why = 'headers: remaining ' .. fmt(remaining) .. ' < ' .. fmt(left)
     end
   end
   goal = math.max(goal, math.min(floor, reported_limit or floor))
+  -- Hysteresis: after the upstream had less left than the gate counted, the limit is not
+  -- raised again until the upstream said room would come back (its reset; a window when
+  -- it names none), unless it reports a higher limit than it did then.
+  local reported = reported_limit or ceiling
+  if short then
+    state.short_until = now + math.min(window, reset_ms or window)
+    state.short_limit = reported
+  end
+  local held = now < (tonumber(state.short_until) or -math.huge)
+               and reported <= (tonumber(state.short_limit) or math.huge)
   if goal < current then effective, reason = goal, why
-  elseif goal > current then effective, reason = goal, 'raised' end
+  elseif goal > current and not held then effective, reason = goal, why end
+  state.level, state.cut_ms = nil, nil  -- headers rule; 429s start afresh without them
 elseif busy then
+  local level = math.max(floor, used_now(lag_ms))
   if now - (tonumber(state.cut_ms) or -math.huge) >= hold_ms then
-    effective, reason = math.max(floor, current * decrease), '429'
-    state.cut_ms = now
+    level = math.min(current, level)
+    effective, reason = math.max(floor, (1 - backoff) * level), '429'
+    state.level, state.cut_ms = level, now
+  elseif level < (tonumber(state.level) or math.huge) then
+    -- The same overshoot: no new cut, but its refused calls have left the log (cooldown),
+    -- so the use now tells the level the upstream served at more closely.
+    state.level = level
+    local refined = math.max(floor, (1 - backoff) * level)
+    if refined < current then effective, reason = refined, '429' end
   end
 elseif current < ceiling then
-  local since = tonumber(state.at_ms) or now
-  effective = math.min(ceiling, current + increase * ceiling * (now - since) / window)
+  local level, cut = tonumber(state.level), tonumber(state.cut_ms)
+  if not (level and cut) then  -- lowered by headers that stopped: probe from here
+    level, cut = current, now - approach * window
+    state.level, state.cut_ms = level, cut
+  end
+  local t = (now - cut) / window
+  local curve
+  if t < approach then curve = level * (1 - backoff * (1 - t / approach) ^ 3)
+  else
+    curve = level * (1 + probe * (growth ^ math.min(t - approach, 60) - 1) / (growth - 1))
+  end
+  effective = math.min(ceiling, math.max(current, curve))
   if effective > current then reason = 'raised' end
 end
 

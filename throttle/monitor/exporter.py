@@ -210,6 +210,17 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
         adaptive.add_metric([state.target, window, "effective"], state.effective)
         if state.changed_at_s is not None:
             moved.add_metric([state.target, state.reason], state.changed_at_s)
+    tenant_admitted = GaugeMetricFamily(
+        "throttle_tenant_admitted_last_minute", "Calls of a fair tool admitted in the last "
+        "minute, for its top tenants and 'other'", labels=["tool", "tenant"])
+    tenant_wait = GaugeMetricFamily(
+        "throttle_tenant_wait_seconds_mean", "Mean wait from enqueue to admission in the last "
+        "minute, for a fair tool's top tenants and 'other'", labels=["tool", "tenant"])
+    for view in snapshot.tools:
+        for tenant in view.tenants:
+            tenant_admitted.add_metric([view.tool.name, tenant.tenant], tenant.admitted)
+            tenant_wait.add_metric([view.tool.name, tenant.tenant], tenant.mean_wait_s)
+    yield from (tenant_admitted, tenant_wait)
     yield from (in_window, limit_rate, effective, waiting, reserved, depth, cooldown,
                 pool_usage, pool_units, live, adaptive, moved)
 

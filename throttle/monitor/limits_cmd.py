@@ -5,6 +5,7 @@
   throttle limits set TOOL --key acme "1000/60s"          a tier for one key value
   throttle limits set --pool llm "500/60s" "90000/1d"     a pool's limits (and its quota)
   throttle limits reset TOOL [--key acme] | --pool llm    back to the tools file
+  throttle limits reset TOOL | --pool llm --adaptive      forget the limit learned upstream
   throttle limits show                                    every override, who set it and when
 
 Overrides live in Redis (throttle/overrides.py) and apply from the next decision on (within
@@ -21,6 +22,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from throttle.adaptive import forget
 from throttle.errors import ThrottleError
 from throttle.monitor.sources import Sources, resolve_sources, source_options
 from throttle.overrides import (
@@ -90,13 +92,25 @@ def set_limits(args: tuple[str, ...], pool: str | None, key: str | None, set_by:
 @click.argument("tool", required=False)
 @_pool_option
 @_key_option
+@click.option("--adaptive", is_flag=True,
+              help="Forget the limit learned from the upstream's answers instead.")
 @source_options
-def reset_limits(tool: str | None, pool: str | None, key: str | None, redis_url: str,
-                 broker_url: str | None, prefix: str, config_path: Path | None) -> None:
+def reset_limits(tool: str | None, pool: str | None, key: str | None, adaptive: bool,
+                 redis_url: str, broker_url: str | None, prefix: str,
+                 config_path: Path | None) -> None:
     """Go back to the tools file's limits for TOOL (or one --key value, or a --pool)."""
+    if adaptive and key is not None:
+        raise click.UsageError("--adaptive forgets a tool's or a pool's learned limit: "
+                               "drop --key")
     sources = _sources(redis_url, prefix, config_path)
     client = sources.redis()
     try:
+        if adaptive:
+            forgot = forget(client, sources.config, sources.prefix, tool=tool, pool=pool)
+            what = f"pool {pool}" if pool else f"tool {tool}"
+            click.echo(f"{what}: learned limit forgotten" if forgot
+                       else f"{what}: had no learned limit")
+            return
         removed = reset_override(client, sources.config, sources.prefix, tool=tool, pool=pool,
                                  key=key)
     except ThrottleError as exc:

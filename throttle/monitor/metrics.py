@@ -31,6 +31,7 @@ from throttle.errors import StoreUnavailable
 from throttle.headers import DELAYS, ENQUEUED_AT
 from throttle.monitor import decisions
 from throttle.monitor.stats import StatsBuffer
+from throttle.monitor.tenants import tenant_label
 from throttle.store import STORE_ERRORS
 
 logger = logging.getLogger("throttle.monitor.metrics")
@@ -64,8 +65,10 @@ _stop = threading.Event()
 _worker_task_events = False  # set from the worker's -E flag (see _note_task_events)
 
 
-def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float) -> None:
-    """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback."""
+def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float,
+                     tenant: Any = None) -> None:
+    """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback;
+    `tenant`, the call's fair_by value, counts an admission per tenant too."""
     try:
         decisions.log_decision(task, outcome, reason, wait_s)
     except Exception:  # nor must its log line
@@ -75,9 +78,15 @@ def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float) -
         delays_before = _delays_before(request)
         buffer = _buffer(task)
         buffer.note_limits(task.tool.name, limits_text(task.tool))
-        buffer.add_decision(task.tool.name, outcome, reason, wait_s, time.time(),
+        now_s = time.time()
+        buffer.add_decision(task.tool.name, outcome, reason, wait_s, now_s,
                             call_id=None if delays_before is None else str(request.id),
                             delays_before=delays_before)
+        if outcome == "admit" and tenant is not None:
+            enqueued = getattr(request, ENQUEUED_AT, None)
+            waited_s = now_s - enqueued if isinstance(enqueued, int | float) and not \
+                isinstance(enqueued, bool) else 0.0
+            buffer.add_tenant_admission(task.tool.name, tenant_label(tenant), waited_s, now_s)
         if outcome in EVENT_TYPES:
             _send_event(task, outcome, reason, wait_s)
     except Exception:  # metrics must never break a call

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from throttle.adaptive import AdaptiveState, read_states
 from throttle.config import Config, PoolConfig, ToolConfig
+from throttle.fairness import fairness_of
 from throttle.keys import (
     ToolKeys,
     cooldown_left_s,
@@ -29,7 +30,15 @@ from throttle.keys import (
 )
 from throttle.limit import Limit
 from throttle.monitor.queues import QueueDepths
-from throttle.monitor.stats import RECENT_BUCKETS, ToolTotals, parse_totals, recent_keys, sum_recent
+from throttle.monitor.stats import (
+    RECENT_BUCKET_S,
+    RECENT_BUCKETS,
+    ToolTotals,
+    parse_totals,
+    recent_keys,
+    sum_recent,
+)
+from throttle.monitor.tenants import TenantUse, bucket_keys, tenant_uses
 from throttle.monitor.waiting import DELAY_REASONS, GRACE_S
 from throttle.overrides import Override, in_force, read_overrides
 from throttle.quotas import QuotaUse, read_pool_quotas, read_quotas
@@ -65,6 +74,8 @@ class ToolView:
     enforced_limits: str | None = None  # what the tool's workers last enforced, if known
     live: Override | None = None  # the override `throttle limits set` put on the tool
     quotas: tuple[QuotaUse, ...] = ()  # today's use of its daily quotas (tools without key)
+    fair_by: str | None = None  # the argument it is shared by (its own or its pool's)
+    tenants: tuple[TenantUse, ...] = ()  # fair tools: the top tenants of the last minute
 
     @property
     def limits(self) -> tuple[Limit, ...]:
@@ -279,6 +290,25 @@ def read_snapshot(
                            in_force_of(None, name, pool.limits, pool.quotas)[1])))
         for name, (pool, _) in pools.items()
     }
+    views = _with_tenants(client, config, prefix, views, now_ms / 1000)
     return Snapshot(at_s=now_ms / 1000, tools=tuple(views), pools=pool_views,
                     overrides=tuple(overrides),
                     adaptive=tuple(read_states(client, config, prefix, now_s=now_ms / 1000)))
+
+
+def _with_tenants(client: StoreClient, config: Config, prefix: str, views: list[ToolView],
+                  now_s: float) -> list[ToolView]:
+    """The fair tools' views with their top tenants of the last minute (one pipeline)."""
+    fair = {view.tool.name: fair for view in views
+            if (fair := fairness_of(config, view.tool)) is not None}
+    if not fair:
+        return views
+    pipe = client.pipeline(transaction=False)
+    for name in fair:
+        for key in bucket_keys(prefix, name, now_s, RECENT_BUCKET_S, RECENT_BUCKETS):
+            pipe.hgetall(key)
+    raw = iter(pipe.execute())
+    buckets = {name: [next(raw) for _ in range(RECENT_BUCKETS)] for name in fair}
+    return [replace(view, fair_by=fair[view.tool.name].by,
+                    tenants=tuple(tenant_uses(buckets[view.tool.name])))
+            if view.tool.name in fair else view for view in views]

@@ -15,7 +15,8 @@ import click
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from throttle.config import Config, default_config_path, load_config
+from throttle.config import Config
+from throttle.config_file import default_config_path, load_config
 from throttle.keys import DEFAULT_PREFIX, check_prefix
 from throttle.monitor.queues import QueueDepths
 from throttle.store import DEFAULT_REDIS_URL, StoreClient, connect, mask_url

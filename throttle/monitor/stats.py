@@ -21,7 +21,8 @@ the last call), so `throttle status` can warn when it reads with another config.
 Workers add to a `StatsBuffer` in memory and flush it in one pipeline (HINCRBY /
 HINCRBYFLOAT), so no call pays a Redis round trip for its metrics. Each flush renews the
 totals' expiry (30 days): idle tools' counters go away, like every other throttle key.
-The same flush keeps the sets of calls waiting with an ETA (throttle/monitor/waiting.py).
+The same flush keeps the sets of calls waiting with an ETA (throttle/monitor/waiting.py)
+and, for fair tools, the per-tenant buckets (throttle/monitor/tenants.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from throttle.keys import limits_key, recent_stats_key, stats_key, waiting_key
+from throttle.keys import limits_key, recent_stats_key, stats_key, tenants_key, waiting_key
 from throttle.monitor.waiting import DELAY_REASONS, KEY_TTL_S, STALE_S, reason_label
 from throttle.store import STORE_ERRORS, StoreClient
 
@@ -46,6 +47,8 @@ RECENT_TTL_S = RECENT_BUCKET_S * (RECENT_BUCKETS + 2)
 TOTALS_TTL_S = 30 * 86_400  # a tool idle for 30 days starts its counters again
 LIMITS_TTL_S = 3600
 OUTCOMES = ("admit", "delay", "fallback")
+TENANTS_PER_BUCKET = 100  # see throttle/monitor/tenants.py
+OTHER_TENANT = "other"
 
 
 def _bound(value: float) -> str:
@@ -69,6 +72,20 @@ class StatsBuffer:
         # (tool, task id) -> (reason, ETA ms) of a delay, or None; True: it may have waited
         self._waiting: dict[tuple[str, str], tuple[tuple[str, float] | None, bool]] = {}
         self._limits: dict[str, str] = {}
+        self._tenants: dict[str, set[str]] = defaultdict(set)  # bucket key -> tenants counted
+
+    def add_tenant_admission(self, tool: str, tenant: str, waited_s: float, at_s: float) -> None:
+        """Count an admitted call of a fair tool under its tenant, with how long it waited
+        (at most TENANTS_PER_BUCKET tenants per bucket and process; the rest as "other")."""
+        bucket = tenants_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
+        with self._lock:
+            seen = self._tenants[bucket]
+            if tenant not in seen and len(seen) >= TENANTS_PER_BUCKET:
+                tenant = OTHER_TENANT
+            seen.add(tenant)
+            self._counts[bucket, f"{tenant}|admitted"] += 1
+            self._sums[bucket, f"{tenant}|waited"] += max(0.0, waited_s)
+            self._recent.add(bucket)
 
     def add_decision(
         self, tool: str, outcome: str, reason: str, wait_s: float, at_s: float,
@@ -138,6 +155,7 @@ class StatsBuffer:
         self._recent.clear()
         self._waiting.clear()
         self._limits.clear()
+        self._tenants.clear()
 
     def flush(self, client: StoreClient) -> int:
         """Write the pending counts in one pipeline; returns how many fields it wrote.
@@ -150,6 +168,8 @@ class StatsBuffer:
             recent, self._recent = self._recent, set()
             waiting, self._waiting = self._waiting, {}
             limits, self._limits = self._limits, {}
+            if len(self._tenants) > 2 * RECENT_BUCKETS:  # older buckets are written
+                self._tenants.clear()
         if not counts and not sums and not waiting:
             return 0
         pipe = client.pipeline(transaction=False)

@@ -214,6 +214,20 @@ def limit_warnings(snapshot: Snapshot, config_source: str) -> list[str]:
     return lines
 
 
+def tenant_lines(snapshot: Snapshot) -> list[Text]:
+    """Per fair tool: calls parked now, and the top tenants of the last minute."""
+    lines = []
+    for view in snapshot.tools:
+        if view.fair_by is None:
+            continue
+        top = ", ".join(f"{use.tenant} {use.admitted} (wait {use.mean_wait_s:.2f} s)"
+                        for use in view.tenants) or "none admitted"
+        lines.append(Text(f"{view.tool.name}: shared fairly by {view.fair_by!r}; parked "
+                          f"{view.waiting.get('parked', 0)}; admitted in the last minute, "
+                          f"by tenant (mean wait): {top}"))
+    return lines
+
+
 def render(snapshot: Snapshot, title: str, width: int, warnings: list[str] | None = None) -> Group:
     """Everything `status` prints: warnings, the tools table, pools, and capacity advice."""
     parts: list[RenderableType] = [Text(f"warning: {line}", style="yellow")
@@ -221,6 +235,7 @@ def render(snapshot: Snapshot, title: str, width: int, warnings: list[str] | Non
     parts.append(tools_table(snapshot, title, width))
     parts += pool_lines(snapshot)
     parts += quota_lines(snapshot)
+    parts += tenant_lines(snapshot)
     parts += override_lines(snapshot)
     parts += adaptive_lines(snapshot)
     parts.append(capacity_table(snapshot))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 ADMIT_REASONS = ("admitted", "reservation", "readmitted", "store_unavailable")
 DELAY_REASONS = ("reserved", "early", "late", "pool", "concurrency", "cooldown",
-                 "store_unavailable", "quota")
+                 "store_unavailable", "quota", "parked")
 FALLBACK_REASONS = ("deadline", "cost_exceeds_limit", "cooldown", "store_unavailable",
                     "redelivery_cap", "quota")
 REASONS = {"admit": ADMIT_REASONS, "delay": DELAY_REASONS, "fallback": FALLBACK_REASONS}

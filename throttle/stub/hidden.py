@@ -1,6 +1,8 @@
 """The stub's hidden limits: requests and tokens per sliding window that it enforces itself
 (a real upstream's limits, unknown to the tools file), reported in its answers' headers in
-OpenAI's or Anthropic's format (or not at all), with a 429 past them.
+OpenAI's or Anthropic's format (or not at all), with a 429 past them. As the real APIs do,
+a 429 carries `retry-after` in whole seconds (OpenAI's also `retry-after-ms`), and
+Anthropic's reset times are RFC 3339 in whole seconds, rounded up.
 
 A request is counted when it arrives, with the tokens its answer uses (prompt + completion,
 the `usage` the worker settles to).
@@ -8,6 +10,7 @@ the `usage` the worker settles to).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from datetime import UTC, datetime
 from typing import Literal
@@ -53,9 +56,10 @@ class HiddenLimits:
         if tokens_max:
             readings["tokens"] = (tokens_max, max(0, tokens_max - used_tokens))
         headers = limit_headers(readings, reset_s, now_s, style)
-        if not fits and style != "none":
+        if not fits and style == "openai":
             headers["retry-after-ms"] = f"{reset_s * 1000:.0f}"
-            headers["retry-after"] = str(max(1, round(reset_s)))
+        if not fits and style != "none":  # whole seconds, never shorter than the wait
+            headers["retry-after"] = str(max(1, math.ceil(reset_s)))
         return fits, headers
 
 
@@ -68,8 +72,8 @@ def limit_headers(readings: dict[str, tuple[int, int]], reset_s: float, now_s: f
             headers[f"x-ratelimit-limit-{kind}"] = str(limit)
             headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
             headers[f"x-ratelimit-reset-{kind}"] = go_duration(round(reset_s, 3))
-        elif style == "anthropic":
-            at = datetime.fromtimestamp(now_s + reset_s, UTC).isoformat(timespec="seconds")
+        elif style == "anthropic":  # whole seconds, rounded up as the API's are
+            at = datetime.fromtimestamp(math.ceil(now_s + reset_s), UTC).isoformat()
             headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
             headers[f"anthropic-ratelimit-{kind}-remaining"] = str(remaining)
             headers[f"anthropic-ratelimit-{kind}-reset"] = at.replace("+00:00", "Z")
