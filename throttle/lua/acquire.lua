@@ -386,31 +386,10 @@ local function forget_decided(answer)
   return answer
 end
 
--- Fast path: a new call admitted at once, on a tool without a pool, a concurrency cap,
--- cost weights or fair sharing and with no quota in force, gets the answer decide() below
--- would give, before the functions of the other paths are built (each closure costs the
--- server ~0.3 µs here: it looks up its upvalues among this chunk's many locals). It reads
--- what decide() reads first and hands it on (known_held, known_latest) when the call takes
--- another path.
-local known_held = redis.call('ZSCORE', log, member)  -- (false for a new call)
-local known_latest
-if pn == 0 and cap == 0 and qn == 0 and pqn == 0 and not weighted and not fair
-    and deadline >= 0 and cool_until <= now then
-  if not known_held then
-    known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
-    local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
-    for i = 1, (fits and n or 0) do
-      if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
-    end
-    if fits then  -- as admit(), charge(now, cost) (no quota), expire(now), note_receipt()
-      redis.call('ZADD', log, now, member)
-      if cost ~= 1 then redis.call('HSET', costs, member, cost) end
-      expire(now)
-      note_receipt()
-      return forget_decided({'admit', '0', fmt(now), 'admitted'})
-    end
-  end
-end
+-- The member's log entry (false for a new call), read once: decide() starts from it, and
+-- the functions of a path are built only when the call can take that path (each closure
+-- costs the server ~0.3 µs here: it looks up its upvalues among this chunk's many locals).
+local known_held = redis.call('ZSCORE', log, member)
 
 -- For a due reservation (slot `mine`): when the trailing window (t - window, now] holds
 -- it, counting admissions and the due reservations ahead of it (slot <= mine), but not
@@ -467,14 +446,24 @@ local pool_free_at = pn > 0 and function(skip)
 end
 
 -- When a concurrency lease is free (now, or when the first running one ends).
-local function lease_free_at()
-  if cap == 0 then return now end
+local lease_free_at = cap > 0 and function()
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
   if redis.call('ZCARD', leases) < cap then return now end
   return tonumber(redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')[2])
 end
 
-local keep_pool, pool_wait  -- defined with the pool waits below
+local pool_wait  -- defined with the pool waits below
+
+-- The pool log's TTL only ever grows: it holds reservations up to `last`.
+local keep_pool = pn > 0 and function(last)
+  local needed = math.ceil(last - now + pool_longest) + 1000
+  if redis.call('PTTL', pool_log) < needed then
+    redis.call('PEXPIRE', pool_log, needed + pool_longest)
+  end
+  if (pool_weighted or cost ~= 1) and redis.call('PTTL', pool_costs) < needed then
+    redis.call('PEXPIRE', pool_costs, needed + pool_longest)
+  end
+end
 
 -- Record the admission everywhere it counts.
 local function admit()
@@ -491,11 +480,41 @@ local function admit()
   end
 end
 
+-- Fast path: a new call admitted at once, on a tool without cost weights or fair sharing
+-- and with no quota in force, gets the answer decide() below would give (through blocked()
+-- and admit()), before the functions of the other paths are built. What it reads first, it
+-- hands on to them (known_latest, known_own, known_pool_free) when the call goes on.
+local known_latest, known_own, known_pool_free
+if qn == 0 and pqn == 0 and not weighted and not pool_weighted and not fair
+    and deadline >= 0 and cool_until <= now and not known_held then
+  known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
+  for i = 1, (fits and n or 0) do
+    if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
+  end
+  if fits and pn > 0 then  -- as pool_wait(now)
+    known_own = tonumber(redis.call('ZSCORE', pool_log, member)) or false
+    if known_own and known_own > now then
+      fits = false
+    else
+      known_pool_free = pool_free_at(known_own and member)
+      fits = known_pool_free ~= nil and known_pool_free <= now
+    end
+  end
+  if fits and cap > 0 then fits = lease_free_at() <= now end  -- (and again in blocked())
+  if fits then  -- as admit(), charge(now, cost) (no quota), expire(now), note_receipt()
+    admit()
+    expire(now)
+    note_receipt()
+    return forget_decided({'admit', '0', fmt(now), 'admitted'})
+  end
+end
+
 -- Admission is blocked by the pool or the concurrency cap: the wait, or a fallback.
 local function blocked()
   local held = pn > 0 and pool_wait(now)
   if held then return held end
-  local free = lease_free_at()
+  local free = cap > 0 and lease_free_at() or now
   if free > now then
     local wait = math.min(free - now, 250)
     return {'delay', fmt(wait), fmt(now + wait), 'concurrency'}
@@ -587,17 +606,6 @@ end
 -- hold it (the reservations that are due count, those ahead do not: a higher class must not
 -- wait for a lower one's reservations).
 
--- The pool log's TTL only ever grows: it holds reservations up to `last`.
-keep_pool = pn > 0 and function(last)
-  local needed = math.ceil(last - now + pool_longest) + 1000
-  if redis.call('PTTL', pool_log) < needed then
-    redis.call('PEXPIRE', pool_log, needed + pool_longest)
-  end
-  if (pool_weighted or cost ~= 1) and redis.call('PTTL', pool_costs) < needed then
-    redis.call('PEXPIRE', pool_costs, needed + pool_longest)
-  end
-end
-
 -- The earliest slot from `from`, not before the pool's latest one, that the pool's windows
 -- hold within this class's allowance; nil when the cost alone exceeds it.
 local pool_slot = pn > 0 and function(from)
@@ -618,10 +626,11 @@ end
 -- its pool slot (reserved in the pool and tool logs), or a fallback. `from` is the call's
 -- tool slot: a call the tool delays is placed in the pool from there.
 pool_wait = pn > 0 and function(from)
-  local own = tonumber(redis.call('ZSCORE', pool_log, member))
+  local own = known_own  -- (false for no entry, when the fast path read it)
+  if own == nil then own = tonumber(redis.call('ZSCORE', pool_log, member)) end
   if from <= now then
     if own and own > now then return {'delay', fmt(own - now), fmt(own), 'pool'} end
-    local free = pool_free_at(own and member)  -- (own: its ZSCORE, read above)
+    local free = known_pool_free or pool_free_at(own and member)  -- (own: its ZSCORE)
     if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if free <= now then return nil end
   end
