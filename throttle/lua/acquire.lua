@@ -404,7 +404,9 @@ local due_free_at = known_held and function(max, window, mine)
     -- Within the window: every entry, less itself and the due reservations behind it.
     local used = redis.call('ZCOUNT', log, lo, fmt(now))
     if mine > floor then used = used - 1 end
-    used = used - redis.call('ZCOUNT', rsv, '(' .. fmt(math.max(mine, floor)), fmt(now))
+    if used + cost > max then  -- (else it fits whatever the due reservations behind it)
+      used = used - redis.call('ZCOUNT', rsv, '(' .. fmt(math.max(mine, floor)), fmt(now))
+    end
     if used + cost <= max then return now end
   end
   -- Blocked (or weighted): walk the window from its oldest entry.
