@@ -386,8 +386,8 @@ local function forget_decided(answer)
   return answer
 end
 
--- The member's log entry (false for a new call), read once: decide() starts from it, and
--- the functions of a path are built only when the call can take that path (each closure
+-- The member's log entry (false for a new call), read once: the decision starts from it,
+-- and the functions of a path are built only when the call can take that path (a closure
 -- costs the server ~0.3 µs here: it looks up its upvalues among this chunk's many locals).
 local known_held = redis.call('ZSCORE', log, member)
 
@@ -483,9 +483,10 @@ local function admit()
 end
 
 -- Fast path: a new call admitted at once, on a tool without cost weights or fair sharing
--- and with no quota in force, gets the answer decide() below would give (through blocked()
--- and admit()), before the functions of the other paths are built. What it reads first, it
--- hands on to them (known_latest, known_own, known_pool_free) when the call goes on.
+-- and with no quota in force, gets the answer decide_new() below would give (through
+-- blocked() and admit()), before the functions of the other paths are built. What it reads
+-- first, it hands on to them (known_latest, known_own, known_pool_free) when the call goes
+-- on.
 local known_latest, known_own, known_pool_free
 if qn == 0 and pqn == 0 and not weighted and not pool_weighted and not fair
     and deadline >= 0 and cool_until <= now and not known_held then
@@ -779,7 +780,8 @@ end
 -- -----------------------------------------------------------------------------------------
 
 -- The decision; every return below is the script's answer.
-local function decide()
+-- (In two parts, a held member's and a new call's, of which each call builds only its own.)
+local decide_held = known_held and function()
   local held = known_held  -- (read before the fast path)
   if held then
     local slot = redis.call('ZSCORE', rsv, member)
@@ -857,7 +859,9 @@ local function decide()
     note_receipt()
     return {'admit', '0', fmt(now), 'reservation'}
   end
+end
 
+local decide_new = not known_held and function()
   -- A new call: admitted now if nothing is reserved ahead and every window holds it;
   -- else the earliest slot, not before the latest one already taken (FIFO).
   if cool_until > now then return cooled() end
@@ -926,6 +930,6 @@ local function decide()
   return {'delay', fmt(t - now), fmt(t), 'reserved'}
 end
 
-local answer = decide()
+local answer = known_held and decide_held() or decide_new()
 if fair then fair_after(answer) end
 return forget_decided(answer)
