@@ -1,10 +1,11 @@
 """acquire.lua's fast path (a new call admitted at once) answers as the general path does.
 
-The fast path is taken by tools without a quota in force (nor cost weights or fair sharing);
-a daily quota that never binds sends a tool's calls down the general path with otherwise the
-same decisions. Each test plays one sequence of calls (pinned clock: new calls, bursts,
-calls on the windows' edges, reserved calls back early, on time and late, admitted calls
-asking again) on a tool and on its twin with such a quota, and compares every answer.
+The fast path is not taken on a log with cost weights: a weight noted for a member that is
+not in the log (it never counts) sends a tool's calls down the general path, and its windows
+through the weighted walk, with the same decisions. Each test plays one sequence of calls
+(pinned clock: new calls, bursts, calls on the windows' edges, reserved calls back early, on
+time and late, admitted calls asking again) on a tool and on such a twin, and compares every
+answer.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import pytest
 import redis
 
 from throttle import Gate, load_config
+from throttle.keys import tool_keys
 
 pytestmark = pytest.mark.redis
 
 P = 1_700_000_000.0
-NEVER_BINDS = "1000000000/1d"
 POOL = {"limits": ["4/1s"], "shares": {"high": 1.0, "low": 0.5}}
 TOOLS: dict[str, dict[str, Any]] = {
     "plain": {"limits": ["3/1s", "5/3s"], "max_delay": "10s"},
@@ -28,13 +29,13 @@ TOOLS: dict[str, dict[str, Any]] = {
     "pooled": {"limits": ["3/1s"], "max_delay": "10s", "pool": "p", "priority": "low"},
     "capped": {"limits": ["5/1s"], "max_delay": "10s", "pool": "p", "priority": "high",
                "concurrency": 2, "lease_timeout": "1s"},
+    "daily": {"limits": ["3/1s", "60/1d"], "max_delay": "20s"},
 }
 CONFIG = load_config({
     "pools": {"p": POOL, "q": POOL},
     "tools": {
         **TOOLS,
-        **{f"{name}_general": {**tool, "limits": [*tool["limits"], NEVER_BINDS],
-                               **({"pool": "q"} if "pool" in tool else {})}
+        **{f"{name}_general": {**tool, **({"pool": "q"} if "pool" in tool else {})}
            for name, tool in TOOLS.items()},
     },
 })
@@ -78,8 +79,11 @@ def test_a_tool_answers_as_its_twin_on_the_general_path(
     redis_client: redis.Redis, prefix: str, tool: str, seed: int
 ) -> None:
     gate = Gate(redis_client, CONFIG, prefix=prefix)
+    twin = CONFIG.tool(f"{tool}_general")
+    weights = tool_keys(prefix, twin.name, pool=twin.pool, concurrency=bool(twin.concurrency))
+    redis_client.hset(weights.cost, "not-a-call", 2)
     fast = play(gate, tool, seed)
-    general = play(gate, f"{tool}_general", seed)
+    general = play(gate, twin.name, seed)
     reasons = [answer[2] for answer in fast]
     assert reasons.count("admitted") >= 10  # new calls admitted at once: the fast path
     assert "reserved" in reasons or "pool" in reasons or "concurrency" in reasons

@@ -482,19 +482,20 @@ local function admit()
   end
 end
 
--- Fast path: a new call admitted at once, on a tool without cost weights or fair sharing
--- and with no quota in force, gets the answer decide_new() below would give (through
--- blocked() and admit()), before the functions of the other paths are built. What it reads
+-- Fast path: a new call admitted at once, on a tool without cost weights or fair sharing,
+-- gets the answer decide_new() below would give (through quota_spent_until(), blocked(),
+-- admit() and charge()), before the functions of the other paths are built. What it reads
 -- first, it hands on to them (known_latest, known_own, known_pool_free) when the call goes
 -- on.
 local known_latest, known_own, known_pool_free
-if qn == 0 and pqn == 0 and not weighted and not pool_weighted and not fair
-    and deadline >= 0 and cool_until <= now and not known_held then
+if not weighted and not pool_weighted and not fair and deadline >= 0 and cool_until <= now
+    and not known_held then
   known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
   local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
   for i = 1, (fits and n or 0) do
     if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
   end
+  if fits and quotas_on and quota_spent_until(now) then fits = false end
   if fits and pn > 0 then  -- as pool_wait(now)
     known_own = tonumber(redis.call('ZSCORE', pool_log, member)) or false
     if known_own and known_own > now then
@@ -505,8 +506,9 @@ if qn == 0 and pqn == 0 and not weighted and not pool_weighted and not fair
     end
   end
   if fits and cap > 0 then fits = lease_free_at() <= now end  -- (and again in blocked())
-  if fits then  -- as admit(), charge(now, cost) (no quota), expire(now), note_receipt()
+  if fits then
     admit()
+    charge(now, cost)
     expire(now)
     note_receipt()
     return forget_decided({'admit', '0', fmt(now), 'admitted'})
