@@ -211,7 +211,7 @@ if qn > 0 or pqn > 0 then  -- (parsed only when a quota is in force)
   end
   if not days[4] then qn, pqn = 0, 0 end  -- (a caller without the quota arguments)
 end
--- (The quota and pool functions are built only for calls that use them: see the fast path.)
+-- (The quota and pool functions are built only for calls that use them: see known_held.)
 local quotas_on = qn > 0 or pqn > 0
 local day_of = quotas_on and function(t)  -- the start and end of the calendar day holding t
   if t >= days[3] then return days[3], days[4] end
