@@ -10,6 +10,8 @@ import pytest
 import redis
 from hypothesis import settings
 
+from throttle.monitor import metrics
+
 # Hypothesis: one policy for every property test. The normal run ("fixed") replays the same
 # examples every time (derandomize), so a red build is never a roll of the dice; `make
 # test-deep` selects "deep" and runs the property tests under many random seeds (each printed,
@@ -43,6 +45,7 @@ def prefix(redis_client: redis.Redis) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
     name = f"throttle-test-{uuid.uuid4().hex[:12]}"
     yield name
+    metrics.flush()  # counts of calls made in this process land before the keys go
     delete_prefix(redis_client, name)
 
 
