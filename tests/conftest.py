@@ -22,6 +22,11 @@ settings.load_profile(os.environ.get("THROTTLE_HYPOTHESIS_PROFILE", "fixed"))
 
 REDIS_URL = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# pytest-xdist gives its workers COLUMNS (the controller's width); the commands' output to a
+# pipe is then as narrow as that instead of the width they choose: tests see a plain run's env.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COLUMNS", None)
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
