@@ -36,7 +36,6 @@ from celery.contrib.testing.worker import start_worker  # noqa: E402
 
 from throttle.config import Config  # noqa: E402
 from throttle.errors import ConfigError  # noqa: E402
-from throttle.monitor import metrics  # noqa: E402
 from throttle.routing import Throttle  # noqa: E402
 from throttle.store import StoreClient  # noqa: E402
 
@@ -108,7 +107,6 @@ def throttle(
     """A `Throttle` on pytest-celery's `celery_app`, its keys under a prefix of this test's."""
     instance = embedded_throttle(celery_app, throttle_config, store=throttle_store)
     yield instance
-    metrics.flush()  # the worker's last counts land now, not under a prefix already emptied
     keys = list(throttle_store.scan_iter(match=f"{instance.prefix}:*", count=1000))
     for start in range(0, len(keys), 500):
         throttle_store.delete(*keys[start : start + 500])
