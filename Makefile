@@ -25,9 +25,12 @@ services: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/throttle demo $(ARGS)
 
+# The suite runs on JOBS pytest-xdist workers, a whole test file each at a time (the tests
+# of a file share queue names and servers); JOBS=0 runs it in this process alone.
+JOBS ?= 2
 test: $(VENV)/.installed
 	bash scripts/install-test-tools.sh
-	$(SERVICES) $(BIN)/python -m pytest $(ARGS)
+	$(SERVICES) $(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS)
 
 # The property tests under SEEDS random Hypothesis seeds (the normal run replays fixed
 # examples); a failure prints its seed: replay it with ARGS=--hypothesis-seed=N.

@@ -10,6 +10,8 @@ import pytest
 import redis
 from hypothesis import settings
 
+from throttle.monitor import metrics
+
 # Hypothesis: one policy for every property test. The normal run ("fixed") replays the same
 # examples every time (derandomize), so a red build is never a roll of the dice; `make
 # test-deep` selects "deep" and runs the property tests under many random seeds (each printed,
@@ -19,6 +21,11 @@ settings.register_profile("deep", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("THROTTLE_HYPOTHESIS_PROFILE", "fixed"))
 
 REDIS_URL = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# pytest-xdist gives its workers COLUMNS (the controller's width); the commands' output to a
+# pipe is then as narrow as that instead of the width they choose: tests see a plain run's env.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +50,7 @@ def prefix(redis_client: redis.Redis) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
     name = f"throttle-test-{uuid.uuid4().hex[:12]}"
     yield name
+    metrics.flush()  # counts of calls made in this process land before the keys go
     delete_prefix(redis_client, name)
 
 

@@ -100,7 +100,9 @@ def test_the_brokers_redis_killed_and_restarted_from_its_aof_loses_no_call(
     later from its append-only file. Calls whose messages die with it are re-published by
     the reaper (throttle/recovery.py); bodies run twice at most as often as messages were
     unacked at the kill. Every worker survives the kill (throttle/consumer.py)."""
-    config = {"broker": {"visibility_timeout": "90s"}, "tools": {"busy": tool(["200/1s"], "60s")}}
+    # max_delay 30 s: the 10 s burst fits with room to spare, and a lost call is reaped (and
+    # answered) at its deadline + REAP_AFTER_S, 35 s after it was sent instead of 65 s.
+    config = {"broker": {"visibility_timeout": "90s"}, "tools": {"busy": tool(["200/1s"], "30s")}}
     broker = spare_redis.url(1)
     cluster = make_cluster(config, broker_url=broker)
     results, _ = burst(cluster, "busy", 2000)  # queued before any worker runs

@@ -12,9 +12,23 @@ import pytest
 
 from tests.support.workers import Cluster, clean_db, cluster
 
-# Database numbers these tests own; THROTTLE_TEST_DBS="11,12" moves them (for running two
-# test sessions side by side on one server).
-BROKER_DB, BACKEND_DB = (int(n) for n in os.environ.get("THROTTLE_TEST_DBS", "9,10").split(","))
+
+def owned_dbs() -> tuple[int, int]:
+    """The broker's and the result backend's database numbers, which these tests own.
+
+    THROTTLE_TEST_DBS="11,12" moves them from 9,10 (two test sessions side by side on one
+    server); under pytest-xdist, worker gwN takes the pair 2N numbers further up.
+    """
+    broker, backend = (int(n) for n in os.environ.get("THROTTLE_TEST_DBS", "9,10").split(","))
+    step = 2 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    if max(broker, backend) + step > 12:  # 13 and 14 belong to tests/unit, 15 is spare
+        raise pytest.UsageError(
+            f"pytest-xdist worker gw{step // 2} would take databases {broker + step},"
+            f"{backend + step}, past 12: run at most 2 workers (-n 2) or set THROTTLE_TEST_DBS")
+    return broker + step, backend + step
+
+
+BROKER_DB, BACKEND_DB = owned_dbs()
 
 
 def with_db(url: str, db: int) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,17 +43,20 @@ def require_rabbitmq(url: str = AMQP_URL) -> None:
                 "THROTTLE_AMQP_URL at a running server")
 
 
-@contextmanager
-def rabbitmq_queue(queue: str) -> Iterator[str]:
-    """RabbitMQ's URL, with `queue` deleted before and after."""
-    require_rabbitmq()
-
-    def drop() -> None:
-        with Connection(AMQP_URL, connect_timeout=3) as conn:
+def delete_queues(queues: Iterable[str]) -> None:
+    """Delete `queues` on the tests' RabbitMQ (absent ones are no error)."""
+    with Connection(AMQP_URL, connect_timeout=3) as conn:
+        for queue in queues:
             conn.default_channel.queue_delete(queue)
 
-    drop()
+
+@contextmanager
+def rabbitmq_queue(queue: str) -> Iterator[str]:
+    """RabbitMQ's URL, with `queue` deleted before and after (workers still running then
+    declare it again: `tests.support.workers.cluster` deletes its queues once they stopped)."""
+    require_rabbitmq()
+    delete_queues([queue])
     try:
         yield AMQP_URL
     finally:
-        drop()
+        delete_queues([queue])

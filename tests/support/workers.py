@@ -15,10 +15,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import states
 
+from tests.support.rabbit import delete_queues
 from throttle.windows import most_in_window
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +163,8 @@ def cluster(
     backend_url: str,
     env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """A worker cluster for `config`'s tools; stopped and its broker data deleted afterwards."""
+    """A worker cluster for `config`'s tools; stopped afterwards, then its RabbitMQ queues
+    deleted (a Redis broker's databases are emptied by the `redis_dbs` fixture)."""
     full_env = {
         **os.environ,
         "THROTTLE_REDIS_URL": redis_url,
@@ -178,3 +181,6 @@ def cluster(
         yield group
     finally:
         group.stop()
+        if urlsplit(broker_url).scheme in ("amqp", "pyamqp"):
+            # On the tests' server even when the workers reached it through a relay.
+            delete_queues(group.queues.split(","))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -102,6 +104,58 @@ def test_counts_survive_a_failed_flush_and_are_written_once_later(
     buffer.flush(redis_client)
     totals = parse_totals(redis_client.hgetall(stats_key(prefix, "search")))
     assert totals.outcome("admit") == 2
+
+
+class HeldClient:
+    """A real Redis client whose first pipeline waits for `release` before it executes."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.writing, self.release = threading.Event(), threading.Event()
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        pipe = self.client.pipeline(transaction=transaction)
+        if not self.writing.is_set():
+            execute = pipe.execute
+
+            def held() -> Any:
+                self.writing.set()
+                self.release.wait(10)
+                return execute()
+
+            pipe.execute = held  # type: ignore[method-assign]
+        return pipe
+
+
+class Owner:
+    """What the hooks read of a tool's `Throttle`: its prefix and its gate's client."""
+
+    def __init__(self, prefix: str, client: HeldClient) -> None:
+        self.prefix, self.gate = prefix, SimpleNamespace(client=client)
+
+
+def test_a_flush_returns_once_the_counts_a_flush_under_way_took_have_landed(
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    # A test deletes its prefix right after flush(): a flush still writing then (the
+    # process's flusher thread) would leave its keys behind.
+    client = HeldClient(redis_client)
+    owner = Owner(prefix, client)
+    task = SimpleNamespace(tool=SimpleNamespace(name="search"), throttle=owner)
+    metrics.observe_run(task, "success", 0.1)  # type: ignore[arg-type]
+    under_way = threading.Thread(target=metrics.flush)
+    under_way.start()
+    assert client.writing.wait(5)  # a flush (this one or the flusher's) took the count
+    later = threading.Thread(target=metrics.flush)
+    later.start()
+    later.join(0.5)
+    waited = later.is_alive()
+    client.release.set()
+    under_way.join(10)
+    later.join(10)
+    assert waited, "flush() returned while another flush was still writing"
+    totals = parse_totals(redis_client.hgetall(stats_key(prefix, "search")))
+    assert totals.runs["success"].count == 1
 
 
 def test_the_hooks_never_raise_into_a_task_and_say_what_they_could_not_count(

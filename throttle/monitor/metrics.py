@@ -60,6 +60,7 @@ EVENT_TYPES = {"delay": "task-delayed", "fallback": "task-fallback"}
 
 _buffers: weakref.WeakKeyDictionary[Any, StatsBuffer] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_flushing = threading.Lock()  # one flush at a time: flush() returns once earlier counts landed
 _flusher: threading.Thread | None = None
 _stop = threading.Event()
 _worker_task_events = False  # set from the worker's -E flag (see _note_task_events)
@@ -136,16 +137,21 @@ def observe_store_error(task: Observed) -> None:
 
 
 def flush() -> None:
-    """Write every pending count of this process now (a failed write is kept for later)."""
-    with _lock:
-        pending = list(_buffers.items())
-    for throttle, buffer in pending:
-        try:
-            buffer.flush(throttle.gate.client)
-        except (*STORE_ERRORS, StoreUnavailable) as exc:
-            logger.debug("metrics flush to Redis failed (%s); kept for the next one", exc)
-        except Exception:  # the flusher thread must outlive any surprise
-            logger.warning("metrics flush failed", exc_info=True)
+    """Write every pending count of this process now (a failed write is kept for later).
+
+    Flushes run one at a time, so when this returns, every count added before the call is in
+    Redis (or kept after a failed write), including those a flush already under way had taken.
+    """
+    with _flushing:
+        with _lock:
+            pending = list(_buffers.items())
+        for throttle, buffer in pending:
+            try:
+                buffer.flush(throttle.gate.client)
+            except (*STORE_ERRORS, StoreUnavailable) as exc:
+                logger.debug("metrics flush to Redis failed (%s); kept for the next one", exc)
+            except Exception:  # the flusher thread must outlive any surprise
+                logger.warning("metrics flush failed", exc_info=True)
 
 
 def _name(task: Any) -> str:
@@ -181,8 +187,8 @@ def _flush_every_interval() -> None:
 
 def _after_fork_in_child() -> None:
     """A forked child starts with no flusher, fresh locks and nothing pending."""
-    global _flusher, _lock, _stop
-    _flusher, _lock, _stop = None, threading.Lock(), threading.Event()
+    global _flusher, _flushing, _lock, _stop
+    _flusher, _flushing, _lock, _stop = None, threading.Lock(), threading.Lock(), threading.Event()
     for buffer in list(_buffers.values()):
         buffer.clear()
 
