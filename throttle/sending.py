@@ -117,7 +117,7 @@ class SendingTask(Task):  # type: ignore[misc]
             raise InvalidToolCall(self.tool.name, problem)
 
     def _register(self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
-                  canvas: dict[str, Any]) -> bool:
+                  canvas: dict[str, Any] | None = None) -> bool:
         """Register the call (its gate member) so the reaper can re-publish it if the broker
         loses it."""
         registration = self._start_registration(member, kwargs, headers, canvas)
@@ -125,7 +125,7 @@ class SendingTask(Task):  # type: ignore[misc]
 
     def _start_registration(
         self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
-        canvas: dict[str, Any],
+        canvas: dict[str, Any] | None = None,
     ) -> Registration | None:
         """Send the call's registration (None: not registered, see `_register`)."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:

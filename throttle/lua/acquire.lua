@@ -576,7 +576,7 @@ end
 -- made since may have used its units). New calls are otherwise placed after the latest
 -- slot taken (FIFO), and a freed slot before it would stay idle.
 local take_freed = freed_on and function(t)
-  if redis.call('EXISTS', free) == 0 then return nil end  -- (no slot was given back)
+  if redis.call('ZCARD', free) == 0 then return nil end  -- (no slot was given back)
   redis.call('ZREMRANGEBYSCORE', free, '-inf', fmt(math.max(now, cool_until)))
   local slots = redis.call('ZRANGEBYSCORE', free, '(' .. fmt(now), fmt(now + deadline),
                            'WITHSCORES', 'LIMIT', 0, 16)
