@@ -30,6 +30,13 @@ DEFAULT_VISIBILITY_TIMEOUT_MS = 3_600_000
 DEFAULT_SLOT_MARGIN_MS = 40
 
 
+def _duration_ms(value: Any, example: str, most_ms: int, least_ms: int = 1) -> int:
+    """A duration written with its unit ("30s"), in ms within its bounds, else a ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} needs a unit; write it as a string such as \"{example}\"")
+    return bounds.check_duration(value, parse_duration_ms(value), most_ms, least_ms)
+
+
 class ToolConfig(BaseModel):
     """One tool: its limits, deadline, store-outage policy, schemas and fallback."""
 
@@ -93,24 +100,18 @@ class ToolConfig(BaseModel):
     @field_validator("max_delay_ms", mode="before")
     @classmethod
     def _parse_max_delay(cls, value: Any) -> int:
-        if not isinstance(value, str):
-            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"30s\"")
-        return bounds.check_duration(value, parse_duration_ms(value), bounds.MAX_MAX_DELAY_MS)
+        return _duration_ms(value, "30s", bounds.MAX_MAX_DELAY_MS)
 
     @field_validator("lease_timeout_ms", mode="before")
     @classmethod
     def _parse_lease_timeout(cls, value: Any) -> int:
-        if not isinstance(value, str):
-            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"60s\"")
-        return bounds.check_duration(value, parse_duration_ms(value),
-                                     bounds.MAX_LEASE_TIMEOUT_MS, bounds.MIN_LEASE_TIMEOUT_MS)
+        return _duration_ms(value, "60s", bounds.MAX_LEASE_TIMEOUT_MS,
+                            bounds.MIN_LEASE_TIMEOUT_MS)
 
     @field_validator("fair_horizon_ms", mode="before")
     @classmethod
     def _parse_fair_horizon(cls, value: Any) -> int:
-        if not isinstance(value, str):
-            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"500ms\"")
-        return bounds.check_duration(value, parse_duration_ms(value), bounds.MAX_WINDOW_MS)
+        return _duration_ms(value, "500ms", bounds.MAX_WINDOW_MS)
 
     @field_validator("fair_weights")
     @classmethod
@@ -134,11 +135,9 @@ class ToolConfig(BaseModel):
     @field_validator("slot_margin_ms", mode="before")
     @classmethod
     def _parse_slot_margin(cls, value: Any) -> int:
-        if not isinstance(value, str):
-            raise ValueError(f"{value!r} needs a unit; write it as a string such as \"40ms\"")
-        if value.strip() in ("0", "0ms", "0s"):
+        if isinstance(value, str) and value.strip() in ("0", "0ms", "0s"):
             return 0
-        return bounds.check_duration(value, parse_duration_ms(value), bounds.MAX_SLOT_MARGIN_MS)
+        return _duration_ms(value, "40ms", bounds.MAX_SLOT_MARGIN_MS)
 
     @field_validator("params", "result")
     @classmethod

@@ -167,29 +167,13 @@ def gauges(snapshot: Snapshot) -> Iterator[Metric]:
             pool_usage.add_metric([pool.pool.name, priority], pool.class_use(priority))
         for use in pool.windows:
             pool_units.add_metric([pool.pool.name, format_ms(use.limit.window_ms)], use.used)
-    quota_left = GaugeMetricFamily("throttle_quota_remaining",
-                                   "Units left today in the tool's daily quota.",
-                                   labels=["tool", "quota"])
-    quota_reset = GaugeMetricFamily("throttle_quota_reset_seconds",
-                                    "Seconds until the tool's daily quota resets.",
-                                    labels=["tool", "quota"])
-    for view in snapshot.tools:
-        for quota in view.quotas:
-            quota_left.add_metric([view.tool.name, f"{quota.max}/1d"], quota.remaining)
-            quota_reset.add_metric([view.tool.name, f"{quota.max}/1d"],
-                                   max(0.0, quota.resets_at_s - snapshot.at_s))
-    pool_left = GaugeMetricFamily("throttle_pool_quota_remaining",
-                                  "Units left today in the pool's daily quota (all its tools).",
-                                  labels=["pool", "quota"])
-    pool_reset = GaugeMetricFamily("throttle_pool_quota_reset_seconds",
-                                   "Seconds until the pool's daily quota resets.",
-                                   labels=["pool", "quota"])
-    for pool in snapshot.pools.values():
-        for quota in pool.quotas:
-            pool_left.add_metric([pool.pool.name, f"{quota.max}/1d"], quota.remaining)
-            pool_reset.add_metric([pool.pool.name, f"{quota.max}/1d"],
-                                  max(0.0, quota.resets_at_s - snapshot.at_s))
-    yield from (quota_left, quota_reset, pool_left, pool_reset)
+    yield from _quota_gauges("throttle_quota", "tool", "the tool's daily quota",
+                             [(view.tool.name, view.quotas) for view in snapshot.tools],
+                             snapshot.at_s)
+    yield from _quota_gauges("throttle_pool_quota", "pool",
+                             "the pool's daily quota (all its tools)",
+                             [(pool.pool.name, pool.quotas) for pool in snapshot.pools.values()],
+                             snapshot.at_s)
     live = GaugeMetricFamily("throttle_live_limit_set_at_seconds",
                              "When each live override (`throttle limits set`) was set, with "
                              "what it applies to, its limits and who set it.",
@@ -256,3 +240,17 @@ def exporter(host: str, port: int, redis_url: str, broker_url: str | None, prefi
     finally:
         server.shutdown()
         collector.close()
+
+
+def _quota_gauges(metric: str, label: str, what: str, owners: list[tuple[str, Any]],
+                  at_s: float) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """`<metric>_remaining` and `<metric>_reset_seconds` of each owner's daily quotas."""
+    left = GaugeMetricFamily(f"{metric}_remaining", f"Units left today in {what}.",
+                             labels=[label, "quota"])
+    reset = GaugeMetricFamily(f"{metric}_reset_seconds", f"Seconds until {what} resets.",
+                              labels=[label, "quota"])
+    for name, quotas in owners:
+        for quota in quotas:
+            left.add_metric([name, f"{quota.max}/1d"], quota.remaining)
+            reset.add_metric([name, f"{quota.max}/1d"], max(0.0, quota.resets_at_s - at_s))
+    return left, reset

@@ -16,7 +16,10 @@ override gives (sliding limits, daily quotas) replaces the file's; a kind it lea
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -40,6 +43,21 @@ def _sources(redis_url: str, prefix: str, config_path: Path | None) -> Sources:
         return resolve_sources(redis_url, None, prefix, config_path)
     except ThrottleError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@contextmanager
+def _store(sources: Sources, doing: str) -> Iterator[Any]:
+    """The gate's Redis client; its errors and the config's become the command's message."""
+    client = sources.redis()
+    try:
+        yield client
+    except ThrottleError as exc:
+        raise click.ClickException(str(exc)) from None
+    except STORE_ERRORS as exc:
+        raise click.ClickException(f"cannot {doing} the gate's Redis ({exc}); "
+                                   f"reading {sources.describe()}") from None
+    finally:
+        client.close()
 
 
 def _split(target: tuple[str, ...], pool: str | None) -> tuple[str | None, tuple[str, ...]]:
@@ -73,17 +91,9 @@ def set_limits(args: tuple[str, ...], pool: str | None, key: str | None, set_by:
     """Replace the limits of TOOL (or of one --key value, or a --pool) from now on."""
     tool, texts = _split(args, pool)
     sources = _sources(redis_url, prefix, config_path)
-    client = sources.redis()
-    try:
+    with _store(sources, "write to") as client:
         override = set_override(client, sources.config, sources.prefix, parse_limits(texts),
                                 tool=tool, pool=pool, key=key, set_by=set_by)
-    except ThrottleError as exc:
-        raise click.ClickException(str(exc)) from None
-    except STORE_ERRORS as exc:
-        raise click.ClickException(f"cannot write to the gate's Redis ({exc}); "
-                                   f"reading {sources.describe()}") from None
-    finally:
-        client.close()
     click.echo(f"{override.target}: {override.limits_text} (version {override.version}, "
                f"set by {override.set_by})")
 
@@ -103,8 +113,7 @@ def reset_limits(tool: str | None, pool: str | None, key: str | None, adaptive: 
         raise click.UsageError("--adaptive forgets a tool's or a pool's learned limit: "
                                "drop --key")
     sources = _sources(redis_url, prefix, config_path)
-    client = sources.redis()
-    try:
+    with _store(sources, "write to") as client:
         if adaptive:
             forgot = forget(client, sources.config, sources.prefix, tool=tool, pool=pool)
             what = f"pool {pool}" if pool else f"tool {tool}"
@@ -113,13 +122,6 @@ def reset_limits(tool: str | None, pool: str | None, key: str | None, adaptive: 
             return
         removed = reset_override(client, sources.config, sources.prefix, tool=tool, pool=pool,
                                  key=key)
-    except ThrottleError as exc:
-        raise click.ClickException(str(exc)) from None
-    except STORE_ERRORS as exc:
-        raise click.ClickException(f"cannot write to the gate's Redis ({exc}); "
-                                   f"reading {sources.describe()}") from None
-    finally:
-        client.close()
     what = f"pool {pool}" if pool else f"{tool}" + (f" --key {key}" if key else "")
     click.echo(f"{what}: back to the tools file's limits" if removed
                else f"{what}: had no override")
@@ -131,14 +133,8 @@ def show_limits(redis_url: str, broker_url: str | None, prefix: str,
                 config_path: Path | None) -> None:
     """Every live override: what it applies to, its limits, the file's, who set it and when."""
     sources = _sources(redis_url, prefix, config_path)
-    client = sources.redis()
-    try:
+    with _store(sources, "read") as client:
         overrides = read_overrides(client, sources.prefix)
-    except STORE_ERRORS as exc:
-        raise click.ClickException(f"cannot read the gate's Redis ({exc}); "
-                                   f"reading {sources.describe()}") from None
-    finally:
-        client.close()
     if not overrides:
         click.echo("no live overrides: every tool runs on the tools file's limits")
         return
