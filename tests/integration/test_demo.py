@@ -165,8 +165,10 @@ def check_summary(out: Path, mode: str) -> dict[str, Any]:
           f"{expensive['limits'][0]['allowed']:g}")
     assert search["calls"] > search["limits"][0]["max"], "the burst exceeds the limit"
     assert search["delayed"] > 0, "calls over the limit wait for their slot"
-    allowance = expensive["limits"][0]
-    assert allowance["most_used"] == allowance["allowed"], "searches fill their class's share"
+    # The share binds: searches waited while the pool held their class's allowance (a wait
+    # counts only if the pool could not take the search within it). The most in use at a
+    # search's admission is the allowance only if the last search before the pool filled
+    # came before the other classes' calls did: 89 of 90 when a critical call came first.
     assert expensive["delayed_by_pool"] > 0, "searches over their share wait for the pool"
     return summary
 
