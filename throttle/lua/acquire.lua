@@ -255,15 +255,19 @@ local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
 local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
 local free = KEYS[cooldown_at + 1]
 -- A store at maxmemory (noeviction) refuses the script here, before its first write, as it
--- refuses any write that could grow memory: a no-op ZADD (XX GT -inf changes nothing) is
+-- refuses any write that could grow memory: a no-op ZADD (XX INCR 0 changes nothing) is
 -- that check. Without it the trims below (deletions) would let every later write through.
-redis.call('ZADD', log, 'XX', 'GT', '-inf', member)
+-- It also answers the member's log entry (false for a new call), which the decision starts
+-- from: the functions of a path are built only when the call can take that path (a closure
+-- costs the server ~0.3 µs here: it looks up its upvalues among this chunk's many locals).
+local known_held = redis.call('ZADD', log, 'XX', 'INCR', 0, member)
 
 local LATE_GRACE_MS = 1000
 -- Exact (17 significant digits): bounds built from slots must match the stored scores.
 local function fmt(x) return string.format('%.17g', x) end
 
--- Trim what no window can see any more; unused reservations expire with it.
+-- Trim what no window can see any more; unused reservations expire with it. Returns whether
+-- the hash holds costs, and how many entries went.
 local function trim(zset, hash, before)
   local weighted = redis.call('HLEN', hash) > 0
   if weighted then
@@ -271,8 +275,7 @@ local function trim(zset, hash, before)
       redis.call('HDEL', hash, m)
     end
   end
-  redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
-  return weighted
+  return weighted, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
 end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
 -- The pool's windows get the same half margin: the upstream counts a call when it arrives.
@@ -292,8 +295,10 @@ if receipts then
     end
   end
 end
-local weighted = trim(log, costs, now - longest)
-redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest)
+local weighted, trimmed = trim(log, costs, now - longest)
+-- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
+if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
+if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
 local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
 
 -- Earliest t >= `from` at which the entries of `zset` in (t - window, upto] (all <= t),
@@ -385,11 +390,6 @@ local function forget_decided(answer)
   end
   return answer
 end
-
--- The member's log entry (false for a new call), read once: the decision starts from it,
--- and the functions of a path are built only when the call can take that path (a closure
--- costs the server ~0.3 µs here: it looks up its upvalues among this chunk's many locals).
-local known_held = redis.call('ZSCORE', log, member)
 
 -- For a due reservation (slot `mine`): when the trailing window (t - window, now] holds
 -- it, counting admissions and the due reservations ahead of it (slot <= mine), but not
