@@ -5,7 +5,9 @@
                        BENCH_CONFIG, plus the plain tasks below on the same app;
                        "plain": a bare Celery app with the same queue settings (JSON only,
                        acks_late, reject on worker lost, prefetch 1, visibility timeout) and the
-                       plain tasks, but without Throttle and its FireDueTimers bootstep.
+                       plain tasks, but without Throttle and its FireDueTimers bootstep;
+                       "defaults": a bare Celery app left on Celery's defaults (what a user
+                       ran before throttle), whose no-op is `defaults.noop`.
   BENCH_CONFIG         the tools config as JSON (see `throttle.load_config`)
   BENCH_PREFIX         the gate's key prefix; bodies record into lists <prefix>:rec:<run>
   BENCH_REDIS_URL      the gate's and the records' Redis
@@ -77,7 +79,11 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle | None, dict[str, An
     tasks: dict[str, Any] = {}
     throttle: Throttle | None = None
     config = load_config(json.loads(env["BENCH_CONFIG"]))
-    if env.get("BENCH_APP", "throttle") == "throttle":
+    kind = env.get("BENCH_APP", "throttle")
+    if kind == "defaults":
+        app.conf.task_routes = {"defaults.noop": {"queue": "defaults.noop"}}
+        return app, None, {"defaults.noop": app.task(make("noop"), name="defaults.noop")}
+    if kind == "throttle":
         throttle = Throttle(app, config, redis_url, prefix=prefix)
         tasks = {name: throttle.tool(name)(make(name)) for name in config.tools}
     else:  # the same settings, without throttle's queues, tasks and bootsteps

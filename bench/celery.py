@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_nodes(nodes, bench.env)
             bench.pool_rss_at_start = [rss_bytes(c) for c in bench.nodes["T0"].children]
             steps: list[tuple[str, Callable[[], list[Figure]]]] = [
-                ("1 overhead", lambda: overhead(bench, sizes["overhead_n"], args.rounds)),
+                ("1 overhead", lambda: overhead(bench, sizes["overhead_n"], args.rounds,
+                                                celery_defaults=True)),
                 ("2 binding limit", lambda: binding(bench, sizes["burst_n"])),
                 ("4 rate vs Celery rate_limit", lambda: rates(bench, sizes["rate_n"], args.rate)),
                 ("3 memory", lambda: memory(bench, sizes["hold_n"])),
@@ -176,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--without-mingle --without-heartbeat`; throttle nodes T0-T2, plain nodes P0-P2; "
         f"gevent rows: the same on `-P gevent -c {args.green}`, throttle nodes G0-G2 (run "
         "after the prefork nodes stopped).",
-        "Part 1 runs both contenders on node T0 (the throttle app, so the same settings; "
-        "its FireDueTimers bootstep is idle without ETA tasks). Part 4's Celery rows run on "
+        "Part 1 runs the tool and the plain no-op on node T0 (the throttle app, so the same "
+        "settings; its FireDueTimers bootstep is idle without ETA tasks), and the prefork run "
+        "a third no-op on node D0, an app left on Celery's defaults. Part 4's Celery rows run on "
         "the plain app: "
         + ", ".join(f"{k}={v}" for k, v in SAFE_DEFAULTS.items() if "accept" not in k)
         + f"; no Throttle, no FireDueTimers bootstep (settings that differ from the throttle "

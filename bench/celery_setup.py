@@ -63,6 +63,8 @@ class Bench:
             "BENCH_RATE_LIMIT": f"{args.rate}/s",
         }
         self.app, _, self.tasks = build(self.env)
+        _, _, defaults = build({**self.env, "BENCH_APP": "defaults"})
+        self.tasks |= defaults  # sent by its own app: its routes and settings are Celery's
         plain_app, _, _ = build({**self.env, "BENCH_APP": "plain"})
         self.settings_differ = [
             key for key in SAFE_DEFAULTS if plain_app.conf[key] != self.app.conf[key]
@@ -86,6 +88,7 @@ class Bench:
                 ),
                 node("T1", "throttle", "tool.rated_two"),
                 node("T2", "throttle", "tool.rated_nomargin"),
+                node("D0", "defaults", "defaults.noop"),
                 node("P0", "plain", "plain.rated_one"),
                 node("P1", "plain", "plain.rated_two"),
                 node("P2", "plain", "plain.rated_two"),
