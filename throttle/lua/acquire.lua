@@ -484,14 +484,15 @@ local function admit()
   end
 end
 
--- Fast path: a new call admitted at once, on a tool without cost weights or fair sharing,
--- gets the answer decide_new() below would give (through quota_spent_until(), blocked(),
--- admit() and charge()), before the functions of the other paths are built. What it reads
--- first, it hands on to them (known_latest, known_own, known_pool_free) when the call goes
--- on.
+-- Fast path: a new call admitted at once, on a tool without cost weights (and, with fair
+-- sharing, while no call waits: its turn is then now), gets the answer decide_new() below
+-- would give (through quota_spent_until(), blocked(), admit(), charge() and fair_after()),
+-- before the functions of the other paths are built. What it reads first, it hands on to
+-- them (known_latest, known_own, known_pool_free, known_waiting) when the call goes on.
 local known_latest, known_own, known_pool_free
-if not weighted and not pool_weighted and not fair and deadline >= 0 and cool_until <= now
-    and not known_held then
+local known_waiting = fair and not known_held and redis.call('ZCARD', fair_keys[2])
+if not weighted and not pool_weighted and (not fair or known_waiting == 0) and deadline >= 0
+    and cool_until <= now and not known_held then
   known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
   local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
   for i = 1, (fits and n or 0) do
@@ -513,6 +514,8 @@ if not weighted and not pool_weighted and not fair and deadline >= 0 and cool_un
     charge(now, cost)
     expire(now)
     note_receipt()
+    -- (fair_after: nothing waits, so no tenant keeps an entry)
+    if fair then redis.call('ZREMRANGEBYSCORE', fair_keys[1], '-inf', '+inf') end
     return forget_decided({'admit', '0', fmt(now), 'admitted'})
   end
 end
@@ -701,7 +704,7 @@ end
 
 -- nil when the call may take its slot `t`; else its answer: parked, or a fallback.
 local fair_check = fair and function(t)
-  local waiting = redis.call('ZCARD', fair_queue)
+  local waiting = known_waiting or redis.call('ZCARD', fair_queue)
   if waiting > 0 then
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_parked, '-inf', now)) do
       fair_leave(m)  -- parked calls that never came back
