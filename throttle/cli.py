@@ -196,8 +196,9 @@ def _check_pool(options: list[str]) -> None:
               "the scaled config, in --out), so `throttle status`, `top` and the exporter "
               "see the run with their default settings.")
 @click.option("--runaway", default=0, show_default=True, type=click.IntRange(min=0),
-              help="One session behaves like a runaway agent: it also fires this many "
-              "searches at once; the summary shows the other sessions' waits beside it.")
+              help="One session behaves like a runaway agent looping on searches: this "
+              "many more, evenly over its session; the summary shows the other sessions' "
+              "waits beside it.")
 @click.option("--fair-by", "fair_by", metavar="ARGUMENT",
               help="Share each tool's limits fairly by this argument, e.g. session_id: run "
               "with and without it to compare the waits.")

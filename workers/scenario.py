@@ -78,8 +78,8 @@ def plan_sessions(
     Sessions start over the first third of the duration and each lasts half of it, so the
     last calls go out by five sixths and the rest of the run drains the delayed ones. With
     `chat_completion` among `tools`, every other turn starts with a model call. `runaway`:
-    the first session behaves like a runaway agent and also fires that many searches at
-    once when it starts.
+    the first session behaves like a runaway agent looping on searches: that many more, fired
+    evenly over its session from when it starts.
     """
     rng, llm_rng = random.Random(seed), random.Random(f"{seed}-llm")  # the same e-commerce plan
     start_span_s, session_s = duration_s / 3, duration_s / 2
@@ -96,10 +96,10 @@ def plan_sessions(
                 at_s = rng.choice(turns) + rng.uniform(0, TURN_SPREAD_S)
                 calls.append(PlannedCall(at_s, session_id, tool, _arguments(rng, tool, session_id)))
         if session_id == RUNAWAY_SESSION and "search_products" in offered:
-            calls += [PlannedCall(start_s + rng.uniform(0, TURN_SPREAD_S), session_id,
+            calls += [PlannedCall(start_s + index * session_s / runaway, session_id,
                                   "search_products", _arguments(rng, "search_products",
                                                                 session_id))
-                      for _ in range(runaway)]
+                      for index in range(runaway)]
         if LLM_TOOL in offered:
             for turn, at_s in enumerate(sorted(turns)[::LLM_EVERY_TURNS]):
                 arguments = _llm_arguments(llm_rng, session_id, turn)

@@ -57,7 +57,7 @@ class DemoSettings:
     seed: int = 7
     llm: bool = True
     keep: bool = False  # real mode: default prefix, keys and scaled config kept
-    runaway: int = 0  # extra searches one session fires at once (a runaway agent)
+    runaway: int = 0  # extra searches one session fires over its session (a runaway agent)
     fair_by: str | None = None  # share each tool's limits fairly by this argument
 
 

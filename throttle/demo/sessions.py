@@ -1,6 +1,6 @@
 """The demo's runaway agent: how long the other sessions waited beside it (`--runaway`).
 
-Run the demo with `--runaway N` (one session fires N extra searches at once), then again
+Run the demo with `--runaway N` (one session loops on N extra searches), then again
 with `--fair-by session_id` as well: the line printed after the summary, and the summary's
 `sessions` entry, compare the other sessions' waits and fallbacks with the runaway's.
 """
