@@ -2,9 +2,10 @@
 
 `.delay()` queues the call's registration (throttle/recovery.py) and returns once the call
 is published; a background thread (a greenlet under gevent or eventlet) sends what is
-queued, pipelined: one round trip per batch. A failed batch is logged as each call not
-registered, as a synchronous registration is. A full queue is refused (the caller registers
-itself); nothing is dropped silently.
+queued, pipelined: one round trip per batch. The thread gathers a batch for `LINGER_S`
+first: woken for each call, it would contend for the GIL with the caller's own publish. A
+failed batch is logged as each call not registered, as a synchronous registration is. A full
+queue is refused (the caller registers itself); nothing is dropped silently.
 
 A call may be decided by the gate before its registration arrives: acquire.lua then notes
 it as decided, and register.lua drops the late registration, so the reaper never publishes
@@ -128,7 +129,7 @@ class Registrar:
                 if not self._pending and not self._cond.wait(IDLE_S) and not self._pending:
                     self._thread = None
                     return
-            if LINGER_S:
+            if LINGER_S and self.queued() < MOST_PER_BATCH:  # (a backlog goes at once)
                 time.sleep(LINGER_S)
             batch = self._take()
             if batch:

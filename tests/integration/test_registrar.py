@@ -113,13 +113,23 @@ def test_a_forked_child_starts_with_an_empty_queue_and_sends_its_own(
     assert redis_client.zcard(calls) == 2 and redis_client.zscore(calls, parents.id)
 
 
+@pytest.mark.parametrize("patch", [
+    "",
+    "from gevent import monkey; monkey.patch_all()",
+    "import eventlet; eventlet.monkey_patch()",
+], ids=["threads", "gevent", "eventlet"])
 def test_a_process_that_exits_right_after_delay_has_its_call_registered(
-    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str],
+    patch: str,
 ) -> None:
+    """The first call is sent by the registrar's thread (a greenlet when patched) while the
+    caller sleeps; the second is still queued when the process exits: sent at exit."""
     script = textwrap.dedent(f"""
+        {patch}
+        import time, warnings
+        warnings.simplefilter("ignore")
         from celery import Celery
-        from throttle import Throttle, load_config, registrar
-        registrar.LINGER_S = 60.0  # only the flush at exit sends it
+        from throttle import Throttle, load_config
         app = Celery("exit", broker={redis_dbs[0]!r}, backend="cache+memory://")
         throttle = Throttle(app, load_config({TOOLS!r}), {redis_url!r}, prefix={prefix!r})
 
@@ -127,14 +137,19 @@ def test_a_process_that_exits_right_after_delay_has_its_call_registered(
         def search(query: str = "") -> str:
             return query
 
-        print(search.delay(query="lamp").id)
+        print(search.delay(query="first").id)
+        time.sleep(0.5)
+        print(throttle.gate.registrar.queued())
+        print(search.delay(query="second").id)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=True)
-    task_id = done.stdout.strip()
+    first, queued, second = done.stdout.split()
+    assert queued == "0"
     calls, messages = registry_keys(prefix, "search")
-    assert redis_client.zscore(calls, task_id) is not None
-    assert redis_client.hexists(messages, task_id)
+    for task_id in (first, second):
+        assert redis_client.zscore(calls, task_id) is not None
+        assert redis_client.hexists(messages, task_id)
 
 
 def test_a_store_down_logs_each_call_not_registered_and_publishes_it_all_the_same(
