@@ -76,6 +76,7 @@ class Registrar:
         self._pending: dict[tuple[str, str], Pending] = {}
         self._sending: dict[tuple[str, str], int] = {}  # in batches being sent
         self._thread: threading.Thread | None = None
+        self._idle = False  # the thread waits for a call
 
     def submit(self, tool: str, member: str, message: str, check_at_s: float) -> bool:
         """Queue a registration; False when the queue is full (register it yourself)."""
@@ -88,7 +89,7 @@ class Registrar:
                 self._thread = threading.Thread(target=self._run, name="throttle-registrar",
                                                 daemon=True)
                 self._thread.start()
-            else:
+            elif self._idle:
                 self._cond.notify()
         return True
 
@@ -121,19 +122,29 @@ class Registrar:
         return batch
 
     def _run(self) -> None:
+        """Gather for LINGER_S, send, and again while calls come; wait when none do."""
         me = threading.current_thread()
         while True:
             with self._cond:
                 if self._thread is not me:  # replaced after a fork
                     return
-                if not self._pending and not self._cond.wait(IDLE_S) and not self._pending:
-                    self._thread = None
-                    return
-            if LINGER_S and self.queued() < MOST_PER_BATCH:  # (a backlog goes at once)
-                time.sleep(LINGER_S)
-            batch = self._take()
-            if batch:
+                idle = not self._pending
+                if idle:
+                    self._idle = True
+                    woken = self._cond.wait(IDLE_S)
+                    self._idle = False
+                    if not woken and not self._pending:
+                        self._thread = None
+                        return
+            if idle:
+                self._linger()
+            if batch := self._take():
                 self._send_batch(batch)
+            self._linger()  # the next batch: most likely, calls go on coming
+
+    def _linger(self) -> None:
+        if LINGER_S and self.queued() < MOST_PER_BATCH:  # (a backlog goes at once)
+            time.sleep(LINGER_S)
 
     def _send_batch(self, batch: list[Pending]) -> None:
         late = time.monotonic() - LATE_S
