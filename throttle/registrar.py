@@ -124,6 +124,7 @@ class Registrar:
     def _run(self) -> None:
         """Gather for LINGER_S, send, and again while calls come; wait when none do."""
         me = threading.current_thread()
+        self._linger()  # made for a call just queued
         while True:
             with self._cond:
                 if self._thread is not me:  # replaced after a fork
