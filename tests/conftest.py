@@ -10,6 +10,7 @@ import pytest
 import redis
 from hypothesis import settings
 
+from throttle import registrar
 from throttle.monitor import metrics
 
 # Hypothesis: one policy for every property test. The normal run ("fixed") replays the same
@@ -51,6 +52,7 @@ def prefix(redis_client: redis.Redis) -> Iterator[str]:
     name = f"throttle-test-{uuid.uuid4().hex[:12]}"
     yield name
     metrics.flush()  # counts of calls made in this process land before the keys go
+    registrar.flush_all()  # and so do the registrations of its `.delay()` calls
     delete_prefix(redis_client, name)
 
 

@@ -11,28 +11,34 @@ async gate's concurrent decisions share one pipeline per event-loop tick).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from throttle.adaptive import Adapter
 from throttle.config import Config
 from throttle.decision import Decision, text
+from throttle.errors import StoreUnavailable
 from throttle.gate_args import GateBase
 from throttle.keys import (
     DEFAULT_PREFIX,
     cooldown_left_s,
+    decided_key,
     overrides_version_key,
     redelivery_key,
     tool_defaults_key,
 )
-from throttle.scripts import Sent, encode, evalsha
+from throttle.registrar import Pending, Registrar
+from throttle.scripts import Sent, encode, evalsha, evalsha_many
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
+    STORE_ERRORS,
     StoreClient,
     StoreErrors,
     client_options,
     connect,
     describe_client,
     mask_url,
+    unreachable,
 )
 
 REGISTRY_TTL_MS = 3_600_000  # a registry outlives its latest check time by an hour
@@ -58,6 +64,8 @@ class Gate(GateBase):
 
     One client serves every thread or greenlet of a process: each command takes a
     connection of its own from the client's pool (`max_connections` bounds it, see `connect`).
+    `registers_calls`: calls are registered in the background (`register_later`), so a
+    decision notes a call it finds unregistered (see throttle/registrar.py).
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class Gate(GateBase):
         prefix: str = DEFAULT_PREFIX,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         max_connections: int | None = None,
+        registers_calls: bool = False,
     ) -> None:
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
@@ -79,8 +88,10 @@ class Gate(GateBase):
         else:
             self.client = redis_url_or_client
             url = describe_client(redis_url_or_client)
-        super().__init__(config, prefix, url)
+        super().__init__(config, prefix, url, registers_calls=registers_calls)
         self._load_scripts(self.client)
+        self.registrar = Registrar(self._send_registrations)
+        self._late_keys: dict[str, list[bytes]] = {}
         self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
 
     def acquire(
@@ -175,8 +186,41 @@ class Gate(GateBase):
             return Registration(Sent(self.client, self._register_script, keys, args),
                                 self._errors)
 
+    def register_later(self, tool: str, member: str, message: str, check_at_s: float) -> bool:
+        """`register_call` in the background (throttle/registrar.py); False when its queue
+        is full (then register the call yourself)."""
+        return self.registrar.submit(tool, member, message, check_at_s)
+
+    def _send_registrations(self, batch: Sequence[Pending]) -> list[Exception | None]:
+        """Send queued registrations in one round trip: each one's error, or None."""
+        now_s = time.time()
+        commands = []
+        for item in batch:
+            keys = self._late_keys.get(item.tool)
+            if keys is None:
+                pool = self.config.tool(item.tool).pool
+                names = [*self.registry(item.tool), decided_key(self.prefix, item.tool, pool)]
+                keys = self._late_keys[item.tool] = [name.encode() for name in names]
+            ttl_ms = int((item.check_at_s - now_s) * 1000) + REGISTRY_TTL_MS
+            args = [encode(item.member), encode(item.check_at_s * 1000), encode(item.message),
+                    encode(ttl_ms)]
+            commands.append(self._register_script.command(keys, args))
+        try:
+            with self._errors:
+                answers = evalsha_many(self.client, self._register_script, commands)
+        except StoreUnavailable as exc:
+            return [exc] * len(batch)
+        return [(unreachable(self.url, answer) if isinstance(answer, STORE_ERRORS) else answer)
+                if isinstance(answer, Exception) else None for answer in answers]
+
+    def flush_registrations(self) -> None:
+        """Send the registrations still queued and wait for them (tests, shutdown)."""
+        self.registrar.flush()
+
     def forget_call(self, tool: str, member: str) -> None:
-        """Take a call out of `tool`'s registry (decided without the gate, or given up)."""
+        """Take a call out of `tool`'s registry (decided without the gate, or given up);
+        a registration of it still queued here is dropped, or sent first."""
+        self.registrar.withdraw(tool, member)
         calls, messages = self.registry(tool)
         with self._errors:
             pipe = self.client.pipeline(transaction=False)
@@ -213,5 +257,6 @@ class Gate(GateBase):
         return int(count)
 
     def close(self) -> None:
-        """Close the connection pool this gate opened."""
+        """Send the registrations still queued, then close the connection pool."""
+        self.registrar.flush()
         self.client.close()

@@ -14,6 +14,7 @@ from throttle.fairness import Fairness, fairness_of
 from throttle.keys import (
     ToolKeys,
     check_prefix,
+    decided_key,
     fair_keys,
     keys_for,
     override_fields,
@@ -39,10 +40,14 @@ SCRIPTS = ("acquire", "release", "settle", "cooldown", "claim")
 class GateBase:
     """Argument building and answer typing shared by `Gate` and `AsyncGate`."""
 
-    def __init__(self, config: Config, prefix: str, url: str) -> None:
+    def __init__(self, config: Config, prefix: str, url: str, *,
+                 registers_calls: bool = False) -> None:
         self.config = config
         self.prefix = check_prefix(prefix)
         self.url = url
+        # Calls are registered after their publish (throttle/registrar.py): a decision then
+        # notes a call not yet registered, so its late registration is dropped.
+        self.registers_calls = registers_calls
         self._errors = StoreErrors(url)
         self.fairness: dict[str, Fairness | None] = {
             name: fairness_of(config, tool) for name, tool in config.tools.items()
@@ -123,6 +128,8 @@ class GateBase:
         keys = [*tool_keys.as_list(), tool_keys.free]
         if tool.key is None or tool.pool:  # the registry shares the decision's hash tag
             keys += self.registry(tool.name)
+            if self.registers_calls:
+                keys.append(decided_key(self.prefix, tool.name, tool.pool))
         keys += [overrides_key(self.prefix, tool, key), quota_key(tool_keys)]
         if tool.pool:
             keys.append(pool_quota_key(self.prefix, tool.pool))

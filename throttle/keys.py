@@ -11,6 +11,8 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
     <prefix>:{t}:calls     ZSET  calls enqueued and not yet admitted or refused, score = when
                                  to count one as lost (ms); see throttle/recovery.py
     <prefix>:{t}:calls:msg HASH  task id -> the call's arguments and headers (to re-publish)
+    <prefix>:{t}:calls:decided  ZSET  calls the gate decided before their registration
+                                 arrived, score = until when (ms) a late one is dropped
     <prefix>:{t}:redelivered:<task id>   STRING  deliveries after admission (worker lost)
     <prefix>:{t}:receipts  HASH  task id -> the receipt of the delivery the gate admitted
     <prefix>:{t|h}:...     the same per key value
@@ -22,7 +24,7 @@ A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
     <prefix>:{p}:pool:cost HASH  member -> units, for members whose cost is not 1
     <prefix>:{p}:tool:<t>:leases  ZSET  running calls of a capped tool, score = lease end
     <prefix>:{p}:pool:cooldown    STRING  until when (ms) no tool of the pool may call
-    <prefix>:{p}:tool:<t>:calls, :calls:msg      the tool's calls not yet decided
+    <prefix>:{p}:tool:<t>:calls, :calls:msg, :calls:decided   the tool's registry
 
 A tool with a concurrency cap and no pool keeps its leases at <prefix>:{t}:leases, and its
 per-key logs at <prefix>:{t}|h:... under the same tag.
@@ -239,6 +241,12 @@ def registry_keys(prefix: str, tool: str, pool: str | None = None) -> tuple[str,
     """
     head = f"{prefix}:{{{pool}}}:tool:{tool}" if pool else f"{prefix}:{{{tool}}}"
     return f"{head}:calls", f"{head}:calls:msg"
+
+
+def decided_key(prefix: str, tool: str, pool: str | None = None) -> str:
+    """The calls of `tool` the gate decided before their registration arrived (a ZSET of
+    ids by when a late registration stops being dropped), beside its registry."""
+    return f"{registry_keys(prefix, tool, pool)[0]}:decided"
 
 
 def redelivery_key(keys: ToolKeys, member: str) -> str:

@@ -100,9 +100,15 @@ class Throttle:
         if self._gate is None or self._gate_pid != os.getpid():
             client = self._redis_client or self.redis_url
             self._gate = Gate(client, self.config, prefix=self.prefix,
-                              max_connections=self._gate_connections)
+                              max_connections=self._gate_connections,
+                              registers_calls=self.register_calls)
             self._gate_pid = os.getpid()
         return self._gate
+
+    def flush_registrations(self) -> None:
+        """Wait until the calls `.delay()` published from this process are registered for
+        recovery (they are sent in the background; see throttle/registrar.py)."""
+        self.gate.flush_registrations()
 
     def size_gate_pool(self, max_connections: int) -> None:
         """Bound the gate's connection pool (a call past it waits for a connection)."""

@@ -89,6 +89,50 @@ def evalsha(client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequenc
         return _run(client, command)
 
 
+def evalsha_many(client: Any, script: LuaScript, commands: Sequence[Command]) -> list[Any]:
+    """Run many calls of `script` (its `command`s) in one round trip on a sync client.
+
+    Each call's answer, or the server's error for that call; NOSCRIPT loads the script and
+    repeats the calls it refused. A failed round trip raises. The calls must be safe to run
+    twice (a dropped connection sends them again, as the client's `Retry` says).
+    """
+    answers = _pipeline(client, commands)
+    refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+    if refused:
+        client.script_load(script.source)
+        again = _pipeline(client, [commands[i] for i in refused])
+        for i, answer in zip(refused, again, strict=True):
+            answers[i] = answer
+    return answers
+
+
+def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
+    if not _direct(client):  # a cluster or other client: its own pipeline
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+    packed = [b"".join(hiredis.pack_command(command)  # type: ignore[arg-type]
+                       for command in commands)]
+    pool = client.connection_pool
+    conn = pool.get_connection()
+
+    def exchange() -> list[Any]:
+        conn.send_packed_command(packed)
+        answers: list[Any] = []
+        for _ in commands:
+            try:
+                answers.append(conn.read_response())
+            except redis.ResponseError as exc:  # read in full: still in step
+                answers.append(exc)
+        return answers
+
+    try:
+        return list(conn.retry.call_with_retry(exchange, lambda _error: conn.disconnect()))
+    finally:
+        pool.release(conn)
+
+
 class Sent:
     """An EVALSHA already sent, whose answer `answer()` reads later: the caller overlaps its
     round trip with other work (`.delay()` publishes meanwhile).

@@ -1,24 +1,24 @@
 """The caller's side of a tool's task: check the call, register it, publish it.
 
 `.delay()` / `apply_async` validate the arguments (schema, size, depth) before anything is
-enqueued, register the call for the reaper (Redis brokers), and publish it on the tool's
-queue with the headers below; `apply` runs it in this process (eager mode).
+enqueued, queue the call's registration for the reaper (Redis brokers; sent in the
+background, see throttle/registrar.py), and publish it on the tool's queue with the headers
+below; `apply` runs it in this process (eager mode).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
-from celery import Task
+from celery import Task, signals
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
-from throttle import eager, recovery
+from throttle import eager, recovery, registrar
 from throttle.config import ToolConfig
 from throttle.errors import InvalidToolCall, StoreUnavailable
 from throttle.gate import Registration
@@ -37,9 +37,6 @@ from throttle.results import FALLBACK_MARK, due_at_s
 
 if TYPE_CHECKING:
     from throttle.owner import Owner
-
-logger = logging.getLogger("throttle")
-
 
 
 class SendingTask(Task):  # type: ignore[misc]
@@ -82,18 +79,20 @@ class SendingTask(Task):  # type: ignore[misc]
         if task_id is not None:
             self._check_unused(task_id)
         task_id = task_id or uuid()
-        # The registration is sent first, and confirmed once the call is published.
-        registration = self._start_registration(task_id, checked, headers,
-                                                recovery.canvas_of(options))
+        # The registration is queued for the registrar (or, its queue full, sent now and
+        # confirmed once the call is published).
+        queued, registration = self._queue_registration(task_id, checked, headers,
+                                                        recovery.canvas_of(options))
         try:
             result = super().apply_async(
                 args, kwargs, task_id=task_id, headers=headers, **options
             )
         except BaseException:  # (not only Exception: its connection must go back)
-            if registration is not None:
+            if queued or registration is not None:
                 with contextlib.suppress(StoreUnavailable):
-                    registration.wait()  # done before it is taken back
-                    self.throttle.gate.forget_call(self.tool.name, task_id)
+                    if registration is not None:
+                        registration.wait()  # done before it is taken back
+                    self.throttle.gate.forget_call(self.tool.name, task_id)  # (and dequeued)
             raise
         if registration is not None:
             self._confirm(registration, task_id)
@@ -123,19 +122,43 @@ class SendingTask(Task):  # type: ignore[misc]
         registration = self._start_registration(member, kwargs, headers, canvas)
         return registration is not None and self._confirm(registration, member)
 
+    def _queue_registration(
+        self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
+        canvas: dict[str, Any],
+    ) -> tuple[bool, Registration | None]:
+        """Queue the call's registration for the registrar: (True, None); its queue full,
+        send it now: (False, the registration to confirm); (False, None): not registered."""
+        entry = self._registry_entry(kwargs, headers, canvas)
+        if entry is None:
+            return False, None
+        call, check_at = entry
+        if self.throttle.gate.register_later(self.tool.name, member, call, check_at):
+            return True, None
+        return False, self._send_registration(member, call, check_at)
+
     def _start_registration(
         self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
         canvas: dict[str, Any] | None = None,
     ) -> Registration | None:
         """Send the call's registration (None: not registered, see `_register`)."""
+        entry = self._registry_entry(kwargs, headers, canvas)
+        return None if entry is None else self._send_registration(member, *entry)
+
+    def _registry_entry(
+        self, kwargs: dict[str, Any], headers: dict[str, Any], canvas: dict[str, Any] | None,
+    ) -> tuple[str, float] | None:
+        """The call's message for the reaper and its check time (None: not registered)."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:
             return None
         budget_s = self.tool.max_delay_ms / 1000
         if DEADLINE_S in headers:
             budget_s = min(budget_s, float(headers[DEADLINE_S]))
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
+        return recovery.message(kwargs, headers, check_at, canvas), check_at
+
+    def _send_registration(self, member: str, call: str, check_at: float
+                           ) -> Registration | None:
         try:
-            call = recovery.message(kwargs, headers, check_at, canvas)
             return self.throttle.gate.start_register_call(self.tool.name, member, call, check_at)
         except StoreUnavailable as exc:
             self._not_registered(member, exc)
@@ -150,9 +173,7 @@ class SendingTask(Task):  # type: ignore[misc]
         return True
 
     def _not_registered(self, member: str, exc: StoreUnavailable) -> None:
-        logger.error("tool %s: call %s is enqueued but not registered for recovery (%s): "
-                     "a worker answers it as on_store_error says, but if the broker loses "
-                     "its message nothing publishes it again", self.tool.name, member, exc)
+        registrar.not_registered(self.tool.name, member, exc)
 
     def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
         """The call's keyword arguments if they fit the tool's schema and size, else raise."""
@@ -184,3 +205,8 @@ class SendingTask(Task):  # type: ignore[misc]
         headers = {ENQUEUED_AT: time.time(), **(options.pop("headers", None) or {})}
         return eager.apply(self, super().apply, args, kwargs, headers=headers,
                            fallback_mark=FALLBACK_MARK, **options)
+
+
+# A pool process ends with os._exit (no atexit): send what it queued first.
+signals.worker_process_shutdown.connect(registrar.flush_all, weak=False)
+signals.worker_shutdown.connect(registrar.flush_all, weak=False)

@@ -171,6 +171,30 @@ def test_pools_leases_and_the_other_gate_calls_work_on_the_cluster(
 
 
 
+def test_background_registrations_of_several_tools_reach_the_cluster_in_one_flush(
+    cluster_nodes: list[RedisServer],
+) -> None:
+    """The registrar's batch spans the tools' slots (redis-py's cluster pipeline splits it),
+    loads the script where a node answers NOSCRIPT, and a pooled call decided before its
+    registration arrives is noted under the pool's tag, so the late one is dropped."""
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster_nodes[0].port)
+    gate = Gate(client, load_config(CONFIG), prefix=f"{PREFIX}-reg", registers_calls=True)
+    names = ("per_tenant", "pooled", "capped")
+    assert gate.acquire("pooled", "decided", key=tenant(1)).action is Action.ADMIT
+    client.script_flush()
+    check_at = time.time() + 60
+    for name in names:
+        for i in range(5):
+            assert gate.register_later(name, f"{name}-{i}", "{}", check_at)
+    assert gate.register_later("pooled", "decided", "{}", check_at)
+    gate.flush_registrations()
+    for name in names:
+        calls, messages = gate.registry(name)
+        assert client.zcard(calls) == 5 and client.hlen(messages) == 5, name
+    assert client.zscore(gate.registry("pooled")[0], "decided") is None
+    client.close()
+
+
 def test_a_cluster_url_serves_the_gate_status_and_the_exporter(
     cluster_nodes: list[RedisServer],
 ) -> None:

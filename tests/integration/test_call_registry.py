@@ -63,6 +63,7 @@ def test_a_call_on_a_redis_broker_is_registered_until_the_gate_decides_it(
         return query
 
     result = search.delay(query="lamp")
+    throttle.flush_registrations()  # sent in the background
     calls, messages = throttle.gate.registry("search")
     assert redis_client.zscore(calls, result.id) is not None
     assert redis_client.hexists(messages, result.id)
@@ -138,6 +139,7 @@ def test_the_reaper_publishes_a_lost_call_once_then_answers_it_with_the_fallback
 
     broker = redis.Redis.from_url(redis_dbs[0])
     result = search.delay(query="lamp")
+    throttle.flush_registrations()
     broker.delete(*broker.keys("tool.search*"))  # the broker lost it
     calls, _ = throttle.gate.registry("search")
     lost_at = float(redis_client.zscore(calls, result.id) or 0) / 1000
@@ -165,6 +167,7 @@ def test_the_reaper_never_publishes_a_call_that_already_failed(
 
     broker = redis.Redis.from_url(redis_dbs[0])
     result = search.delay(query="lamp")
+    throttle.flush_registrations()
     broker.delete(*broker.keys("tool.search*"))
     search.backend.mark_as_failure(result.id, InvalidToolCall("search", "refused"))
     calls, _ = throttle.gate.registry("search")
@@ -209,6 +212,7 @@ def test_a_lost_call_keeps_its_chain_chord_and_links_when_published_again_or_giv
     first = sent(broker, "tool.search")
     assert len(first) == 3 and in_chain.id in first and linked.id in first
     broker.delete(*broker.keys("tool.search*"))  # the broker lost all three
+    throttle.flush_registrations()
     calls, _ = throttle.gate.registry("search")
     lost_at = max(score for _, score in redis_client.zrange(calls, 0, -1, withscores=True)) / 1000
 

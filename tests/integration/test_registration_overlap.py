@@ -1,7 +1,9 @@
-""".delay() sends the call's registration first and confirms it once the call is published.
+""".delay() queues the call's registration for the registrar (throttle/registrar.py), which
+sends it in the background; with its queue full, the registration is sent before the publish
+and confirmed after it, so the two round trips overlap.
 
-The two round trips overlap; the registry must still end exact: a registered call for every
-published one, nothing left for a publish that failed, every connection back in its pool.
+The registry must still end exact: a registered call for every published one, nothing left
+for a publish that failed, every connection back in its pool.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def test_a_publish_that_fails_leaves_no_registration_and_no_connection_held(
     assert in_use(throttle) == 0
     monkeypatch.undo()
     result = search.delay(query="lamp")  # the same gate goes on as before
+    throttle.flush_registrations()  # sent in the background
     assert redis_client.zscore(calls, result.id) is not None
     assert in_use(throttle) == 0
 
@@ -87,6 +90,7 @@ def test_a_registration_after_a_script_flush_is_loaded_and_confirmed(
     search.delay(query="warm")
     redis_client.script_flush()
     result = search.delay(query="lamp")
+    throttle.flush_registrations()
     calls, messages = throttle.gate.registry("search")
     assert redis_client.zscore(calls, result.id) is not None
     assert redis_client.hexists(messages, result.id)
@@ -129,6 +133,7 @@ def test_a_registration_whose_answer_is_lost_leaves_the_call_published_and_regis
 
         with caplog.at_level(logging.WARNING, logger="throttle"):
             result = search.delay(query="lamp")
+            throttle.flush_registrations()  # sent in the background
         assert relay.lost >= 2  # the answer, then the one of the try again, were lost
         assert in_use(throttle) == 0
     assert f"call {result.id} is enqueued but not registered for recovery" in caplog.text

@@ -110,9 +110,10 @@ def test_a_call_revoked_before_it_reaches_the_gate_never_takes_a_slot(
     cluster = make_cluster({"tools": {"pair": tool(["1/2s"])}},
                            env={"THROTTLE_TEST_BODY_S": "1.0"})
     cluster.start(1, concurrency=1)
-    app, _, tasks = build(cluster.env)
+    app, throttle, tasks = build(cluster.env)
     calls = registry_keys(prefix, "pair")[0]
     a, b, c, d = (tasks["pair"].delay(n=n) for n in range(4))
+    throttle.flush_registrations()  # (sent in the background)
     assert redis_client.zscore(calls, c.id) is not None  # registered by .delay()
     app.control.revoke(c.id)
     for result in (a, b, d):

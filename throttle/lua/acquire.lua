@@ -13,6 +13,8 @@ KEYS[next] free      ZSET  slots given back by released reservations (release.lu
 KEYS[next] calls     ZSET  (optional) the tool's undecided calls, by when to count them lost
 KEYS[next] calls msg HASH  (optional) their messages; both lose the member once it is
                       admitted or refused (throttle/recovery.py)
+KEYS[next] decided   ZSET  (optional, after the two above) calls decided before their
+                      registration arrived, score = until when (ms) register.lua drops it
 KEYS[next] limits    HASH (when ARGV carries the fields below) live limits that replace the
                       ones passed in ARGV: see "Live limits" below and throttle/overrides.py
 KEYS[next] quota     HASH  (with them) units used per calendar day: '<i>:<day start ms>'
@@ -384,10 +386,22 @@ local function note_receipt()
 end
 
 -- A decided call (admitted or refused) leaves the tool's registry of undecided calls.
+-- `.delay()` registers in the background (throttle/registrar.py), so with the decided key
+-- (a third registry key) a call not in the registry may be registered later: it is noted
+-- there for DECIDED_MS (the registrar sends nothing older than its LATE_S), and
+-- register.lua drops that late registration. The set is trimmed by expiry and bounded.
 local function forget_decided(answer)
   if answer[1] ~= 'delay' and calls_at >= cooldown_at + 2 then
     if redis.call('ZREM', KEYS[cooldown_at + 2], member) == 1 then
       redis.call('HDEL', KEYS[cooldown_at + 3], member)
+    elseif calls_at >= cooldown_at + 3 then
+      local decided, DECIDED_MS, MOST = KEYS[cooldown_at + 4], 120000, 100000
+      redis.call('ZREMRANGEBYSCORE', decided, '-inf', now)
+      if redis.call('ZADD', decided, now + DECIDED_MS, member) == 1
+          and redis.call('ZCARD', decided) > MOST then
+        redis.call('ZREM', decided, redis.call('ZRANGE', decided, 0, 0)[1])
+      end
+      redis.call('PEXPIRE', decided, DECIDED_MS)
     end
   end
   return answer
