@@ -149,8 +149,12 @@ def test_a_concurrency_cap_holds_across_workers_and_recovers_after_a_worker_is_k
         spans.append((run["at"], killed_at if killed else ended[run["id"]]))
         killed_runs += [run] if killed else []
     assert len(killed_runs) == 1, f"the kill must hit exactly one running body: {killed_runs}"
-    reruns = [run["at"] for run in runs if run["id"] == killed_runs[0]["id"]][1:]
-    assert len(reruns) == 1, "the killed call ran again, once"
+    killed_id = killed_runs[0]["id"]
+    reruns = [run["at"] for run in runs if run["id"] == killed_id][1:]
+    assert len(reruns) == 1, (
+        f"the killed call ran again, once: {counts}, {killed_runs}; its workers' log:\n"
+        + "\n".join(line for line in cluster.logs().splitlines()
+                    if killed_id in line or "WorkerLost" in line)[-4000:])
     edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     levels = list(zip([at for at, _ in edges], accumulate(step for _, step in edges), strict=True))
     most_running = max(level for _, level in levels)
