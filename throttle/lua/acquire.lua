@@ -270,13 +270,32 @@ local LATE_GRACE_MS = 1000
 -- exclusive ones and replies, need fmt.)
 local function fmt(x) return string.format('%.17g', x) end
 
+-- Weighted windows are walked entry by entry: the units of many members are read (and
+-- dropped) a chunk per call, not one call each (a call costs the server ~1 µs here).
+local CHUNK = 500
+-- The units of `list`'s members (every `step`-th item from 1: a WITHSCORES reply has step
+-- 2) in `hash`, 1 for a member without an entry, as a table by the item's index.
+local function units_of(hash, list, step)
+  local units = {}
+  for first = 1, #list, CHUNK * step do
+    local fields = {}
+    for i = first, math.min(#list, first + CHUNK * step - 1), step do
+      fields[#fields + 1] = list[i]
+    end
+    local got = redis.call('HMGET', hash, unpack(fields))
+    for k = 1, #fields do units[first + (k - 1) * step] = tonumber(got[k]) or 1 end
+  end
+  return units
+end
+
 -- Trim what no window can see any more; unused reservations expire with it. Returns whether
 -- the hash holds costs, and how many entries went.
 local function trim(zset, hash, before)
   local weighted = redis.call('HLEN', hash) > 0
   if weighted then
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', before)) do
-      redis.call('HDEL', hash, m)
+    local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
+    for first = 1, #gone, CHUNK do
+      redis.call('HDEL', hash, unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
     end
   end
   return weighted, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
@@ -342,13 +361,10 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
     return tonumber(entry[2]) + window
   end
   local entries = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES')
-  local units = {}
+  local units = units_of(hash, entries, 2)
   local used = 0
   for i = 1, #entries, 2 do
-    if entries[i] ~= skip then
-      units[i] = tonumber(redis.call('HGET', hash, entries[i]) or '1')
-      used = used + units[i]
-    end
+    if entries[i] ~= skip then used = used + units[i] end
   end
   local excess = used + cost - max
   if excess <= 0 then return from end
@@ -430,10 +446,11 @@ local due_free_at = known_held and function(max, window, mine)
   local total = 0
   repeat
     local page = redis.call('ZRANGEBYSCORE', log, lo, now, 'WITHSCORES', 'LIMIT', offset, batch)
+    local weights = weighted and units_of(costs, page, 2)
     for i = 1, #page, 2 do
       local m, score = page[i], tonumber(page[i + 1])
       if m ~= member and not (score > mine and redis.call('ZSCORE', rsv, m)) then
-        local units = weighted and tonumber(redis.call('HGET', costs, m) or '1') or 1
+        local units = weighted and weights[i] or 1
         counted[#counted + 1] = {score, units}
         total = total + units
       end
@@ -562,9 +579,10 @@ local fits_in = freed_on and function(zset, hash, heavy, s, max, w)
   local page = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(s - w), '(' .. fmt(s + w),
                           'WITHSCORES')
   local times, units = {}, {}
+  local weights = heavy and units_of(hash, page, 2)
   for j = 1, #page, 2 do
     times[#times + 1] = tonumber(page[j + 1])
-    units[#units + 1] = heavy and tonumber(redis.call('HGET', hash, page[j]) or '1') or 1
+    units[#units + 1] = heavy and weights[j] or 1
   end
   local hi, lo, sum = 1, 1, 0
   local function held_at(x)  -- units in (x - w, x]; x only grows
@@ -743,9 +761,8 @@ local fair_check = fair and function(t)
     if redis.call('HLEN', fair_costs) == 0 then
       ahead = redis.call('ZCOUNT', fair_queue, '-inf', '(' .. fmt(fair_tag))
     else
-      for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_queue, '-inf', '(' .. fmt(fair_tag))) do
-        ahead = ahead + tonumber(redis.call('HGET', fair_costs, m) or '1')
-      end
+      local queued = redis.call('ZRANGEBYSCORE', fair_queue, '-inf', '(' .. fmt(fair_tag))
+      for _, units in pairs(units_of(fair_costs, queued, 1)) do ahead = ahead + units end
     end
   end
   local slot = t
