@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -61,12 +62,16 @@ def start_stub(folder: Path, hidden: int, window_s: float, headers: str) -> tupl
 
 
 def drive(gate: Gate, url: str, threads: int, seconds: float,
-          trace: list[dict[str, Any]] | None = None) -> list[tuple[float, int]]:
+          trace: list[dict[str, Any]] | None = None,
+          jitter_s: float = 0.0) -> list[tuple[float, int]]:
     """(answer time, status) of every call made by `threads` clients for `seconds`; with
-    `trace`, also what each answer reported and what the gate set after it."""
+    `trace`, also what each answer reported and what the gate set after it. `jitter_s`:
+    each call waits up to this long (uniformly) between its admission and its request, as
+    on a loaded worker."""
     answers: list[tuple[float, int]] = []
     lock = threading.Lock()
     end = time.time() + seconds
+    jitter = random.Random(7)
 
     def client() -> None:
         with httpx.Client(base_url=url, timeout=10) as http:
@@ -78,6 +83,11 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
                     decision = gate.acquire("api", member)
                 if decision.action is Action.FALLBACK:
                     continue
+                admitted_s = time.time()
+                if jitter_s:
+                    with lock:
+                        pause = jitter.uniform(0, jitter_s)
+                    time.sleep(pause)
                 response = http.post("chat/completions", json=BODY)
                 if response.status_code == 429:  # as a worker does: pause, then report
                     asked_s = pause_s(response.headers)
@@ -88,7 +98,7 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
                 with lock:
                     answers.append((time.time(), response.status_code))
                     if trace is not None:
-                        trace.append(_traced(response, states))
+                        trace.append(_traced(response, states, admitted_s))
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for worker in workers:
@@ -98,9 +108,11 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
     return answers
 
 
-def _traced(response: httpx.Response, states: list[AdaptiveState]) -> dict[str, Any]:
+def _traced(response: httpx.Response, states: list[AdaptiveState],
+            admitted_s: float) -> dict[str, Any]:
     reading = read_limits(response.headers).requests
-    return {"at_s": round(time.time(), 4), "status": response.status_code,
+    return {"at_s": round(time.time(), 4), "admitted_s": round(admitted_s, 4),
+            "status": response.status_code,
             "limit": reading.limit, "remaining": reading.remaining,
             "reset_s": reading.reset_s,
             "effective": states[0].effective if states else None,
@@ -129,7 +141,10 @@ def phase(url_redis: str, stub_url: str, adaptive: bool, args: argparse.Namespac
     config = load_config({"tools": {"api": tool}})
     gate = Gate(url_redis, config, prefix=prefix)
     start = time.time()
-    answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window, trace)
+    if trace is not None:
+        trace.append({"phase": "adaptive", "at_s": start})
+    answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window, trace,
+                    args.jitter_ms / 1000)
     return per_window(answers, start, args.window, args.phase_windows), gate
 
 
@@ -158,6 +173,9 @@ def main() -> None:
     parser.add_argument("--phase-windows", type=int, default=12)
     parser.add_argument("--slot-margin-ms", type=int,
                         help="the tool's slot_margin (default: the config's default)")
+    parser.add_argument("--jitter-ms", type=float, default=0.0,
+                        help="each call waits up to this long (uniformly, seeded) between "
+                        "its admission and its request, as on a loaded worker")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--trace", type=Path, help="JSON lines: each adaptive-phase answer's "
                         "reported limit, remaining and reset, and the effective limit after it")
@@ -166,7 +184,8 @@ def main() -> None:
     hidden = int(args.limit * 0.6)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     figures: dict[str, Any] = {"limit": args.limit, "hidden": hidden, "window_s": args.window,
-                               "headers": args.headers, "slot_margin_ms": args.slot_margin_ms}
+                               "headers": args.headers, "slot_margin_ms": args.slot_margin_ms,
+                               "jitter_ms": args.jitter_ms}
     with tempfile.TemporaryDirectory() as folder:
         stub, stub_url = start_stub(Path(folder), hidden, args.window, args.headers)
         admin = httpx.Client(base_url=stub_url.removesuffix("/v1"), timeout=10)
@@ -190,7 +209,7 @@ def main() -> None:
             start = time.time()
             trace.append({"phase": "raised", "at_s": time.time()})
             answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window,
-                            trace)
+                            trace, args.jitter_ms / 1000)
             raised = per_window(answers, start, args.window, args.phase_windows)
             figures["raised_served_per_window"] = [w[200] for w in raised]
             figures["raised_429_per_window"] = [w[429] for w in raised]

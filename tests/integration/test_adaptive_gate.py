@@ -149,6 +149,37 @@ def test_later_429s_of_the_same_overshoot_refine_the_level_without_cutting_again
     assert (state.effective, state.reason) == (pytest.approx(6.3), "429")  # 0.9 x 7
 
 
+def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
+    redis_url: str, prefix: str
+) -> None:
+    """A call of the last window that reached the upstream late is still counted there when
+    the gate has let it go: a 429 then finds the gate's use under the upstream's limit. The
+    level stays what the upstream served lately; a lower limit is learned a cut later."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 9, P, "a") == 9
+    gate.adapter.report("plain", [], busy=True, now_s=P)  # level 9
+    [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
+    assert level.effective == pytest.approx(9)
+    # The next window: 8 calls (2 at P + 10.5, 6 at P + 10.6), all served.
+    assert _admitted(gate, "plain", 2, P + 10.5, "b") == 2
+    assert _admitted(gate, "plain", 6, P + 10.6, "c") == 6
+    for _ in range(8):
+        gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10.65)
+    # A window later the gate has let the first 2 go, the upstream (they arrived late) not
+    # yet: it refuses the next call with 6 in the gate's count. Its limit did not fall.
+    assert _admitted(gate, "plain", 1, P + 20.55, "d") == 1
+    gate.cool_down("plain", 0.001, member="d-0", now_s=P + 20.55)
+    [race] = gate.adapter.report("plain", [], busy=True, now_s=P + 20.55)
+    assert (race.effective, race.reason) == (pytest.approx(0.9 * 8), "429")
+    # Had it fallen (to 5), the answers after the cut serve 5 and the next 429 learns it.
+    assert _admitted(gate, "plain", 5, P + 40, "e") == 5
+    gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 40)
+    assert _admitted(gate, "plain", 1, P + 40, "f") == 1
+    gate.cool_down("plain", 0.001, member="f-0", now_s=P + 40)
+    [low] = gate.adapter.report("plain", [], busy=True, now_s=P + 40)
+    assert low.effective == pytest.approx(0.9 * 5)
+
+
 def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(
     redis_url: str, prefix: str
 ) -> None:

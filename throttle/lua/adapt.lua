@@ -101,8 +101,9 @@ local function fmt(x) return string.format('%.17g', x) end
 -- Units the target used in its longest window, as the gate counted them; `lag` reaches back
 -- further, to the calls the upstream (counting them on arrival) still holds.
 local function used_now(lag)
-  local entries = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - window - lag), fmt(now))
-  if redis.call('HLEN', costs) == 0 then return #entries end
+  local from = '(' .. fmt(now - window - lag)
+  if redis.call('HLEN', costs) == 0 then return redis.call('ZCOUNT', log, from, fmt(now)) end
+  local entries = redis.call('ZRANGEBYSCORE', log, from, fmt(now))
   local sum, batch = 0, 500
   for from = 1, #entries, batch do
     local last = math.min(#entries, from + batch - 1)
@@ -140,9 +141,13 @@ if reported_limit or remaining then
                and reported <= (tonumber(state.short_limit) or math.huge)
   if goal < current then effective, reason = goal, why
   elseif goal > current and not held then effective, reason = goal, why end
-  state.level, state.cut_ms = nil, nil  -- headers rule; 429s start afresh without them
+  -- headers rule; 429s start afresh without them
+  state.level, state.cut_ms, state.served, state.served_ms = nil, nil, nil, nil
 elseif busy then
-  local level = math.max(floor, used_now(lag_ms))
+  -- Never under what the upstream served lately (`served`): a 429 as a window turns over
+  -- (a call of the last window arrived late and the upstream still counts it, while the
+  -- gate's count has let it go) finds the gate's use low, though the upstream's limit held.
+  local level = math.max(floor, used_now(lag_ms), tonumber(state.served) or 0)
   if now - (tonumber(state.cut_ms) or -math.huge) >= hold_ms then
     level = math.min(current, level)
     effective, reason = math.max(floor, (1 - backoff) * level), '429'
@@ -154,7 +159,21 @@ elseif busy then
     local refined = math.max(floor, (1 - backoff) * level)
     if refined < current then effective, reason = refined, '429' end
   end
-elseif current < ceiling then
+else
+  -- Served: what the upstream served at lately, as the gate counts it, up to the level
+  -- (over it the count holds calls still on their way, which may be refused). The first
+  -- answer after a cut starts it afresh (so a lower limit is learned in a cut or two);
+  -- until then the last cycle's stands.
+  local level, cut = tonumber(state.level), tonumber(state.cut_ms)
+  if level and cut then
+    local served = math.min(level, used_now(lag_ms))
+    if (tonumber(state.served_ms) or -math.huge) > cut then
+      served = math.max(served, tonumber(state.served) or 0)
+    end
+    state.served, state.served_ms = served, now
+  end
+end
+if not (reported_limit or remaining or busy) and current < ceiling then
   local level, cut = tonumber(state.level), tonumber(state.cut_ms)
   if not (level and cut) then  -- lowered by headers that stopped: probe from here
     level, cut = current, now - approach * window
