@@ -94,7 +94,8 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
                     gate.cool_down("api", DEFAULT_PAUSE_S if asked_s is None else asked_s,
                                    member=member)
                 states = gate.adapter.report("api", [Answer(dict(response.headers),
-                                                            response.status_code)])
+                                                            response.status_code)],
+                                             member=member)
                 with lock:
                     answers.append((time.time(), response.status_code))
                     if trace is not None:

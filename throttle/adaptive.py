@@ -155,10 +155,12 @@ class Adapter:
         return bool(self._targets.get(tool))
 
     def report(self, tool: str, answers: Sequence[Answer], *, busy: bool = False,
-               now_s: float | None = None) -> list[AdaptiveState]:
+               member: str | None = None, now_s: float | None = None) -> list[AdaptiveState]:
         """Move the effective limits of `tool`'s targets after one call; their new states.
 
         `busy`: the call ended with a 429 (UpstreamBusy) even if no answer was reported.
+        `member`: the call's member at the gate; without headers, a served call's place in
+        the windows tells what the upstream served (the calls admitted before it).
         """
         tool_config = self.config.tool(tool)
         found = self._targets.get(tool) or targets(self.config, self.prefix, tool_config)
@@ -178,7 +180,8 @@ class Adapter:
                     _number(reading.limit), _number(reading.remaining), hold_ms, BACKOFF,
                     APPROACH_WINDOWS, FLOOR_SHARE, keep_ms, SLACK_SHARE,
                     tool_config.slot_margin_ms / 2, PROBE_SHARE, PROBE_GROWTH,
-                    "" if reading.reset_s is None else reading.reset_s * 1000]
+                    "" if reading.reset_s is None else reading.reset_s * 1000,
+                    member or ""]
             with self._errors:
                 raw = self._script(keys=[target.limits_key, target.log, target.cost],
                                    args=args)

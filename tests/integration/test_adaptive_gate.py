@@ -163,8 +163,8 @@ def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
     # The next window: 8 calls (2 at P + 10.5, 6 at P + 10.6), all served.
     assert _admitted(gate, "plain", 2, P + 10.5, "b") == 2
     assert _admitted(gate, "plain", 6, P + 10.6, "c") == 6
-    for _ in range(8):
-        gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10.65)
+    for member in ["b-0", "b-1", *(f"c-{i}" for i in range(6))]:
+        gate.adapter.report("plain", [Answer({}, 200)], member=member, now_s=P + 10.65)
     # A window later the gate has let the first 2 go, the upstream (they arrived late) not
     # yet: it refuses the next call with 6 in the gate's count. Its limit did not fall.
     assert _admitted(gate, "plain", 1, P + 20.55, "d") == 1
@@ -173,11 +173,31 @@ def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
     assert (race.effective, race.reason) == (pytest.approx(0.9 * 8), "429")
     # Had it fallen (to 5), the answers after the cut serve 5 and the next 429 learns it.
     assert _admitted(gate, "plain", 5, P + 40, "e") == 5
-    gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 40)
+    gate.adapter.report("plain", [Answer({}, 200)], member="e-4", now_s=P + 40)
     assert _admitted(gate, "plain", 1, P + 40, "f") == 1
     gate.cool_down("plain", 0.001, member="f-0", now_s=P + 40)
     [low] = gate.adapter.report("plain", [], busy=True, now_s=P + 40)
     assert low.effective == pytest.approx(0.9 * 5)
+
+
+def test_what_was_served_does_not_count_the_calls_still_on_their_way(
+    redis_url: str, prefix: str
+) -> None:
+    """A served call's answer counts the calls admitted up to it, not those after it: they
+    may still be on their way to a refusal (the level would stay over the upstream's)."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 9, P, "a") == 9
+    gate.adapter.report("plain", [], busy=True, now_s=P)  # level 9
+    [probe] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    assert probe.effective == pytest.approx(9 * 1.05)
+    # The upstream's limit is now 8: of 9 calls, the 9th will be refused. The 8th is
+    # answered first, while the 9th is on its way.
+    for i in range(9):
+        assert _admitted(gate, "plain", 1, P + 20 + 0.01 * i, f"b{i}") == 1
+    gate.adapter.report("plain", [Answer({}, 200)], member="b7-0", now_s=P + 20.1)
+    gate.cool_down("plain", 0.001, member="b8-0", now_s=P + 20.12)
+    [cut] = gate.adapter.report("plain", [], busy=True, now_s=P + 20.12)
+    assert (cut.effective, cut.reason) == (pytest.approx(0.9 * 8), "429")
 
 
 def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(

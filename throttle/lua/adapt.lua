@@ -32,6 +32,8 @@ ARGV[13] lag_ms      how much further back the gate's count reaches: half the to
 ARGV[14] probe       the first probe above the level, a share of it (e.g. 0.05)
 ARGV[15] growth      each window of probing without a 429 multiplies the step (e.g. 3)
 ARGV[16] reset_ms    when the upstream says room comes back ('' when not reported)
+ARGV[17] member      the call's member in KEYS[2] ('' when not known): without headers, an
+                     answer that served it counts what the upstream served (`served`)
 
 The effective limit is kept for the longest window; every other window of the target is
 scaled by the same ratio. With headers: min(ceiling, limit, used + remaining), where used
@@ -66,6 +68,7 @@ local hold_ms, backoff, approach = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumbe
 local floor_share, keep_ms = tonumber(ARGV[10]), tonumber(ARGV[11])
 local slack_share, lag_ms = tonumber(ARGV[12]), tonumber(ARGV[13]) or 0
 local probe, growth, reset_ms = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
+local member = ARGV[17] or ''
 local field, state_field = 'adaptive:' .. target, 'adaptive-state:' .. target
 
 local function pairs_of(text)
@@ -98,12 +101,14 @@ end
 local floor = math.max(1, floor_share * ceiling)
 local function fmt(x) return string.format('%.17g', x) end
 
--- Units the target used in its longest window, as the gate counted them; `lag` reaches back
--- further, to the calls the upstream (counting them on arrival) still holds.
-local function used_now(lag)
-  local from = '(' .. fmt(now - window - lag)
-  if redis.call('HLEN', costs) == 0 then return redis.call('ZCOUNT', log, from, fmt(now)) end
-  local entries = redis.call('ZRANGEBYSCORE', log, from, fmt(now))
+-- Units the target used in its longest window up to `at` (now), as the gate counted them;
+-- `lag` reaches back further, to the calls the upstream (counting them on arrival) still
+-- holds.
+local function used_now(lag, at)
+  at = at or now
+  local from, to = '(' .. fmt(at - window - lag), fmt(at)
+  if redis.call('HLEN', costs) == 0 then return redis.call('ZCOUNT', log, from, to) end
+  local entries = redis.call('ZRANGEBYSCORE', log, from, to)
   local sum, batch = 0, 500
   for from = 1, #entries, batch do
     local last = math.min(#entries, from + batch - 1)
@@ -160,13 +165,15 @@ elseif busy then
     if refined < current then effective, reason = refined, '429' end
   end
 else
-  -- Served: what the upstream served at lately, as the gate counts it, up to the level
-  -- (over it the count holds calls still on their way, which may be refused). The first
-  -- answer after a cut starts it afresh (so a lower limit is learned in a cut or two);
-  -- until then the last cycle's stands.
+  -- Served: what the upstream served lately, as the gate counts it: the calls admitted
+  -- in this call's window up to it, itself included (not those after it: they may still
+  -- be on their way, to be refused), at most the level. The first answer after a cut
+  -- starts it afresh (so a lower limit is learned a cut later); until then the last
+  -- cycle's stands.
   local level, cut = tonumber(state.level), tonumber(state.cut_ms)
-  if level and cut then
-    local served = math.min(level, used_now(lag_ms))
+  local at = member ~= '' and tonumber(redis.call('ZSCORE', log, member))
+  if level and cut and at then
+    local served = math.min(level, used_now(lag_ms, at))
     if (tonumber(state.served_ms) or -math.huge) > cut then
       served = math.max(served, tonumber(state.served) or 0)
     end
