@@ -149,6 +149,20 @@ def test_later_429s_of_the_same_overshoot_refine_the_level_without_cutting_again
     assert (state.effective, state.reason) == (pytest.approx(6.3), "429")  # 0.9 x 7
 
 
+def test_a_probe_step_holds_through_its_window(redis_url: str, prefix: str) -> None:
+    """Calls that come late in a window of probing (a slow burst) meet the same step as
+    those at its start, not a larger one: two calls over the upstream's limit were refused
+    at once when the step grew with time."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 8, P, "a") == 8
+    gate.adapter.report("plain", [], busy=True, now_s=P)  # level 8
+    [start] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    [late] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 29.5)
+    assert start.effective == late.effective == pytest.approx(8 * 1.05)
+    [next_window] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 30)
+    assert next_window.effective == pytest.approx(8 * 1.2)
+
+
 def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
     redis_url: str, prefix: str
 ) -> None:

@@ -41,11 +41,13 @@ is the target's use of its longest window now (the upstream counts calls the gat
 see, or has a lower limit); after such a shortfall it is not raised again until the
 upstream's reset (hysteresis). Without headers, 429s drive it, in the manner of TCP CUBIC:
 a 429 marks the level the upstream refused at (`level`: the target's use of the window
-then, as the gate counts it, or the effective limit if lower) and cuts the limit to
-(1 - backoff) x level; later 429s within `hold_ms` only lower the level to the use then.
+then, as the gate counts it, or the effective limit if lower; never under `served`, what the
+upstream served lately, counted at answered calls) and cuts the limit to (1 - backoff) x
+level; later 429s within `hold_ms` only lower the level to the use then.
 From there it climbs back to the level along a concave curve over `approach` windows
 (slow near the level), then probes above it, each window's step `growth` times the last:
-level x (1 + probe x (growth^n - 1) / (growth - 1)) after n windows of probing. Under a
+level x (1 + probe x (growth^n - 1) / (growth - 1)) after n whole windows of probing (held
+through the window: a burst that comes late in it would otherwise meet a larger step). Under a
 steady upstream that is one 429 per probe, every `approach` + 1 windows or so; when the
 upstream's limit rises the probe finds it within a few windows. Back at the ceiling the
 'adaptive:' field is deleted (the standing limits apply alone).
@@ -189,8 +191,9 @@ if not (reported_limit or remaining or busy) and current < ceiling then
   local t = (now - cut) / window
   local curve
   if t < approach then curve = level * (1 - backoff * (1 - t / approach) ^ 3)
-  else
-    curve = level * (1 + probe * (growth ^ math.min(t - approach, 60) - 1) / (growth - 1))
+  else  -- a step holds for its whole window: calls that come late in it get no larger one
+    local n = math.min(math.floor(t - approach + 1e-9), 60)
+    curve = level * (1 + probe * (growth ^ n - 1) / (growth - 1))
   end
   effective = math.min(ceiling, math.max(current, curve))
   if effective > current then reason = 'raised' end
