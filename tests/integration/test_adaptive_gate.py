@@ -17,6 +17,8 @@ from throttle.adaptive import (
     BACKOFF,
     PROBE_GROWTH,
     PROBE_SHARE,
+    REACH_STEP_MS,
+    AdaptiveState,
     Answer,
     read_states,
 )
@@ -163,13 +165,9 @@ def test_a_probe_step_holds_through_its_window(redis_url: str, prefix: str) -> N
     assert next_window.effective == pytest.approx(8 * 1.2)
 
 
-def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
-    redis_url: str, prefix: str
-) -> None:
-    """A call of the last window that reached the upstream late is still counted there when
-    the gate has let it go: a 429 then finds the gate's use under the upstream's limit. The
-    level stays what the upstream served lately; a lower limit is learned a cut later."""
-    gate = Gate(redis_url, CONFIG, prefix=prefix)
+def _turn_of_window_race(gate: Gate) -> AdaptiveState:
+    """Level 8 learned and served; then a 429 as the window turns over (the upstream still
+    counts 2 calls of the last window, the gate 6): its state."""
     assert _admitted(gate, "plain", 9, P, "a") == 9
     gate.adapter.report("plain", [], busy=True, now_s=P)  # level 9
     [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
@@ -184,6 +182,17 @@ def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
     assert _admitted(gate, "plain", 1, P + 20.55, "d") == 1
     gate.cool_down("plain", 0.001, member="d-0", now_s=P + 20.55)
     [race] = gate.adapter.report("plain", [], busy=True, now_s=P + 20.55)
+    return race
+
+
+def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
+    redis_url: str, prefix: str
+) -> None:
+    """A call of the last window that reached the upstream late is still counted there when
+    the gate has let it go: a 429 then finds the gate's use under the upstream's limit. The
+    level stays what the upstream served lately; a lower limit is learned a cut later."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    race = _turn_of_window_race(gate)
     assert (race.effective, race.reason) == (pytest.approx(0.9 * 8), "429")
     # Had it fallen (to 5), the answers after the cut serve 5 and the next 429 learns it.
     assert _admitted(gate, "plain", 5, P + 40, "e") == 5
@@ -192,6 +201,23 @@ def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
     gate.cool_down("plain", 0.001, member="f-0", now_s=P + 40)
     [low] = gate.adapter.report("plain", [], busy=True, now_s=P + 40)
     assert low.effective == pytest.approx(0.9 * 5)
+
+
+def test_a_429_as_the_window_turns_over_makes_the_learned_windows_reach_further(
+    redis_url: str, prefix: str
+) -> None:
+    """Calls reach the upstream later than the gate allows for: the learned limit's windows
+    grow by REACH_STEP_MS, so its slots are let go that much later."""
+    assert REACH_STEP_MS == 25
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    _turn_of_window_race(gate)
+    [back] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 30.55)
+    assert back.effective == pytest.approx(8)
+    assert _admitted(gate, "plain", 9, P + 31, "e") == 8
+    # 10 s after them the gate's own window has let them go; the learned one holds them
+    # 25 ms longer.
+    assert _admitted(gate, "plain", 1, P + 41.01, "f") == 0
+    assert _admitted(gate, "plain", 1, P + 41.03, "g") == 1
 
 
 def test_what_was_served_does_not_count_the_calls_still_on_their_way(

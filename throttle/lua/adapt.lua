@@ -34,6 +34,9 @@ ARGV[15] growth      each window of probing without a 429 multiplies the step (e
 ARGV[16] reset_ms    when the upstream says room comes back ('' when not reported)
 ARGV[17] member      the call's member in KEYS[2] ('' when not known): without headers, an
                      answer that served it counts what the upstream served (`served`)
+ARGV[18] reach_step  a 429 as a window turns over stretches the learned limit's windows
+                     this much (ms; at most 2.5% of the longest window) ...
+ARGV[19] reach_max   ... up to this (ms; at most 10% of it)
 
 The effective limit is kept for the longest window; every other window of the target is
 scaled by the same ratio. With headers: min(ceiling, limit, used + remaining), where used
@@ -43,7 +46,10 @@ upstream's reset (hysteresis). Without headers, 429s drive it, in the manner of 
 a 429 marks the level the upstream refused at (`level`: the target's use of the window
 then, as the gate counts it, or the effective limit if lower; never under `served`, what the
 upstream served lately, counted at answered calls) and cuts the limit to (1 - backoff) x
-level; later 429s within `hold_ms` only lower the level to the use then.
+level; later 429s within `hold_ms` only lower the level to the use then. A cut at a use
+under `served` (a 429 as a window turns over: calls reach the upstream late) makes the
+learned limit's windows reach `reach_step` further back (`reach`); a probe's cut takes a
+quarter step back.
 From there it climbs back to the level along a concave curve over `approach` windows
 (slow near the level), then probes above it, each window's step `growth` times the last:
 level x (1 + probe x (growth^n - 1) / (growth - 1)) after n whole windows of probing (held
@@ -96,6 +102,10 @@ if raw then
   local ok, decoded = pcall(cjson.decode, raw)
   if ok and type(decoded) == 'table' then state = decoded end
 end
+local reach_step = math.min(tonumber(ARGV[18]) or 0, 0.025 * window)
+local reach_max = math.min(tonumber(ARGV[19]) or 0, 0.1 * window)
+-- Reach: how much longer than the target's windows the learned limit's are (ms).
+local reach = math.max(0, math.min(reach_max, tonumber(state.reach) or 0))
 local current = ceiling
 if tonumber(state.effective) and tonumber(state.seen_ms) and now - state.seen_ms < keep_ms then
   current = math.min(ceiling, tonumber(state.effective))
@@ -150,15 +160,22 @@ if reported_limit or remaining then
   elseif goal > current and not held then effective, reason = goal, why end
   -- headers rule; 429s start afresh without them
   state.level, state.cut_ms, state.served, state.served_ms = nil, nil, nil, nil
+  reach = 0
 elseif busy then
   -- Never under what the upstream served lately (`served`): a 429 as a window turns over
   -- (a call of the last window arrived late and the upstream still counts it, while the
   -- gate's count has let it go) finds the gate's use low, though the upstream's limit held.
-  local level = math.max(floor, used_now(lag_ms), tonumber(state.served) or 0)
+  local used, served = used_now(lag_ms + reach), tonumber(state.served) or 0
+  local level = math.max(floor, used, served)
   if now - (tonumber(state.cut_ms) or -math.huge) >= hold_ms then
     level = math.min(current, level)
     effective, reason = math.max(floor, (1 - backoff) * level), '429'
     state.level, state.cut_ms = level, now
+    -- Such a 429 says calls reach the upstream later than the gate's windows allow for:
+    -- the learned limit's windows reach further back (its slots are let go later). A
+    -- probe's 429 (at the use served) takes back a quarter step.
+    if used < served then reach = math.min(reach_max, reach + reach_step)
+    else reach = math.max(0, reach - reach_step / 4) end
   elseif level < (tonumber(state.level) or math.huge) then
     -- The same overshoot: no new cut, but its refused calls have left the log (cooldown),
     -- so the use now tells the level the upstream served at more closely.
@@ -175,7 +192,7 @@ else
   local level, cut = tonumber(state.level), tonumber(state.cut_ms)
   local at = member ~= '' and tonumber(redis.call('ZSCORE', log, member))
   if level and cut and at then
-    local served = math.min(level, used_now(lag_ms, at))
+    local served = math.min(level, used_now(lag_ms + reach, at))
     if (tonumber(state.served_ms) or -math.huge) > cut then
       served = math.max(served, tonumber(state.served) or 0)
     end
@@ -201,6 +218,7 @@ end
 
 if effective ~= current then state.changed_ms = now end
 state.effective, state.ceiling, state.reason = effective, ceiling, reason
+state.reach = reach > 0 and reach or nil
 state.at_ms, state.seen_ms = now, now
 redis.call('HSET', limits, state_field, cjson.encode(state))
 if effective >= ceiling then
@@ -208,7 +226,7 @@ if effective >= ceiling then
 else
   local parts = {fmt(now + keep_ms)}
   for i = 1, #maxes do
-    parts[#parts + 1] = fmt(maxes[i] * effective / ceiling) .. ' ' .. fmt(windows[i])
+    parts[#parts + 1] = fmt(maxes[i] * effective / ceiling) .. ' ' .. fmt(windows[i] + reach)
   end
   redis.call('HSET', limits, field, table.concat(parts, ' '))
 end
