@@ -218,6 +218,7 @@ end
 
 if effective ~= current then state.changed_ms = now end
 state.effective, state.ceiling, state.reason = effective, ceiling, reason
+reach = math.floor(reach + 0.5)  -- whole ms: acquire.lua takes windows as integers
 state.reach = reach > 0 and reach or nil
 state.at_ms, state.seen_ms = now, now
 redis.call('HSET', limits, state_field, cjson.encode(state))
