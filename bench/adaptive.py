@@ -17,7 +17,7 @@ A 429 pauses the tool as a worker does (the answer's retry hint, else 1 s) befor
 answer is reported. The last line says which of the issue's targets were met.
 
 The clients wait for slots, so calls come in bursts placed `window + slot margin` apart:
-utilization is at most `slot_margin_bound` = window / (window + margin), 0.98 with the
+utilization is at most about `slot_margin_bound` = window / (window + margin), 0.98 with the
 default margin on 1 s windows, 0.77 with `--slot-margin-ms 300` (its windows serving 0
 calls are those no burst started in).
 
