@@ -16,6 +16,11 @@ worker does. Three phases, each `--phase-windows` windows long:
 A 429 pauses the tool as a worker does (the answer's retry hint, else 1 s) before its
 answer is reported. The last line says which of the issue's targets were met.
 
+The clients wait for slots, so calls come in bursts placed `window + slot margin` apart:
+utilization is at most about `slot_margin_bound` = window / (window + margin), 0.98 with the
+default margin on 1 s windows, 0.77 with `--slot-margin-ms 300` (its windows serving 0
+calls are those no burst started in).
+
 `--json PATH` saves every figure.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -61,12 +67,16 @@ def start_stub(folder: Path, hidden: int, window_s: float, headers: str) -> tupl
 
 
 def drive(gate: Gate, url: str, threads: int, seconds: float,
-          trace: list[dict[str, Any]] | None = None) -> list[tuple[float, int]]:
+          trace: list[dict[str, Any]] | None = None,
+          jitter_s: float = 0.0) -> list[tuple[float, int]]:
     """(answer time, status) of every call made by `threads` clients for `seconds`; with
-    `trace`, also what each answer reported and what the gate set after it."""
+    `trace`, also what each answer reported and what the gate set after it. `jitter_s`:
+    each call waits up to this long (uniformly) between its admission and its request, as
+    on a loaded worker."""
     answers: list[tuple[float, int]] = []
     lock = threading.Lock()
     end = time.time() + seconds
+    jitter = random.Random(7)
 
     def client() -> None:
         with httpx.Client(base_url=url, timeout=10) as http:
@@ -78,17 +88,23 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
                     decision = gate.acquire("api", member)
                 if decision.action is Action.FALLBACK:
                     continue
+                admitted_s = time.time()
+                if jitter_s:
+                    with lock:
+                        pause = jitter.uniform(0, jitter_s)
+                    time.sleep(pause)
                 response = http.post("chat/completions", json=BODY)
                 if response.status_code == 429:  # as a worker does: pause, then report
                     asked_s = pause_s(response.headers)
                     gate.cool_down("api", DEFAULT_PAUSE_S if asked_s is None else asked_s,
                                    member=member)
                 states = gate.adapter.report("api", [Answer(dict(response.headers),
-                                                            response.status_code)])
+                                                            response.status_code)],
+                                             member=member)
                 with lock:
                     answers.append((time.time(), response.status_code))
                     if trace is not None:
-                        trace.append(_traced(response, states))
+                        trace.append(_traced(response, states, admitted_s))
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for worker in workers:
@@ -98,9 +114,11 @@ def drive(gate: Gate, url: str, threads: int, seconds: float,
     return answers
 
 
-def _traced(response: httpx.Response, states: list[AdaptiveState]) -> dict[str, Any]:
+def _traced(response: httpx.Response, states: list[AdaptiveState],
+            admitted_s: float) -> dict[str, Any]:
     reading = read_limits(response.headers).requests
-    return {"at_s": round(time.time(), 4), "status": response.status_code,
+    return {"at_s": round(time.time(), 4), "admitted_s": round(admitted_s, 4),
+            "status": response.status_code,
             "limit": reading.limit, "remaining": reading.remaining,
             "reset_s": reading.reset_s,
             "effective": states[0].effective if states else None,
@@ -122,15 +140,22 @@ def per_window(answers: list[tuple[float, int]], start: float, window_s: float,
 def phase(url_redis: str, stub_url: str, adaptive: bool, args: argparse.Namespace,
           prefix: str, trace: list[dict[str, Any]] | None = None
           ) -> tuple[list[Counter[int]], Gate]:
+    config = load_config({"tools": {"api": _tool(args, adaptive)}})
+    gate = Gate(url_redis, config, prefix=prefix)
+    start = time.time()
+    if trace is not None:
+        trace.append({"phase": "adaptive", "at_s": start})
+    answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window, trace,
+                    args.jitter_ms / 1000)
+    return per_window(answers, start, args.window, args.phase_windows), gate
+
+
+def _tool(args: argparse.Namespace, adaptive: bool) -> dict[str, Any]:
     tool: dict[str, Any] = {"limits": [f"{args.limit}/{int(args.window * 1000)}ms"],
                             "max_delay": "10s", "adaptive": adaptive}
     if args.slot_margin_ms is not None:
         tool["slot_margin"] = f"{args.slot_margin_ms}ms"
-    config = load_config({"tools": {"api": tool}})
-    gate = Gate(url_redis, config, prefix=prefix)
-    start = time.time()
-    answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window, trace)
-    return per_window(answers, start, args.window, args.phase_windows), gate
+    return tool
 
 
 def verdict(figures: dict[str, Any]) -> dict[str, str]:
@@ -158,6 +183,9 @@ def main() -> None:
     parser.add_argument("--phase-windows", type=int, default=12)
     parser.add_argument("--slot-margin-ms", type=int,
                         help="the tool's slot_margin (default: the config's default)")
+    parser.add_argument("--jitter-ms", type=float, default=0.0,
+                        help="each call waits up to this long (uniformly, seeded) between "
+                        "its admission and its request, as on a loaded worker")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--trace", type=Path, help="JSON lines: each adaptive-phase answer's "
                         "reported limit, remaining and reset, and the effective limit after it")
@@ -166,7 +194,8 @@ def main() -> None:
     hidden = int(args.limit * 0.6)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     figures: dict[str, Any] = {"limit": args.limit, "hidden": hidden, "window_s": args.window,
-                               "headers": args.headers, "slot_margin_ms": args.slot_margin_ms}
+                               "headers": args.headers, "slot_margin_ms": args.slot_margin_ms,
+                               "jitter_ms": args.jitter_ms}
     with tempfile.TemporaryDirectory() as folder:
         stub, stub_url = start_stub(Path(folder), hidden, args.window, args.headers)
         admin = httpx.Client(base_url=stub_url.removesuffix("/v1"), timeout=10)
@@ -190,7 +219,7 @@ def main() -> None:
             start = time.time()
             trace.append({"phase": "raised", "at_s": time.time()})
             answers = drive(gate, stub_url, args.threads, args.phase_windows * args.window,
-                            trace)
+                            trace, args.jitter_ms / 1000)
             raised = per_window(answers, start, args.window, args.phase_windows)
             figures["raised_served_per_window"] = [w[200] for w in raised]
             figures["raised_429_per_window"] = [w[429] for w in raised]
@@ -204,6 +233,8 @@ def main() -> None:
             for key in client.scan_iter(match=f"{prefix}*", count=1000):
                 client.delete(key)
             client.close()
+    margin_ms = load_config({"tools": {"api": _tool(args, False)}}).tools["api"].slot_margin_ms
+    figures["slot_margin_bound"] = round(args.window / (args.window + margin_ms / 1000), 3)
     figures["verdict"] = verdict(figures)
     for name, value in figures.items():
         print(f"{name:32} {value}")

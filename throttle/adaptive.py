@@ -10,8 +10,10 @@ when the upstream reports a lower limit or less remaining than the gate counts, 
 back as it reports more. Answers without those headers move it by their status: a 429 cuts
 it BACKOFF below the level the upstream refused at, answers without one bring it back to
 that level over APPROACH_WINDOWS windows, then probe above it, PROBE_SHARE of it at
-first, each window's step PROBE_GROWTH times the last (adapt.lua). A learned limit
-not confirmed for KEEP_WINDOWS windows lapses.
+first, each window's step PROBE_GROWTH times the last; a 429 as a window turns over (calls
+reaching the upstream later than the slot margin allows) stretches the learned limit's
+windows by REACH_STEP_MS (adapt.lua). A learned limit not confirmed for KEEP_WINDOWS
+windows lapses.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ PROBE_GROWTH = 3.0  # ... each window's step this many times the last one's
 FLOOR_SHARE = 0.05  # the effective limit never goes under this share of the ceiling
 SLACK_SHARE = 0.02  # remaining may fall this short of the gate's count before it lowers
 HOLD_WINDOWS = 1.0  # after a 429 cut, other 429s within this many windows are the same one
+REACH_STEP_MS = 25.0  # a 429 as a window turns over stretches the learned windows this much
+REACH_MAX_MS = 250.0  # (at most 2.5% of the longest window), up to this (at most 10% of it)
 KEEP_WINDOWS = 10  # a learned limit lapses after this many windows without an answer
 MIN_KEEP_MS = 60_000
 
@@ -155,10 +159,12 @@ class Adapter:
         return bool(self._targets.get(tool))
 
     def report(self, tool: str, answers: Sequence[Answer], *, busy: bool = False,
-               now_s: float | None = None) -> list[AdaptiveState]:
+               member: str | None = None, now_s: float | None = None) -> list[AdaptiveState]:
         """Move the effective limits of `tool`'s targets after one call; their new states.
 
         `busy`: the call ended with a 429 (UpstreamBusy) even if no answer was reported.
+        `member`: the call's member at the gate; without headers, a served call's place in
+        the windows tells what the upstream served (the calls admitted before it).
         """
         tool_config = self.config.tool(tool)
         found = self._targets.get(tool) or targets(self.config, self.prefix, tool_config)
@@ -178,7 +184,8 @@ class Adapter:
                     _number(reading.limit), _number(reading.remaining), hold_ms, BACKOFF,
                     APPROACH_WINDOWS, FLOOR_SHARE, keep_ms, SLACK_SHARE,
                     tool_config.slot_margin_ms / 2, PROBE_SHARE, PROBE_GROWTH,
-                    "" if reading.reset_s is None else reading.reset_s * 1000]
+                    "" if reading.reset_s is None else reading.reset_s * 1000,
+                    member or "", REACH_STEP_MS, REACH_MAX_MS]
             with self._errors:
                 raw = self._script(keys=[target.limits_key, target.log, target.cost],
                                    args=args)

@@ -137,7 +137,8 @@ class ThrottledTask(SendingTask):
     def _report_answers(self, answers: list[adaptive.Answer], *, busy: bool) -> None:
         """Move the adaptive limits by what the upstream said (never fails the call)."""
         try:
-            self.throttle.gate.adapter.report(self.tool.name, answers, busy=busy)
+            self.throttle.gate.adapter.report(self.tool.name, answers, busy=busy,
+                                              member=self._member())
         except StoreUnavailable as exc:
             metrics.observe_store_error(self)
             logger.warning("tool %s: upstream limits not reported (%s)", self.tool.name, exc)

@@ -17,6 +17,8 @@ from throttle.adaptive import (
     BACKOFF,
     PROBE_GROWTH,
     PROBE_SHARE,
+    REACH_STEP_MS,
+    AdaptiveState,
     Answer,
     read_states,
 )
@@ -147,6 +149,100 @@ def test_later_429s_of_the_same_overshoot_refine_the_level_without_cutting_again
         gate.cool_down("plain", 0.001, member=member, now_s=P + 0.1)
         [state] = gate.adapter.report("plain", [], busy=True, now_s=P + 0.1)
     assert (state.effective, state.reason) == (pytest.approx(6.3), "429")  # 0.9 x 7
+
+
+def test_a_probe_step_holds_through_its_window(redis_url: str, prefix: str) -> None:
+    """Calls that come late in a window of probing (a slow burst) meet the same step as
+    those at its start, not a larger one: two calls over the upstream's limit were refused
+    at once when the step grew with time."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 8, P, "a") == 8
+    gate.adapter.report("plain", [], busy=True, now_s=P)  # level 8
+    [start] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    [late] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 29.5)
+    assert start.effective == late.effective == pytest.approx(8 * 1.05)
+    [next_window] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 30)
+    assert next_window.effective == pytest.approx(8 * 1.2)
+
+
+def _turn_of_window_race(gate: Gate) -> AdaptiveState:
+    """Level 8 learned and served; then a 429 as the window turns over (the upstream still
+    counts 2 calls of the last window, the gate 6): its state."""
+    assert _admitted(gate, "plain", 9, P, "a") == 9
+    gate.adapter.report("plain", [], busy=True, now_s=P)  # level 9
+    [level] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 10)
+    assert level.effective == pytest.approx(9)
+    # The next window: 8 calls (2 at P + 10.5, 6 at P + 10.6), all served.
+    assert _admitted(gate, "plain", 2, P + 10.5, "b") == 2
+    assert _admitted(gate, "plain", 6, P + 10.6, "c") == 6
+    for member in ["b-0", "b-1", *(f"c-{i}" for i in range(6))]:
+        gate.adapter.report("plain", [Answer({}, 200)], member=member, now_s=P + 10.65)
+    # A window later the gate has let the first 2 go, the upstream (they arrived late) not
+    # yet: it refuses the next call with 6 in the gate's count. Its limit did not fall.
+    assert _admitted(gate, "plain", 1, P + 20.55, "d") == 1
+    gate.cool_down("plain", 0.001, member="d-0", now_s=P + 20.55)
+    [race] = gate.adapter.report("plain", [], busy=True, now_s=P + 20.55)
+    return race
+
+
+def test_a_429_as_the_window_turns_over_keeps_the_level_the_upstream_served(
+    redis_url: str, prefix: str
+) -> None:
+    """A call of the last window that reached the upstream late is still counted there when
+    the gate has let it go: a 429 then finds the gate's use under the upstream's limit. The
+    level stays what the upstream served lately; a lower limit is learned a cut later."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    race = _turn_of_window_race(gate)
+    assert (race.effective, race.reason) == (pytest.approx(0.9 * 8), "429")
+    # Had it fallen (to 5), the answers after the cut serve 5 and the next 429 learns it.
+    assert _admitted(gate, "plain", 5, P + 40, "e") == 5
+    gate.adapter.report("plain", [Answer({}, 200)], member="e-4", now_s=P + 40)
+    assert _admitted(gate, "plain", 1, P + 40, "f") == 1
+    gate.cool_down("plain", 0.001, member="f-0", now_s=P + 40)
+    [low] = gate.adapter.report("plain", [], busy=True, now_s=P + 40)
+    assert low.effective == pytest.approx(0.9 * 5)
+
+
+def test_a_429_as_the_window_turns_over_makes_the_learned_windows_reach_further(
+    redis_url: str, prefix: str
+) -> None:
+    """Calls reach the upstream later than the gate allows for: the learned limit's windows
+    grow by REACH_STEP_MS, so its slots are let go that much later."""
+    assert REACH_STEP_MS == 25
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    _turn_of_window_race(gate)
+    [back] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 30.55)
+    assert back.effective == pytest.approx(8)
+    assert _admitted(gate, "plain", 9, P + 31, "e") == 8
+    # 10 s after them the gate's own window has let them go; the learned one holds them
+    # 25 ms longer.
+    assert _admitted(gate, "plain", 1, P + 41.01, "f") == 0
+    # A probe's 429 (at the use served) takes back a quarter step: 19 ms (whole ms, as
+    # acquire.lua takes windows).
+    gate.adapter.report("plain", [Answer({}, 200)], member="e-7", now_s=P + 41.015)
+    [probe] = gate.adapter.report("plain", [], busy=True, now_s=P + 41.02)
+    assert probe.effective == pytest.approx(0.9 * 8)
+    assert _admitted(gate, "plain", 1, P + 41.021, "g") == 1  # 25 ms would hold e-* still
+
+
+def test_what_was_served_does_not_count_the_calls_still_on_their_way(
+    redis_url: str, prefix: str
+) -> None:
+    """A served call's answer counts the calls admitted up to it, not those after it: they
+    may still be on their way to a refusal (the level would stay over the upstream's)."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    assert _admitted(gate, "plain", 9, P, "a") == 9
+    gate.adapter.report("plain", [], busy=True, now_s=P)  # level 9
+    [probe] = gate.adapter.report("plain", [Answer({}, 200)], now_s=P + 20)
+    assert probe.effective == pytest.approx(9 * 1.05)
+    # The upstream's limit is now 8: of 9 calls, the 9th will be refused. The 8th is
+    # answered first, while the 9th is on its way.
+    for i in range(9):
+        assert _admitted(gate, "plain", 1, P + 20 + 0.01 * i, f"b{i}") == 1
+    gate.adapter.report("plain", [Answer({}, 200)], member="b7-0", now_s=P + 20.1)
+    gate.cool_down("plain", 0.001, member="b8-0", now_s=P + 20.12)
+    [cut] = gate.adapter.report("plain", [], busy=True, now_s=P + 20.12)
+    assert (cut.effective, cut.reason) == (pytest.approx(0.9 * 8), "429")
 
 
 def test_a_steady_upstream_keeps_the_effective_limit_and_its_why_still(

@@ -90,7 +90,7 @@ class DirectRunner:
             try:
                 async with self.gate.slot(tool_name, key=key, cost=cost, deadline_s=left_s,
                                           member=member):
-                    ran = await self._call(tool_name, kwargs)
+                    ran = await self._call(tool_name, kwargs, member)
             except Throttled as throttled:
                 return fallback_meta(tool, throttled.reason)
             except StoreUnavailable as exc:
@@ -99,7 +99,7 @@ class DirectRunner:
                 elif tool.on_store_error == "admit":
                     logger.warning("tool %s: %s; running the call ungated (on_store_error = "
                                    "admit)", tool_name, exc)
-                    ran = await self._call(tool_name, kwargs)
+                    ran = await self._call(tool_name, kwargs, member)
                 else:
                     logger.warning("tool %s: %s; answering with the fallback", tool_name, exc)
             if ran is None:  # no store, and the tool's policy is to fall back
@@ -118,31 +118,32 @@ class DirectRunner:
             return {"status": states.SUCCESS, "result": result}
         return fallback_meta(tool, "cooldown")
 
-    async def _call(self, tool: str, kwargs: dict[str, Any]) -> Ran:
+    async def _call(self, tool: str, kwargs: dict[str, Any], member: str) -> Ran:
         """Run the body on a thread: its result, or the exception it raised."""
         return await asyncio.get_running_loop().run_in_executor(
-            self.pool, functools.partial(self._run_body, tool, kwargs))
+            self.pool, functools.partial(self._run_body, tool, kwargs, member))
 
-    def _run_body(self, tool: str, kwargs: dict[str, Any]) -> Ran:
+    def _run_body(self, tool: str, kwargs: dict[str, Any], member: str) -> Ran:
         """On a body thread: the body, then what it heard of the upstream's limits."""
         answers: list[adaptive.Answer] = []  # what the body hands to report_headers
         try:
             with adaptive.collecting(answers):
                 result = self.body(**kwargs)
         except UpstreamBusy as busy:
-            self._report(tool, answers, busy=True)
+            self._report(tool, answers, busy=True, member=member)
             return None, busy
         except Exception as exc:
             return None, exc
-        self._report(tool, answers, busy=False)
+        self._report(tool, answers, busy=False, member=member)
         return result, None
 
-    def _report(self, tool: str, answers: list[adaptive.Answer], *, busy: bool) -> None:
+    def _report(self, tool: str, answers: list[adaptive.Answer], *, busy: bool,
+                member: str) -> None:
         """Move the adaptive limits by what the upstream said (never fails the call)."""
         try:
             adapter = self.adapter()
             if adapter.adapts(tool):
-                adapter.report(tool, answers, busy=busy)
+                adapter.report(tool, answers, busy=busy, member=member)
         except StoreUnavailable as exc:
             logger.warning("tool %s: upstream limits not reported (%s)", tool, exc)
 
