@@ -23,6 +23,7 @@ from throttle.adaptive import (
     read_states,
 )
 from throttle.cli import main
+from throttle.keys import adaptive_fields, overrides_key
 from throttle.monitor.exporter import gauges
 from throttle.monitor.snapshot import read_snapshot
 from throttle.monitor.status_tables import adaptive_lines
@@ -365,3 +366,15 @@ def test_limits_reset_adaptive_forgets_a_learned_limit_at_once(
     assert refused.exit_code == 1
     assert ("tool fixed has no adaptive limit (adaptive: pool llm, tool plain); name a tool "
             "or --pool with `adaptive = true`") in refused.output
+
+
+def test_a_learned_window_of_fractional_milliseconds_still_decides(
+    redis_url: str, prefix: str
+) -> None:
+    """acquire.lua's key TTLs come from the windows it reads: a learned window of 10 s and
+    half a millisecond (a reach that was not whole) once made every call's PEXPIRE fail."""
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    learned, _ = adaptive_fields("tool:plain")
+    gate.client.hset(overrides_key(prefix, CONFIG.tool("plain")), learned,
+                     f"{(P + 60) * 1000:.0f} 3 10000.5")  # until, then max and window
+    assert _admitted(gate, "plain", 5, P, "a") == 3

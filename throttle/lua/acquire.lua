@@ -387,7 +387,9 @@ end
 -- and then with a window of headroom, so most calls just read it.
 local function keep(key, last)
   local needed = math.ceil(last - now + longest) + 1000
-  if redis.call('PTTL', key) < needed then redis.call('PEXPIRE', key, needed + longest) end
+  if redis.call('PTTL', key) < needed then
+    redis.call('PEXPIRE', key, math.ceil(needed + longest))  -- (windows may be fractional ms)
+  end
 end
 local function expire(last)
   keep(log, last)
@@ -493,10 +495,10 @@ local pool_wait  -- defined with the pool waits below
 local keep_pool = pn > 0 and function(last)
   local needed = math.ceil(last - now + pool_longest) + 1000
   if redis.call('PTTL', pool_log) < needed then
-    redis.call('PEXPIRE', pool_log, needed + pool_longest)
+    redis.call('PEXPIRE', pool_log, math.ceil(needed + pool_longest))
   end
   if (pool_weighted or cost ~= 1) and redis.call('PTTL', pool_costs) < needed then
-    redis.call('PEXPIRE', pool_costs, needed + pool_longest)
+    redis.call('PEXPIRE', pool_costs, math.ceil(needed + pool_longest))
   end
 end
 
@@ -511,7 +513,7 @@ local function admit()
   end
   if cap > 0 then
     redis.call('ZADD', leases, now + lease_ms, member)
-    redis.call('PEXPIRE', leases, lease_ms + 1000)
+    redis.call('PEXPIRE', leases, math.ceil(lease_ms) + 1000)
   end
 end
 
@@ -723,7 +725,9 @@ end
 local fair_keep = fair and function(last)  -- (built for fair tools only)
   local needed = math.ceil(last - now + fair_grace + horizon)
   for _, key in ipairs(fair_keys) do
-    if redis.call('PTTL', key) < needed then redis.call('PEXPIRE', key, needed + horizon) end
+    if redis.call('PTTL', key) < needed then
+      redis.call('PEXPIRE', key, math.ceil(needed + horizon))
+    end
   end
 end
 
