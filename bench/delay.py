@@ -84,9 +84,15 @@ def measure(url: str, dbs: tuple[int, int], n: int, rounds: int) -> dict[str, An
                     samples[name] += timed_us(call, SLICE // 10)
             per_round.append(samples)
     finally:
-        for queue in ("tool.noop", "plain.noop"):
+        queues = ("tool.noop", "plain.noop")
+        for queue in queues:
             for key in broker.scan_iter(match=f"{queue}*"):
                 broker.delete(key)
+        # kombu's exchange bindings: a set per exchange, '<key>\x06\x16<pattern>\x06\x16<queue>'
+        for key in broker.scan_iter(match="_kombu.binding*"):
+            ours = [m for m in broker.smembers(key) if m.split(b"\x06\x16")[-1].decode() in queues]
+            if ours:
+                broker.srem(key, *ours)
         for key in gate.scan_iter(match=f"{prefix}:*", count=1000):
             gate.delete(key)
         app.close()
