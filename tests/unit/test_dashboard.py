@@ -76,6 +76,10 @@ def test_the_panels_operators_asked_for_are_there_and_explain_themselves() -> No
     limit = " ".join(expressions()["Admitted rate vs effective limit"])
     assert "throttle_effective_limit_per_second" in limit
     assert "Above 100% is not over-admission" in panels["Pool use by class"]["description"]
+    adaptive = " ".join(expressions()["Adaptive limits: configured vs effective"])
+    assert "throttle_adaptive_limit" in adaptive
+    why = " ".join(expressions()["Adaptive limits: why each last moved"])
+    assert "by (target, reason) (throttle_adaptive_moved_at_seconds)" in why
     ids = [panel["id"] for panel in panels.values()]
     assert len(ids) == len(set(ids))
     assert all(panel["description"] for panel in panels.values())
