@@ -86,6 +86,9 @@ def test_two_nodes_share_one_learned_limit(
           f"state {read_states(redis_client, throttle.config, prefix)}")
     assert served_by == {"stub-1"}
     assert stats["statuses"].get("429", 0) == 0  # every node admitted against the shared 1200
+    for index in range(2):  # and both nodes served calls of the burst
+        served = (tmp_path / f"worker{index}.log").read_text(errors="replace").count("succeeded")
+        assert served >= 2, f"node {index} served {served} calls"
     fields = [f.decode() for f in redis_client.hkeys(pool_overrides_key(prefix, "llm_tokens"))]
     assert sorted(fields) == ["adaptive-state:pool", "adaptive:pool"]  # one limit, not one each
     logs = cluster.logs()
