@@ -18,6 +18,7 @@ from tests.apps.ledger import build
 from tests.integration.test_celery_flow import RESULT
 from tests.support.workers import await_outcomes, ledger
 from throttle import load_config
+from throttle.monitor.exporter import gauges
 from throttle.monitor.snapshot import read_snapshot
 from throttle.monitor.status_tables import tenant_lines
 from throttle.windows import most_in_window
@@ -71,6 +72,14 @@ def test_a_quiet_tenant_runs_within_its_fair_share_of_a_flood_on_real_workers(
     line = str(tenant_lines(snapshot)[0])
     assert line.startswith("shared: shared fairly by 'tenant'; parked 0;"), line
     assert "a 60 (wait" in line
+    families = {family.name: family for family in gauges(snapshot)}
+    admitted = {sample.labels["tenant"]: sample.value
+                for sample in families["throttle_tenant_admitted_last_minute"].samples
+                if sample.labels["tool"] == "shared"}
+    assert (admitted["a"], admitted["b"]) == (FLOOD, QUIET), admitted
+    waits = {sample.labels["tenant"]: sample.value
+             for sample in families["throttle_tenant_wait_seconds_mean"].samples}
+    assert waits["b"] < waits["a"], waits
 
 
 def redis_time(client: redis.Redis) -> float:

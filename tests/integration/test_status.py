@@ -22,6 +22,9 @@ from tests.support.servers import free_port, write_config
 from tests.support.workers import ledger
 from throttle import outcome
 from throttle.cli import main
+from throttle.config_file import load_config
+from throttle.monitor.exporter import gauges
+from throttle.monitor.snapshot import read_snapshot
 
 pytestmark = [pytest.mark.redis]
 
@@ -222,3 +225,11 @@ def test_status_shows_a_live_override_its_window_use_and_who_set_it(
     assert re.search(r"live limits light: 20/1m 5/1s, set by ops@example at \S+ \S+ "
                      r"\(version 1;", output)
     assert "its workers enforce" not in output
+    # The exporter serves the same override, with who set it and its version.
+    with redis.Redis.from_url(redis_url) as client:
+        snapshot = read_snapshot(client, load_config(config), prefix)
+    [sample] = next(family for family in gauges(snapshot)
+                    if family.name == "throttle_live_limit_set_at_seconds").samples
+    assert (sample.labels["target"], sample.labels["limits"], sample.labels["set_by"],
+            sample.labels["version"]) == ("light", "20/1m 5/1s", "ops@example", "1"), sample
+    assert abs(sample.value - time.time()) < 60
