@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner, Result
 
 from tests.support.monitoring import ledger_tool
 from tests.support.servers import write_config
 from throttle.cli import main
+from throttle.config_file import load_config
+from throttle.fairness import Fairness, live_weights_key
 
 pytestmark = [pytest.mark.redis]
 
@@ -95,3 +98,34 @@ def test_set_a_per_key_default_and_daily_quotas_and_show_them_beside_the_files(
         assert line in shown
     assert "back to the tools file's limits" in run("reset", "per_user").output
     assert "per_user " not in run("show").output
+
+
+FAIR = {"tools": {"shared": {**ledger_tool(["10/1s"], "10s"), "params": keyed("tenant"),
+                             "fair_by": "tenant", "fair_weights": {"big": 2}},
+                  "search": ledger_tool(["10/1s"], "10s")}}
+
+
+def test_a_tenants_weight_is_set_live_and_reset_to_the_files(
+    tmp_path: Path, redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    path = write_config(FAIR, tmp_path / "tools.toml")
+
+    def weight(*args: str) -> Result:
+        return CliRunner().invoke(main, ["limits", "weight", *args, "--redis-url", redis_url,
+                                         "--prefix", prefix, "--config", str(path)])
+
+    config = load_config(path)
+    weights = live_weights_key(config, "shared", prefix=prefix)
+    done = weight("shared", "acme", "3")
+    assert done.exit_code == 0, done.output
+    assert "shared: tenant 'acme' weighs 3 from its next call on" in done.output
+    assert redis_client.hgetall(weights) == {Fairness.tenant_id("acme").encode(): b"3.0"}
+    assert "back to the tools file's weight" in weight("shared", "acme", "--reset").output
+    assert redis_client.exists(weights) == 0
+    assert "had no weight set live" in weight("shared", "acme", "--reset").output
+    for args, message in ((("search", "acme", "2"), "is not shared fairly"),
+                          (("shared", "acme", "2", "--reset"), "or --reset, not both"),
+                          (("shared", "acme"), "give a WEIGHT"),
+                          (("shared", "acme", "0"), "0<x<=1000000000")):
+        done = weight(*args)
+        assert done.exit_code != 0 and message in done.output, (args, done.output)

@@ -7,6 +7,7 @@
   throttle limits reset TOOL [--key acme] | --pool llm    back to the tools file
   throttle limits reset TOOL | --pool llm --adaptive      forget the limit learned upstream
   throttle limits show                                    every override, who set it and when
+  throttle limits weight TOOL acme 3 | --reset            a tenant's share of a fair tool
 
 Overrides live in Redis (throttle/overrides.py) and apply from the next decision on (within
 0.5 s for the default of a tool whose key values have keys of their own). Each kind an
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from throttle.adaptive import forget
 from throttle.errors import ThrottleError
+from throttle.fairness import reset_live_weight, set_live_weight
 from throttle.monitor.sources import Sources, resolve_sources, source_options
 from throttle.overrides import (
     Override,
@@ -125,6 +127,35 @@ def reset_limits(tool: str | None, pool: str | None, key: str | None, adaptive: 
     what = f"pool {pool}" if pool else f"{tool}" + (f" --key {key}" if key else "")
     click.echo(f"{what}: back to the tools file's limits" if removed
                else f"{what}: had no override")
+
+
+@limits.command("weight")
+@click.argument("tool")
+@click.argument("tenant")
+@click.argument("weight", required=False, type=click.FloatRange(0, 1e9, min_open=True))
+@_key_option
+@click.option("--reset", is_flag=True, help="Go back to the tools file's weight instead.")
+@source_options
+def weight_of(tool: str, tenant: str, weight: float | None, key: str | None, reset: bool,
+              redis_url: str, broker_url: str | None, prefix: str,
+              config_path: Path | None) -> None:
+    """Give TENANT (a text value of TOOL's `fair_by` argument) WEIGHT shares of TOOL (of its
+    pool, for a fair pool) from its next call on, on every worker; --reset goes back to
+    `fair_weights` in the tools file."""
+    if reset == (weight is not None):
+        raise click.UsageError("give a WEIGHT, e.g. `throttle limits weight chat acme 3`, "
+                               "or --reset, not both")
+    sources = _sources(redis_url, prefix, config_path)
+    with _store(sources, "write to") as client:
+        if weight is None:
+            removed = reset_live_weight(client, sources.config, tool, tenant, key=key,
+                                        prefix=sources.prefix)
+            click.echo(f"{tool}: tenant {tenant!r} back to the tools file's weight" if removed
+                       else f"{tool}: tenant {tenant!r} had no weight set live")
+            return
+        set_live_weight(client, sources.config, tool, tenant, weight, key=key,
+                        prefix=sources.prefix)
+    click.echo(f"{tool}: tenant {tenant!r} weighs {weight:g} from its next call on")
 
 
 @limits.command("show")
