@@ -91,7 +91,7 @@ class Gate(GateBase):
         super().__init__(config, prefix, url, registers_calls=registers_calls)
         self._load_scripts(self.client)
         self.registrar = Registrar(self._send_registrations)
-        self._late_keys: dict[str, list[bytes]] = {}
+        self._registry_keys: dict[tuple[str, bool], list[bytes]] = {}
         self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
 
     def acquire(
@@ -179,12 +179,24 @@ class Gate(GateBase):
     ) -> Registration:
         """`register_call`, sent now and confirmed by `.wait()`: the caller publishes the
         call in between, so the two round trips overlap."""
-        ttl_ms = int((check_at_s - time.time()) * 1000) + REGISTRY_TTL_MS
-        keys = [name.encode() for name in self.registry(tool)]
-        args = [encode(member), encode(check_at_s * 1000), encode(message), encode(ttl_ms)]
+        keys, args = self._registration(tool, member, message, check_at_s, time.time(),
+                                        late=False)
         with self._errors:
             return Registration(Sent(self.client, self._register_script, keys, args),
                                 self._errors)
+
+    def _registration(self, tool: str, member: str, message: str, check_at_s: float,
+                      now_s: float, *, late: bool) -> tuple[list[bytes], list[bytes]]:
+        """register.lua's keys and arguments; `late` (sent after the publish) adds the key
+        of the calls decided first, whose late registrations it drops."""
+        keys = self._registry_keys.get((tool, late))
+        if keys is None:
+            names = list(self.registry(tool))
+            if late:
+                names.append(decided_key(self.prefix, tool, self.config.tool(tool).pool))
+            keys = self._registry_keys[tool, late] = [name.encode() for name in names]
+        ttl_ms = int((check_at_s - now_s) * 1000) + REGISTRY_TTL_MS
+        return keys, [encode(member), encode(check_at_s * 1000), encode(message), encode(ttl_ms)]
 
     def register_later(self, tool: str, member: str, message: str, check_at_s: float) -> bool:
         """`register_call` in the background (throttle/registrar.py); False when its queue
@@ -194,17 +206,9 @@ class Gate(GateBase):
     def _send_registrations(self, batch: Sequence[Pending]) -> list[Exception | None]:
         """Send queued registrations in one round trip: each one's error, or None."""
         now_s = time.time()
-        commands = []
-        for item in batch:
-            keys = self._late_keys.get(item.tool)
-            if keys is None:
-                pool = self.config.tool(item.tool).pool
-                names = [*self.registry(item.tool), decided_key(self.prefix, item.tool, pool)]
-                keys = self._late_keys[item.tool] = [name.encode() for name in names]
-            ttl_ms = int((item.check_at_s - now_s) * 1000) + REGISTRY_TTL_MS
-            args = [encode(item.member), encode(item.check_at_s * 1000), encode(item.message),
-                    encode(ttl_ms)]
-            commands.append(self._register_script.command(keys, args))
+        commands = [self._register_script.command(*self._registration(
+            item.tool, item.member, item.message, item.check_at_s, now_s, late=True))
+            for item in batch]
         try:
             with self._errors:
                 answers = evalsha_many(self.client, self._register_script, commands)

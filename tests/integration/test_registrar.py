@@ -193,3 +193,22 @@ def test_a_registration_queued_too_long_is_logged_not_sent(
     assert f"call {result.id} is enqueued but not registered for recovery" in caplog.text
     calls, _ = throttle.gate.registry("search")
     assert redis_client.zcard(calls) == 0
+
+
+def test_the_decided_notes_stay_bounded_dropping_the_oldest(
+    redis_url: str, redis_client: redis.Redis, prefix: str, redis_dbs: tuple[str, str]
+) -> None:
+    """docs/celery.md: at most 100,000 notes; a note past that pushes out the oldest."""
+    throttle, _ = make_tool(redis_dbs[0], redis_url, prefix)
+    decided = decided_key(prefix, "search")
+    seconds, micros = redis_client.time()
+    noted_ms = seconds * 1000 + micros / 1000 + 60_000  # earlier notes: they expire sooner
+    pipe = redis_client.pipeline(transaction=False)
+    for start in range(0, 100_000, 10_000):
+        pipe.zadd(decided, {f"old-{n}": noted_ms + n / 10 for n in range(start, start + 10_000)})
+    pipe.execute()
+    assert throttle.gate.acquire("search", "unregistered").action is Action.ADMIT
+    assert redis_client.zcard(decided) == 100_000
+    assert redis_client.zscore(decided, "unregistered") is not None
+    assert redis_client.zscore(decided, "old-0") is None  # the oldest note went
+    assert redis_client.zscore(decided, "old-1") is not None
