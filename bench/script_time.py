@@ -11,7 +11,8 @@ What it measures
        the worker's receipt), `reserve` (every call after the first 10 takes a future slot),
        `due` (a reserved call back at its slot, admitted by its reservation: pinned clock),
        `pooled` (a tool in a pool with a concurrency cap), `quota` (a daily quota beside the
-       limit) and, where the script has fair sharing, `fair`.
+       limit), `weighted` (calls of 100-149 units under a limit that never binds: the window
+       grows to `--n` weighted entries) and, where the script has fair sharing, `fair`.
     2. Bytes per held (reserved) call: `MEMORY USAGE` of every key of a tool holding
        `--n` reservations, over `--n`, with the log and reservation set apart.
     3. Decisions per second seen by one client, in slices that alternate (bench.interleaved):
@@ -75,6 +76,7 @@ def bench_config(fair: bool) -> Config:
                    "priority": "standard", "concurrency": 100_000, "lease_timeout": "1s"},
         "quota": {"limits": ["10000000/10m", "10000000/1d"], "max_delay": "10m"},
         "delay_heavy": {"limits": [RESERVE_LIMIT], "max_delay": "59m"},
+        "weighted": {"limits": ["1000000000/1m"], "max_delay": "10m"},
     }
     if fair:
         tools[FAIR_TOOL] = {"limits": ["10000000/10m"], "max_delay": "10m", "fair_by": "tenant",
@@ -119,8 +121,8 @@ class ScriptBench:
             self.client.script_load(script.source)
 
     def acquire(self, script: LuaScript, tool: str, member: str, now_s: float | None = None,
-                receipt: str | None = None, key: Any = None) -> list[Any]:
-        keys, args = self.gate._acquire_call(tool, member, key, 1, None, now_s, receipt)
+                receipt: str | None = None, key: Any = None, cost: float = 1) -> list[Any]:
+        keys, args = self.gate._acquire_call(tool, member, key, cost, None, now_s, receipt)
         answer: list[Any] = evalsha(self.client, script, keys, args)
         return answer
 
@@ -161,12 +163,17 @@ class ScriptBench:
             ids = [uuid.uuid4().hex for _ in range(n)]
             return lambda: [self.acquire(script, "quota", m) for m in ids]
 
+        def weighted(script: LuaScript) -> Callable[[], list[list[Any]]]:
+            ids = [uuid.uuid4().hex for _ in range(n)]
+            return lambda: [self.acquire(script, "weighted", m, cost=100 + i % 50)
+                            for i, m in enumerate(ids)]
+
         def fair(script: LuaScript) -> Callable[[], list[list[Any]]]:
             ids = [uuid.uuid4().hex for _ in range(n)]
             return lambda: [self.fair_acquire(script, m, i) for i, m in enumerate(ids)]
 
         paths = {"admit": admit, "admit+receipt": admit_receipt, "reserve": reserve,
-                 "due": due, "pooled": pooled, "quota": quota}
+                 "due": due, "pooled": pooled, "quota": quota, "weighted": weighted}
         if self.fair:
             paths["fair"] = fair
         return paths

@@ -27,9 +27,18 @@ EVALSHA = "EVALSHA"  # text: redis-py's cluster client routes by the command's n
 Command = tuple[str | bytes, ...]
 
 
-def load_script(name: str) -> str:
-    """The source of `throttle/lua/<name>.lua`, shipped as package data."""
+# The scripts that write a tool's log: units.lua (what its entries weigh) goes before them.
+WRITE_LOGS = frozenset({"acquire", "release", "cooldown", "settle"})
+
+
+def _source(name: str) -> str:
     return resources.files("throttle").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+def load_script(name: str) -> str:
+    """The source of `throttle/lua/<name>.lua` (shipped as package data), as Redis runs it."""
+    source = _source(name)
+    return _source("units") + source if name in WRITE_LOGS else source
 
 
 def encode(value: str | bytes | float) -> bytes:

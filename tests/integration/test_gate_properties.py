@@ -383,3 +383,57 @@ def test_random_schedules_never_exceed_a_window_and_keep_order_and_deadlines(
         simulate(client, prefix, scenario)
     finally:
         delete_prefix(client, prefix)
+
+
+# Windows wider than acquire.lua's FEW (32) entries read their use from the log's sum of units
+# (units.lua) less the entries outside them: the same rule, checked on windows of many calls.
+wide_scenarios = st.builds(
+    Scenario,
+    limits=st.lists(
+        st.tuples(st.integers(40, 120), st.integers(2, 30).map(lambda s: s * 1000)),
+        min_size=1,
+        max_size=2,
+    ).map(tuple),
+    max_delay_ms=st.integers(1_000, 60_000),
+    pace=st.sampled_from(["earliest", "even"]),
+    late=st.booleans(),
+    margin_ms=st.one_of(st.none(), st.just(0), st.integers(1, 500)),
+    arrivals=st.lists(
+        st.builds(
+            Arrival,
+            gap_ms=st.one_of(st.just(0), st.integers(0, 300), st.integers(0, 3_000)),
+            cost=st.one_of(st.just(1), st.integers(1, 5)),
+            lateness_ms=st.integers(0, 500),
+            deadline_ms=st.none(),
+        ),
+        min_size=40,
+        max_size=90,
+    ).map(tuple),
+)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenario=wide_scenarios)
+@example(  # 80 weighted calls in one burst on 60/10s: the window holds 30-60 entries
+    scenario=Scenario(
+        limits=((60, 10_000),),
+        max_delay_ms=60_000,
+        pace="earliest",
+        late=True,
+        margin_ms=100,
+        arrivals=tuple(
+            Arrival(gap_ms=n % 4 * 50, cost=1 + n % 3 // 2, lateness_ms=n * 5 % 300,
+                    deadline_ms=None)
+            for n in range(80)
+        ),
+    )
+)
+def test_wide_weighted_windows_follow_the_same_rule(
+    client: redis.Redis, scenario: Scenario
+) -> None:
+    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
+    try:
+        simulate(client, prefix, scenario)
+    finally:
+        delete_prefix(client, prefix)

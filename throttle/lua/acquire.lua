@@ -2,7 +2,8 @@
 
 KEYS[1]  log        ZSET  member = task id, score = admission time or reserved slot (ms)
 KEYS[2]  rsv        ZSET  members whose entry is a reservation not yet admitted, score = slot
-KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1
+KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1, and the
+                      sum of the log's units (units.lua)
 KEYS[4]  pool log   ZSET  (tools in a pool) admissions of every tool of the pool, score = ms
 KEYS[5]  pool cost  HASH  (tools in a pool) member -> units, for members whose cost is not 1
 KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = lease end (ms)
@@ -288,17 +289,37 @@ local function units_of(hash, list, step)
   return units
 end
 
+-- The units of `list`'s members (every `step`-th item from 1), added up in order.
+local function sum_of(hash, list, step)
+  local units, sum = units_of(hash, list, step), 0
+  for i = 1, #list, step do sum = sum + units[i] end
+  return sum
+end
+
 -- Trim what no window can see any more; unused reservations expire with it. Returns whether
--- the hash holds costs, and how many entries went.
+-- the hash holds costs (it then keeps the log's sum: units.lua), and how many entries went.
 local function trim(zset, hash, before)
-  local weighted = redis.call('HLEN', hash) > 0
-  if weighted then
-    local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
+  local fields = redis.call('HLEN', hash)
+  if fields == 0 then return false, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before) end
+  local summed = redis.call('HEXISTS', hash, TOTAL) == 1
+  local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
+  local trimmed = 0
+  if #gone > 0 then
+    if summed then redis.call('HINCRBYFLOAT', hash, TOTAL, -sum_of(hash, gone, 1)) end
     for first = 1, #gone, CHUNK do
-      redis.call('HDEL', hash, unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
+      fields = fields - redis.call('HDEL', hash,
+                                   unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
     end
+    trimmed = redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
   end
-  return weighted, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
+  if summed and fields == 1 then  -- only the sum is left: every entry weighs 1 again
+    redis.call('DEL', hash)
+    return false, trimmed
+  end
+  if not summed then  -- (a hash written before the sum existed)
+    redis.call('HSET', hash, TOTAL, sum_of(hash, redis.call('ZRANGE', zset, 0, -1), 1))
+  end
+  return true, trimmed
 end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
 -- The pool's windows get the same half margin: the upstream counts a call when it arrives.
@@ -318,6 +339,51 @@ if receipts then
     end
   end
 end
+-- Windows wider than FEW entries read their use from the log's sum less the entries outside
+-- them, when those are fewer. Exact while the numbers are whole (a fractional sum may carry
+-- a rounding: its windows are walked).
+local FEW = 32
+
+-- The units of the entries of `zset` in (floor, upto] (upto nil: no upper bound); `whole`:
+-- the decision's own numbers are whole, so the log's sum may stand in for the walk.
+local function units_in(zset, hash, floor, upto, whole)
+  local lo, hi = '(' .. fmt(floor), upto and fmt(upto) or '+inf'
+  if whole then
+    local inside = redis.call('ZCOUNT', zset, lo, hi)
+    local total = inside > FEW and redis.call('ZCARD', zset) - inside < inside
+                  and tonumber(redis.call('HGET', hash, TOTAL))
+    if total then
+      local used = total - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '-inf', fmt(floor)), 1)
+      if upto then
+        used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '(' .. hi, '+inf'), 1)
+      end
+      if used % 1 == 0 then return used end
+    end
+  end
+  return sum_of(hash, redis.call('ZRANGEBYSCORE', zset, lo, hi), 1)
+end
+
+-- Walking the entries of `zset` in (lo, hi] (text bounds) from the oldest, in pages that
+-- double: the score of the one at which the units of the entries `counts` accepts (all, when
+-- nil) reach `excess`; nil when they never do.
+local function reach(zset, hash, heavy, lo, hi, excess, counts)
+  local freed, offset, size = 0, 0, 32
+  repeat
+    local page = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT', offset, size)
+    local units = heavy and units_of(hash, page, 2)
+    for i = 1, #page, 2 do
+      local score = tonumber(page[i + 1])
+      if not counts or counts(page[i], score) then
+        freed = freed + (heavy and units[i] or 1)
+        if freed >= excess then return score end
+      end
+    end
+    local last = #page < 2 * size
+    offset, size = offset + size, size * 2
+  until last
+  return nil
+end
+
 local weighted, trimmed = trim(log, costs, now - longest)
 -- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
 if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
@@ -360,22 +426,17 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
     if entry[1] == skip then return tonumber(entry[4]) + window end
     return tonumber(entry[2]) + window
   end
-  local entries = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES')
-  local units = units_of(hash, entries, 2)
-  local used = 0
-  for i = 1, #entries, 2 do
-    if entries[i] ~= skip then used = used + units[i] end
+  -- Weighted: the window's units less the skipped member's, then the entry whose leaving
+  -- frees enough.
+  local used = units_in(zset, hash, from - window, upto, cost % 1 == 0 and max % 1 == 0)
+  local s = skip and tonumber(redis.call('ZSCORE', zset, skip))
+  if s and s > from - window and (not upto or s <= upto) then
+    used = used - (tonumber(redis.call('HGET', hash, skip)) or 1)
   end
   local excess = used + cost - max
   if excess <= 0 then return from end
-  local freed = 0
-  for i = 1, #entries, 2 do
-    if entries[i] ~= skip then
-      freed = freed + units[i]
-      if freed >= excess then return tonumber(entries[i + 1]) + window end
-    end
-  end
-  return nil
+  local at = reach(zset, hash, true, lo, hi, excess, skip and function(m) return m ~= skip end)
+  return at and at + window
 end
 
 local function earliest(from, max, window)
@@ -434,39 +495,31 @@ local due_free_at = known_held and function(max, window, mine)
   if cost > max then return nil end
   local floor = now - window
   local lo = '(' .. fmt(floor)
-  if not weighted then
-    -- Within the window: every entry, less itself and the due reservations behind it.
-    local used = redis.call('ZCOUNT', log, lo, now)
+  -- Within the window: every entry, less itself and (when it does not fit without them)
+  -- the due reservations behind it.
+  local used
+  if weighted then
+    used = units_in(log, costs, floor, now, cost % 1 == 0 and max % 1 == 0)
+    if mine > floor then used = used - (tonumber(redis.call('HGET', costs, member)) or 1) end
+  else
+    used = redis.call('ZCOUNT', log, lo, now)
     if mine > floor then used = used - 1 end
-    if used + cost > max then  -- (else it fits whatever the due reservations behind it)
-      used = used - redis.call('ZCOUNT', rsv, '(' .. fmt(math.max(mine, floor)), now)
-    end
-    if used + cost <= max then return now end
   end
-  -- Blocked (or weighted): walk the window from its oldest entry.
-  local counted, offset, batch = {}, 0, 64
-  local total = 0
-  repeat
-    local page = redis.call('ZRANGEBYSCORE', log, lo, now, 'WITHSCORES', 'LIMIT', offset, batch)
-    local weights = weighted and units_of(costs, page, 2)
-    for i = 1, #page, 2 do
-      local m, score = page[i], tonumber(page[i + 1])
-      if m ~= member and not (score > mine and redis.call('ZSCORE', rsv, m)) then
-        local units = weighted and weights[i] or 1
-        counted[#counted + 1] = {score, units}
-        total = total + units
-      end
+  if used + cost > max then
+    local behind = '(' .. fmt(math.max(mine, floor))
+    if weighted then
+      used = used - sum_of(costs, redis.call('ZRANGEBYSCORE', rsv, behind, now), 1)
+    else
+      used = used - redis.call('ZCOUNT', rsv, behind, now)
     end
-    offset = offset + batch
-  until #page < 2 * batch
-  local excess = total + cost - max
+  end
+  local excess = used + cost - max
   if excess <= 0 then return now end
-  local freed = 0
-  for _, entry in ipairs(counted) do
-    freed = freed + entry[2]
-    if freed >= excess then return entry[1] + window end
-  end
-  return nil
+  -- Blocked: the entry whose leaving frees enough, from the window's oldest.
+  local at = reach(log, costs, weighted, lo, now, excess, function(m, score)
+    return m ~= member and not (score > mine and redis.call('ZSCORE', rsv, m))
+  end)
+  return at and at + window
 end
 
 -- When the pool lets this call's class admit it (now, or the time enough use expires).
@@ -504,11 +557,9 @@ end
 
 -- Record the admission everywhere it counts.
 local function admit()
-  redis.call('ZADD', log, now, member)
-  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
+  weighted = log_put(log, costs, weighted, now, member, cost)
   if pn > 0 then
-    redis.call('ZADD', pool_log, now, member)
-    if cost ~= 1 then redis.call('HSET', pool_costs, member, cost) end
+    pool_weighted = log_put(pool_log, pool_costs, pool_weighted, now, member, cost)
     keep_pool(now)
   end
   if cap > 0 then
@@ -627,9 +678,8 @@ local take_freed = freed_on and function(t)
       t = at
       redis.call('ZREM', free, slots[i])
       if units > cost then redis.call('ZADD', free, t, fmt(units - cost) .. ':' .. member) end
-      redis.call('ZADD', log, t, member)
+      weighted = log_put(log, costs, weighted, t, member, cost)
       redis.call('ZADD', rsv, t, member)
-      if cost ~= 1 then redis.call('HSET', costs, member, cost) end
       expire(t)
       keep(rsv, t)
       return {'delay', fmt(t - now), fmt(t), 'reserved'}
@@ -678,22 +728,17 @@ pool_wait = pn > 0 and function(from)
     if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if free <= now then return nil end
   end
-  if own then
-    redis.call('ZREM', pool_log, member)
-    redis.call('HDEL', pool_costs, member)
-  end
+  if own then log_drop(pool_log, pool_costs, pool_weighted, member) end
   local t = pool_slot(math.max(from, now))
   if t == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
   if t - now > deadline then return {'fallback', '0', fmt(t), 'deadline'} end
-  redis.call('ZADD', pool_log, t, member)
-  if cost ~= 1 then redis.call('HSET', pool_costs, member, cost) end
+  pool_weighted = log_put(pool_log, pool_costs, pool_weighted, t, member, cost)
   keep_pool(t)
   local before = tonumber(redis.call('ZSCORE', rsv, member))
   if before then charge(before, -cost) end  -- (a calendar quota counts the call's slot)
   charge(t, cost)
-  redis.call('ZADD', log, t, member)
+  weighted = log_put(log, costs, weighted, t, member, cost)
   redis.call('ZADD', rsv, t, member)
-  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
   expire(t)
   keep(rsv, t)
   return {'delay', fmt(t - now), fmt(t), 'pool'}
@@ -853,12 +898,10 @@ local decide_held = known_held and function()
     slot = tonumber(slot)
     -- Every refusal of a reservation gives it back, so a fallback needs no release.
     local function drop()
-      redis.call('ZREM', log, member)
+      log_drop(log, costs, weighted, member)
       redis.call('ZREM', rsv, member)
-      redis.call('HDEL', costs, member)
       if pn > 0 then  -- and its pool slot (pool waits)
-        redis.call('ZREM', pool_log, member)
-        redis.call('HDEL', pool_costs, member)
+        log_drop(pool_log, pool_costs, pool_weighted, member)
       end
       charge(slot, -cost)
     end
@@ -964,9 +1007,8 @@ local decide_new = not known_held and function()
   end
   if pn > 0 then return pool_wait(t) end  -- the pool places it from its tool slot
   charge(t, cost)
-  redis.call('ZADD', log, t, member)
+  weighted = log_put(log, costs, weighted, t, member, cost)
   redis.call('ZADD', rsv, t, member)
-  if cost ~= 1 then redis.call('HSET', costs, member, cost) end
   expire(t)
   keep(rsv, t)
   return {'delay', fmt(t - now), fmt(t), 'reserved'}

@@ -21,11 +21,9 @@ local slot = redis.call('ZSCORE', rsv, member)
 if not slot then return 0 end
 local units = redis.call('HGET', costs, member) or '1'
 redis.call('ZREM', rsv, member)
-redis.call('ZREM', log, member)
-redis.call('HDEL', costs, member)
+log_drop(log, costs, redis.call('HEXISTS', costs, TOTAL) == 1, member)
 if KEYS[6] then  -- a call the pool held back also gives back its unit of the pool
-  redis.call('ZREM', KEYS[5], member)
-  redis.call('HDEL', KEYS[6], member)
+  log_drop(KEYS[5], KEYS[6], redis.call('HEXISTS', KEYS[6], TOTAL) == 1, member)
 end
 redis.call('ZADD', free, slot, units .. ':' .. member)
 local time = redis.call('TIME')

@@ -15,12 +15,17 @@ local member, units = ARGV[1], tonumber(ARGV[2])
 
 local function set(zset, hash)
   if not redis.call('ZSCORE', zset, member) then return 0 end
+  local old = tonumber(redis.call('HGET', hash, member)) or 1
   if units == 1 then
     redis.call('HDEL', hash, member)
   else
     redis.call('HSET', hash, member, units)
     local ttl = redis.call('PTTL', zset)
     if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
+  end
+  -- The log's sum (units.lua) follows; a hash without one has it built by acquire.lua.
+  if units ~= old and redis.call('HEXISTS', hash, TOTAL) == 1 then
+    redis.call('HINCRBYFLOAT', hash, TOTAL, units - old)
   end
   return 1
 end
