@@ -27,8 +27,8 @@ EVALSHA = "EVALSHA"  # text: redis-py's cluster client routes by the command's n
 Command = tuple[str | bytes, ...]
 
 
-# The scripts that write a tool's log: units.lua (what its entries weigh) goes before them.
-WRITE_LOGS = frozenset({"acquire", "release", "cooldown", "settle"})
+# The scripts that read or write a tool's log: units.lua (what its entries weigh) goes first.
+READ_UNITS = frozenset({"acquire", "release", "cooldown", "settle", "adapt"})
 
 
 def _source(name: str) -> str:
@@ -38,7 +38,7 @@ def _source(name: str) -> str:
 def load_script(name: str) -> str:
     """The source of `throttle/lua/<name>.lua` (shipped as package data), as Redis runs it."""
     source = _source(name)
-    return _source("units") + source if name in WRITE_LOGS else source
+    return _source("units") + source if name in READ_UNITS else source
 
 
 def encode(value: str | bytes | float) -> bytes:

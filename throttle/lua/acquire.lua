@@ -266,42 +266,13 @@ local free = KEYS[cooldown_at + 1]
 local known_held = redis.call('ZADD', log, 'XX', 'INCR', 0, member)
 
 local LATE_GRACE_MS = 1000
--- Exact (17 significant digits): bounds built from slots must match the stored scores.
--- (A number passed to redis.call is sent exactly too, and costs less: only text bounds,
--- exclusive ones and replies, need fmt.)
-local function fmt(x) return string.format('%.17g', x) end
-
--- Weighted windows are walked entry by entry: the units of many members are read (and
--- dropped) a chunk per call, not one call each (a call costs the server ~1 µs here).
-local CHUNK = 500
--- The units of `list`'s members (every `step`-th item from 1: a WITHSCORES reply has step
--- 2) in `hash`, 1 for a member without an entry, as a table by the item's index.
-local function units_of(hash, list, step)
-  local units = {}
-  for first = 1, #list, CHUNK * step do
-    local fields = {}
-    for i = first, math.min(#list, first + CHUNK * step - 1), step do
-      fields[#fields + 1] = list[i]
-    end
-    local got = redis.call('HMGET', hash, unpack(fields))
-    for k = 1, #fields do units[first + (k - 1) * step] = tonumber(got[k]) or 1 end
-  end
-  return units
-end
-
--- The units of `list`'s members (every `step`-th item from 1), added up in order.
-local function sum_of(hash, list, step)
-  local units, sum = units_of(hash, list, step), 0
-  for i = 1, #list, step do sum = sum + units[i] end
-  return sum
-end
 
 -- Trim what no window can see any more; unused reservations expire with it. Returns whether
 -- the hash holds costs (it then keeps the log's sum: units.lua), and how many entries went.
 local function trim(zset, hash, before)
   local fields = redis.call('HLEN', hash)
   if fields == 0 then return false, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before) end
-  local summed = redis.call('HEXISTS', hash, TOTAL) == 1
+  local summed = redis.call('HGET', hash, TOTAL) ~= false
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
   local trimmed = 0
   if #gone > 0 then
@@ -313,7 +284,7 @@ local function trim(zset, hash, before)
     trimmed = redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
   end
   if summed and fields == 1 then  -- only the sum is left: every entry weighs 1 again
-    redis.call('DEL', hash)
+    redis.call('HDEL', hash, TOTAL)
     return false, trimmed
   end
   if not summed then  -- (a hash written before the sum existed)
@@ -339,30 +310,6 @@ if receipts then
     end
   end
 end
--- Windows wider than FEW entries read their use from the log's sum less the entries outside
--- them, when those are fewer. Exact while the numbers are whole (a fractional sum may carry
--- a rounding: its windows are walked).
-local FEW = 32
-
--- The units of the entries of `zset` in (floor, upto] (upto nil: no upper bound); `whole`:
--- the decision's own numbers are whole, so the log's sum may stand in for the walk.
-local function units_in(zset, hash, floor, upto, whole)
-  local lo, hi = '(' .. fmt(floor), upto and fmt(upto) or '+inf'
-  if whole then
-    local inside = redis.call('ZCOUNT', zset, lo, hi)
-    local total = inside > FEW and redis.call('ZCARD', zset) - inside < inside
-                  and tonumber(redis.call('HGET', hash, TOTAL))
-    if total then
-      local used = total - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '-inf', fmt(floor)), 1)
-      if upto then
-        used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '(' .. hi, '+inf'), 1)
-      end
-      if used % 1 == 0 then return used end
-    end
-  end
-  return sum_of(hash, redis.call('ZRANGEBYSCORE', zset, lo, hi), 1)
-end
-
 -- Walking the entries of `zset` in (lo, hi] (text bounds) from the oldest, in pages that
 -- double: the score of the one at which the units of the entries `counts` accepts (all, when
 -- nil) reach `excess`; nil when they never do.

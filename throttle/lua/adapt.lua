@@ -111,23 +111,16 @@ if tonumber(state.effective) and tonumber(state.seen_ms) and now - state.seen_ms
   current = math.min(ceiling, tonumber(state.effective))
 end
 local floor = math.max(1, floor_share * ceiling)
-local function fmt(x) return string.format('%.17g', x) end
 
 -- Units the target used in its longest window up to `at` (now), as the gate counted them;
 -- `lag` reaches back further, to the calls the upstream (counting them on arrival) still
--- holds.
+-- holds. (A wide weighted window is read from its log's sum: units.lua.)
 local function used_now(lag, at)
   at = at or now
-  local from, to = '(' .. fmt(at - window - lag), fmt(at)
-  if redis.call('HLEN', costs) == 0 then return redis.call('ZCOUNT', log, from, to) end
-  local entries = redis.call('ZRANGEBYSCORE', log, from, to)
-  local sum, batch = 0, 500
-  for from = 1, #entries, batch do
-    local last = math.min(#entries, from + batch - 1)
-    local units = redis.call('HMGET', costs, unpack(entries, from, last))
-    for i = 1, #units do sum = sum + (tonumber(units[i]) or 1) end
+  if redis.call('HLEN', costs) == 0 then
+    return redis.call('ZCOUNT', log, '(' .. fmt(at - window - lag), at)
   end
-  return sum
+  return units_in(log, costs, at - window - lag, at, true)
 end
 
 local effective, reason = current, state.reason or ''

@@ -24,7 +24,7 @@ local function set(zset, hash)
     if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
   end
   -- The log's sum (units.lua) follows; a hash without one has it built by acquire.lua.
-  if units ~= old and redis.call('HEXISTS', hash, TOTAL) == 1 then
+  if units ~= old and redis.call('HGET', hash, TOTAL) ~= false then
     redis.call('HINCRBYFLOAT', hash, TOTAL, units - old)
   end
   return 1
