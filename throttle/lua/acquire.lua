@@ -268,29 +268,25 @@ local known_held = redis.call('ZADD', log, 'XX', 'INCR', 0, member)
 local LATE_GRACE_MS = 1000
 
 -- Trim what no window can see any more; unused reservations expire with it. Returns whether
--- the hash holds costs (it then keeps the log's sum: units.lua), and how many entries went.
+-- the hash holds costs (units.lua), and how many entries went.
 local function trim(zset, hash, before)
   local fields = redis.call('HLEN', hash)
-  if fields == 0 then return false, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before) end
-  local summed = redis.call('HGET', hash, TOTAL) ~= false
+  if fields == 0 then
+    sums[hash] = false
+    return false, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
+  end
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
-  local trimmed = 0
-  if #gone > 0 then
-    if summed then redis.call('HINCRBYFLOAT', hash, TOTAL, -sum_of(hash, gone, 1)) end
-    for first = 1, #gone, CHUNK do
-      fields = fields - redis.call('HDEL', hash,
-                                   unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
-    end
-    trimmed = redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
+  if #gone == 0 then return true, 0 end
+  if summed(hash) then redis.call('HINCRBYFLOAT', hash, TOTAL, -sum_of(hash, gone, 1)) end
+  for first = 1, #gone, CHUNK do
+    fields = fields - redis.call('HDEL', hash,
+                                 unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
   end
-  if summed and fields == 1 then  -- only the sum is left: every entry weighs 1 again
+  if fields == 1 and summed(hash) then  -- only the sum is left: every entry weighs 1 again
     redis.call('HDEL', hash, TOTAL)
-    return false, trimmed
+    sums[hash], fields = false, 0
   end
-  if not summed then  -- (a hash written before the sum existed)
-    redis.call('HSET', hash, TOTAL, sum_of(hash, redis.call('ZRANGE', zset, 0, -1), 1))
-  end
-  return true, trimmed
+  return fields > 0, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
 end
 for i = 1, n do windows[i] = windows[i] + margin / 2 end
 -- The pool's windows get the same half margin: the upstream counts a call when it arrives.
@@ -504,9 +500,9 @@ end
 
 -- Record the admission everywhere it counts.
 local function admit()
-  weighted = log_put(log, costs, weighted, now, member, cost)
+  log_put(log, costs, now, member, cost)
   if pn > 0 then
-    pool_weighted = log_put(pool_log, pool_costs, pool_weighted, now, member, cost)
+    log_put(pool_log, pool_costs, now, member, cost)
     keep_pool(now)
   end
   if cap > 0 then
@@ -625,7 +621,7 @@ local take_freed = freed_on and function(t)
       t = at
       redis.call('ZREM', free, slots[i])
       if units > cost then redis.call('ZADD', free, t, fmt(units - cost) .. ':' .. member) end
-      weighted = log_put(log, costs, weighted, t, member, cost)
+      log_put(log, costs, t, member, cost)
       redis.call('ZADD', rsv, t, member)
       expire(t)
       keep(rsv, t)
@@ -675,16 +671,16 @@ pool_wait = pn > 0 and function(from)
     if free == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
     if free <= now then return nil end
   end
-  if own then log_drop(pool_log, pool_costs, pool_weighted, member) end
+  if own then log_drop(pool_log, pool_costs, member) end
   local t = pool_slot(math.max(from, now))
   if t == nil then return {'fallback', '0', fmt(now), 'cost_exceeds_limit'} end
   if t - now > deadline then return {'fallback', '0', fmt(t), 'deadline'} end
-  pool_weighted = log_put(pool_log, pool_costs, pool_weighted, t, member, cost)
+  log_put(pool_log, pool_costs, t, member, cost)
   keep_pool(t)
   local before = tonumber(redis.call('ZSCORE', rsv, member))
   if before then charge(before, -cost) end  -- (a calendar quota counts the call's slot)
   charge(t, cost)
-  weighted = log_put(log, costs, weighted, t, member, cost)
+  log_put(log, costs, t, member, cost)
   redis.call('ZADD', rsv, t, member)
   expire(t)
   keep(rsv, t)
@@ -845,10 +841,10 @@ local decide_held = known_held and function()
     slot = tonumber(slot)
     -- Every refusal of a reservation gives it back, so a fallback needs no release.
     local function drop()
-      log_drop(log, costs, weighted, member)
+      log_drop(log, costs, member)
       redis.call('ZREM', rsv, member)
       if pn > 0 then  -- and its pool slot (pool waits)
-        log_drop(pool_log, pool_costs, pool_weighted, member)
+        log_drop(pool_log, pool_costs, member)
       end
       charge(slot, -cost)
     end
@@ -954,7 +950,7 @@ local decide_new = not known_held and function()
   end
   if pn > 0 then return pool_wait(t) end  -- the pool places it from its tool slot
   charge(t, cost)
-  weighted = log_put(log, costs, weighted, t, member, cost)
+  log_put(log, costs, t, member, cost)
   redis.call('ZADD', rsv, t, member)
   expire(t)
   keep(rsv, t)

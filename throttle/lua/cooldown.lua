@@ -26,11 +26,11 @@ else
   until_ms = current
 end
 if member ~= '' then
-  log_drop(KEYS[1], KEYS[3], redis.call('HGET', KEYS[3], TOTAL) ~= false, member)
+  log_drop(KEYS[1], KEYS[3], member)
   redis.call('ZREM', KEYS[2], member)
   local rest = 4
   if ARGV[4] == '1' then
-    log_drop(KEYS[4], KEYS[5], redis.call('HGET', KEYS[5], TOTAL) ~= false, member)
+    log_drop(KEYS[4], KEYS[5], member)
     rest = 6
   end
   if rest < #KEYS then redis.call('ZREM', KEYS[rest], member) end

@@ -21,9 +21,9 @@ local slot = redis.call('ZSCORE', rsv, member)
 if not slot then return 0 end
 local units = redis.call('HGET', costs, member) or '1'
 redis.call('ZREM', rsv, member)
-log_drop(log, costs, redis.call('HGET', costs, TOTAL) ~= false, member)
+log_drop(log, costs, member)
 if KEYS[6] then  -- a call the pool held back also gives back its unit of the pool
-  log_drop(KEYS[5], KEYS[6], redis.call('HGET', KEYS[6], TOTAL) ~= false, member)
+  log_drop(KEYS[5], KEYS[6], member)
 end
 redis.call('ZADD', free, slot, units .. ':' .. member)
 local time = redis.call('TIME')

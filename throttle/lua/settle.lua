@@ -23,8 +23,8 @@ local function set(zset, hash)
     local ttl = redis.call('PTTL', zset)
     if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
   end
-  -- The log's sum (units.lua) follows; a hash without one has it built by acquire.lua.
-  if units ~= old and redis.call('HGET', hash, TOTAL) ~= false then
+  -- The log's sum (units.lua), when the hash keeps one, follows.
+  if units ~= old and summed(hash) then
     redis.call('HINCRBYFLOAT', hash, TOTAL, units - old)
   end
   return 1

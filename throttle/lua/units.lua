@@ -2,12 +2,12 @@
 weigh.
 
 A log ZSET counts each entry as 1 unit unless its cost HASH gives the member other units.
-A cost hash that gives any also keeps, under the field '' (no call id is empty), the sum of
-the units of every entry of its log: acquire.lua then reads a wide window's use from the
-few entries outside it instead of walking thousands inside. Only acquire.lua creates the
-sum (and rebuilds it where a hash has none, as one written before it existed); every script
-that adds or takes out an entry of a summed log changes the sum with it, here. adapt.lua
-reads it as acquire.lua does.
+Once a window of a weighted log holds more than FEW entries, the hash also keeps, under the
+field '' (no call id is empty), the sum of the units of every entry of its log: a wide
+window's use is then read from the few entries outside it instead of walking thousands
+inside. The first reader that needs the sum builds it (one walk of the log); every script
+that adds or takes out an entry of a log whose hash keeps one changes it with it, here; and
+acquire.lua drops it when no entry is weighted any more. acquire.lua and adapt.lua read it.
 ]]
 local TOTAL = ''
 
@@ -41,6 +41,13 @@ local function sum_of(hash, list, step)
   return sum
 end
 
+-- Whether `hash` keeps its log's sum (read once per script; acquire.lua sets what it knows).
+local sums = {}
+local function summed(hash)
+  if sums[hash] == nil then sums[hash] = redis.call('HGET', hash, TOTAL) ~= false end
+  return sums[hash]
+end
+
 -- Windows wider than FEW entries read their use from the log's sum less the entries outside
 -- them, when those are fewer. Exact while the numbers are whole (a fractional sum may carry
 -- a rounding: its windows are walked).
@@ -50,48 +57,42 @@ local FEW = 32
 -- the decision's own numbers are whole, so the log's sum may stand in for the walk.
 local function units_in(zset, hash, floor, upto, whole)
   local lo, hi = '(' .. fmt(floor), upto and fmt(upto) or '+inf'
-  if whole then
-    local inside = redis.call('ZCOUNT', zset, lo, hi)
-    local total = inside > FEW and redis.call('ZCARD', zset) - inside < inside
-                  and tonumber(redis.call('HGET', hash, TOTAL))
-    if total then
-      local used = total - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '-inf', fmt(floor)), 1)
-      if upto then
-        used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '(' .. hi, '+inf'), 1)
-      end
-      if used % 1 == 0 then return used end
+  local inside = whole and redis.call('ZCOUNT', zset, lo, hi)
+  if inside and inside > FEW and redis.call('ZCARD', zset) - inside < inside then
+    local used = tonumber(redis.call('HGET', hash, TOTAL))
+    if not used then  -- the first wide window: the sum starts from one walk of the log
+      used = sum_of(hash, redis.call('ZRANGE', zset, 0, -1), 1)
+      redis.call('HSET', hash, TOTAL, used)
+      sums[hash] = true
     end
+    used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '-inf', fmt(floor)), 1)
+    if upto then
+      used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '(' .. hi, '+inf'), 1)
+    end
+    if used % 1 == 0 then return used end
   end
   return sum_of(hash, redis.call('ZRANGEBYSCORE', zset, lo, hi), 1)
 end
 
 -- Add `m` at `score` with `units`, or move it when it is there (a cost of 1 then leaves
--- its units as they were). `summed`: whether `hash` keeps the sum, which the first
--- weighted entry starts (acquire.lua only: every other entry then weighs 1). Returns
--- whether the hash keeps the sum now.
-local function log_put(zset, hash, summed, score, m, units)
+-- its units as they were).
+local function log_put(zset, hash, score, m, units)
   local added = redis.call('ZADD', zset, score, m) == 1
   if units == 1 then
-    if added and summed then redis.call('HINCRBYFLOAT', hash, TOTAL, 1) end
-    return summed
+    if added and summed(hash) then redis.call('HINCRBYFLOAT', hash, TOTAL, 1) end
+    return
   end
-  local old = 0
-  if not added then old = tonumber(redis.call('HGET', hash, m)) or 1 end
+  local old = summed(hash) and (added and 0 or (tonumber(redis.call('HGET', hash, m)) or 1))
   redis.call('HSET', hash, m, units)
-  if summed then
-    if units ~= old then redis.call('HINCRBYFLOAT', hash, TOTAL, units - old) end
-  else
-    redis.call('HSET', hash, TOTAL, redis.call('ZCARD', zset) - 1 + units)
-  end
-  return true
+  if old and units ~= old then redis.call('HINCRBYFLOAT', hash, TOTAL, units - old) end
 end
 
--- Take `m` out of `zset` and its units out of `hash` (and out of the sum, when `summed`).
-local function log_drop(zset, hash, summed, m)
+-- Take `m` out of `zset` and its units out of `hash` (and out of the sum).
+local function log_drop(zset, hash, m)
   local removed = redis.call('ZREM', zset, m) == 1
-  local units = summed and removed and redis.call('HGET', hash, m)
+  local units = removed and summed(hash) and redis.call('HGET', hash, m)
   redis.call('HDEL', hash, m)
-  if summed and removed then
+  if removed and summed(hash) then
     redis.call('HINCRBYFLOAT', hash, TOTAL, -(tonumber(units) or 1))
   end
 end
