@@ -50,16 +50,27 @@ def logs_of(gate: Gate) -> list[tuple[str, str]]:
     return [(lone.log, lone.cost), (pooled.log, pooled.cost), (pooled.pool_log, pooled.pool_cost)]
 
 
+def kept_sum(client: redis.Redis, cost: str) -> tuple[float, int, float] | None:
+    """The sum a cost hash keeps: (units, entries, built at ms), or None."""
+    text = client.hget(cost, "")
+    if text is None:
+        return None
+    units, entries, built = text.split()
+    return float(units), int(entries), float(built)
+
+
 def sums_checked(client: redis.Redis, logs: list[tuple[str, str]]) -> int:
-    """How many logs keep a sum; each one must equal its log's units."""
+    """How many logs keep a sum; each one must equal its log's units and entries."""
     kept = 0
     for log, cost in logs:
         units = client.hgetall(cost)
-        if b"" in units:
+        sum_kept = kept_sum(client, cost)
+        if sum_kept is not None:
             kept += 1
             entries = client.zrange(log, 0, -1)
             expected = sum(float(units.get(member, 1)) for member in entries)
-            assert float(units[b""]) == pytest.approx(expected, abs=1e-9), (log, units, entries)
+            assert sum_kept[0] == pytest.approx(expected, abs=1e-9), (log, units, entries)
+            assert sum_kept[1] == len(entries), (log, sum_kept, entries)
     return kept
 
 
@@ -94,6 +105,43 @@ def test_every_script_keeps_a_weighted_logs_sum_exact(
                 gate.cool_down(tool, 0.03, member=member, now_s=now)
             kept += sums_checked(client, logs)
         assert kept > 300, "the sums did not last"
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def test_a_sum_a_writer_did_not_keep_is_built_again_before_it_is_read(
+    client: redis.Redis,
+) -> None:
+    """A worker of an older version admits without keeping the sum; a worker of this one
+    then builds it again (its count is not the log's), and the limit holds exactly. A sum
+    whose units drifted but whose count did not is built again once a window has passed."""
+    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
+    gate = Gate(client, load_config(CONFIG), prefix=prefix)
+    lone = keys_for(prefix, gate.config.tools["lone"], None)
+    now = BASE_S
+    try:
+        for index in range(40):  # 80 of 100 units in the window: the log keeps a sum
+            gate.acquire("lone", f"c{index}", cost=2, deadline_s=30, now_s=now)
+        assert kept_sum(client, lone.cost) is not None
+        client.zadd(lone.log, {"old-worker": now * 1000})  # admitted as an older version does
+        client.hset(lone.cost, "old-worker", 15)
+        assert gate.acquire("lone", "next", cost=6, deadline_s=30, now_s=now).action.value \
+            == "delay"  # 95 + 6 > 100: with the stale sum (80) it would have been admitted
+        assert sums_checked(client, logs_of(gate)) >= 1
+        units, entries, built = kept_sum(client, lone.cost) or (0.0, 0, 0.0)
+        client.hset(lone.cost, "", f"{units - 50} {entries} {built}")  # units off, count right
+        later = now + 10.5  # a window on: 60 more calls of 2 units, the window holds 50
+        answers = [gate.acquire("lone", f"n{index}", cost=2, deadline_s=30, now_s=later)
+                   for index in range(60)]
+        assert sum(answer.reason == "admitted" for answer in answers) < 50
+        costs = client.hgetall(lone.cost)
+        window = [float(costs.get(member, 1)) for member, score in
+                  client.zrange(lone.log, 0, -1, withscores=True)
+                  if (later - 10.02) * 1000 < score <= later * 1000]
+        assert sum(window) <= 100, window  # with the drifted sum it would hold 150
+        assert sums_checked(client, logs_of(gate)) == 1
     finally:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:

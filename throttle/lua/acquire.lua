@@ -277,12 +277,12 @@ local function trim(zset, hash, before)
   end
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
   if #gone == 0 then return true, 0 end
-  if summed(hash) then redis.call('HINCRBYFLOAT', hash, TOTAL, -sum_of(hash, gone, 1)) end
+  if sum_kept(hash) then sum_add(hash, -sum_of(hash, gone, 1), -#gone) end
   for first = 1, #gone, CHUNK do
     fields = fields - redis.call('HDEL', hash,
                                  unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
   end
-  if fields == 1 and summed(hash) then  -- only the sum is left: every entry weighs 1 again
+  if fields == 1 and sum_kept(hash) then  -- only the sum is left: every entry weighs 1 again
     redis.call('HDEL', hash, TOTAL)
     sums[hash], fields = false, 0
   end
@@ -371,7 +371,8 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
   end
   -- Weighted: the window's units less the skipped member's, then the entry whose leaving
   -- frees enough.
-  local used = units_in(zset, hash, from - window, upto, cost % 1 == 0 and max % 1 == 0)
+  local used = units_in(zset, hash, from - window, upto, cost % 1 == 0 and max % 1 == 0, now,
+                        window)
   local s = skip and tonumber(redis.call('ZSCORE', zset, skip))
   if s and s > from - window and (not upto or s <= upto) then
     used = used - (tonumber(redis.call('HGET', hash, skip)) or 1)
@@ -442,7 +443,7 @@ local due_free_at = known_held and function(max, window, mine)
   -- the due reservations behind it.
   local used
   if weighted then
-    used = units_in(log, costs, floor, now, cost % 1 == 0 and max % 1 == 0)
+    used = units_in(log, costs, floor, now, cost % 1 == 0 and max % 1 == 0, now, window)
     if mine > floor then used = used - (tonumber(redis.call('HGET', costs, member)) or 1) end
   else
     used = redis.call('ZCOUNT', log, lo, now)

@@ -3,11 +3,14 @@ weigh.
 
 A log ZSET counts each entry as 1 unit unless its cost HASH gives the member other units.
 Once a window of a weighted log holds more than FEW entries, the hash also keeps, under the
-field '' (no call id is empty), the sum of the units of every entry of its log: a wide
-window's use is then read from the few entries outside it instead of walking thousands
-inside. The first reader that needs the sum builds it (one walk of the log); every script
-that adds or takes out an entry of a log whose hash keeps one changes it with it, here; and
-acquire.lua drops it when no entry is weighted any more. acquire.lua and adapt.lua read it.
+field '' (no call id is empty), '<units> <entries> <built at ms>': the sum of the units of
+every entry of its log, how many entries that is, and when it was last built by a walk of
+the log. A wide window's use is then read from the few entries outside it instead of
+walking thousands inside. Every script that adds or takes out an entry of a log whose hash
+keeps a sum changes it with it, here; acquire.lua drops it when no entry is weighted any
+more. A reader builds it again when its count is not the log's (a writer that does not
+keep it, as a worker of an older version during an upgrade) and once a window has passed
+since it was built (so no drift outlives a window). acquire.lua and adapt.lua read it.
 ]]
 local TOTAL = ''
 
@@ -41,11 +44,27 @@ local function sum_of(hash, list, step)
   return sum
 end
 
--- Whether `hash` keeps its log's sum (read once per script; acquire.lua sets what it knows).
+-- The sum `hash` keeps, {units, entries, built at}, or false (read once per script;
+-- acquire.lua sets what it knows).
 local sums = {}
-local function summed(hash)
-  if sums[hash] == nil then sums[hash] = redis.call('HGET', hash, TOTAL) ~= false end
-  return sums[hash]
+local function sum_kept(hash)
+  local sum = sums[hash]
+  if sum == nil then
+    local text = redis.call('HGET', hash, TOTAL)
+    local units, entries, built = string.match(text or '', '^(%S+) (%S+) (%S+)$')
+    sum = units and {tonumber(units), tonumber(entries), tonumber(built)} or false
+    sums[hash] = sum
+  end
+  return sum
+end
+local function sum_set(hash, sum)
+  sums[hash] = sum
+  redis.call('HSET', hash, TOTAL, fmt(sum[1]) .. ' ' .. sum[2] .. ' ' .. fmt(sum[3]))
+end
+-- Change the sum `hash` keeps (if any) by `units` over `entries` entries.
+local function sum_add(hash, units, entries)
+  local sum = sum_kept(hash)
+  if sum then sum_set(hash, {sum[1] + units, sum[2] + entries, sum[3]}) end
 end
 
 -- Windows wider than FEW entries read their use from the log's sum less the entries outside
@@ -53,19 +72,20 @@ end
 -- a rounding: its windows are walked).
 local FEW = 32
 
--- The units of the entries of `zset` in (floor, upto] (upto nil: no upper bound); `whole`:
--- the decision's own numbers are whole, so the log's sum may stand in for the walk.
-local function units_in(zset, hash, floor, upto, whole)
+-- The units of the entries of `zset` in (floor, upto] (upto nil: no upper bound), at `now`
+-- for a window of `width` ms; `whole`: the decision's own numbers are whole, so the log's
+-- sum may stand in for the walk.
+local function units_in(zset, hash, floor, upto, whole, now, width)
   local lo, hi = '(' .. fmt(floor), upto and fmt(upto) or '+inf'
   local inside = whole and redis.call('ZCOUNT', zset, lo, hi)
-  if inside and inside > FEW and redis.call('ZCARD', zset) - inside < inside then
-    local used = tonumber(redis.call('HGET', hash, TOTAL))
-    if not used then  -- the first wide window: the sum starts from one walk of the log
-      used = sum_of(hash, redis.call('ZRANGE', zset, 0, -1), 1)
-      redis.call('HSET', hash, TOTAL, used)
-      sums[hash] = true
+  local entries = inside and inside > FEW and redis.call('ZCARD', zset)
+  if entries and entries - inside < inside then
+    local sum = sum_kept(hash)
+    if not sum or sum[2] ~= entries or now - sum[3] > width then
+      sum = {sum_of(hash, redis.call('ZRANGE', zset, 0, -1), 1), entries, now}
+      sum_set(hash, sum)
     end
-    used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '-inf', fmt(floor)), 1)
+    local used = sum[1] - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '-inf', fmt(floor)), 1)
     if upto then
       used = used - sum_of(hash, redis.call('ZRANGEBYSCORE', zset, '(' .. hi, '+inf'), 1)
     end
@@ -79,21 +99,22 @@ end
 local function log_put(zset, hash, score, m, units)
   local added = redis.call('ZADD', zset, score, m) == 1
   if units == 1 then
-    if added and summed(hash) then redis.call('HINCRBYFLOAT', hash, TOTAL, 1) end
+    if added then sum_add(hash, 1, 1) end
     return
   end
-  local old = summed(hash) and (added and 0 or (tonumber(redis.call('HGET', hash, m)) or 1))
+  local old = not added and sum_kept(hash) and (tonumber(redis.call('HGET', hash, m)) or 1)
   redis.call('HSET', hash, m, units)
-  if old and units ~= old then redis.call('HINCRBYFLOAT', hash, TOTAL, units - old) end
+  if added then
+    sum_add(hash, units, 1)
+  elseif old and units ~= old then
+    sum_add(hash, units - old, 0)
+  end
 end
 
 -- Take `m` out of `zset` and its units out of `hash` (and out of the sum).
 local function log_drop(zset, hash, m)
   local removed = redis.call('ZREM', zset, m) == 1
-  local units = removed and summed(hash) and redis.call('HGET', hash, m)
+  local units = removed and sum_kept(hash) and (tonumber(redis.call('HGET', hash, m)) or 1)
   redis.call('HDEL', hash, m)
-  if removed and summed(hash) then
-    redis.call('HINCRBYFLOAT', hash, TOTAL, -(tonumber(units) or 1))
-  end
+  if units then sum_add(hash, -units, -1) end
 end
-
