@@ -2,10 +2,11 @@
 
 KEYS[1]  log        ZSET  member = task id, score = admission time or reserved slot (ms)
 KEYS[2]  rsv        ZSET  members whose entry is a reservation not yet admitted, score = slot
-KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1, and the
-                      sum of the log's units (units.lua)
+KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1 (and, once
+                      a window of the log is wide, the sum of its units: units.lua)
 KEYS[4]  pool log   ZSET  (tools in a pool) admissions of every tool of the pool, score = ms
 KEYS[5]  pool cost  HASH  (tools in a pool) member -> units, for members whose cost is not 1
+                      (and the same sum)
 KEYS[4 or 6] leases ZSET  (tools with a concurrency cap) running calls, score = lease end (ms)
 KEYS[next] cooldown  STRING until when (ms) the upstream asked for no calls (the pool's, or
                       the tool's); set by cooldown.lua
