@@ -5,8 +5,10 @@ One run starts, on 127.0.0.1, `throttle stub-llm` (answers after `--stub-latency
 `throttle gateway`, against a real Redis (`THROTTLE_REDIS_URL`, default
 redis://127.0.0.1:6379/0): broker and results on database numbers `--dbs` (emptied before
 and after), the gate on the URL's own database under a fresh prefix (its keys deleted
-after). Limits never bind. The same `openai.AsyncOpenAI` client sends `--n` forced tool
-calls with `--concurrency` in flight to each contender, alternated over `--rounds`:
+after). Limits never bind; `--count calls` makes the LLM tool's limits count calls instead
+of tokens (no cost or settle: the gateway's own cost without a weighted window's). The same
+`openai.AsyncOpenAI` client sends `--n` forced tool calls with `--concurrency` in flight to
+each contender, alternated over `--rounds`:
 
   direct     the stub itself
   in-proc    `Gateway.complete()` in this process: publish, worker, result; no HTTP
@@ -326,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     solo = {f"{name} x1": next(r for r in runs if r.contender == f"{name} x1") for name in names}
     figures = render(best, best["direct"], f"throttle gateway (python -m bench.gateway): "
                      f"{args.n} requests, {args.concurrency} in flight, stub latency "
-                     f"{args.stub_latency:g}s, {args.publish_threads} publish threads, limits count "
-                     f"{args.count}, best of {args.rounds}", console)
+                     f"{args.stub_latency:g}s, {args.publish_threads} publish threads, limits "
+                     f"count {args.count}, best of {args.rounds}", console)
     figures.update(render(solo, solo["direct x1"], f"one at a time: {args.solo_n} requests "
                           "each", console))
     verdicts = check(figures)
