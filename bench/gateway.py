@@ -5,8 +5,10 @@ One run starts, on 127.0.0.1, `throttle stub-llm` (answers after `--stub-latency
 `throttle gateway`, against a real Redis (`THROTTLE_REDIS_URL`, default
 redis://127.0.0.1:6379/0): broker and results on database numbers `--dbs` (emptied before
 and after), the gate on the URL's own database under a fresh prefix (its keys deleted
-after). Limits never bind. The same `openai.AsyncOpenAI` client sends `--n` forced tool
-calls with `--concurrency` in flight to each contender, alternated over `--rounds`:
+after). Limits never bind; `--count calls` makes the LLM tool's limits count calls instead
+of tokens (no cost or settle: the gateway's own cost without a weighted window's). The same
+`openai.AsyncOpenAI` client sends `--n` forced tool calls with `--concurrency` in flight to
+each contender, alternated over `--rounds`:
 
   direct     the stub itself
   in-proc    `Gateway.complete()` in this process: publish, worker, result; no HTTP
@@ -252,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="database numbers for the broker and results, emptied (default 6 7)")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--count", choices=("tokens", "calls"), default="tokens",
+                        help="what the LLM tool's limits count: tokens as configured (cost "
+                        "and settle, a weighted window), or calls (cost 1, no settle: the "
+                        "gateway's own cost without the weighted window's); default tokens")
     args = parser.parse_args(argv)
     if 0 in args.dbs or len(set(args.dbs)) != 2:
         raise SystemExit("--dbs: two different database numbers other than 0 (they are emptied)")
@@ -264,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         document = tomllib.loads((ROOT / "config" / "tools.toml").read_text(encoding="utf-8"))
         document["pools"]["llm_tokens"]["limits"] = ["1000000000/60s"]
         document["tools"]["chat_completion"]["limits"] = ["1000000000/60s"]
+        if args.count == "calls":
+            for field in ("cost", "settle"):
+                document["tools"]["chat_completion"].pop(field, None)
         config_path = folder / "tools.toml"
         config_path.write_text(tomli_w.dumps(document), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "THROTTLE_CONFIG": str(config_path),
@@ -319,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     solo = {f"{name} x1": next(r for r in runs if r.contender == f"{name} x1") for name in names}
     figures = render(best, best["direct"], f"throttle gateway (python -m bench.gateway): "
                      f"{args.n} requests, {args.concurrency} in flight, stub latency "
-                     f"{args.stub_latency:g}s, {args.publish_threads} publish threads, best of "
-                     f"{args.rounds}", console)
+                     f"{args.stub_latency:g}s, {args.publish_threads} publish threads, limits "
+                     f"count {args.count}, best of {args.rounds}", console)
     figures.update(render(solo, solo["direct x1"], f"one at a time: {args.solo_n} requests "
                           "each", console))
     verdicts = check(figures)

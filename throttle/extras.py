@@ -3,7 +3,7 @@
 `pip install throttle` is the library a web app needs (Celery, Redis, the gate, the
 `throttle` command's check / worker / status / top / exporter). The rest are extras:
 
-    gateway   fastapi, uvicorn           throttle gateway
+    gateway   fastapi, uvicorn, httptools, uvloop (not on Windows)   throttle gateway
     demo      fakeredis[lua], matplotlib, tomli-w, tornado   throttle demo, stub-llm
     flower    flower                     throttle flower
     testing   fakeredis[lua], pytest, pytest-celery    throttle.testing (tests of your tools)
@@ -19,7 +19,7 @@ from importlib.util import find_spec
 from throttle.errors import MissingExtra
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "gateway": ("fastapi", "uvicorn"),
+    "gateway": ("fastapi", "uvicorn", "httptools"),
     "demo": ("fakeredis", "lupa", "matplotlib", "tomli_w", "tornado"),
     "flower": ("flower",),
     "gevent": ("gevent",),
