@@ -96,8 +96,11 @@ def nested_deeper_than(value: Any, limit: int) -> bool:
         item, depth = stack.pop()
         if depth > limit:
             return True
+        depth += 1
         children: Iterable[Any] = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, containers))
+        for child in children:  # (a loop, not a generator: every message passes here)
+            if isinstance(child, containers):
+                stack.append((child, depth))
     return False
 
 
