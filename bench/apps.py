@@ -15,7 +15,8 @@
   BENCH_RATE_LIMIT     Celery's own `rate_limit` of the `plain.rated` task (e.g. "20/s")
 
 Every task takes keyword arguments only. `run` set: the body records, in one round trip,
-Redis TIME at its start with what the worker knew (delays, ETA, admission time, node).
+Redis TIME at its start with what the worker knew (delays, ETA, admission time, node, and
+when the pool process began the call: Celery's `task_prerun`, before the gate is asked).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import redis
 from celery import Celery, current_task
-from celery.signals import worker_ready
+from celery.signals import task_prerun, worker_ready
 
 from throttle import Throttle, load_config
 from throttle.routing import apply_defaults
@@ -70,6 +71,7 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle | None, dict[str, An
                     request.eta,
                     getattr(request, "throttle_admitted_at", None),
                     request.hostname,
+                    getattr(request, "bench_prerun_at", None),
                 ]
                 record(keys=[f"{prefix}:rec:{run}"], args=[json.dumps(entry)])
 
@@ -95,6 +97,13 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle | None, dict[str, An
         make("rated"), name="plain.rated", rate_limit=env.get("BENCH_RATE_LIMIT") or None
     )
     return app, throttle, tasks
+
+
+@task_prerun.connect
+def _note_prerun(task: Any = None, **_: Any) -> None:
+    """When the pool process began the call (the ETA and the pool's wait lie before it)."""
+    if task is not None:
+        task.request.bench_prerun_at = time.time()
 
 
 @worker_ready.connect

@@ -112,11 +112,12 @@ class Bench:
             self.gate.delete(*keys[start : start + 500])
 
     def records(self, run: str) -> list[dict[str, Any]]:
-        """What the bodies of run `run` recorded: start (Redis TIME), delays, eta, admission."""
+        """What the bodies of run `run` recorded: start (Redis TIME), delays, eta, admission,
+        and when the pool process began the call (`prerun`, the worker's clock)."""
         out = []
         for raw in self.gate.lrange(f"{self.prefix}:rec:{run}", 0, -1):
             at, _, rest = raw.decode().partition(" ")
-            delays, eta, admitted, host = json.loads(rest)
+            delays, eta, admitted, host, prerun = json.loads(rest)
             eta_s = dt.datetime.fromisoformat(eta).timestamp() if eta else None
             out.append(
                 {
@@ -125,6 +126,7 @@ class Bench:
                     "eta": eta_s,
                     "admitted": admitted,
                     "host": host,
+                    "prerun": prerun,
                 }
             )
         return out

@@ -38,6 +38,9 @@ POSITIONAL = ("pass arguments by keyword, e.g. .delay(query='...'); after a chai
 MAX_MESSAGE_DEPTH = 64  # the whole message: headers, arguments, callbacks
 ENVELOPE_BYTES = 65_536  # a message may exceed max_args_bytes by this (headers, callbacks)
 MAX_ID_CHARS = 255
+# The most characters compact JSON (ASCII only) writes for one character or byte of a body:
+# a character outside the BMP becomes two \u escapes (12); a number grows less ("1e15").
+MAX_ENCODED_PER_CHAR = 12
 # Celery's own headers a worker reads, and the types it expects of them.
 _TEXT_HEADERS = ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "eta",
                  "expires", "origin")
@@ -93,8 +96,11 @@ def nested_deeper_than(value: Any, limit: int) -> bool:
         item, depth = stack.pop()
         if depth > limit:
             return True
+        depth += 1
         children: Iterable[Any] = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, containers))
+        for child in children:  # (a loop, not a generator: every message passes here)
+            if isinstance(child, containers):
+                stack.append((child, depth))
     return False
 
 
@@ -212,7 +218,9 @@ def _body_problem(
         return f"the message's callbacks must be an object, got {type(embed).__name__}"
     if nested_deeper_than(kwargs, MAX_ARGS_DEPTH):
         return too_deep(MAX_ARGS_DEPTH)
-    size = len(json.dumps(kwargs, separators=(",", ":")))
+    # Measured as the caller measures them; a body this small cannot hold more.
+    size = 0 if len(body) * MAX_ENCODED_PER_CHAR <= max_args_bytes else len(
+        json.dumps(kwargs, separators=(",", ":")))
     if size > max_args_bytes:
         return (f"arguments are {size} bytes, above the tool's max_args_bytes "
                 f"({max_args_bytes}); send a reference instead of the data")

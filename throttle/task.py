@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 from dataclasses import replace
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from celery import states
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry
-from kombu.utils.uuid import uuid
 
 from throttle import adaptive, eager, recovery
 from throttle.decision import Action, Decision
@@ -27,6 +27,9 @@ from throttle.intake import header_count, header_number
 from throttle.monitor import metrics
 from throttle.results import FALLBACK_MARK, due_at_s, fallback_reason, outcome
 from throttle.sending import SendingTask
+
+if TYPE_CHECKING:
+    from throttle.gate import Gate
 
 logger = logging.getLogger("throttle")
 
@@ -84,28 +87,32 @@ class ThrottledTask(SendingTask):
 
     # -- worker side --------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.request.called_directly:
+        request = self.request  # a lookup in Celery's request stack: read once per call
+        if request.called_directly:
             return self.run(*args, **kwargs)
         kwargs = self.check_arguments(args, kwargs)
-        decision = self._decide(kwargs)
+        gate = self.throttle.gate
+        fair_key = self._fair_key_of(kwargs, gate)
+        decision = self._decide(kwargs, request, gate, fair_key)
         if decision.action is Action.ADMIT:
-            self.request.throttle_admitted_at = decision.slot_at
-            metrics.observe_decision(self, "admit", decision.reason, 0.0,
-                                     tenant=self._fair_key_of(kwargs))
-            return self._run(kwargs)
+            request.throttle_admitted_at = decision.slot_at
+            metrics.observe_decision(self, "admit", decision.reason, 0.0, tenant=fair_key)
+            return self._run(kwargs, gate)
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)
         return self._fall_back(decision.reason)
 
-    def _member(self) -> str:
+    def _member(self, request: Any = None) -> str:
         """This delivery's member at the gate: the task id, with the body's retry number.
 
         A body's own retry (`self.retry()`, `autoretry_for`) is a new admission, counted in
         the windows like any call; a throttle delay keeps the member (and `retries`).
+        `request`: the current request, when the caller has it at hand.
         """
-        return recovery.member_of(str(self.request.id), self.request.retries or 0)
+        request = request or self.request
+        return recovery.member_of(str(request.id), request.retries or 0)
 
-    def _run(self, kwargs: dict[str, Any]) -> Any:
+    def _run(self, kwargs: dict[str, Any], gate: Gate) -> Any:
         """Run the body; settle its charge, give back its lease, and obey an upstream pause."""
         started = time.perf_counter()
         status = "error"
@@ -121,12 +128,12 @@ class ThrottledTask(SendingTask):
             metrics.observe_run(self, status, time.perf_counter() - started)
             if self.tool.concurrency is not None:
                 self._finish_lease(kwargs)
-            if status != "error" and self.throttle.gate.adapter.adapts(self.tool.name):
+            if status != "error" and gate.adapter.adapts(self.tool.name):
                 self._report_answers(answers, busy=status == "busy")
         units = self.tool.settled_units(kwargs, result)
         if units is not None:
             try:
-                self.throttle.gate.settle(
+                gate.settle(
                     self.tool.name, self._member(), units, key=self._key_of(kwargs)
                 )
             except StoreUnavailable as exc:
@@ -165,23 +172,25 @@ class ThrottledTask(SendingTask):
         jitter_s = random.uniform(0, 0.1 * busy.retry_after_s + 0.02)
         self._republish(busy.retry_after_s + jitter_s, "cooldown")
 
-    def _decide(self, kwargs: dict[str, Any]) -> Decision:
+    def _decide(self, kwargs: dict[str, Any], request: Any, gate: Gate,
+                fair_key: Any) -> Decision:
         """Ask the gate, sleeping out small waits; store outages follow the tool's policy."""
-        member = self._member()
+        member = self._member(request)
         key = self._key_of(kwargs)
         cost = self.tool.units(kwargs)
-        receipt = f"{self._message_tag()}|{uuid()}"  # this message, this delivery of it
+        # This message, this delivery of it (64 random bits tell deliveries apart).
+        receipt = f"{self._message_tag(request)}|{os.urandom(8).hex()}"
         for _ in range(MAX_SLEEPS):
             try:
-                decision = self.throttle.gate.acquire(
+                decision = gate.acquire(
                     self.tool.name, member, key=key, cost=cost,
-                    deadline_s=self._deadline_left_s(), receipt=receipt,
-                    fair_key=self._fair_key_of(kwargs),
+                    deadline_s=self._deadline_left_s(request), receipt=receipt,
+                    fair_key=fair_key,
                 )
             except StoreUnavailable as exc:
                 metrics.observe_store_error(self)
                 return self._on_store_error(exc)
-            if decision.action is Action.ADMIT and self._redelivered(decision):
+            if decision.action is Action.ADMIT and self._redelivered(decision, request):
                 return self._check_redelivery(member, key, decision)
             logger.debug("%s %s: %s (%s, wait %.3fs)", self.tool.name, member, decision.action,
                          decision.reason, decision.wait_s)
@@ -208,42 +217,44 @@ class ThrottledTask(SendingTask):
         """The value of the tool's key argument (None when its limits are not per key)."""
         return kwargs.get(self.tool.key) if self.tool.key else None
 
-    def _fair_key_of(self, kwargs: dict[str, Any]) -> Any:
+    def _fair_key_of(self, kwargs: dict[str, Any], gate: Gate) -> Any:
         """The call's tenant: the value of its tool's (or pool's) `fair_by` argument."""
-        fair = self.throttle.gate.fairness.get(self.tool.name)
+        fair = gate.fairness.get(self.tool.name)
         return kwargs.get(fair.by) if fair else None
 
-    def _header(self, name: str) -> Any:
+    def _header(self, name: str, request: Any = None) -> Any:
         """A header of the call: a request attribute on a worker, in `headers` when eager."""
-        value = getattr(self.request, name, None)
-        if value is None and self.request.is_eager:
-            value = (self.request.headers or {}).get(name)
+        request = request or self.request
+        value = getattr(request, name, None)
+        if value is None and request.is_eager:
+            value = (request.headers or {}).get(name)
         return value
 
-    def _deadline_left_s(self) -> float:
-        enqueued_at, caller_s = self._origin()
+    def _deadline_left_s(self, request: Any = None) -> float:
+        enqueued_at, caller_s = self._origin(request)
         budget_s = self.tool.max_delay_ms / 1000
         if caller_s is not None:
             budget_s = min(budget_s, caller_s)
         return budget_s - (time.time() - enqueued_at)  # negative once it has passed
 
-    def _origin(self) -> tuple[float, float | None]:
+    def _origin(self, request: Any = None) -> tuple[float, float | None]:
         """The call's first-enqueue time and caller deadline, from headers any caller can
         set: a time not a number or in the future reads as now (this worker's clock); a
         deadline that is not a number is ignored (the tool's max_delay still bounds it)."""
+        request = request or self.request
         now = time.time()
-        enqueued_at = header_number(self._header(ENQUEUED_AT))
+        enqueued_at = header_number(self._header(ENQUEUED_AT, request))
         if enqueued_at is None or enqueued_at > now:
             enqueued_at = now
-        return enqueued_at, header_number(self._header(DEADLINE_S))
+        return enqueued_at, header_number(self._header(DEADLINE_S, request))
 
-    def _message_tag(self) -> str:
+    def _message_tag(self, request: Any) -> str:
         """The tag kombu's Redis transport gives a message when published and keeps when it
         delivers it again ('' on RabbitMQ)."""
-        properties = getattr(self.request, "properties", None) or {}
+        properties = getattr(request, "properties", None) or {}
         return str(properties.get("delivery_tag") or "").replace("|", "")
 
-    def _redelivered(self, decision: Decision) -> bool:
+    def _redelivered(self, decision: Decision, request: Any) -> bool:
         """Whether this delivery repeats a run whose worker was lost.
 
         'rerun': the message the gate admitted, delivered again (its tag is the one the gate
@@ -253,7 +264,7 @@ class ThrottledTask(SendingTask):
         the first call's result stays. 'readmitted' is this same delivery asking again,
         and a restored delay ('reservation') never ran: neither is counted.
         """
-        flagged = bool((self.request.delivery_info or {}).get("redelivered"))
+        flagged = bool((request.delivery_info or {}).get("redelivered"))
         if decision.reason == "rerun":
             return True
         if decision.reason == "reused" and not (flagged and self.throttle.trusts_redelivered):
@@ -261,9 +272,9 @@ class ThrottledTask(SendingTask):
                 "tool %s: refused a second message with task id %s, which the gate already "
                 "admitted: a reused id is not a redelivery. Its body did not run and the first "
                 "call's result is kept; give every call its own id", self.tool.name,
-                self.request.id,
+                request.id,
             )
-            raise Ignore(f"task id {self.request.id} reused")
+            raise Ignore(f"task id {request.id} reused")
         return flagged and decision.reason in ("admitted", "reused")
 
     def _check_redelivery(self, member: str, key: Any, decision: Decision) -> Decision:

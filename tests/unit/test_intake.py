@@ -109,3 +109,28 @@ def test_a_countdown_or_eta_past_the_visibility_timeout_is_refused_by_apply_asyn
 def test_a_task_id_that_is_not_a_short_string_is_refused(task_id: Any) -> None:
     with pytest.raises(InvalidToolCall, match="task_id must be a string"):
         chat_task().apply_async(kwargs={}, task_id=task_id)
+
+
+@pytest.mark.parametrize(
+    "raw_kwargs",
+    [
+        '{"q":"' + "\U0001f600" * 40 + '"}',  # each character two \u escapes (12 chars)
+        '{"q":"' + "é" * 60 + '"}',  # each character one \u escape (6 chars)
+        '{"q":[' + ",".join(["9e15"] * 20) + "]}",  # each number 18 characters
+    ],
+)
+@pytest.mark.parametrize("as_text", [True, False])
+def test_arguments_that_grow_when_encoded_again_are_measured_as_the_caller_measures_them(
+    raw_kwargs: str, as_text: bool,
+) -> None:
+    body_text = f'[[],{raw_kwargs},null]'
+    body: str | bytes = body_text if as_text else body_text.encode()
+    kwargs = json.loads(raw_kwargs)
+    encoded = len(json.dumps(kwargs, separators=(",", ":")))
+    assert encoded > len(body)  # the body alone would under-count them
+    for limit in (encoded - 1, encoded):
+        found = message_problem({"id": "t1"}, body, lambda: json.loads(body_text), limit)
+        if limit < encoded:
+            assert found is not None and f"arguments are {encoded} bytes" in found
+        else:
+            assert found is None

@@ -64,6 +64,7 @@ _flushing = threading.Lock()  # one flush at a time: flush() returns once earlie
 _flusher: threading.Thread | None = None
 _stop = threading.Event()
 _worker_task_events = False  # set from the worker's -E flag (see _note_task_events)
+_limits_texts: dict[int, tuple[Any, str]] = {}  # id(tool) -> (tool, its limits as text)
 
 
 def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float,
@@ -116,8 +117,12 @@ def observe_revoked(task: Observed, call_id: str) -> None:
 
 
 def limits_text(tool: Any) -> str:
-    """A tool's limits as its config writes them ("100/1m, 1000/1h")."""
-    return ", ".join(str(limit) for limit in tool.limits)
+    """A tool's limits as its config writes them ("100/1m, 1000/1h"); written once per tool
+    object (a reload makes new ones), as every decision notes them."""
+    cached = _limits_texts.get(id(tool))
+    if cached is None or cached[0] is not tool:  # (the object is kept: its id stays its own)
+        cached = _limits_texts[id(tool)] = (tool, ", ".join(str(limit) for limit in tool.limits))
+    return cached[1]
 
 
 def observe_run(task: Observed, status: str, seconds: float) -> None:

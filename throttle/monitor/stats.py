@@ -73,6 +73,21 @@ class StatsBuffer:
         self._waiting: dict[tuple[str, str], tuple[tuple[str, float] | None, bool]] = {}
         self._limits: dict[str, str] = {}
         self._tenants: dict[str, set[str]] = defaultdict(set)  # bucket key -> tenants counted
+        # Keys built once per tool (and per bucket): every call counts under them.
+        self._totals_keys: dict[str, str] = {}
+        self._recent_keys: dict[str, tuple[int, str]] = {}  # tool -> (bucket start s, key)
+
+    def _keys_of(self, tool: str, at_s: float) -> tuple[str, str]:
+        """`tool`'s totals key and the key of its recent bucket holding wall time `at_s`."""
+        totals = self._totals_keys.get(tool)
+        if totals is None:
+            totals = self._totals_keys[tool] = stats_key(self.prefix, tool)
+        bucket_s = int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S
+        recent = self._recent_keys.get(tool)
+        if recent is None or recent[0] != bucket_s:
+            recent = self._recent_keys[tool] = (
+                bucket_s, recent_stats_key(self.prefix, tool, bucket_s))
+        return totals, recent[1]
 
     def add_tenant_admission(self, tool: str, tenant: str, waited_s: float, at_s: float) -> None:
         """Count an admitted call of a fair tool under its tenant, with how long it waited
@@ -96,8 +111,7 @@ class StatsBuffer:
         `call_id` and `delays_before` (how often the call was delayed before) keep the
         waiting calls' sets and the count of delayed calls; without them only decisions count.
         """
-        totals = stats_key(self.prefix, tool)
-        recent = recent_stats_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
+        totals, recent = self._keys_of(tool, at_s)
         name = f"decision:{outcome}:{reason}"
         with self._lock:
             self._counts[totals, name] += 1
@@ -131,9 +145,7 @@ class StatsBuffer:
 
     def add_run(self, tool: str, status: str, seconds: float, at_s: float | None = None) -> None:
         """Count one body run of `seconds` that ended with `status` at wall time `at_s`."""
-        totals = stats_key(self.prefix, tool)
-        at_s = time.time() if at_s is None else at_s
-        recent = recent_stats_key(self.prefix, tool, int(at_s) // RECENT_BUCKET_S * RECENT_BUCKET_S)
+        totals, recent = self._keys_of(tool, time.time() if at_s is None else at_s)
         with self._lock:
             self._counts[recent, "body:count"] += 1
             self._sums[recent, "body:sum"] += seconds
