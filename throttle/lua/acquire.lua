@@ -278,12 +278,13 @@ local function trim(zset, hash, before)
   end
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
   if #gone == 0 then return true, 0 end
-  if sum_kept(hash) then sum_add(hash, -sum_of(hash, gone, 1), -#gone) end
+  local w = weighing()
+  if w.kept(hash) then w.add(hash, -w.sum_of(hash, gone, 1), -#gone) end
   for first = 1, #gone, CHUNK do
     fields = fields - redis.call('HDEL', hash,
                                  unpack(gone, first, math.min(#gone, first + CHUNK - 1)))
   end
-  if fields == 1 and sum_kept(hash) then  -- only the sum is left: every entry weighs 1 again
+  if fields == 1 and w.kept(hash) then  -- only the sum is left: every entry weighs 1 again
     redis.call('HDEL', hash, TOTAL)
     sums[hash], fields = false, 0
   end
@@ -307,14 +308,22 @@ if receipts then
     end
   end
 end
+local weighted, trimmed = trim(log, costs, now - longest)
+-- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
+if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
+if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
+local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
+
 -- Walking the entries of `zset` in (lo, hi] (text bounds) from the oldest, in pages that
 -- double: the score of the one at which the units of the entries `counts` accepts (all, when
--- nil) reach `excess`; nil when they never do.
-local function reach(zset, hash, heavy, lo, hi, excess, counts)
+-- nil) reach `excess`; nil when they never do. (Built for the paths that walk: a held call's,
+-- a weighted log's.)
+local reach = (known_held or weighted or pool_weighted) and function(zset, hash, heavy, lo,
+                                                                    hi, excess, counts)
   local freed, offset, size = 0, 0, 32
   repeat
     local page = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT', offset, size)
-    local units = heavy and units_of(hash, page, 2)
+    local units = heavy and weighing().units_of(hash, page, 2)
     for i = 1, #page, 2 do
       local score = tonumber(page[i + 1])
       if not counts or counts(page[i], score) then
@@ -327,12 +336,6 @@ local function reach(zset, hash, heavy, lo, hi, excess, counts)
   until last
   return nil
 end
-
-local weighted, trimmed = trim(log, costs, now - longest)
--- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
-if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
-if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
-local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
 
 -- Earliest t >= `from` at which the entries of `zset` in (t - window, upto] (all <= t),
 -- without `skip`, leave room for `cost` under `max`. nil when cost alone exceeds max.
@@ -372,8 +375,8 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
   end
   -- Weighted: the window's units less the skipped member's, then the entry whose leaving
   -- frees enough.
-  local used = units_in(zset, hash, from - window, upto, cost % 1 == 0 and max % 1 == 0, now,
-                        window)
+  local used = weighing().units_in(zset, hash, from - window, upto,
+                                   cost % 1 == 0 and max % 1 == 0, now, window)
   local s = skip and tonumber(redis.call('ZSCORE', zset, skip))
   if s and s > from - window and (not upto or s <= upto) then
     used = used - (tonumber(redis.call('HGET', hash, skip)) or 1)
@@ -444,7 +447,8 @@ local due_free_at = known_held and function(max, window, mine)
   -- the due reservations behind it.
   local used
   if weighted then
-    used = units_in(log, costs, floor, now, cost % 1 == 0 and max % 1 == 0, now, window)
+    used = weighing().units_in(log, costs, floor, now, cost % 1 == 0 and max % 1 == 0, now,
+                               window)
     if mine > floor then used = used - (tonumber(redis.call('HGET', costs, member)) or 1) end
   else
     used = redis.call('ZCOUNT', log, lo, now)
@@ -453,7 +457,7 @@ local due_free_at = known_held and function(max, window, mine)
   if used + cost > max then
     local behind = '(' .. fmt(math.max(mine, floor))
     if weighted then
-      used = used - sum_of(costs, redis.call('ZRANGEBYSCORE', rsv, behind, now), 1)
+      used = used - weighing().sum_of(costs, redis.call('ZRANGEBYSCORE', rsv, behind, now), 1)
     else
       used = used - redis.call('ZCOUNT', rsv, behind, now)
     end
@@ -577,7 +581,7 @@ local fits_in = freed_on and function(zset, hash, heavy, s, max, w)
   local page = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(s - w), '(' .. fmt(s + w),
                           'WITHSCORES')
   local times, units = {}, {}
-  local weights = heavy and units_of(hash, page, 2)
+  local weights = heavy and weighing().units_of(hash, page, 2)
   for j = 1, #page, 2 do
     times[#times + 1] = tonumber(page[j + 1])
     units[#units + 1] = heavy and weights[j] or 1
@@ -756,7 +760,7 @@ local fair_check = fair and function(t)
       ahead = redis.call('ZCOUNT', fair_queue, '-inf', '(' .. fmt(fair_tag))
     else
       local queued = redis.call('ZRANGEBYSCORE', fair_queue, '-inf', '(' .. fmt(fair_tag))
-      for _, units in pairs(units_of(fair_costs, queued, 1)) do ahead = ahead + units end
+      ahead = weighing().sum_of(fair_costs, queued, 1)
     end
   end
   local slot = t

@@ -120,7 +120,7 @@ local function used_now(lag, at)
   if redis.call('HLEN', costs) == 0 then
     return redis.call('ZCOUNT', log, '(' .. fmt(at - window - lag), at)
   end
-  return units_in(log, costs, at - window - lag, at, true, now, window + lag)
+  return weighing().units_in(log, costs, at - window - lag, at, true, now, window + lag)
 end
 
 local effective, reason = current, state.reason or ''

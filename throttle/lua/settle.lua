@@ -24,7 +24,7 @@ local function set(zset, hash)
     if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
   end
   -- The log's sum (units.lua), when the hash keeps one, follows.
-  if units ~= old then sum_add(hash, units - old, 0) end
+  if units ~= old then weighing().add(hash, units - old, 0) end
   return 1
 end
 
