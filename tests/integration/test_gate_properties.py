@@ -320,6 +320,14 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
         assert last in (Action.ADMIT, Action.FALLBACK), (member, call.decisions)
 
 
+def simulate_on_own_prefix(client: redis.Redis, scenario: Scenario) -> None:
+    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
+    try:
+        simulate(client, prefix, scenario)
+    finally:
+        delete_prefix(client, prefix)
+
+
 @settings(
     max_examples=100,
     deadline=None,
@@ -378,11 +386,7 @@ def simulate(client: redis.Redis, prefix: str, scenario: Scenario) -> None:
 def test_random_schedules_never_exceed_a_window_and_keep_order_and_deadlines(
     client: redis.Redis, scenario: Scenario
 ) -> None:
-    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
-    try:
-        simulate(client, prefix, scenario)
-    finally:
-        delete_prefix(client, prefix)
+    simulate_on_own_prefix(client, scenario)
 
 
 # Windows wider than acquire.lua's FEW (32) entries read their use from the log's sum of units
@@ -432,8 +436,4 @@ wide_scenarios = st.builds(
 def test_wide_weighted_windows_follow_the_same_rule(
     client: redis.Redis, scenario: Scenario
 ) -> None:
-    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
-    try:
-        simulate(client, prefix, scenario)
-    finally:
-        delete_prefix(client, prefix)
+    simulate_on_own_prefix(client, scenario)
