@@ -11,8 +11,6 @@ documented rule by test_gate_properties.py's wide windows.)
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -33,13 +31,6 @@ CONFIG = {
     },
 }
 KINDS = ["acquire"] * 10 + ["release"] * 3 + ["settle"] * 3 + ["cooldown"]
-
-
-@pytest.fixture(scope="module")
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 def logs_of(gate: Gate) -> list[tuple[str, str]]:
@@ -77,72 +68,62 @@ def sums_checked(client: redis.Redis, logs: list[tuple[str, str]]) -> int:
 @pytest.mark.parametrize("fractions", [False, True])
 @pytest.mark.parametrize("seed", range(4))
 def test_every_script_keeps_a_weighted_logs_sum_exact(
-    client: redis.Redis, seed: int, fractions: bool
+    redis_client: redis.Redis, prefix: str, seed: int, fractions: bool
 ) -> None:
+    client = redis_client
     rng = random.Random(seed)
     costs = [1, 1, 1, 2, 3, 7] + ([0.5, 2.25] if fractions else [])
-    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
     gate = Gate(client, load_config(CONFIG), prefix=prefix)
     logs = logs_of(gate)
     now, kept = BASE_S, 0
-    try:
-        for tool in ("lone", "pooled"):  # a burst of 40 weighted calls: each log keeps a sum
-            for index in range(40):
-                gate.acquire(tool, f"{tool}-burst-{index}", cost=3, deadline_s=30, now_s=now)
-        assert sums_checked(client, logs) == 3
-        for _ in range(1000):
-            now += rng.uniform(0, 12) if rng.random() < 0.004 else rng.uniform(0, 0.01)
-            tool = rng.choice(["lone", "pooled"])
-            member = f"{tool}-{rng.randrange(100)}"
-            kind = rng.choice(KINDS)
-            if kind == "acquire":
-                gate.acquire(tool, member, cost=rng.choice(costs), deadline_s=30, now_s=now)
-            elif kind == "release":
-                gate.release(tool, member)
-            elif kind == "settle":
-                gate.settle(tool, member, rng.choice([0, *costs]))
-            else:
-                gate.cool_down(tool, 0.03, member=member, now_s=now)
-            kept += sums_checked(client, logs)
-        assert kept > 300, "the sums did not last"
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+    for tool in ("lone", "pooled"):  # a burst of 40 weighted calls: each log keeps a sum
+        for index in range(40):
+            gate.acquire(tool, f"{tool}-burst-{index}", cost=3, deadline_s=30, now_s=now)
+    assert sums_checked(client, logs) == 3
+    for _ in range(1000):
+        now += rng.uniform(0, 12) if rng.random() < 0.004 else rng.uniform(0, 0.01)
+        tool = rng.choice(["lone", "pooled"])
+        member = f"{tool}-{rng.randrange(100)}"
+        kind = rng.choice(KINDS)
+        if kind == "acquire":
+            gate.acquire(tool, member, cost=rng.choice(costs), deadline_s=30, now_s=now)
+        elif kind == "release":
+            gate.release(tool, member)
+        elif kind == "settle":
+            gate.settle(tool, member, rng.choice([0, *costs]))
+        else:
+            gate.cool_down(tool, 0.03, member=member, now_s=now)
+        kept += sums_checked(client, logs)
+    assert kept > 300, "the sums did not last"
 
 
 def test_a_sum_a_writer_did_not_keep_is_built_again_before_it_is_read(
-    client: redis.Redis,
+    redis_client: redis.Redis, prefix: str
 ) -> None:
     """A worker of an older version admits without keeping the sum; a worker of this one
     then builds it again (its count is not the log's), and the limit holds exactly. A sum
     whose units drifted but whose count did not is built again once a window has passed."""
-    prefix = f"throttle-test-{uuid.uuid4().hex[:12]}"
+    client = redis_client
     gate = Gate(client, load_config(CONFIG), prefix=prefix)
     lone = keys_for(prefix, gate.config.tools["lone"], None)
     now = BASE_S
-    try:
-        for index in range(40):  # 80 of 100 units in the window: the log keeps a sum
-            gate.acquire("lone", f"c{index}", cost=2, deadline_s=30, now_s=now)
-        assert kept_sum(client, lone.cost) is not None
-        client.zadd(lone.log, {"old-worker": now * 1000})  # admitted as an older version does
-        client.hset(lone.cost, "old-worker", 15)
-        assert gate.acquire("lone", "next", cost=6, deadline_s=30, now_s=now).action.value \
-            == "delay"  # 95 + 6 > 100: with the stale sum (80) it would have been admitted
-        assert sums_checked(client, logs_of(gate)) >= 1
-        units, entries, built = kept_sum(client, lone.cost) or (0.0, 0, 0.0)
-        client.hset(lone.cost, "", f"{units - 50} {entries} {built}")  # units off, count right
-        later = now + 10.5  # a window on: 60 more calls of 2 units, the window holds 50
-        answers = [gate.acquire("lone", f"n{index}", cost=2, deadline_s=30, now_s=later)
-                   for index in range(60)]
-        assert sum(answer.reason == "admitted" for answer in answers) < 50
-        costs = client.hgetall(lone.cost)
-        window = [float(costs.get(member, 1)) for member, score in
-                  client.zrange(lone.log, 0, -1, withscores=True)
-                  if (later - 10.02) * 1000 < score <= later * 1000]
-        assert sum(window) <= 100, window  # with the drifted sum it would hold 150
-        assert sums_checked(client, logs_of(gate)) == 1
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+    for index in range(40):  # 80 of 100 units in the window: the log keeps a sum
+        gate.acquire("lone", f"c{index}", cost=2, deadline_s=30, now_s=now)
+    assert kept_sum(client, lone.cost) is not None
+    client.zadd(lone.log, {"old-worker": now * 1000})  # admitted as an older version does
+    client.hset(lone.cost, "old-worker", 15)
+    assert gate.acquire("lone", "next", cost=6, deadline_s=30, now_s=now).action.value \
+        == "delay"  # 95 + 6 > 100: with the stale sum (80) it would have been admitted
+    assert sums_checked(client, logs_of(gate)) >= 1
+    units, entries, built = kept_sum(client, lone.cost) or (0.0, 0, 0.0)
+    client.hset(lone.cost, "", f"{units - 50} {entries} {built}")  # units off, count right
+    later = now + 10.5  # a window on: 60 more calls of 2 units, the window holds 50
+    answers = [gate.acquire("lone", f"n{index}", cost=2, deadline_s=30, now_s=later)
+               for index in range(60)]
+    assert sum(answer.reason == "admitted" for answer in answers) < 50
+    costs = client.hgetall(lone.cost)
+    window = [float(costs.get(member, 1)) for member, score in
+              client.zrange(lone.log, 0, -1, withscores=True)
+              if (later - 10.02) * 1000 < score <= later * 1000]
+    assert sum(window) <= 100, window  # with the drifted sum it would hold 150
+    assert sums_checked(client, logs_of(gate)) == 1
