@@ -52,7 +52,7 @@ from bench.gate_contenders import delete_prefix
 from bench.interleaved import Contender, run_interleaved, timed_sync
 from throttle import Gate, load_config
 from throttle.config import Config
-from throttle.scripts import LuaScript, evalsha, load_script
+from throttle.scripts import Lane, LuaScript, evalsha, load_script
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 RESERVE_LIMIT = "10/1s"
@@ -114,6 +114,7 @@ class ScriptBench:
         self.url, self.n, self.scripts = url, n, scripts
         self.prefix = f"bench-{uuid.uuid4().hex[:12]}"
         self.client = redis.Redis.from_url(url)
+        self.lane = Lane(self.client)
         self.fair = all("== 'fair'" in s.source for s in scripts.values())
         self.config = bench_config(self.fair)
         self.gate = Gate(self.client, self.config, prefix=self.prefix)
@@ -123,7 +124,7 @@ class ScriptBench:
     def acquire(self, script: LuaScript, tool: str, member: str, now_s: float | None = None,
                 receipt: str | None = None, key: Any = None, cost: float = 1) -> list[Any]:
         keys, args = self.gate._acquire_call(tool, member, key, cost, None, now_s, receipt)
-        answer: list[Any] = evalsha(self.client, script, keys, args)
+        answer: list[Any] = evalsha(self.lane, script, keys, args)
         return answer
 
     def server_now_s(self) -> float:
@@ -181,7 +182,7 @@ class ScriptBench:
     def fair_acquire(self, script: LuaScript, member: str, i: int) -> list[Any]:
         keys, args = self.gate._acquire_call(FAIR_TOOL, member, None, 1, None, None, None,
                                              fair_key=f"t{i % 8}")
-        answer: list[Any] = evalsha(self.client, script, keys, args)
+        answer: list[Any] = evalsha(self.lane, script, keys, args)
         return answer
 
     def run_path(self, script: LuaScript, setup: Callable[[LuaScript],

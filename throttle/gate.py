@@ -28,7 +28,7 @@ from throttle.keys import (
     tool_defaults_key,
 )
 from throttle.registrar import Pending, Registrar
-from throttle.scripts import Sent, encode, evalsha, evalsha_many
+from throttle.scripts import Lane, Sent, encode, evalsha, evalsha_many
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     STORE_ERRORS,
@@ -63,7 +63,9 @@ class Gate(GateBase):
     """The synchronous gate over redis-py: `acquire`, `release`.
 
     One client serves every thread or greenlet of a process: each command takes a
-    connection of its own from the client's pool (`max_connections` bounds it, see `connect`).
+    connection of its own from the client's pool (`max_connections` bounds it, see `connect`);
+    a gate that made its client from a URL keeps one at hand between decisions
+    (`scripts.Lane`).
     `registers_calls`: calls are registered in the background (`register_later`), so a
     decision notes a call it finds unregistered (see throttle/registrar.py).
     """
@@ -78,6 +80,7 @@ class Gate(GateBase):
         max_connections: int | None = None,
         registers_calls: bool = False,
     ) -> None:
+        own = isinstance(redis_url_or_client, str)
         if isinstance(redis_url_or_client, str):
             url = mask_url(redis_url_or_client)
             with StoreErrors(url):
@@ -90,6 +93,10 @@ class Gate(GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url, registers_calls=registers_calls)
         self._load_scripts(self.client)
+        # Decisions keep a connection at hand (not on a caller's own client); registrations,
+        # sent in the background, take pooled ones.
+        self._decide_lane = Lane(self.client, keep=own)
+        self._lane = Lane(self.client)
         self.registrar = Registrar(self._send_registrations)
         self._registry_keys: dict[tuple[str, bool], list[bytes]] = {}
         self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
@@ -120,7 +127,7 @@ class Gate(GateBase):
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
                                         fair_key)
         with self._errors:
-            raw = evalsha(self.client, self._acquire_script, keys, args)
+            raw = evalsha(self._decide_lane, self._acquire_script, keys, args)
         return self._decision(raw)
 
     def refresh_defaults(self) -> None:
@@ -182,7 +189,7 @@ class Gate(GateBase):
         keys, args = self._registration(tool, member, message, check_at_s, time.time(),
                                         late=False)
         with self._errors:
-            return Registration(Sent(self.client, self._register_script, keys, args),
+            return Registration(Sent(self._lane, self._register_script, keys, args),
                                 self._errors)
 
     def _registration(self, tool: str, member: str, message: str, check_at_s: float,
@@ -211,7 +218,7 @@ class Gate(GateBase):
             for item in batch]
         try:
             with self._errors:
-                answers = evalsha_many(self.client, self._register_script, commands)
+                answers = evalsha_many(self._lane, self._register_script, commands)
         except StoreUnavailable as exc:
             return [exc] * len(batch)
         return [(unreachable(self.url, answer) if isinstance(answer, STORE_ERRORS) else answer)
@@ -263,4 +270,5 @@ class Gate(GateBase):
     def close(self) -> None:
         """Send the registrations still queued, then close the connection pool."""
         self.registrar.flush()
+        self._decide_lane.close()
         self.client.close()

@@ -1,12 +1,14 @@
 """Running the gate's Lua scripts: EVALSHA straight through a connection, NOSCRIPT handled here.
 
-`evalsha` sends one packed EVALSHA on a pooled connection of a plain `redis.Redis` (any other
-client goes through its `execute_command`), retrying a dropped connection as the client's own
-`Retry` says; a server that lost its scripts (restart, SCRIPT FLUSH) answers NOSCRIPT once,
-the script is loaded and the call repeated. `Batcher` gathers the asyncio calls made in one
-event-loop tick into one pipelined write on one connection: one round trip for many
-decisions, each answered (or failed) on its own. Arguments must already be bytes (see
-`encode`); errors are the client's own, for the caller's `StoreErrors` to wrap.
+`evalsha` sends one packed EVALSHA through a `Lane`: on a plain `redis.Redis` the lane hands
+out a connection of its client's pool (and, for a client the gate made itself, keeps one at
+hand between calls), any other client goes through its `execute_command`; a dropped
+connection is retried as the client's own `Retry` says. A server that lost its scripts
+(restart, SCRIPT FLUSH) answers NOSCRIPT once, the script is loaded and the call repeated.
+`Batcher` gathers the asyncio calls made in one event-loop tick into one pipelined write on
+one connection: one round trip for many decisions, each answered (or failed) on its own.
+Arguments must already be bytes (see `encode`); errors are the client's own, for the
+caller's `StoreErrors` to wrap.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
+import weakref
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -69,64 +73,140 @@ def _direct(client: Any) -> bool:
     return type(client) is redis.Redis and client.connection is None
 
 
+class Lane:
+    """Where a client's script calls get their connection.
+
+    A plain pooled client's connections are taken from its pool and given back after each
+    call. With `keep`, one connection stays at hand between calls instead, while the pool
+    has room for others: a process that makes one call at a time (a prefork pool process, a
+    request thread) then skips the pool's lock and checks, about 20 µs of the caller's CPU a
+    call, as much as the rest of a decision. Only for a client the gate made itself, so
+    nothing but the gate uses its pool. A connection a call may have left out of step (a
+    timeout, an exception raised into the call) is closed before it is kept or given back;
+    a forked child starts with none at hand.
+    """
+
+    __slots__ = ("__weakref__", "_idle", "client", "direct", "keep", "pool")
+
+    def __init__(self, client: Any, *, keep: bool = False) -> None:
+        self.client = client
+        self.direct = _direct(client)
+        self.pool = client.connection_pool if self.direct else None
+        self.keep = keep and self.direct
+        self._idle: list[Any] = []
+        _LANES.add(self)
+
+    def take(self) -> Any:
+        """A connection for one exchange; give it back with `give`."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            assert self.pool is not None
+            return self.pool.get_connection()
+
+    def give(self, conn: Any, *, in_step: bool = True) -> None:
+        """Back after an exchange; `in_step` False: it may hold an unread answer."""
+        if not in_step:
+            conn.disconnect()  # (connects again when next used)
+        assert self.pool is not None
+        if self.keep and not self._idle and _room_left(self.pool):
+            self._idle.append(conn)
+        else:
+            self.pool.release(conn)
+
+    def close(self) -> None:
+        """Give the connection kept at hand back to the pool (before the pool closes)."""
+        while self._idle:
+            assert self.pool is not None
+            self.pool.release(self._idle.pop())
+
+    def _forget(self) -> None:
+        self._idle = []  # the parent's socket: never used or closed here
+
+
+def _room_left(pool: Any) -> bool:
+    """Whether `pool` can hand out another connection at once, so keeping one back makes no
+    caller wait (a `BlockingConnectionPool` queues its free slots; no one waits while one is
+    left, and a caller that waits gets the next connection given back)."""
+    slots = getattr(pool, "pool", None)
+    return slots is None or slots.qsize() > 0
+
+
+_LANES: weakref.WeakSet[Lane] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for lane in list(_LANES):
+        lane._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _send(conn: Any, packed: list[bytes]) -> Any:
     conn.send_packed_command(packed)
     return conn.read_response()
 
 
-def _run(client: Any, command: Command) -> Any:
-    if not _direct(client):
-        return client.execute_command(*command)
-    packed = [hiredis.pack_command(command)]  # type: ignore[arg-type]  # stub: 1-tuple
-    pool = client.connection_pool
-    conn = pool.get_connection()
+def _exchange(lane: Lane, do: Any) -> Any:
+    """`do(conn)` on a connection of `lane`, retried as its client's `Retry` says."""
+    conn = lane.take()
+    in_step = False
     try:
-        return conn.retry.call_with_retry(
-            lambda: _send(conn, packed), lambda _error: conn.disconnect()
-        )
+        answer = conn.retry.call_with_retry(lambda: do(conn), lambda _error: conn.disconnect())
+        in_step = True
+    except redis.ResponseError:  # the server's answer, read in full
+        in_step = True
+        raise
     finally:
-        pool.release(conn)
+        lane.give(conn, in_step=in_step)
+    return answer
 
 
-def evalsha(client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+def _run(lane: Lane, command: Command) -> Any:
+    if not lane.direct:
+        return lane.client.execute_command(*command)
+    packed = [hiredis.pack_command(command)]  # type: ignore[arg-type]  # stub: 1-tuple
+    return _exchange(lane, lambda conn: _send(conn, packed))
+
+
+def evalsha(lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
     """Run `script` on a sync client; load it once if the server answers NOSCRIPT."""
     command = script.command(keys, args)
     try:
-        return _run(client, command)
+        return _run(lane, command)
     except NoScriptError:
-        client.script_load(script.source)
-        return _run(client, command)
+        lane.client.script_load(script.source)
+        return _run(lane, command)
 
 
-def evalsha_many(client: Any, script: LuaScript, commands: Sequence[Command]) -> list[Any]:
+def evalsha_many(lane: Lane, script: LuaScript, commands: Sequence[Command]) -> list[Any]:
     """Run many calls of `script` (its `command`s) in one round trip on a sync client.
 
     Each call's answer, or the server's error for that call; NOSCRIPT loads the script and
     repeats the calls it refused. A failed round trip raises. The calls must be safe to run
     twice (a dropped connection sends them again, as the client's `Retry` says).
     """
-    answers = _pipeline(client, commands)
+    answers = _pipeline(lane, commands)
     refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
     if refused:
-        client.script_load(script.source)
-        again = _pipeline(client, [commands[i] for i in refused])
+        lane.client.script_load(script.source)
+        again = _pipeline(lane, [commands[i] for i in refused])
         for i, answer in zip(refused, again, strict=True):
             answers[i] = answer
     return answers
 
 
-def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
-    if not _direct(client):  # a cluster or other client: its own pipeline
-        pipe = client.pipeline(transaction=False)
+def _pipeline(lane: Lane, commands: Sequence[Command]) -> list[Any]:
+    if not lane.direct:  # a cluster or other client: its own pipeline
+        pipe = lane.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
     packed = [b"".join(hiredis.pack_command(command)  # type: ignore[arg-type]
                        for command in commands)]
-    pool = client.connection_pool
-    conn = pool.get_connection()
 
-    def exchange() -> list[Any]:
+    def exchange(conn: Any) -> list[Any]:
         conn.send_packed_command(packed)
         answers: list[Any] = []
         for _ in commands:
@@ -136,10 +216,7 @@ def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
                 answers.append(exc)
         return answers
 
-    try:
-        return list(conn.retry.call_with_retry(exchange, lambda _error: conn.disconnect()))
-    finally:
-        pool.release(conn)
+    return list(_exchange(lane, exchange))
 
 
 class Sent:
@@ -151,26 +228,25 @@ class Sent:
     dropped before the answer runs it again, as NOSCRIPT does.
     """
 
-    __slots__ = ("_answer", "_args", "_client", "_conn", "_keys", "_script")
+    __slots__ = ("_answer", "_args", "_conn", "_keys", "_lane", "_script")
 
     def __init__(
-        self, client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
+        self, lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
     ) -> None:
-        self._client, self._script, self._keys, self._args = client, script, keys, args
+        self._lane, self._script, self._keys, self._args = lane, script, keys, args
         self._conn: Any = None
         self._answer: Any = None
-        if not _direct(client):
-            self._answer = evalsha(client, script, keys, args)
+        if not lane.direct:
+            self._answer = evalsha(lane, script, keys, args)
             return
         packed = [hiredis.pack_command(script.command(keys, args))]  # type: ignore[arg-type]
-        pool = client.connection_pool
-        conn = pool.get_connection()
+        conn = lane.take()
         try:
             conn.retry.call_with_retry(
                 lambda: conn.send_packed_command(packed), lambda _error: conn.disconnect()
             )
         except BaseException:
-            pool.release(conn)
+            lane.give(conn, in_step=False)
             raise
         self._conn = conn
 
@@ -179,13 +255,19 @@ class Sent:
         conn, self._conn = self._conn, None
         if conn is None:
             return self._answer
+        in_step = False
         try:
-            return conn.read_response()
+            answer = conn.read_response()
+            in_step = True
+            return answer
         except (NoScriptError, redis.ConnectionError):  # loaded, or sent again, by evalsha
-            pass
+            in_step = True  # (a dropped connection is already closed)
+        except redis.ResponseError:
+            in_step = True
+            raise
         finally:
-            self._client.connection_pool.release(conn)
-        return evalsha(self._client, self._script, self._keys, self._args)
+            self._lane.give(conn, in_step=in_step)
+        return evalsha(self._lane, self._script, self._keys, self._args)
 
 
 async def evalsha_async(
