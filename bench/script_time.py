@@ -73,7 +73,8 @@ def bench_config(fair: bool) -> Config:
         "reserve": {"limits": [RESERVE_LIMIT], "max_delay": "59m"},
         "due": {"limits": [RESERVE_LIMIT], "max_delay": "59m"},
         "pooled": {"limits": ["10000000/10m"], "max_delay": "10m", "pool": "bench_pool",
-                   "priority": "standard", "concurrency": 100_000, "lease_timeout": "1s"},
+                   "priority": "standard", "concurrency": 100_000, "lease_timeout": "10m"},
+        # (leases outlast any batch, even one slowed down 50x by bench.script_instructions)
         "quota": {"limits": ["10000000/10m", "10000000/1d"], "max_delay": "10m"},
         "delay_heavy": {"limits": [RESERVE_LIMIT], "max_delay": "59m"},
         "weighted": {"limits": ["1000000000/1m"], "max_delay": "10m"},

@@ -113,7 +113,7 @@ def test_forked_children_decide_beside_their_parent_on_connections_of_their_own(
                     if decision.action is not Action.ADMIT or score is None or (
                             abs(score - slot) > 1):
                         code = 1
-            except BaseException:  # noqa: BLE001  # any failure is the child's exit code
+            except BaseException:  # any failure is the child's exit code
                 code = 2
             os._exit(code)
         children.append(pid)
