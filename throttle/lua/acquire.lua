@@ -242,7 +242,7 @@ local charge_in = quotas_on and function(hash, count, t, units)
   for i = 1, count do
     local field = i .. ':' .. fmt_day(start)
     if tonumber(redis.call('HINCRBYFLOAT', hash, field, units)) < 0 then
-      redis.call('HSET', hash, field, 0)
+      redis.call('HSET', hash, field, '0')
     end
     if start > days[1] then redis.call('HDEL', hash, i .. ':' .. fmt_day(days[1])) end
   end
@@ -264,7 +264,7 @@ local free = KEYS[cooldown_at + 1]
 -- It also answers the member's log entry (false for a new call), which the decision starts
 -- from: the functions of a path are built only when the call can take that path (a closure
 -- costs the server ~0.3 µs here: it looks up its upvalues among this chunk's many locals).
-local known_held = redis.call('ZADD', log, 'XX', 'INCR', 0, member)
+local known_held = redis.call('ZADD', log, 'XX', 'INCR', '0', member)
 
 local LATE_GRACE_MS = 1000
 
@@ -322,7 +322,8 @@ local reach = (known_held or weighted or pool_weighted) and function(zset, hash,
                                                                     hi, excess, counts)
   local freed, offset, size = 0, 0, 32
   repeat
-    local page = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT', offset, size)
+    local page = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT',
+                            string.format('%d', offset), string.format('%d', size))
     local units = heavy and weighing().units_of(hash, page, 2)
     for i = 1, #page, 2 do
       local score = tonumber(page[i + 1])
@@ -347,7 +348,8 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
     -- that entry is the one that must leave (the count below less k is its place from the
     -- oldest). Whole numbers only: then k is exact. (No text bounds: fmt is ~0.5 µs.)
     local k = max - cost
-    local entry = redis.call('ZREVRANGE', zset, k, k, 'WITHSCORES')
+    local rank = k < 9007199254740992 and string.format('%d', k) or k  -- (exact below 2^53)
+    local entry = redis.call('ZREVRANGE', zset, rank, rank, 'WITHSCORES')
     if not entry[2] or tonumber(entry[2]) <= from - window then return from end
     return tonumber(entry[2]) + window
   end
@@ -369,7 +371,8 @@ local function earliest_in(zset, hash, heavy, from, upto, max, window, skip)
     if excess <= 0 then return from end
     local offset = math.ceil(excess) - 1
     if skip_rank and skip_rank <= offset then offset = offset + 1 end
-    local entry = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT', offset, 2)
+    local entry = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT',
+                             string.format('%d', offset), '2')
     if entry[1] == skip then return tonumber(entry[4]) + window end
     return tonumber(entry[2]) + window
   end
@@ -426,7 +429,7 @@ local function forget_decided(answer)
       redis.call('ZREMRANGEBYSCORE', decided, '-inf', now)
       if redis.call('ZADD', decided, now + DECIDED_MS, member) == 1
           and redis.call('ZCARD', decided) > MOST then
-        redis.call('ZREM', decided, redis.call('ZRANGE', decided, 0, 0)[1])
+        redis.call('ZREM', decided, redis.call('ZRANGE', decided, '0', '0')[1])
       end
       redis.call('PEXPIRE', decided, DECIDED_MS)
     end
@@ -488,7 +491,7 @@ end
 local lease_free_at = cap > 0 and function()
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
   if redis.call('ZCARD', leases) < cap then return now end
-  return tonumber(redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')[2])
+  return tonumber(redis.call('ZRANGE', leases, '0', '0', 'WITHSCORES')[2])
 end
 
 local pool_wait  -- defined with the pool waits below
@@ -526,7 +529,7 @@ local known_latest, known_own, known_pool_free
 local known_waiting = fair and not known_held and redis.call('ZCARD', fair_keys[2])
 if not weighted and not pool_weighted and (not fair or known_waiting == 0) and deadline >= 0
     and cool_until <= now and not known_held then
-  known_latest = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  known_latest = redis.call('ZREVRANGE', log, '0', '0', 'WITHSCORES')
   local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
   for i = 1, (fits and n or 0) do
     if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
@@ -618,7 +621,7 @@ local take_freed = freed_on and function(t)
   if redis.call('ZCARD', free) == 0 then return nil end  -- (no slot was given back)
   redis.call('ZREMRANGEBYSCORE', free, '-inf', math.max(now, cool_until))
   local slots = redis.call('ZRANGEBYSCORE', free, '(' .. fmt(now), fmt(now + deadline),
-                           'WITHSCORES', 'LIMIT', 0, 16)
+                           'WITHSCORES', 'LIMIT', '0', '16')
   for i = 1, #slots, 2 do
     local units = tonumber(string.match(slots[i], '^([^:]+):'))
     local at = tonumber(slots[i + 1])
@@ -653,7 +656,7 @@ end
 -- hold within this class's allowance; nil when the cost alone exceeds it.
 local pool_slot = pn > 0 and function(from)
   local start = from
-  local last = redis.call('ZREVRANGE', pool_log, 0, 0, 'WITHSCORES')
+  local last = redis.call('ZREVRANGE', pool_log, '0', '0', 'WITHSCORES')
   if last[2] and tonumber(last[2]) > start then start = tonumber(last[2]) end
   local t = start
   for i = 1, pn do
@@ -899,7 +902,7 @@ local decide_new = not known_held and function()
   -- A new call: admitted now if nothing is reserved ahead and every window holds it;
   -- else the earliest slot, not before the latest one already taken (FIFO).
   if cool_until > now then return cooled() end
-  local latest = known_latest or redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  local latest = known_latest or redis.call('ZREVRANGE', log, '0', '0', 'WITHSCORES')
   local start = now
   if latest[2] and tonumber(latest[2]) > start then start = tonumber(latest[2]) end
   local t = start
