@@ -14,9 +14,11 @@
   BENCH_BROKER_URL, BENCH_RESULT_BACKEND
   BENCH_RATE_LIMIT     Celery's own `rate_limit` of the `plain.rated` task (e.g. "20/s")
 
-Every task takes keyword arguments only. `run` set: the body records, in one round trip,
-Redis TIME at its start with what the worker knew (delays, ETA, admission time, node, and
-when the pool process began the call: Celery's `task_prerun`, before the gate is asked).
+`plain.floor` is the no-op plus one trivial EVALSHA: what one round trip to Redis per call
+costs, whatever a gate does there. Every task takes keyword arguments only. `run` set: the
+body records, in one round trip, Redis TIME at its start with what the worker knew (delays,
+ETA, admission time, node, and when the pool process began the call: Celery's
+`task_prerun`, before the gate is asked).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle | None, dict[str, An
     )
     store = redis.Redis.from_url(redis_url)
     record = store.register_script(RECORD_LUA)
+    trivial = store.register_script("return 1")
 
     def make(name: str) -> Any:
         def body(run: str = "", **_: Any) -> None:
@@ -93,6 +96,15 @@ def build(env: Mapping[str, str]) -> tuple[Celery, Throttle | None, dict[str, An
     routes = app.conf.task_routes or {}
     app.conf.task_routes = {**routes, "plain.noop": {"queue": "plain.noop"}}
     tasks["plain.noop"] = app.task(make("noop"), name="plain.noop")
+    # The no-op plus one round trip to Redis (a script of `return 1`): the floor of any gate
+    # asked once per call, however little it does there.
+    app.conf.task_routes = {**app.conf.task_routes, "plain.floor": {"queue": "plain.floor"}}
+    floor_key = [f"{prefix}:floor"]
+
+    def floor(**_: Any) -> None:
+        trivial(keys=floor_key, args=["1"])
+
+    tasks["plain.floor"] = app.task(floor, name="plain.floor")
     tasks["plain.rated"] = app.task(
         make("rated"), name="plain.rated", rate_limit=env.get("BENCH_RATE_LIMIT") or None
     )

@@ -4,7 +4,9 @@ The same no-op as a throttle tool and as a plain task of the same app, on the sa
 `n` calls `.delay()`-ed then `.get()`, alternated over `rounds`; the best run of each, and
 the median of the ratios within each round. With `celery_defaults`, a third contender: the
 no-op of an app left on Celery's defaults (node D0, same pool), what a user ran before; the
-plain no-op against it is what throttle's safe settings cost on their own.
+plain no-op against it is what throttle's safe settings cost on their own. The `floor` is
+the plain no-op plus one trivial EVALSHA (`plain.floor`): what any gate asked once per call
+costs, however little it does there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from bench.measures import Figure, percentile
 
 def overhead(bench: Bench, n: int, rounds: int, pool: str = "prefork -c 2",
              celery_defaults: bool = False) -> list[Figure]:
-    contenders = {"throttle": bench.tasks["noop"], "plain": bench.tasks["plain.noop"]}
+    contenders = {"throttle": bench.tasks["noop"], "plain": bench.tasks["plain.noop"],
+                  "floor": bench.tasks["plain.floor"]}
     if celery_defaults:
         contenders["defaults"] = bench.tasks["defaults.noop"]
 
@@ -41,7 +44,12 @@ def overhead(bench: Bench, n: int, rounds: int, pool: str = "prefork -c 2",
     # Each round's two runs are back to back: their ratio shares the machine's state.
     paired = sorted(p / t for t, p in zip(seconds["throttle"], seconds["plain"], strict=True))
     part = f"1 overhead {pool}"
+    # The floor: what one round trip to Redis per call costs the plain no-op.
+    floor = sorted(p / f for p, f in zip(seconds["plain"], seconds["floor"], strict=True))
     return [*_figures(part, rate, ratio, paired, seconds, rounds),
+            Figure(part, "floor: plain no-op + one trivial EVALSHA / plain, median (min-max)",
+                   f"{percentile(floor, 50):.3f} ({floor[0]:.2f}-{floor[-1]:.2f})",
+                   raw=floor),
             *(_against_defaults(part, rate, seconds) if celery_defaults else [])]
 
 

@@ -82,6 +82,7 @@ class Bench:
                     "throttle",
                     "tool.noop",
                     "plain.noop",
+                    "plain.floor",
                     "tool.rated_one",
                     "tool.rated_two",
                     "tool.hold",
@@ -97,8 +98,8 @@ class Bench:
         # The same roles on gevent: G0 as T0 for part 1, G0-G2 as T0-T2 for part 2.
         self.green_nodes = [
             Node(name, "throttle", queues, log_dir / f"{name}.log")
-            for name, queues in (("G0", ("tool.noop", "plain.noop")), ("G1", ("bench.idle",)),
-                                 ("G2", ("bench.idle",)))
+            for name, queues in (("G0", ("tool.noop", "plain.noop", "plain.floor")),
+                                 ("G1", ("bench.idle",)), ("G2", ("bench.idle",)))
         ]
 
     def clean(self) -> None:
