@@ -13,8 +13,8 @@ each contender, alternated over `--rounds`:
   direct     the stub itself
   in-proc    `Gateway.complete()` in this process: publish, worker, result; no HTTP
   gateway    the gateway over HTTP: what a caller sees
-  gw-direct  a second gateway in direct mode (`--direct workers.tools.llm:chat_completion`):
-             it gates with `AsyncGate` and runs the LLM body itself, no broker or worker
+  gw-direct  a second gateway in direct mode (`--direct workers.tools.llm_async:chat_completion`):
+             it gates with `AsyncGate` and awaits the LLM body itself, no broker or worker
 
 The best round of each counts. Then `--solo-n` requests go one at a time to each contender:
 the latency the gateway adds without queueing (under load, queueing on the CPU dominates:
@@ -67,7 +67,7 @@ REQUEST = {
     "max_tokens": 32,
 }
 START_TIMEOUT_S = 60
-DIRECT_BODY = "workers.tools.llm:chat_completion"
+DIRECT_BODY = "workers.tools.llm_async:chat_completion"
 TARGET_ADDED_P50_MS = 5.0  # one request at a time
 TARGET_RATE_RATIO = 0.8  # at --concurrency in flight, vs the stub directly
 

@@ -19,7 +19,7 @@ from importlib.util import find_spec
 from throttle.errors import MissingExtra
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "gateway": ("fastapi", "uvicorn", "httptools"),
+    "gateway": ("fastapi", "uvicorn", "httptools", "aiohttp"),
     "demo": ("fakeredis", "lupa", "matplotlib", "tomli_w", "tornado"),
     "flower": ("flower",),
     "gevent": ("gevent",),

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from throttle import reload as config_reload
 from throttle.gateway.callers import KEYS_VARIABLE, LOCAL_TENANT
@@ -35,6 +36,7 @@ from throttle.gateway.settings import GatewaySettings
 
 logger = logging.getLogger("throttle.gateway")
 
+CHAT_PATH = "/v1/chat/completions"
 DEADLINE_HEADER = "x-throttle-max-delay"
 # Deeper bodies are refused before anything walks them (a schema check, pickling, a log). A
 # message's content parts sit 4 levels deep and a tool's parameters 4 plus their own nesting.
@@ -70,7 +72,7 @@ def make_app(settings: GatewaySettings) -> FastAPI:
         return error_response(ApiError(exc.status_code, message, code="not_found"
                                        if exc.status_code == 404 else None))
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         tool: str | None = None
@@ -92,6 +94,8 @@ def make_app(settings: GatewaySettings) -> FastAPI:
                         response.headers.get("x-throttle-fallback-reason"))
         return response
 
+    app.add_middleware(ChatRoute, handler=chat_completions)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -104,6 +108,23 @@ def make_app(settings: GatewaySettings) -> FastAPI:
                             200 if healthy else 503)
 
     return app
+
+
+class ChatRoute:
+    """ASGI middleware: a POST to /v1/chat/completions goes straight to its handler, past
+    FastAPI's router, route and dependency layers (a tenth of the gateway's CPU per call);
+    every other request, that path's other methods included, goes through the app."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] == CHAT_PATH):
+            response = await self.handler(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def error_response(error: ApiError) -> JSONResponse:

@@ -2,12 +2,15 @@
 
 No broker, no worker, no result backend round trip: `AsyncGate.slot` waits for the call's
 slot (the same script and windows the workers use, so both modes can share one limit), and
-the body (`--direct module:function`, e.g. the LLM tool's `workers.tools.llm:chat_completion`)
-runs on a thread of the gateway's own pool. What the workers do around a body happens here
-too: the arguments are checked against the tool's schema, the cost is charged, and settled
-after the answer (a correction the caller need not wait for); the upstream's headers the
-body reports go to the adaptive limits (`throttle.adaptive`); an `UpstreamBusy` pauses the
-tool for everyone and the call waits the pause out, or falls back when the pause outlasts
+the body (`--direct module:function`) runs: a coroutine body (the LLM tool's
+`workers.tools.llm_async:chat_completion`) on the event loop, at most `threads` at once, and
+a plain one (`workers.tools.llm:chat_completion`) on a thread of the gateway's own pool; a
+coroutine body's `aclose()`, if it has one, is awaited as the gateway stops. What the
+workers do around a body happens here too: the arguments are checked against the tool's
+schema, the cost is charged, and settled after the answer (a correction the caller need
+not wait for); the upstream's headers the body reports go to the adaptive limits
+(`throttle.adaptive`); an `UpstreamBusy` pauses the tool for everyone and the call waits
+the pause out, or falls back when the pause outlasts
 its deadline. The answer has the shape of a Celery result, so both modes answer alike.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -49,9 +53,17 @@ def failure_meta(exc: BaseException) -> dict[str, Any]:
             "result": {"exc_type": type(exc).__name__, "exc_message": list(exc.args)}}
 
 
+def is_coroutine_body(body: Callable[..., Any]) -> bool:
+    """Whether calling `body` makes a coroutine (an `async def`, or an object whose
+    `__call__` is one)."""
+    return inspect.iscoroutinefunction(body) or inspect.iscoroutinefunction(
+        type(body).__call__)
+
+
 class DirectRunner:
-    """Gates with `AsyncGate` and runs `body` on `threads` threads of this process;
-    `adapter()` is the (sync) gate's `Adapter` the body threads report answers to."""
+    """Gates with `AsyncGate` and runs `body`, at most `threads` calls at once: awaited on
+    the event loop when it is a coroutine body, else on `threads` threads of this process;
+    `adapter()` is the (sync) gate's `Adapter` the answers are reported to."""
 
     def __init__(self, gate: AsyncGate, prefix: str, body: Callable[..., Any],
                  threads: int, adapter: Callable[[], adaptive.Adapter]) -> None:
@@ -59,6 +71,8 @@ class DirectRunner:
         self.body = body
         self.adapter = adapter
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gateway-body")
+        self.on_loop = is_coroutine_body(body)
+        self._running = asyncio.Semaphore(threads)  # a coroutine body's calls at once
         self._settling: set[asyncio.Task[None]] = set()
 
     @property
@@ -119,9 +133,36 @@ class DirectRunner:
         return fallback_meta(tool, "cooldown")
 
     async def _call(self, tool: str, kwargs: dict[str, Any], member: str) -> Ran:
-        """Run the body on a thread: its result, or the exception it raised."""
+        """Run the body (on the loop or a thread): its result, or the exception it raised."""
+        if self.on_loop:
+            async with self._running:
+                return await self._await_body(tool, kwargs, member)
         return await asyncio.get_running_loop().run_in_executor(
             self.pool, functools.partial(self._run_body, tool, kwargs, member))
+
+    async def _await_body(self, tool: str, kwargs: dict[str, Any], member: str) -> Ran:
+        """On the loop: the coroutine body, then what it heard of the upstream's limits (sent
+        from a thread: the adapter's Redis client blocks)."""
+        answers: list[adaptive.Answer] = []
+        ran: Ran
+        try:
+            with adaptive.collecting(answers):
+                ran = await self.body(**kwargs), None
+        except UpstreamBusy as busy:
+            ran = None, busy
+        except Exception as exc:
+            return None, exc
+        if self._adapts(tool):
+            await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
+                self._report, tool, answers, busy=ran[1] is not None, member=member))
+        return ran
+
+    def _adapts(self, tool: str) -> bool:
+        try:
+            return self.adapter().adapts(tool)
+        except StoreUnavailable as exc:
+            logger.warning("tool %s: upstream limits not reported (%s)", tool, exc)
+            return False
 
     def _run_body(self, tool: str, kwargs: dict[str, Any], member: str) -> Ran:
         """On a body thread: the body, then what it heard of the upstream's limits."""
@@ -172,3 +213,10 @@ class DirectRunner:
         if self._settling:
             await asyncio.wait(self._settling, timeout=SETTLE_WAIT_S)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        aclose = getattr(self.body, "aclose", None)
+        if self.on_loop and aclose is not None:
+            try:
+                await aclose()
+            except Exception as exc:
+                logger.warning("direct mode: the body's aclose() failed (%s: %s)",
+                               type(exc).__name__, exc)

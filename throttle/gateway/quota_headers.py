@@ -5,11 +5,17 @@
 `requests` otherwise. With several quotas (the tool's, its class's allowance of its pool's)
 the one with the least left is reported. Quotas set live count: the overrides and the quota
 hashes are read in one pipelined round trip; nothing is added for a tool without a quota.
+
+`QuotaHeaders` spares that round trip for a tool that has no quota in the file (nor its
+pool) while no live override exists at all: it checks the overrides' index (HLEN) at most
+every `REFRESH_S`, so a quota set live shows in the headers within that time (the gate
+enforces it from the next decision on).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -20,12 +26,14 @@ from throttle.config import Config, ToolConfig
 from throttle.keys import (
     keys_for,
     override_fields,
+    overrides_index_key,
     overrides_key,
     pool_overrides_key,
     pool_quota_key,
     quota_key,
     tool_defaults_key,
 )
+from throttle.live_defaults import REFRESH_S
 from throttle.overrides import decode, in_force
 from throttle.quotas import day_bounds_ms, days_tz
 
@@ -82,6 +90,35 @@ async def quota_headers(
         f"x-ratelimit-remaining-{kind}": f"{max(0.0, remaining):g}",
         f"x-ratelimit-reset-{kind}": openai_duration(tomorrow / 1000 - time.time()),
     }
+
+
+class QuotaHeaders:
+    """`quota_headers` for one gateway, without a round trip for calls no quota can apply to."""
+
+    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.RedisCluster,
+                 prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+        self._overrides_checked_at = -math.inf
+        self._no_overrides = False
+
+    async def __call__(self, config: Config, tool: ToolConfig,
+                       key_value: object) -> dict[str, str]:
+        pool = config.pools[tool.pool] if tool.pool else None
+        in_file = tool.quotas or (pool is not None and tool.priority and pool.quotas)
+        if not in_file and await self._none_live():
+            return {}
+        return await quota_headers(self.client, self.prefix, config, tool, key_value)
+
+    async def _none_live(self) -> bool:
+        """Whether no live override existed at the last check (made now when due)."""
+        if time.monotonic() - self._overrides_checked_at >= REFRESH_S:
+            try:
+                count = await self.client.hlen(overrides_index_key(self.prefix))
+            except (redis.RedisError, OSError):  # quota_headers says what failed
+                return False
+            self._overrides_checked_at = time.monotonic()
+            self._no_overrides = not count
+        return self._no_overrides
 
 
 def _used(day_use: dict[Any, Any], index: int, today_ms: int) -> float:

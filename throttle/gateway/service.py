@@ -37,7 +37,7 @@ from throttle.functions import load_function
 from throttle.gateway.chat import ChatCall, completion
 from throttle.gateway.direct import DirectRunner
 from throttle.gateway.errors import ApiError, failure_error
-from throttle.gateway.quota_headers import quota_headers
+from throttle.gateway.quota_headers import QuotaHeaders
 from throttle.gateway.retry import retry_after_s
 from throttle.gateway.settings import GatewaySettings
 from throttle.quotas import day_bounds_ms, days_tz
@@ -96,6 +96,7 @@ class Gateway:
                                    "socket_timeout": SOCKET_TIMEOUT_S}
         self.results = redis.asyncio.Redis.from_url(settings.result_backend, **options)
         self.store = connect_async(settings.redis_url, **options)
+        self.quota_headers = QuotaHeaders(self.store, settings.prefix)
         self.waiter = ResultWaiter(self.results, self._decode, sweep_s=settings.sweep_s)
         self.direct: DirectRunner | None = None
         if body is not None:
@@ -170,8 +171,8 @@ class Gateway:
                       budget_s: float, headers: dict[str, str]) -> Answer:
         """The HTTP answer for a call's result (a completion, a fallback or a failure)."""
         tool = self.config.tool(call.tool)
-        headers.update(await quota_headers(self.store, self.settings.prefix, self.config, tool,
-                                           call.kwargs.get(tool.key) if tool.key else None))
+        headers.update(await self.quota_headers(self.config, tool,
+                                                call.kwargs.get(tool.key) if tool.key else None))
         status = meta["status"]
         if status == states.SUCCESS:
             mark = meta.get("traceback")

@@ -47,6 +47,16 @@ def chat_completion(
     "function": {"name": ...}}`); it may be left out when `tools` holds exactly one.
     `model` defaults to THROTTLE_LLM_MODEL. `session_id` and `tenant` only key the limits.
     """
+    name, schema, body = request_for(messages, tools, tool_choice, model, max_tokens,
+                                     temperature)
+    return read_answer(post_chat(body), name, schema, max_tokens)
+
+
+def request_for(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any,
+    model: str | None, max_tokens: int, temperature: float | None,
+) -> tuple[str, Mapping[str, Any], dict[str, Any]]:
+    """The forced tool's name, its parameter schema and the chat-completions request body."""
     name = forced_tool(tools, tool_choice)
     schema = _schema_of(tools, name)
     body: dict[str, Any] = {
@@ -58,8 +68,7 @@ def chat_completion(
     }
     if temperature is not None:
         body["temperature"] = temperature
-    answer = post_chat(body)
-    return read_answer(answer, name, schema, max_tokens)
+    return name, schema, body
 
 
 def estimate_tokens(arguments: Mapping[str, Any]) -> int:

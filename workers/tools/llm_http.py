@@ -18,11 +18,13 @@ Every answer's headers go to `throttle.report_headers` (adaptive limits learn fr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,41 +171,83 @@ def post_chat(body: dict[str, Any]) -> dict[str, Any]:
     status: int | None = None
     for attempt in range(attempts):
         if attempt:
-            time.sleep(_backoff_s(settings.backoff_s, attempt))
+            time.sleep(backoff_s(settings.backoff_s, attempt))
         try:
             response = current.client.post("chat/completions", json=body)
         except httpx.TimeoutException as exc:
-            status = None
-            failure = (f"timed out ({type(exc).__name__}; read timeout "
-                       f"{settings.read_timeout_s:g}s, connect {settings.connect_timeout_s:g}s)")
+            status, failure = None, timed_out(exc, settings)
         except httpx.TransportError as exc:
-            status = None
-            failure = f"could not be reached ({type(exc).__name__}: {settings.redact(str(exc))})"
+            status, failure = None, unreachable(exc, settings)
         else:
-            report_headers(response.headers, status=response.status_code)  # adaptive limits
-            if response.status_code < 400:
-                return _json_of(response, settings)
-            _raise_if_final(response, settings)
-            status = response.status_code
-            failure = f"answered {status}: {_message_of(response, settings)}"
-        logger.warning("LLM upstream %s %s (attempt %d of %d)", settings.where, failure,
-                       attempt + 1, attempts)
-    raise UpstreamError(
-        f"the LLM upstream at {settings.where} failed all {attempts} attempt(s); the last "
-        f"{failure}. Check that it runs and answers at THROTTLE_LLM_BASE_URL, or raise "
-        "THROTTLE_LLM_READ_TIMEOUT_S / THROTTLE_LLM_MAX_RETRIES",
+            reply = Reply(response.status_code, response.headers, response.content,
+                          response.reason_phrase)
+            answer = outcome(reply, settings)
+            if not isinstance(answer, str):
+                return answer
+            status, failure = reply.status, answer
+        retrying(settings, failure, attempt)
+    raise gave_up(settings, failure, status)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An upstream's answer, whichever HTTP client read it (`llm_async` reads with aiohttp)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    reason: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def outcome(reply: Reply, settings: Settings) -> dict[str, Any] | str:
+    """The parsed answer of a 2xx or 3xx, what failed for an answer worth retrying (5xx, 408),
+    or raise: UpstreamBusy for a pause request, UpstreamError for any other refusal. The
+    headers go to the adaptive limits first."""
+    report_headers(reply.headers, status=reply.status)
+    if reply.status < 400:
+        return _json_of(reply, settings)
+    _raise_if_final(reply, settings)
+    return f"answered {reply.status}: {_message_of(reply, settings)}"
+
+
+def timed_out(exc: BaseException, settings: Settings) -> str:
+    return (f"timed out ({type(exc).__name__}; read timeout {settings.read_timeout_s:g}s, "
+            f"connect {settings.connect_timeout_s:g}s)")
+
+
+def unreachable(exc: BaseException, settings: Settings) -> str:
+    return f"could not be reached ({type(exc).__name__}: {settings.redact(str(exc))})"
+
+
+def retrying(settings: Settings, failure: str, attempt: int) -> None:
+    logger.warning("LLM upstream %s %s (attempt %d of %d)", settings.where, failure,
+                   attempt + 1, settings.max_retries + 1)
+
+
+def gave_up(settings: Settings, failure: str, status: int | None) -> UpstreamError:
+    return UpstreamError(
+        f"the LLM upstream at {settings.where} failed all {settings.max_retries + 1} "
+        f"attempt(s); the last {failure}. Check that it runs and answers at "
+        "THROTTLE_LLM_BASE_URL, or raise THROTTLE_LLM_READ_TIMEOUT_S / THROTTLE_LLM_MAX_RETRIES",
         status,
     )
 
 
-def _backoff_s(base_s: float, attempt: int) -> float:
+def backoff_s(base_s: float, attempt: int) -> float:
     """Exponential backoff with jitter: base x 2^(attempt-1), times 0.5 to 1.5."""
     return min(MAX_BACKOFF_S, base_s * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
-def _raise_if_final(response: httpx.Response, settings: Settings) -> None:
+def _raise_if_final(response: Reply, settings: Settings) -> None:
     """Raise for a pause request (429, or 503 with a hint) and for other 4xx; else return."""
-    status = response.status_code
+    status = response.status
     message = _message_of(response, settings)
     if status in (429, 503):
         hint_s = pause_s(response.headers)
@@ -226,21 +270,21 @@ def _raise_if_final(response: httpx.Response, settings: Settings) -> None:
         )
 
 
-def _json_of(response: httpx.Response, settings: Settings) -> dict[str, Any]:
+def _json_of(response: Reply, settings: Settings) -> dict[str, Any]:
     try:
         answer = response.json()
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
         raise UpstreamError(
-            f"the LLM upstream at {settings.where} answered {response.status_code} without a "
+            f"the LLM upstream at {settings.where} answered {response.status} without a "
             f"JSON object ({settings.redact(response.text[:200])!r}); check that "
             "THROTTLE_LLM_BASE_URL is an OpenAI-compatible API (it usually ends in /v1)"
         )
     return answer
 
 
-def _error_body(response: httpx.Response) -> Any:
+def _error_body(response: Reply) -> Any:
     try:
         body = response.json()
     except ValueError:
@@ -248,13 +292,13 @@ def _error_body(response: httpx.Response) -> Any:
     return body.get("error") if isinstance(body, dict) else None
 
 
-def _error_code(response: httpx.Response) -> str | None:
+def _error_code(response: Reply) -> str | None:
     error = _error_body(response)
     code = error.get("code") if isinstance(error, dict) else None
     return str(code) if code is not None else None
 
 
-def _message_of(response: httpx.Response, settings: Settings) -> str:
+def _message_of(response: Reply, settings: Settings) -> str:
     """The upstream's error message (OpenAI's `error.message`, else the body), key removed."""
     error = _error_body(response)
     if isinstance(error, dict) and error.get("message"):
@@ -262,5 +306,5 @@ def _message_of(response: httpx.Response, settings: Settings) -> str:
     elif isinstance(error, str):
         text = error
     else:
-        text = response.text.strip() or response.reason_phrase
+        text = response.text.strip() or response.reason
     return settings.redact(text.strip().rstrip("."))
