@@ -11,6 +11,8 @@ arguments, and reads the instructions of each batch of `--n` calls alone
 with the admit path's keys and arguments: what any EVALSHA of that size costs the server
 (parsing, the Lua call, the reply), so a path's figure less it is the script's own work.
 With `--baseline PATH` every path runs both scripts on the same server, side by side.
+A batch starts on empty keys, so its logs pass Redis's `zset-max-listpack-entries` (128)
+early on: up to there a sorted set is a listpack, whose every read and write walks it.
 """
 
 from __future__ import annotations
