@@ -283,30 +283,30 @@ async def evalsha_async(
 
 
 class Batcher:
-    """Runs one script's calls made in the same event-loop tick as one pipeline.
+    """Runs the script calls made in the same event-loop tick as one pipeline, whichever
+    scripts they call (a tick's acquires and settles share one round trip).
 
     Each `run` gets its own answer or its own exception, as if it had been sent alone: a
     failed round trip fails every call in it, a script error only its call, and NOSCRIPT
-    loads the script and repeats just the calls it refused. A tick with one call sends it
-    alone. Cluster clients are not batched (a pipeline there spans nodes).
+    loads the scripts it names and repeats just the calls it refused. A tick with one call
+    sends it alone. Cluster clients are not batched (a pipeline there spans nodes).
     """
 
-    def __init__(self, client: Any, script: LuaScript) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
-        self.script = script
         self.batched = type(client) is redis.asyncio.Redis
-        self._pending: list[tuple[Command, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[LuaScript, Command, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
-        """The script's answer to one call."""
+    async def run(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+        """`script`'s answer to one call."""
         if not self.batched:
-            return await evalsha_async(self.client, self.script, keys, args)
+            return await evalsha_async(self.client, script, keys, args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((self.script.command(keys, args), future))
+        self._pending.append((script, script.command(keys, args), future))
         return await future
 
     def _flush(self) -> None:
@@ -315,19 +315,19 @@ class Batcher:
         self._tasks.add(task)  # held until done, so it is not collected mid-flight
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[LuaScript, Command, asyncio.Future[Any]]]) -> None:
         try:
-            answers = await self._answers([command for command, _ in batch])
+            answers = await self._answers([(script, command) for script, command, _ in batch])
         except asyncio.CancelledError:  # the loop is closing: so are the calls
-            for _, future in batch:
+            for _, _, future in batch:
                 future.cancel()
             raise
         except Exception as exc:  # the round trip failed: every call in it fails
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), answer in zip(batch, answers, strict=True):
+        for (_, _, future), answer in zip(batch, answers, strict=True):
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(answer, Exception):
@@ -335,20 +335,22 @@ class Batcher:
             else:
                 future.set_result(answer)
 
-    async def _answers(self, commands: list[Command]) -> list[Any]:
-        if len(commands) == 1:
+    async def _answers(self, calls: list[tuple[LuaScript, Command]]) -> list[Any]:
+        if len(calls) == 1:
+            script, command = calls[0]
             try:
-                return [await self.client.execute_command(*commands[0])]
+                return [await self.client.execute_command(*command)]
             except NoScriptError:
-                await self.client.script_load(self.script.source)
-                return [await self.client.execute_command(*commands[0])]
+                await self.client.script_load(script.source)
+                return [await self.client.execute_command(*command)]
             except redis.ResponseError as exc:  # the script's own error: this call's answer
                 return [exc]
-        answers = await self._pipeline(commands)
+        answers = await self._pipeline([command for _, command in calls])
         refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
         if refused:
-            await self.client.script_load(self.script.source)
-            again = await self._pipeline([commands[i] for i in refused])
+            for source in {calls[i][0].source for i in refused}:
+                await self.client.script_load(source)
+            again = await self._pipeline([calls[i][1] for i in refused])
             for i, answer in zip(refused, again, strict=True):
                 answers[i] = answer
         return answers

@@ -1,9 +1,10 @@
 """The gate's hot path: EVALSHA straight through a connection, and one pipeline per asyncio tick.
 
 A server that lost its scripts answers NOSCRIPT once and the gate loads them; the asyncio
-gate answers a tick's concurrent acquires from one pipeline, on one connection, with the
-same decisions one at a time would give; a failed round trip fails each of its calls with
-StoreUnavailable, and a cancelled caller leaves the others their answers.
+gate answers a tick's concurrent acquires (and settles, with them) from one pipeline, on one
+connection, with the same decisions one at a time would give; a failed round trip fails each
+of its calls with StoreUnavailable, a script's error only its own call, and a cancelled
+caller leaves the others their answers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from throttle import (
     StoreUnavailable,
     load_config,
 )
+from throttle.keys import keys_for
 
 pytestmark = pytest.mark.redis
 
@@ -108,6 +110,34 @@ def test_a_batch_after_a_script_flush_is_loaded_once_and_answered_in_full(
 
     answers = asyncio.run(burst())
     assert [d.action for d in answers] == [Action.ADMIT] * IN_FLIGHT
+
+
+def test_a_tick_s_settles_share_the_acquires_round_trip_and_each_gets_its_own_answer(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    async def burst() -> tuple[list[Any], int]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            await asyncio.gather(*(gate.acquire("ten", f"m{i}", now_s=P) for i in range(5)))
+            await gate.settle("ten", "m0", 1)  # loaded (a refused call would run last)
+            # "wide"'s log is not a sorted set: a settle there fails (WRONGTYPE), alone.
+            redis_client.set(keys_for(prefix, CONFIG.tool("wide")).log, "not a log")
+            calls = [gate.settle("ten", f"m{i}", 3) for i in range(5)]  # in the windows
+            calls += [gate.settle("ten", "never-admitted", 3), gate.settle("wide", "m0", 3)]
+            calls += [gate.acquire("ten", f"m{i}", now_s=P) for i in range(5, 10)]
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+            return list(answers), connections(gate)
+        finally:
+            await gate.aclose()
+
+    answers, opened = asyncio.run(burst())
+    assert opened == 1  # the settles and acquires of one tick went as one pipeline
+    assert answers[:6] == [True] * 5 + [False]
+    assert isinstance(answers[6], StoreUnavailable) and "WRONGTYPE" in str(answers[6])
+    # In order: the 5 admitted calls now weigh 15 of "ten"'s 10, so the next 5 wait.
+    assert [a.action for a in answers[7:]] == [Action.DELAY] * 5
+    cost = keys_for(prefix, CONFIG.tool("ten")).cost
+    assert redis_client.hgetall(cost) == {f"m{i}".encode(): b"3" for i in range(5)}
 
 
 def test_a_cancelled_caller_leaves_the_others_of_its_batch_their_answers(
