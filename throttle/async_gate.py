@@ -1,7 +1,7 @@
 """The asyncio gate: the same scripts and answers as `Gate`, over `redis.asyncio`.
 
 Concurrent `acquire`s and `settle`s made in one event-loop tick share one pipeline
-(`throttle/scripts.py` `Batcher`); `slot()` waits for a call's reserved slot in apps
+(`throttle/batcher.py`); `slot()` waits for a call's reserved slot in apps
 without Celery.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from throttle.batcher import Batcher
 from throttle.config import Config
 from throttle.decision import Action, Decision
 from throttle.errors import Throttled
@@ -24,7 +25,7 @@ from throttle.keys import (
     overrides_version_key,
     tool_defaults_key,
 )
-from throttle.scripts import Batcher, LuaScript, encode
+from throttle.scripts import LuaScript, encode
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -97,12 +98,16 @@ class AsyncGate(GateBase):
         with self._errors:
             return bool(await self._release(keys=self._release_keys(keys), args=[member]))
 
-    async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
-        """Correct `member`'s charge to what it really cost; False if it left the windows."""
+    async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None,
+                     wait_s: float = 0.0) -> bool:
+        """Correct `member`'s charge to what it really cost; False if it left the windows.
+
+        `wait_s`: how long the correction may wait for other calls to share its round trip.
+        """
         keys = [name.encode() for name in self._settle_keys(tool, key, actual_units)]
         args = [encode(member), encode(actual_units)]
         with self._errors:
-            return bool(await self._batch.run(self._settle_script, keys, args))
+            return bool(await self._batch.run(self._settle_script, keys, args, wait_s=wait_s))
 
     async def cool_down(
         self,

@@ -140,6 +140,34 @@ def test_a_tick_s_settles_share_the_acquires_round_trip_and_each_gets_its_own_an
     assert redis_client.hgetall(cost) == {f"m{i}".encode(): b"3" for i in range(5)}
 
 
+def test_a_settle_that_may_wait_rides_with_the_next_acquire_or_goes_alone_when_its_wait_ends(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    cost = keys_for(prefix, CONFIG.tool("ten")).cost
+
+    async def run() -> tuple[Any, bool, Decision, float]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            for member in ("m0", "m1"):
+                await gate.acquire("ten", member, now_s=P)
+            await gate.settle("ten", "m0", 1)  # loaded (a refused call would be sent again)
+            waiting = asyncio.ensure_future(gate.settle("ten", "m0", 3, wait_s=60))
+            await asyncio.sleep(0.1)
+            unsent = redis_client.hget(cost, "m0")
+            decision = await gate.acquire("ten", "m2", now_s=P)
+            settled = await asyncio.wait_for(waiting, 1)  # sent with the acquire, not in 60 s
+            started = time.monotonic()
+            assert await gate.settle("ten", "m1", 2, wait_s=0.2)  # nothing to ride with
+            return unsent, settled, decision, time.monotonic() - started
+        finally:
+            await gate.aclose()
+
+    unsent, settled, decision, alone_s = asyncio.run(run())
+    assert unsent is None and settled and decision.action is Action.ADMIT
+    assert 0.2 <= alone_s < 2
+    assert redis_client.hgetall(cost) == {b"m0": b"3", b"m1": b"2"}
+
+
 def test_a_cancelled_caller_leaves_the_others_of_its_batch_their_answers(
     redis_url: str, prefix: str
 ) -> None:

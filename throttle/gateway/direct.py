@@ -39,6 +39,7 @@ MAX_PAUSES = 5  # upstream pauses one call waits out before it falls back
 PAUSE_MARK = "~pause"
 Ran = tuple[Any, Exception | None]  # a body's result, or the exception it raised
 SETTLE_WAIT_S = 5.0  # how long closing waits for settlements still under way
+SETTLE_RIDE_S = 0.01  # how long a settlement may wait to share the next decisions' round trip
 
 
 def fallback_meta(tool: ToolConfig, reason: str) -> dict[str, Any]:
@@ -200,7 +201,7 @@ class DirectRunner:
         try:
             units = tool.settled_units(kwargs, result)
             if units is not None:
-                await self.gate.settle(tool.name, member, units, key=key)
+                await self.gate.settle(tool.name, member, units, key=key, wait_s=SETTLE_RIDE_S)
         except StoreUnavailable as exc:
             logger.warning("tool %s: charge not settled (%s)", tool.name, exc)
         except Exception as exc:  # a result the settle function cannot read
