@@ -39,10 +39,9 @@ class Batcher:
 
     Each `run` gets its own answer or its own exception, as if it had been sent alone: a
     failed round trip fails every call in it, a script error only its call, and NOSCRIPT
-    loads the scripts it names and repeats just the calls it refused. A tick with one call
-    sends it alone. A call may wait up to its `wait_s` for later calls to share its round
-    trip (a settle: no one waits for it). Cluster clients are not batched (a pipeline there
-    spans nodes).
+    loads the scripts it names and repeats just the calls it refused. A call may wait up to
+    its `wait_s` for later calls to share its round trip (a settle: no one waits for it).
+    Cluster clients are not batched (a pipeline there spans nodes).
     """
 
     def __init__(self, client: Any) -> None:
@@ -106,15 +105,6 @@ class Batcher:
                 future.set_result(answer)
 
     async def _answers(self, calls: list[tuple[LuaScript, Command]]) -> list[Any]:
-        if len(calls) == 1:
-            script, command = calls[0]
-            try:
-                return [await self.client.execute_command(*command)]
-            except NoScriptError:
-                await self.client.script_load(script.source)
-                return [await self.client.execute_command(*command)]
-            except redis.ResponseError as exc:  # the script's own error: this call's answer
-                return [exc]
         answers = await self._pipeline([command for _, command in calls])
         refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
         if refused:
