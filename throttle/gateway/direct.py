@@ -8,10 +8,10 @@ a plain one (`workers.tools.llm:chat_completion`) on a thread of the gateway's o
 coroutine body's `aclose()`, if it has one, is awaited as the gateway stops. What the
 workers do around a body happens here too: the arguments are checked against the tool's
 schema, the cost is charged, and settled after the answer (a correction the caller need
-not wait for, sent with the next calls' decisions); the upstream's headers the body reports go to the adaptive limits
-(`throttle.adaptive`); an `UpstreamBusy` pauses the tool for everyone and the call waits
-the pause out, or falls back when the pause outlasts
-its deadline. The answer has the shape of a Celery result, so both modes answer alike.
+not wait for, sent with the next calls' decisions); the upstream's headers the body
+reports go to the adaptive limits (`throttle.adaptive`); an `UpstreamBusy` pauses the tool
+for everyone and the call waits the pause out, or falls back when the pause outlasts its
+deadline. The answer has the shape of a Celery result, so both modes answer alike.
 """
 
 from __future__ import annotations
