@@ -168,6 +168,24 @@ def test_a_settle_that_may_wait_rides_with_the_next_acquire_or_goes_alone_when_i
     assert redis_client.hgetall(cost) == {b"m0": b"3", b"m1": b"2"}
 
 
+def test_a_lone_call_s_script_error_is_its_own_and_the_connection_stays_in_step(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    redis_client.set(keys_for(prefix, CONFIG.tool("wide")).log, "not a log")
+
+    async def run() -> tuple[Any, Decision, int]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            failed = await asyncio.gather(gate.acquire("wide", "m0"), return_exceptions=True)
+            return failed[0], await gate.acquire("ten", "m1"), connections(gate)
+        finally:
+            await gate.aclose()
+
+    failed, decision, opened = asyncio.run(run())
+    assert isinstance(failed, StoreUnavailable) and "WRONGTYPE" in str(failed)
+    assert decision.action is Action.ADMIT and opened == 1
+
+
 def test_a_cancelled_caller_leaves_the_others_of_its_batch_their_answers(
     redis_url: str, prefix: str
 ) -> None:
