@@ -1,7 +1,8 @@
 """The asyncio gate: the same scripts and answers as `Gate`, over `redis.asyncio`.
 
-Concurrent `acquire`s made in one event-loop tick share one pipeline (`throttle/scripts.py`
-`Batcher`); `slot()` waits for a call's reserved slot in apps without Celery.
+Concurrent `acquire`s and `settle`s made in one event-loop tick share one pipeline
+(`throttle/batcher.py`); `slot()` waits for a call's reserved slot in apps
+without Celery.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from throttle.batcher import Batcher
 from throttle.config import Config
 from throttle.decision import Action, Decision
 from throttle.errors import Throttled
@@ -23,7 +25,7 @@ from throttle.keys import (
     overrides_version_key,
     tool_defaults_key,
 )
-from throttle.scripts import Batcher
+from throttle.scripts import LuaScript, encode
 from throttle.store import (
     DEFAULT_SOCKET_TIMEOUT_S,
     AsyncStoreClient,
@@ -57,7 +59,8 @@ class AsyncGate(GateBase):
             url = describe_client(redis_url_or_client)
         super().__init__(config, prefix, url)
         self._load_scripts(self.client)
-        self._acquire_batch = Batcher(self.client, self._acquire_script)
+        self._settle_script = LuaScript("settle")
+        self._batch = Batcher(self.client)
 
     async def acquire(
         self,
@@ -77,7 +80,7 @@ class AsyncGate(GateBase):
         keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
                                         fair_key)
         with self._errors:
-            raw = await self._acquire_batch.run(keys, args)
+            raw = await self._batch.run(self._acquire_script, keys, args)
         return self._decision(raw)
 
     async def refresh_defaults(self) -> None:
@@ -95,11 +98,16 @@ class AsyncGate(GateBase):
         with self._errors:
             return bool(await self._release(keys=self._release_keys(keys), args=[member]))
 
-    async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None) -> bool:
-        """Correct `member`'s charge to what it really cost; False if it left the windows."""
-        keys = self._settle_keys(tool, key, actual_units)
+    async def settle(self, tool: str, member: str, actual_units: float, *, key: Any = None,
+                     wait_s: float = 0.0) -> bool:
+        """Correct `member`'s charge to what it really cost; False if it left the windows.
+
+        `wait_s`: how long the correction may wait for other calls to share its round trip.
+        """
+        keys = [name.encode() for name in self._settle_keys(tool, key, actual_units)]
+        args = [encode(member), encode(actual_units)]
         with self._errors:
-            return bool(await self._settle(keys=keys, args=[member, actual_units]))
+            return bool(await self._batch.run(self._settle_script, keys, args, wait_s=wait_s))
 
     async def cool_down(
         self,

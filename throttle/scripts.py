@@ -5,17 +5,14 @@ out a connection of its client's pool (and, for a client the gate made itself, k
 hand between calls), any other client goes through its `execute_command`; a dropped
 connection is retried as the client's own `Retry` says. A server that lost its scripts
 (restart, SCRIPT FLUSH) answers NOSCRIPT once, the script is loaded and the call repeated.
-`Batcher` gathers the asyncio calls made in one event-loop tick into one pipelined write on
-one connection: one round trip for many decisions, each answered (or failed) on its own.
+(The asyncio side, one pipeline per event-loop tick, is `throttle/batcher.py`.)
 Arguments must already be bytes (see `encode`); errors are the client's own, for the
 caller's `StoreErrors` to wrap.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import math
 import os
 import weakref
 from collections.abc import Sequence
@@ -24,7 +21,6 @@ from typing import Any
 
 import hiredis
 import redis
-import redis.asyncio
 from redis.exceptions import NoScriptError
 
 EVALSHA = "EVALSHA"  # text: redis-py's cluster client routes by the command's name
@@ -268,120 +264,3 @@ class Sent:
         finally:
             self._lane.give(conn, in_step=in_step)
         return evalsha(self._lane, self._script, self._keys, self._args)
-
-
-async def evalsha_async(
-    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
-) -> Any:
-    """`evalsha` on an asyncio client."""
-    command = script.command(keys, args)
-    try:
-        return await client.execute_command(*command)
-    except NoScriptError:
-        await client.script_load(script.source)
-        return await client.execute_command(*command)
-
-
-class Batcher:
-    """Runs one script's calls made in the same event-loop tick as one pipeline.
-
-    Each `run` gets its own answer or its own exception, as if it had been sent alone: a
-    failed round trip fails every call in it, a script error only its call, and NOSCRIPT
-    loads the script and repeats just the calls it refused. A tick with one call sends it
-    alone. Cluster clients are not batched (a pipeline there spans nodes).
-    """
-
-    def __init__(self, client: Any, script: LuaScript) -> None:
-        self.client = client
-        self.script = script
-        self.batched = type(client) is redis.asyncio.Redis
-        self._pending: list[tuple[Command, asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
-        """The script's answer to one call."""
-        if not self.batched:
-            return await evalsha_async(self.client, self.script, keys, args)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((self.script.command(keys, args), future))
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._tasks.add(task)  # held until done, so it is not collected mid-flight
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
-        try:
-            answers = await self._answers([command for command, _ in batch])
-        except asyncio.CancelledError:  # the loop is closing: so are the calls
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:  # the round trip failed: every call in it fails
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), answer in zip(batch, answers, strict=True):
-            if future.done():  # its caller was cancelled
-                continue
-            if isinstance(answer, Exception):
-                future.set_exception(answer)
-            else:
-                future.set_result(answer)
-
-    async def _answers(self, commands: list[Command]) -> list[Any]:
-        if len(commands) == 1:
-            try:
-                return [await self.client.execute_command(*commands[0])]
-            except NoScriptError:
-                await self.client.script_load(self.script.source)
-                return [await self.client.execute_command(*commands[0])]
-            except redis.ResponseError as exc:  # the script's own error: this call's answer
-                return [exc]
-        answers = await self._pipeline(commands)
-        refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
-        if refused:
-            await self.client.script_load(self.script.source)
-            again = await self._pipeline([commands[i] for i in refused])
-            for i, answer in zip(refused, again, strict=True):
-                answers[i] = answer
-        return answers
-
-    async def _pipeline(self, commands: list[Command]) -> list[Any]:
-        """Send `commands` in one write on one pooled connection and read every answer
-        (a server error is that command's answer); a dropped connection is retried as
-        the client's `Retry` says, like redis-py's own pipelines."""
-        packed = [hiredis.pack_command(command) for command in commands]  # type: ignore[arg-type]
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
-
-        async def exchange() -> list[Any]:
-            await conn.send_packed_command(packed)
-            answers: list[Any] = []
-            try:  # one socket timeout for the whole batch, not one timer per answer
-                async with asyncio.timeout(conn.socket_timeout):
-                    for _ in commands:
-                        try:
-                            answers.append(await conn.read_response(timeout=math.inf))
-                        except redis.ResponseError as exc:  # read in full: still in step
-                            answers.append(exc)
-            except TimeoutError as exc:  # asyncio's: the connection is out of step
-                await conn.disconnect(nowait=True)
-                raise redis.TimeoutError(
-                    f"Timeout reading from {conn.host}:{conn.port}"
-                ) from exc
-            return answers
-
-        async def drop(_error: Exception) -> None:
-            await conn.disconnect()
-
-        try:
-            return list(await conn.retry.call_with_retry(exchange, drop))
-        finally:
-            await pool.release(conn)

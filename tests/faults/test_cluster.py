@@ -146,20 +146,27 @@ def test_pools_leases_and_the_other_gate_calls_work_on_the_cluster(
     client.script_flush()  # on every primary: each reloads the script on NOSCRIPT
     after_flush = gate.acquire("per_tenant", "after-flush", key=tenant(1))
 
-    async def async_decisions() -> list[Action]:
+    async def async_decisions() -> tuple[list[Action], list[bool]]:
         async_client = redis.asyncio.cluster.RedisCluster(
             host="127.0.0.1", port=cluster_nodes[2].port
         )
         agate = AsyncGate(async_client, load_config(CONFIG), prefix=f"{PREFIX}-async")
         try:
-            return [
+            decided = [
                 (await agate.acquire("per_tenant", f"a{i}", key=tenant(i % 50))).action
                 for i in range(100)
             ]
+            settled = await asyncio.gather(
+                agate.settle("per_tenant", "a0", 2, key=tenant(0)),
+                agate.settle("per_tenant", "a1", 2, key=tenant(1), wait_s=0.01),
+                agate.settle("per_tenant", "never", 2, key=tenant(2)),
+            )
+            return decided, list(settled)
         finally:
             await async_client.aclose()
 
-    async_actions = Counter(action.value for action in asyncio.run(async_decisions()))
+    decided, settled = asyncio.run(async_decisions())
+    async_actions = Counter(action.value for action in decided)
     print(
         f"\npool and concurrency cap on the cluster: {dict(actions)} of 400; after SCRIPT "
         f"FLUSH: {after_flush.action.value}; asyncio cluster client: {dict(async_actions)}"
@@ -167,6 +174,7 @@ def test_pools_leases_and_the_other_gate_calls_work_on_the_cluster(
     assert actions["admit"] == 200 + 25  # every capped call; the pool's low share is 25/50
     assert after_flush.action is Action.ADMIT
     assert async_actions == {"admit": 50, "delay": 50}
+    assert settled == [True, True, False]  # settles on several nodes, each its own answer
     client.close()
 
 

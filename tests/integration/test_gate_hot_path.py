@@ -1,9 +1,10 @@
 """The gate's hot path: EVALSHA straight through a connection, and one pipeline per asyncio tick.
 
 A server that lost its scripts answers NOSCRIPT once and the gate loads them; the asyncio
-gate answers a tick's concurrent acquires from one pipeline, on one connection, with the
-same decisions one at a time would give; a failed round trip fails each of its calls with
-StoreUnavailable, and a cancelled caller leaves the others their answers.
+gate answers a tick's concurrent acquires (and settles, with them) from one pipeline, on one
+connection, with the same decisions one at a time would give; a failed round trip fails each
+of its calls with StoreUnavailable, a script's error only its own call, and a cancelled
+caller leaves the others their answers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from throttle import (
     StoreUnavailable,
     load_config,
 )
+from throttle.keys import keys_for
 
 pytestmark = pytest.mark.redis
 
@@ -108,6 +110,80 @@ def test_a_batch_after_a_script_flush_is_loaded_once_and_answered_in_full(
 
     answers = asyncio.run(burst())
     assert [d.action for d in answers] == [Action.ADMIT] * IN_FLIGHT
+
+
+def test_a_tick_s_settles_share_the_acquires_round_trip_and_each_gets_its_own_answer(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    async def burst() -> tuple[list[Any], int]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            await asyncio.gather(*(gate.acquire("ten", f"m{i}", now_s=P) for i in range(5)))
+            await gate.settle("ten", "m0", 1)  # loaded (a refused call would run last)
+            # "wide"'s log is not a sorted set: a settle there fails (WRONGTYPE), alone.
+            redis_client.set(keys_for(prefix, CONFIG.tool("wide")).log, "not a log")
+            calls = [gate.settle("ten", f"m{i}", 3) for i in range(5)]  # in the windows
+            calls += [gate.settle("ten", "never-admitted", 3), gate.settle("wide", "m0", 3)]
+            calls += [gate.acquire("ten", f"m{i}", now_s=P) for i in range(5, 10)]
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+            return list(answers), connections(gate)
+        finally:
+            await gate.aclose()
+
+    answers, opened = asyncio.run(burst())
+    assert opened == 1  # the settles and acquires of one tick went as one pipeline
+    assert answers[:6] == [True] * 5 + [False]
+    assert isinstance(answers[6], StoreUnavailable) and "WRONGTYPE" in str(answers[6])
+    # In order: the 5 admitted calls now weigh 15 of "ten"'s 10, so the next 5 wait.
+    assert [a.action for a in answers[7:]] == [Action.DELAY] * 5
+    cost = keys_for(prefix, CONFIG.tool("ten")).cost
+    assert redis_client.hgetall(cost) == {f"m{i}".encode(): b"3" for i in range(5)}
+
+
+def test_a_settle_that_may_wait_rides_with_the_next_acquire_or_goes_alone_when_its_wait_ends(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    cost = keys_for(prefix, CONFIG.tool("ten")).cost
+
+    async def run() -> tuple[Any, bool, Decision, float]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            for member in ("m0", "m1"):
+                await gate.acquire("ten", member, now_s=P)
+            await gate.settle("ten", "m0", 1)  # loaded (a refused call would be sent again)
+            waiting = asyncio.ensure_future(gate.settle("ten", "m0", 3, wait_s=60))
+            await asyncio.sleep(0.1)
+            unsent = redis_client.hget(cost, "m0")
+            decision = await gate.acquire("ten", "m2", now_s=P)
+            settled = await asyncio.wait_for(waiting, 1)  # sent with the acquire, not in 60 s
+            started = time.monotonic()
+            assert await gate.settle("ten", "m1", 2, wait_s=0.2)  # nothing to ride with
+            return unsent, settled, decision, time.monotonic() - started
+        finally:
+            await gate.aclose()
+
+    unsent, settled, decision, alone_s = asyncio.run(run())
+    assert unsent is None and settled and decision.action is Action.ADMIT
+    assert 0.2 <= alone_s < 2
+    assert redis_client.hgetall(cost) == {b"m0": b"3", b"m1": b"2"}
+
+
+def test_a_lone_call_s_script_error_is_its_own_and_the_connection_stays_in_step(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    redis_client.set(keys_for(prefix, CONFIG.tool("wide")).log, "not a log")
+
+    async def run() -> tuple[Any, Decision, int]:
+        gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+        try:
+            failed = await asyncio.gather(gate.acquire("wide", "m0"), return_exceptions=True)
+            return failed[0], await gate.acquire("ten", "m1"), connections(gate)
+        finally:
+            await gate.aclose()
+
+    failed, decision, opened = asyncio.run(run())
+    assert isinstance(failed, StoreUnavailable) and "WRONGTYPE" in str(failed)
+    assert decision.action is Action.ADMIT and opened == 1
 
 
 def test_a_cancelled_caller_leaves_the_others_of_its_batch_their_answers(

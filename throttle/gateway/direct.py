@@ -8,10 +8,10 @@ a plain one (`workers.tools.llm:chat_completion`) on a thread of the gateway's o
 coroutine body's `aclose()`, if it has one, is awaited as the gateway stops. What the
 workers do around a body happens here too: the arguments are checked against the tool's
 schema, the cost is charged, and settled after the answer (a correction the caller need
-not wait for); the upstream's headers the body reports go to the adaptive limits
-(`throttle.adaptive`); an `UpstreamBusy` pauses the tool for everyone and the call waits
-the pause out, or falls back when the pause outlasts
-its deadline. The answer has the shape of a Celery result, so both modes answer alike.
+not wait for, sent with the next calls' decisions); the upstream's headers the body
+reports go to the adaptive limits (`throttle.adaptive`); an `UpstreamBusy` pauses the tool
+for everyone and the call waits the pause out, or falls back when the pause outlasts its
+deadline. The answer has the shape of a Celery result, so both modes answer alike.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ MAX_PAUSES = 5  # upstream pauses one call waits out before it falls back
 PAUSE_MARK = "~pause"
 Ran = tuple[Any, Exception | None]  # a body's result, or the exception it raised
 SETTLE_WAIT_S = 5.0  # how long closing waits for settlements still under way
+SETTLE_RIDE_S = 0.01  # how long a settlement may wait to share the next decisions' round trip
 
 
 def fallback_meta(tool: ToolConfig, reason: str) -> dict[str, Any]:
@@ -200,7 +201,7 @@ class DirectRunner:
         try:
             units = tool.settled_units(kwargs, result)
             if units is not None:
-                await self.gate.settle(tool.name, member, units, key=key)
+                await self.gate.settle(tool.name, member, units, key=key, wait_s=SETTLE_RIDE_S)
         except StoreUnavailable as exc:
             logger.warning("tool %s: charge not settled (%s)", tool.name, exc)
         except Exception as exc:  # a result the settle function cannot read

@@ -1,0 +1,149 @@
+"""Running the gate's Lua scripts on an asyncio client, one pipeline per event-loop tick.
+
+`Batcher` gathers the calls made in one tick, of any script, into one pipelined write on one
+connection: one round trip for many decisions (and the settles made with them), each
+answered (or failed) on its own. Arguments must already be bytes (`scripts.encode`); errors
+are the client's own, for the caller's `StoreErrors` to wrap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis
+import redis.asyncio
+from redis.exceptions import NoScriptError
+
+from throttle.scripts import Command, LuaScript
+
+
+async def evalsha_async(
+    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
+) -> Any:
+    """`evalsha` on an asyncio client."""
+    command = script.command(keys, args)
+    try:
+        return await client.execute_command(*command)
+    except NoScriptError:
+        await client.script_load(script.source)
+        return await client.execute_command(*command)
+
+
+class Batcher:
+    """Runs the script calls made in the same event-loop tick as one pipeline, whichever
+    scripts they call (a tick's acquires and settles share one round trip).
+
+    Each `run` gets its own answer or its own exception, as if it had been sent alone: a
+    failed round trip fails every call in it, a script error only its call, and NOSCRIPT
+    loads the scripts it names and repeats just the calls it refused. A call may wait up to
+    its `wait_s` for later calls to share its round trip (a settle: no one waits for it).
+    Cluster clients are not batched (a pipeline there spans nodes).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.batched = type(client) is redis.asyncio.Redis
+        self._pending: list[tuple[LuaScript, Command, asyncio.Future[Any]]] = []
+        self._soon = False  # a flush is due this tick
+        self._later: asyncio.TimerHandle | None = None  # a flush is due by a deadline
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
+                  *, wait_s: float = 0.0) -> Any:
+        """`script`'s answer to one call, sent with this tick's calls, or with those of
+        the next `wait_s` seconds."""
+        if not self.batched:
+            return await evalsha_async(self.client, script, keys, args)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((script, script.command(keys, args), future))
+        if self._soon:
+            return await future
+        if wait_s <= 0:
+            self._soon = True
+            loop.call_soon(self._flush)
+        elif self._later is None or loop.time() + wait_s < self._later.when():
+            if self._later is not None:
+                self._later.cancel()
+            self._later = loop.call_at(loop.time() + wait_s, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._soon = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        task = asyncio.ensure_future(self._send(batch))
+        self._tasks.add(task)  # held until done, so it is not collected mid-flight
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[LuaScript, Command, asyncio.Future[Any]]]) -> None:
+        try:
+            answers = await self._answers([(script, command) for script, command, _ in batch])
+        except asyncio.CancelledError:  # the loop is closing: so are the calls
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # the round trip failed: every call in it fails
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), answer in zip(batch, answers, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(answer, Exception):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+
+    async def _answers(self, calls: list[tuple[LuaScript, Command]]) -> list[Any]:
+        answers = await self._pipeline([command for _, command in calls])
+        refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if refused:
+            for source in {calls[i][0].source for i in refused}:
+                await self.client.script_load(source)
+            again = await self._pipeline([calls[i][1] for i in refused])
+            for i, answer in zip(refused, again, strict=True):
+                answers[i] = answer
+        return answers
+
+    async def _pipeline(self, commands: list[Command]) -> list[Any]:
+        """Send `commands` in one write on one pooled connection and read every answer
+        (a server error is that command's answer); a dropped connection is retried as
+        the client's `Retry` says, like redis-py's own pipelines."""
+        packed = [hiredis.pack_command(command) for command in commands]  # type: ignore[arg-type]
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+
+        async def exchange() -> list[Any]:
+            await conn.send_packed_command(packed)
+            answers: list[Any] = []
+            try:  # one socket timeout for the whole batch, not one timer per answer
+                async with asyncio.timeout(conn.socket_timeout):
+                    for _ in commands:
+                        try:
+                            answers.append(await conn.read_response(timeout=math.inf))
+                        except redis.ResponseError as exc:  # read in full: still in step
+                            answers.append(exc)
+            except TimeoutError as exc:  # asyncio's: the connection is out of step
+                await conn.disconnect(nowait=True)
+                raise redis.TimeoutError(
+                    f"Timeout reading from {conn.host}:{conn.port}"
+                ) from exc
+            return answers
+
+        async def drop(_error: Exception) -> None:
+            await conn.disconnect()
+
+        try:
+            return list(await conn.retry.call_with_retry(exchange, drop))
+        finally:
+            await pool.release(conn)
