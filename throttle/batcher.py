@@ -51,6 +51,7 @@ class Batcher:
         self._soon = False  # a flush is due this tick
         self._later: asyncio.TimerHandle | None = None  # a flush is due by a deadline
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
 
     async def run(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
                   *, wait_s: float = 0.0) -> Any:
@@ -59,6 +60,13 @@ class Batcher:
         if not self.batched:
             return await evalsha_async(self.client, script, keys, args)
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                raise RuntimeError(
+                    "this AsyncGate was first used on another event loop, and its Redis "
+                    "connections (redis.asyncio's) belong to that loop; make one AsyncGate per "
+                    "event loop, e.g. in the app's lifespan, or use Gate outside asyncio")
+            self._loop = loop
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, script.command(keys, args), future))
         if self._soon:

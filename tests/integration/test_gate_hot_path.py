@@ -268,3 +268,20 @@ def test_odd_costs_and_members_are_invalid_calls_that_say_what_to_pass(
             gate.acquire("wide", member, cost=cost)
     finally:
         gate.close()
+
+
+def test_a_gate_used_on_a_second_event_loop_says_to_make_one_per_loop(
+    redis_url: str, prefix: str
+) -> None:
+    gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
+
+    async def leave_one_waiting() -> None:
+        await gate.acquire("ten", "m0", now_s=P)
+        asyncio.ensure_future(gate.settle("ten", "m0", 3, wait_s=0.05))  # the loop ends first
+
+    async def again() -> None:
+        await asyncio.wait_for(gate.settle("ten", "m1", 2, wait_s=0.3), 3)
+
+    asyncio.run(leave_one_waiting())
+    with pytest.raises(RuntimeError, match="make one AsyncGate per event loop"):
+        asyncio.run(again())  # (not a wait for a timer of the closed loop)
