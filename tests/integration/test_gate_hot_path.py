@@ -275,9 +275,12 @@ def test_a_gate_used_on_a_second_event_loop_says_to_make_one_per_loop(
 ) -> None:
     gate = AsyncGate(redis_url, CONFIG, prefix=prefix)
 
+    left: list[asyncio.Future[bool]] = []
+
     async def leave_one_waiting() -> None:
         await gate.acquire("ten", "m0", now_s=P)
-        asyncio.ensure_future(gate.settle("ten", "m0", 3, wait_s=0.05))  # the loop ends first
+        left.append(asyncio.ensure_future(gate.settle("ten", "m0", 3, wait_s=0.05)))
+        # (the loop ends first)
 
     async def again() -> None:
         await asyncio.wait_for(gate.settle("ten", "m1", 2, wait_s=0.3), 3)
