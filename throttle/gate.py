@@ -96,7 +96,7 @@ class Gate(GateBase):
         # Decisions keep a connection at hand (not on a caller's own client); registrations,
         # sent in the background, take pooled ones.
         self._decide_lane = Lane(self.client, keep=own)
-        self._lane = Lane(self.client)
+        self._register_lane = Lane(self.client)
         self.registrar = Registrar(self._send_registrations)
         self._registry_keys: dict[tuple[str, bool], list[bytes]] = {}
         self.adapter = Adapter(self.client, config, self.prefix, self._errors)  # adaptive
@@ -189,7 +189,7 @@ class Gate(GateBase):
         keys, args = self._registration(tool, member, message, check_at_s, time.time(),
                                         late=False)
         with self._errors:
-            return Registration(Sent(self._lane, self._register_script, keys, args),
+            return Registration(Sent(self._register_lane, self._register_script, keys, args),
                                 self._errors)
 
     def _registration(self, tool: str, member: str, message: str, check_at_s: float,
@@ -218,7 +218,7 @@ class Gate(GateBase):
             for item in batch]
         try:
             with self._errors:
-                answers = evalsha_many(self._lane, self._register_script, commands)
+                answers = evalsha_many(self._register_lane, self._register_script, commands)
         except StoreUnavailable as exc:
             return [exc] * len(batch)
         return [(unreachable(self.url, answer) if isinstance(answer, STORE_ERRORS) else answer)

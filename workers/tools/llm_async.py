@@ -98,15 +98,12 @@ class AsyncChat:
             return current
         if current is not None and current.loop is loop:
             self._retired.append(current)
-        headers = {"Accept": "application/json"}
-        if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key}"
         timeout = aiohttp.ClientTimeout(total=None, connect=settings.read_timeout_s,
                                         sock_connect=settings.connect_timeout_s,
                                         sock_read=settings.read_timeout_s)
         self._session = _Session(
             settings, loop, os.getpid(), settings.base_url.rstrip("/") + "/chat/completions",
-            aiohttp.ClientSession(headers=headers, timeout=timeout))
+            aiohttp.ClientSession(headers=settings.headers, timeout=timeout))
         return self._session
 
 

@@ -87,6 +87,14 @@ class Settings:
         )
 
     @property
+    def headers(self) -> dict[str, str]:
+        """The headers of every request: JSON answers, and the API key when one is set."""
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    @property
     def where(self) -> str:
         """The base URL for messages (any password in it masked)."""
         return mask_url(self.base_url)
@@ -125,12 +133,9 @@ class _Upstream:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        headers = {"Accept": "application/json"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
         self.client = httpx.Client(
             base_url=self.settings.base_url.rstrip("/") + "/",
-            headers=headers,
+            headers=self.settings.headers,
             timeout=httpx.Timeout(
                 self.settings.read_timeout_s, connect=self.settings.connect_timeout_s
             ),
