@@ -288,3 +288,20 @@ def test_a_gate_used_on_a_second_event_loop_says_to_make_one_per_loop(
     asyncio.run(leave_one_waiting())
     with pytest.raises(RuntimeError, match="make one AsyncGate per event loop"):
         asyncio.run(again())  # (not a wait for a timer of the closed loop)
+
+
+def test_the_server_clock_is_read_in_whole_milliseconds_rounded_up(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    # Whole scores are stored as integers by Redis and parsed without strtod's slow path.
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    try:
+        seconds, micros = redis_client.time()
+        answers = [gate.acquire("ten", f"w{i:02d}") for i in range(15)]
+    finally:
+        gate.close()
+    assert Counter(d.action for d in answers) == {Action.ADMIT: 10, Action.DELAY: 5}
+    log = redis_client.zrange(keys_for(prefix, CONFIG.tools["ten"]).log, 0, -1, withscores=True)
+    scores = [score for _, score in log]
+    assert len(scores) == 15 and all(score == int(score) for score in scores)
+    assert min(scores) >= seconds * 1000 + micros / 1000  # rounded up: never before TIME

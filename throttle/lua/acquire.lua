@@ -37,7 +37,8 @@ ARGV[5]  margin_ms    slot margin: admissions are checked against window + margi
                       a body starting up to margin/2 after its admission still keeps the
                       limit; reservations are placed window + margin apart, so a call that
                       comes back up to margin/2 late does not hold up the calls behind it
-ARGV[6]  now_ms       '' to use the server clock (TIME); a pinned time in tests only
+ARGV[6]  now_ms       '' to use the server clock (TIME, in whole ms rounded up, as every
+                      script reads it); a pinned time in tests only
 ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
 then     p            number of pool limits, then p pairs: the class's allowance (share x
@@ -90,7 +91,7 @@ local margin = tonumber(ARGV[5])
 local now = tonumber(ARGV[6])
 if not now then
   local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+  now = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000)
 end
 local n = tonumber(ARGV[7])
 local maxes, windows, longest = {}, {}, 0
