@@ -178,7 +178,7 @@ class GateBase:
             self._tails[tool_name], self._quota_tails[tool_name])
         gap_ms, margin_ms, *limits = tail
         now = b"" if now_s is None else b"%.3f" % (now_s * 1000)
-        args = [member.encode(), repr(cost).encode(), repr(deadline_ms).encode(), gap_ms,
+        args = [member.encode(), encode(cost), encode(deadline_ms), gap_ms,
                 margin_ms, now, *limits,
                 *(self._fixed_live.get(tool_name) or self._live_fields(tool, key)),
                 quotas, self._days[tool_name].at(now_s), *quota_maxes]
