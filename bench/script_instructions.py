@@ -34,7 +34,7 @@ import redis
 
 from bench.gate_contenders import delete_prefix
 from bench.script_time import ScriptBench, SourceScript
-from throttle.scripts import LuaScript, load_script
+from throttle.scripts import LuaScript
 
 TRIVIAL = "return 1"
 
@@ -55,6 +55,7 @@ class CountedServer:
         self.port = _free_port()
         self.proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--toggle-collect=evalShaCommand",
+             "--toggle-collect=fcallCommand",
              f"--callgrind-out-file={workdir}/callgrind.%p",
              "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(workdir)],
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scripts: dict[str, LuaScript] = {}
     if args.baseline:
         scripts["baseline"] = SourceScript(args.baseline.read_text("utf-8"))
-    scripts["this"] = SourceScript(load_script("acquire"))
+    scripts["this"] = LuaScript("acquire")
     with tempfile.TemporaryDirectory(prefix="script-instructions-") as workdir:
         server = CountedServer(Path(workdir))
         try:

@@ -52,7 +52,7 @@ from bench.gate_contenders import delete_prefix
 from bench.interleaved import Contender, run_interleaved, timed_sync
 from throttle import Gate, load_config
 from throttle.config import Config
-from throttle.scripts import Lane, LuaScript, evalsha, load_script
+from throttle.scripts import Lane, LuaScript, evalsha, load_library
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 RESERVE_LIMIT = "10/1s"
@@ -65,6 +65,7 @@ class SourceScript(LuaScript):
     def __init__(self, source: str) -> None:  # (LuaScript loads by name from the package)
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest().encode()
+        self.function, self.library = None, ""  # (EVALSHA)
 
 
 def bench_config(fair: bool) -> Config:
@@ -121,6 +122,8 @@ class ScriptBench:
         self.gate = Gate(self.client, self.config, prefix=self.prefix)
         for script in scripts.values():  # (a NOSCRIPT answer would count as a call)
             self.client.script_load(script.source)
+            if script.function is not None:
+                load_library(self.client, script)
 
     def acquire(self, script: LuaScript, tool: str, member: str, now_s: float | None = None,
                 receipt: str | None = None, key: Any = None, cost: float = 1) -> list[Any]:
@@ -396,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scripts: dict[str, LuaScript] = {}
     if args.baseline:
         scripts["baseline"] = SourceScript(args.baseline.read_text("utf-8"))
-    scripts["this"] = SourceScript(load_script("acquire"))
+    scripts["this"] = LuaScript("acquire")
     bench = ScriptBench(url, args.n, scripts)
     out: dict[str, Any] = {"n": args.n, "rounds": args.rounds}
     try:

@@ -18,13 +18,46 @@ import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
-from throttle.scripts import Command, LuaScript
+from throttle.scripts import (
+    FCALL,
+    Command,
+    LuaScript,
+    as_evalsha,
+    function_missing,
+    functions_refused,
+    functions_refused_warning,
+    library_exists,
+)
+
+
+async def load_library_async(client: Any, script: LuaScript) -> None:
+    """`load_library` on an asyncio client."""
+    try:
+        await client.function_load(script.library)
+    except redis.ResponseError as exc:
+        if not library_exists(exc):
+            raise
 
 
 async def evalsha_async(
-    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
+    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
+    functions: bool = True,
 ) -> Any:
-    """`evalsha` on an asyncio client."""
+    """`evalsha` on an asyncio client (FCALL for a library, unless `functions` is off)."""
+    if script.function is not None and functions:
+        command = script.fcall(keys, args)
+        try:
+            try:
+                return await client.execute_command(*command)
+            except redis.ResponseError as exc:
+                if not function_missing(exc):
+                    raise
+            await load_library_async(client, script)
+            return await client.execute_command(*command)
+        except redis.ResponseError as exc:
+            if not functions_refused(exc):
+                raise
+            functions_refused_warning(exc)
     command = script.command(keys, args)
     try:
         return await client.execute_command(*command)
@@ -39,14 +72,17 @@ class Batcher:
 
     Each `run` gets its own answer or its own exception, as if it had been sent alone: a
     failed round trip fails every call in it, a script error only its call, and NOSCRIPT
-    loads the scripts it names and repeats just the calls it refused. A call may wait up to
-    its `wait_s` for later calls to share its round trip (a settle: no one waits for it).
-    Cluster clients are not batched (a pipeline there spans nodes).
+    loads the scripts it names and repeats just the calls it refused (as "Function not
+    found" loads the library, and a server or ACL without functions turns to EVALSHA from
+    then on). A call may wait up to its `wait_s` for later calls to share its round trip
+    (a settle: no one waits for it). Cluster clients are not batched (a pipeline there
+    spans nodes).
     """
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.batched = type(client) is redis.asyncio.Redis
+        self.functions = True  # (False once the server or the user's ACL refuses FCALL)
         self._pending: list[tuple[LuaScript, Command, asyncio.Future[Any]]] = []
         self._soon = False  # a flush is due this tick
         self._later: asyncio.TimerHandle | None = None  # a flush is due by a deadline
@@ -58,7 +94,11 @@ class Batcher:
         """`script`'s answer to one call, sent with this tick's calls, or with those of
         the next `wait_s` seconds."""
         if not self.batched:
-            return await evalsha_async(self.client, script, keys, args)
+            try:
+                return await evalsha_async(self.client, script, keys, args, self.functions)
+            except redis.ResponseError as exc:
+                self.functions = self.functions and not functions_refused(exc)
+                raise
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             if self._loop is not None:
@@ -68,7 +108,9 @@ class Batcher:
                     "event loop, e.g. in the app's lifespan, or use Gate outside asyncio")
             self._loop = loop
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((script, script.command(keys, args), future))
+        command = (script.fcall(keys, args) if self.functions and script.function is not None
+                   else script.command(keys, args))
+        self._pending.append((script, command, future))
         if self._soon:
             return await future
         if wait_s <= 0:
@@ -114,14 +156,35 @@ class Batcher:
 
     async def _answers(self, calls: list[tuple[LuaScript, Command]]) -> list[Any]:
         answers = await self._pipeline([command for _, command in calls])
-        refused = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
-        if refused:
-            for source in {calls[i][0].source for i in refused}:
-                await self.client.script_load(source)
-            again = await self._pipeline([calls[i][1] for i in refused])
-            for i, answer in zip(refused, again, strict=True):
-                answers[i] = answer
+        redo = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)
+                or function_missing(answer) or functions_refused(answer)]
+        if not redo:
+            return answers
+        for i in redo:
+            if functions_refused(answers[i]):
+                self._no_functions(answers[i])
+        for script in {calls[i][0] for i in redo if function_missing(answers[i])}:
+            try:
+                await load_library_async(self.client, script)
+            except redis.ResponseError as exc:
+                if not functions_refused(exc):
+                    raise
+                self._no_functions(exc)
+        for i in redo:  # without functions: the same calls as EVALSHA
+            script, command = calls[i]
+            if not self.functions and command[0] == FCALL:
+                calls[i] = (script, as_evalsha(script, command))
+        for source in {calls[i][0].source for i in redo if calls[i][1][0] != FCALL}:
+            await self.client.script_load(source)
+        again = await self._pipeline([calls[i][1] for i in redo])
+        for i, answer in zip(redo, again, strict=True):
+            answers[i] = answer
         return answers
+
+    def _no_functions(self, error: Exception) -> None:
+        if self.functions:
+            self.functions = False
+            functions_refused_warning(error)
 
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
         """Send `commands` in one write on one pooled connection and read every answer

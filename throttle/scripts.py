@@ -5,6 +5,11 @@ out a connection of its client's pool (and, for a client the gate made itself, k
 hand between calls), any other client goes through its `execute_command`; a dropped
 connection is retried as the client's own `Retry` says. A server that lost its scripts
 (restart, SCRIPT FLUSH) answers NOSCRIPT once, the script is loaded and the call repeated.
+A script written as a library (`LIBRARIES`: acquire.lua) goes as FCALL to a Redis function
+library instead (Redis 7+), which builds its functions once, when it loads, not on every
+call; a server without functions (Redis 6) or a user whose ACL forbids FCALL or FUNCTION
+LOAD gets EVALSHA (one warning in the log), and a server that lost the library (restart,
+FUNCTION FLUSH) answers "Function not found" once, and the library is loaded again.
 (The asyncio side, one pipeline per event-loop tick, is `throttle/batcher.py`.)
 Arguments must already be bytes (see `encode`); errors are the client's own, for the
 caller's `StoreErrors` to wrap.
@@ -13,6 +18,7 @@ caller's `StoreErrors` to wrap.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import weakref
 from collections.abc import Sequence
@@ -24,6 +30,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 EVALSHA = "EVALSHA"  # text: redis-py's cluster client routes by the command's name
+FCALL = "FCALL"
 Command = tuple[str | bytes, ...]
 
 
@@ -35,10 +42,20 @@ def _source(name: str) -> str:
     return resources.files("throttle").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
-def load_script(name: str) -> str:
-    """The source of `throttle/lua/<name>.lua` (shipped as package data), as Redis runs it."""
+# Scripts written as a library: they define `local function <name>(keys, args)`, which a
+# script runs on every call and a Redis function library registers once (see LuaScript).
+LIBRARIES = frozenset({"acquire"})
+
+
+def _body(name: str) -> str:
     source = _source(name)
     return _source("units") + source if name in READ_UNITS else source
+
+
+def load_script(name: str) -> str:
+    """The source of `throttle/lua/<name>.lua` (shipped as package data), as Redis runs it."""
+    body = _body(name)
+    return body + f"\nreturn {name}(KEYS, ARGV)\n" if name in LIBRARIES else body
 
 
 def encode(value: str | bytes | float) -> bytes:
@@ -56,17 +73,31 @@ def encode(value: str | bytes | float) -> bytes:
 
 
 class LuaScript:
-    """One script's source and SHA1; `sha` is what EVALSHA names."""
+    """One script's source and SHA1; `sha` is what EVALSHA names. A library's (LIBRARIES)
+    also has the function library's source, `library`, and the name FCALL calls, `function`
+    (named after the SHA: versions of the package side by side load libraries of their own)."""
 
-    __slots__ = ("sha", "source")
+    __slots__ = ("function", "library", "sha", "source")
 
     def __init__(self, name: str) -> None:
         self.source = load_script(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest().encode()
+        self.function: bytes | None = None
+        self.library = ""
+        if name in LIBRARIES:
+            function = f"throttle_{name}_{self.sha[:16].decode()}"
+            self.function = function.encode()
+            self.library = (f"#!lua name={function}\n{_body(name)}\nredis.register_function("
+                            f"'{function}', function(keys, args) return {name}(keys, args) end)\n")
 
     def command(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Command:
         """The EVALSHA command's arguments."""
         return (EVALSHA, self.sha, b"%d" % len(keys), *keys, *args)
+
+    def fcall(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Command:
+        """The FCALL command's arguments (a library's only)."""
+        assert self.function is not None
+        return (FCALL, self.function, b"%d" % len(keys), *keys, *args)
 
 
 def _direct(client: Any) -> bool:
@@ -87,10 +118,11 @@ class Lane:
     a forked child starts with none at hand.
     """
 
-    __slots__ = ("__weakref__", "_idle", "client", "direct", "keep", "pool")
+    __slots__ = ("__weakref__", "_idle", "client", "direct", "functions", "keep", "pool")
 
     def __init__(self, client: Any, *, keep: bool = False) -> None:
         self.client = client
+        self.functions = True  # (False once the server or the user's ACL refuses FCALL)
         self.direct = _direct(client)
         self.pool = client.connection_pool if self.direct else None
         self.keep = keep and self.direct
@@ -172,13 +204,78 @@ def _run(lane: Lane, command: Command) -> Any:
 
 
 def evalsha(lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
-    """Run `script` on a sync client; load it once if the server answers NOSCRIPT."""
+    """Run `script` on a sync client; load it once if the server answers NOSCRIPT (or, for
+    a library, "Function not found")."""
+    if script.function is not None and lane.functions:
+        command = script.fcall(keys, args)
+        try:
+            try:
+                return _run(lane, command)
+            except redis.ResponseError as exc:
+                if not function_missing(exc):
+                    raise
+            load_library(lane.client, script)
+            return _run(lane, command)
+        except redis.ResponseError as exc:
+            if not functions_refused(exc):
+                raise
+            lane.functions = False
+            functions_refused_warning(exc)
     command = script.command(keys, args)
     try:
         return _run(lane, command)
     except NoScriptError:
         lane.client.script_load(script.source)
         return _run(lane, command)
+
+
+def function_missing(error: Exception) -> bool:
+    """Whether `error` is FCALL's answer for a library the server does not hold."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("Function not found")
+
+
+def functions_refused(error: Exception) -> bool:
+    """Whether `error` says this server has no functions (Redis 6) or this user may not call
+    or load them (ACL): EVALSHA then."""
+    text = str(error).lower()
+    return isinstance(error, redis.ResponseError) and (
+        text.startswith("unknown command")
+        or (isinstance(error, redis.exceptions.NoPermissionError)
+            and ("'fcall'" in text or "'function|load'" in text))
+    )
+
+
+def functions_refused_warning(error: Exception) -> None:
+    """Say once per process that decisions fall back to EVALSHA, and why."""
+    if not _WARNED:
+        _WARNED.append(True)
+        _log.warning(
+            "throttle: the Redis server refused FCALL or FUNCTION LOAD (%s); decisions run as "
+            "EVALSHA instead, which costs the server more per call. Use Redis 7 or later, and "
+            "allow the gate's user +fcall and +function|load (docs/gate.md, ACL).", error)
+
+
+_WARNED: list[bool] = []
+_log = logging.getLogger("throttle.scripts")
+
+
+def load_library(client: Any, script: LuaScript) -> None:
+    """FUNCTION LOAD `script`'s library (another process may have loaded it meanwhile)."""
+    try:
+        client.function_load(script.library)
+    except redis.ResponseError as exc:
+        if not library_exists(exc):
+            raise
+
+
+def library_exists(error: Exception) -> bool:
+    """Whether `error` is FUNCTION LOAD's answer for a library already loaded."""
+    return "already exists" in str(error)
+
+
+def as_evalsha(script: LuaScript, command: Command) -> Command:
+    """The EVALSHA of the same call as `command` (an FCALL of `script`)."""
+    return (EVALSHA, script.sha, *command[2:])
 
 
 def evalsha_many(lane: Lane, script: LuaScript, commands: Sequence[Command]) -> list[Any]:

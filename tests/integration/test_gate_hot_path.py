@@ -53,6 +53,7 @@ def test_the_sync_gate_loads_its_script_once_after_a_script_flush(
     redis_client: redis.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = Gate(redis_url, CONFIG, prefix=prefix)
+    gate._decide_lane.functions = False  # decisions as EVALSHA (a server without FCALL)
     loads: list[str] = []
     load = gate.client.script_load
 
@@ -68,6 +69,33 @@ def test_the_sync_gate_loads_its_script_once_after_a_script_flush(
         answers = [gate.acquire("wide", f"m{i}").action for i in range(5)]
         assert answers == [Action.ADMIT] * 5
         assert len(loads) == 1  # refused once (NOSCRIPT), loaded, then EVALSHA again
+    finally:
+        gate.close()
+
+
+def test_the_sync_gate_loads_its_function_library_once_after_the_server_lost_it(
+    redis_client: redis.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    loads: list[str] = []
+    load = gate.client.function_load
+
+    def counted_load(code: str, replace: bool = False) -> Any:
+        loads.append(code)
+        return load(code, replace)
+
+    monkeypatch.setattr(gate.client, "function_load", counted_load)
+    try:
+        assert gate.acquire("wide", "warm").action is Action.ADMIT
+        function = gate._acquire_script.function
+        assert function is not None
+        libraries = [entry[1] for entry in redis_client.function_list(function.decode())]
+        assert libraries == [function]  # the library is named after its function
+        redis_client.function_delete(function.decode())  # as FUNCTION FLUSH or a restart
+        loads.clear()
+        answers = [gate.acquire("wide", f"m{i}").action for i in range(5)]
+        assert answers == [Action.ADMIT] * 5
+        assert len(loads) == 1  # "Function not found" once, loaded, then FCALL again
     finally:
         gate.close()
 
@@ -290,18 +318,19 @@ def test_a_gate_used_on_a_second_event_loop_says_to_make_one_per_loop(
         asyncio.run(again())  # (not a wait for a timer of the closed loop)
 
 
-def test_the_server_clock_is_read_in_whole_milliseconds_rounded_up(
+def test_the_server_clock_is_read_in_whole_milliseconds_rounded_down(
     redis_client: redis.Redis, redis_url: str, prefix: str
 ) -> None:
-    # Whole scores are stored as integers by Redis and parsed without strtod's slow path.
+    # Whole scores are stored as integers by Redis and parsed without strtod's slow path;
+    # rounded down, an admission is never recorded after the moment it was made.
     gate = Gate(redis_url, CONFIG, prefix=prefix)
     try:
-        seconds, micros = redis_client.time()
         answers = [gate.acquire("ten", f"w{i:02d}") for i in range(15)]
+        seconds, micros = redis_client.time()
     finally:
         gate.close()
     assert Counter(d.action for d in answers) == {Action.ADMIT: 10, Action.DELAY: 5}
     log = redis_client.zrange(keys_for(prefix, CONFIG.tools["ten"]).log, 0, -1, withscores=True)
     scores = [score for _, score in log]
     assert len(scores) == 15 and all(score == int(score) for score in scores)
-    assert min(scores) >= seconds * 1000 + micros / 1000  # rounded up: never before TIME
+    assert max(scores[:10]) <= seconds * 1000 + micros / 1000  # admissions: never after TIME

@@ -37,7 +37,7 @@ ARGV[5]  margin_ms    slot margin: admissions are checked against window + margi
                       a body starting up to margin/2 after its admission still keeps the
                       limit; reservations are placed window + margin apart, so a call that
                       comes back up to margin/2 late does not hold up the calls behind it
-ARGV[6]  now_ms       '' to use the server clock (TIME, in whole ms rounded up, as every
+ARGV[6]  now_ms       '' to use the server clock (TIME, in whole ms rounded down, as every
                       script reads it); a pinned time in tests only
 ARGV[7]  n            number of limits, then n pairs:
 ARGV[6+2i], ARGV[7+2i]  max units, window ms
@@ -82,57 +82,23 @@ window even when reserved calls come back late; new arrivals are placed at the e
 not before the latest one already taken (FIFO) that breaks no window.
 ]]
 
-local log, rsv, costs = KEYS[1], KEYS[2], KEYS[3]
-local member = ARGV[1]
-local cost = tonumber(ARGV[2])
-local deadline = tonumber(ARGV[3])
-local gap = tonumber(ARGV[4])
-local margin = tonumber(ARGV[5])
-local now = tonumber(ARGV[6])
-if not now then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000)
-end
-local n = tonumber(ARGV[7])
-local maxes, windows, longest = {}, {}, 0
-for i = 1, n do
-  maxes[i] = tonumber(ARGV[6 + 2 * i])
-  windows[i] = tonumber(ARGV[7 + 2 * i])
-  if windows[i] > longest then longest = windows[i] end
-end
-local at_arg = 8 + 2 * n
-local pn = tonumber(ARGV[at_arg])
-local allowances, pool_windows, pool_longest = {}, {}, 0
-for i = 1, pn do
-  allowances[i] = tonumber(ARGV[at_arg - 1 + 2 * i])
-  pool_windows[i] = tonumber(ARGV[at_arg + 2 * i])
-  if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end
-end
-local cap = tonumber(ARGV[at_arg + 1 + 2 * pn])
-local lease_ms = tonumber(ARGV[at_arg + 2 + 2 * pn])
--- A receipt (the last argument) comes with its key (the last key).
-local receipt = ARGV[#ARGV] or ''
-local receipts = nil
-local nkeys = #KEYS
-if receipt ~= '' then
-  receipts = KEYS[nkeys]
-  nkeys = nkeys - 1
-end
--- Fair sharing: its four arguments and six keys come just before the receipt's.
-local fair = ARGV[#ARGV - 4] == 'fair'
-local fair_keys, fair_weights = nil, nil
-if fair then
-  fair_keys = {KEYS[nkeys - 5], KEYS[nkeys - 4], KEYS[nkeys - 3], KEYS[nkeys - 2],
-               KEYS[nkeys - 1]}
-  fair_weights = KEYS[nkeys]
-  nkeys = nkeys - 6
-end
--- A pooled call's keys end (before the fair keys and the receipts) with the pool's quota hash.
-local pool_quota = nil
-if pn > 0 then
-  pool_quota = KEYS[nkeys]
-  nkeys = nkeys - 1
-end
+-- The decision's state, set at the start of every call by read_args() and prepare(). (As a
+-- Redis function library, FCALL, these locals outlive a call, and the functions below are
+-- built once, when the library loads; as a script, EVALSHA, every call builds them again.)
+local K, A  -- the call's keys and arguments
+local log, rsv, costs, member, cost, deadline, gap, margin, now
+local n, maxes, windows, longest, at_arg, pn, allowances, pool_windows, pool_longest
+local cap, lease_ms, receipt, receipts, nkeys, fair, fair_keys, fair_weights, pool_quota
+local extra_at, live_fields, live_quotas, live_pool_quotas, calls_at
+local quota_key, qn, days, quota_max, pool_quota_max, pqn, quotas_on
+local pool_log, pool_costs, leases, cooldown_at, cool_until, free, known_held
+local weighted, pool_weighted, freed_on
+local known_latest, known_own, known_pool_free, known_waiting
+local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
+local tenant, fair_weight, horizon, fair_grace, fair_tag, fair_new
+local LATE_GRACE_MS = 1000
+local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
+
 
 -- Live limits (`throttle limits set`, throttle/overrides.py): a value in the limits hash,
 -- under this decision's own hash tag, replaces the limits passed above, in this same call.
@@ -140,91 +106,146 @@ end
 -- class's share. Values are "max window_ms max window_ms ...", a daily quota "max d"; each
 -- kind a value gives (sliding limits, quotas) replaces the one passed, the other stands.
 local function fmt_day(ms) return string.format('%d', ms) end
-local extra_at = at_arg + 3 + 2 * pn
-local live_fields = ARGV[extra_at]
-local live_quotas, live_pool_quotas  -- replace the quotas passed below, when set
-if live_fields then
-  -- nil for a value that is not all positive numbers: the limits passed above then stand.
-  local function parse(text, scale)
-    local ms, ws, count, qs = {}, {}, 0, {}
-    for m, w in string.gmatch(text, '(%S+) (%S+)') do
-      local max, window = tonumber(m), (w == 'd') and 1 or tonumber(w)
-      if not (max and window and max > 0 and window > 0 and max < math.huge
-              and window < math.huge) then return nil end  -- (NaN fails every comparison)
-      if w == 'd' then
-        qs[#qs + 1] = max * scale
-      else
-        count = count + 1
-        ms[count], ws[count] = max * scale, window
-      end
+-- nil for a value that is not all positive numbers: the limits passed above then stand.
+local function parse(text, scale)
+  local ms, ws, count, qs = {}, {}, 0, {}
+  for m, w in string.gmatch(text, '(%S+) (%S+)') do
+    local max, window = tonumber(m), (w == 'd') and 1 or tonumber(w)
+    if not (max and window and max > 0 and window > 0 and max < math.huge
+            and window < math.huge) then return nil end  -- (NaN fails every comparison)
+    if w == 'd' then
+      qs[#qs + 1] = max * scale
+    else
+      count = count + 1
+      ms[count], ws[count] = max * scale, window
     end
-    if count == 0 and #qs == 0 then return nil end
-    return ms, ws, count, qs
   end
-  local live = redis.call('HMGET', KEYS[nkeys - 1], live_fields, ARGV[at_arg + 4 + 2 * pn],
-                          ARGV[at_arg + 5 + 2 * pn], 'adaptive:' .. live_fields,
-                          'adaptive:' .. ARGV[at_arg + 5 + 2 * pn])
-  local share = tonumber(ARGV[at_arg + 6 + 2 * pn])  -- (read before an override changes pn)
-  local ms, ws, count, qs
-  if live[2] then ms, ws, count, qs = parse(live[2], 1) end  -- the tier, else the tool's
-  if not ms and live[1] then ms, ws, count, qs = parse(live[1], 1) end
-  if ms and count > 0 then maxes, windows, n = ms, ws, count end
-  if ms and #qs > 0 then live_quotas = qs end
-  if live[3] and pn > 0 then
-    local ms, ws, count, qs = parse(live[3], tonumber(ARGV[at_arg + 6 + 2 * pn]))
-    if ms and count > 0 then allowances, pool_windows, pn = ms, ws, count end
-    if ms and #qs > 0 then live_pool_quotas = qs end
-  end
-  -- Adaptive limits (throttle/adaptive.py, adapt.lua): what the upstream reported, stored
-  -- as "until_ms max window_ms ...", is added beside the limits above, so the lower one
-  -- binds: never above the file's or an override, which it leaves in place. Stale (the
-  -- upstream has not answered for a while) after until_ms.
-  local function learned(text, scale)
-    local until_ms, rest = string.match(text, '^(%S+) (.*)$')
-    if not (tonumber(until_ms) and tonumber(until_ms) > now) then return nil end
-    return parse(rest, scale)
-  end
-  local ams, aws, acount = nil, nil, 0
-  if live[4] then ams, aws, acount = learned(live[4], 1) end
-  for i = 1, (ams and acount or 0) do n = n + 1; maxes[n], windows[n] = ams[i], aws[i] end
-  ams = nil
-  if live[5] and pn > 0 then ams, aws, acount = learned(live[5], share) end
-  for i = 1, (ams and acount or 0) do
-    pn = pn + 1; allowances[pn], pool_windows[pn] = ams[i], aws[i]
-  end
-  longest, pool_longest = 0, 0
-  for i = 1, n do if windows[i] > longest then longest = windows[i] end end
-  for i = 1, pn do if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end end
+  if count == 0 and #qs == 0 then return nil end
+  return ms, ws, count, qs
 end
-local calls_at = nkeys - (live_fields and 2 or 0) - 1
+-- Adaptive limits (throttle/adaptive.py, adapt.lua): what the upstream reported, stored
+-- as "until_ms max window_ms ...", is added beside the limits above, so the lower one
+-- binds: never above the file's or an override, which it leaves in place. Stale (the
+-- upstream has not answered for a while) after until_ms.
+local function learned(text, scale)
+  local until_ms, rest = string.match(text, '^(%S+) (.*)$')
+  if not (tonumber(until_ms) and tonumber(until_ms) > now) then return nil end
+  return parse(rest, scale)
+end
 
--- Calendar quotas (throttle/quotas.py): units per calendar day, charged to the day of a
--- call's slot when it takes the slot and given back when a reserved call is dropped. A
--- pool's quotas count every tool of the pool; a class may use its allowance of them.
-local quota_key = KEYS[nkeys]
-local qn = tonumber(ARGV[extra_at + 4]) or 0
-local days, quota_max, pool_quota_max = {}, {}, {}
-for i = 1, qn do quota_max[i] = tonumber(ARGV[extra_at + 5 + i]) end
-local pqn = tonumber(ARGV[extra_at + 6 + qn]) or 0
-for i = 1, pqn do pool_quota_max[i] = tonumber(ARGV[extra_at + 6 + qn + i]) end
-if live_quotas then quota_max, qn = live_quotas, #live_quotas end
-if live_pool_quotas then pool_quota_max, pqn = live_pool_quotas, #live_pool_quotas end
-if not pool_quota then pqn = 0 end
-if qn > 0 or pqn > 0 then  -- (parsed only when a quota is in force)
-  for bound in string.gmatch(ARGV[extra_at + 5] or '', '%d+') do
-    days[#days + 1] = tonumber(bound)
+-- Read the call's arguments and the live limits (HMGET) into the state above.
+local function read_args()
+  log, rsv, costs = K[1], K[2], K[3]
+  member = A[1]
+  cost = tonumber(A[2])
+  deadline = tonumber(A[3])
+  gap = tonumber(A[4])
+  margin = tonumber(A[5])
+  now = tonumber(A[6])
+  if not now then
+    local time = redis.call('TIME')
+    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   end
-  if not days[4] then qn, pqn = 0, 0 end  -- (a caller without the quota arguments)
+  n = tonumber(A[7])
+  maxes, windows, longest = {}, {}, 0
+  for i = 1, n do
+    maxes[i] = tonumber(A[6 + 2 * i])
+    windows[i] = tonumber(A[7 + 2 * i])
+    if windows[i] > longest then longest = windows[i] end
+  end
+  at_arg = 8 + 2 * n
+  pn = tonumber(A[at_arg])
+  allowances, pool_windows, pool_longest = {}, {}, 0
+  for i = 1, pn do
+    allowances[i] = tonumber(A[at_arg - 1 + 2 * i])
+    pool_windows[i] = tonumber(A[at_arg + 2 * i])
+    if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end
+  end
+  cap = tonumber(A[at_arg + 1 + 2 * pn])
+  lease_ms = tonumber(A[at_arg + 2 + 2 * pn])
+  -- A receipt (the last argument) comes with its key (the last key).
+  receipt = A[#A] or ''
+  receipts = nil
+  nkeys = #K
+  if receipt ~= '' then
+    receipts = K[nkeys]
+    nkeys = nkeys - 1
+  end
+  -- Fair sharing: its four arguments and six keys come just before the receipt's.
+  fair = A[#A - 4] == 'fair'
+  fair_keys, fair_weights = nil, nil
+  if fair then
+    fair_keys = {K[nkeys - 5], K[nkeys - 4], K[nkeys - 3], K[nkeys - 2],
+                 K[nkeys - 1]}
+    fair_weights = K[nkeys]
+    nkeys = nkeys - 6
+  end
+  -- A pooled call's keys end (before the fair keys and the receipts) with the pool's quota hash.
+  pool_quota = nil
+  if pn > 0 then
+    pool_quota = K[nkeys]
+    nkeys = nkeys - 1
+  end
+  extra_at = at_arg + 3 + 2 * pn
+  live_fields = A[extra_at]
+  live_quotas, live_pool_quotas = nil, nil  -- replace the quotas passed below, when set
+  if live_fields then
+    local live = redis.call('HMGET', K[nkeys - 1], live_fields, A[at_arg + 4 + 2 * pn],
+                            A[at_arg + 5 + 2 * pn], 'adaptive:' .. live_fields,
+                            'adaptive:' .. A[at_arg + 5 + 2 * pn])
+    local share = tonumber(A[at_arg + 6 + 2 * pn])  -- (read before an override changes pn)
+    local ms, ws, count, qs
+    if live[2] then ms, ws, count, qs = parse(live[2], 1) end  -- the tier, else the tool's
+    if not ms and live[1] then ms, ws, count, qs = parse(live[1], 1) end
+    if ms and count > 0 then maxes, windows, n = ms, ws, count end
+    if ms and #qs > 0 then live_quotas = qs end
+    if live[3] and pn > 0 then
+      local ms, ws, count, qs = parse(live[3], tonumber(A[at_arg + 6 + 2 * pn]))
+      if ms and count > 0 then allowances, pool_windows, pn = ms, ws, count end
+      if ms and #qs > 0 then live_pool_quotas = qs end
+    end
+    local ams, aws, acount = nil, nil, 0
+    if live[4] then ams, aws, acount = learned(live[4], 1) end
+    for i = 1, (ams and acount or 0) do n = n + 1; maxes[n], windows[n] = ams[i], aws[i] end
+    ams = nil
+    if live[5] and pn > 0 then ams, aws, acount = learned(live[5], share) end
+    for i = 1, (ams and acount or 0) do
+      pn = pn + 1; allowances[pn], pool_windows[pn] = ams[i], aws[i]
+    end
+    longest, pool_longest = 0, 0
+    for i = 1, n do if windows[i] > longest then longest = windows[i] end end
+    for i = 1, pn do if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end end
+  end
+  calls_at = nkeys - (live_fields and 2 or 0) - 1
+
+  -- Calendar quotas (throttle/quotas.py): units per calendar day, charged to the day of a
+  -- call's slot when it takes the slot and given back when a reserved call is dropped. A
+  -- pool's quotas count every tool of the pool; a class may use its allowance of them.
+  quota_key = K[nkeys]
+  qn = tonumber(A[extra_at + 4]) or 0
+  days, quota_max, pool_quota_max = {}, {}, {}
+  for i = 1, qn do quota_max[i] = tonumber(A[extra_at + 5 + i]) end
+  pqn = tonumber(A[extra_at + 6 + qn]) or 0
+  for i = 1, pqn do pool_quota_max[i] = tonumber(A[extra_at + 6 + qn + i]) end
+  if live_quotas then quota_max, qn = live_quotas, #live_quotas end
+  if live_pool_quotas then pool_quota_max, pqn = live_pool_quotas, #live_pool_quotas end
+  if not pool_quota then pqn = 0 end
+  if qn > 0 or pqn > 0 then  -- (parsed only when a quota is in force)
+    for bound in string.gmatch(A[extra_at + 5] or '', '%d+') do
+      days[#days + 1] = tonumber(bound)
+    end
+    if not days[4] then qn, pqn = 0, 0 end  -- (a caller without the quota arguments)
+  end
+  quotas_on = qn > 0 or pqn > 0
 end
--- (The quota and pool functions are built only for calls that use them: see known_held.)
-local quotas_on = qn > 0 or pqn > 0
-local day_of = quotas_on and function(t)  -- the start and end of the calendar day holding t
+
+local function day_of(t)  -- the start and end of the calendar day holding t
   if t >= days[3] then return days[3], days[4] end
   if t >= days[2] then return days[2], days[3] end
   return days[1], days[2]
 end
 -- When the day of `t` has no room left for this call: that day's end; else nil.
-local quota_spent_until = quotas_on and function(t)
+local function quota_spent_until(t)
   local start, stop = day_of(t)
   for i = 1, qn do
     local used = tonumber(redis.call('HGET', quota_key, i .. ':' .. fmt_day(start)) or '0')
@@ -238,7 +259,7 @@ local quota_spent_until = quotas_on and function(t)
 end
 -- Add `units` to the day of `t` in `hash`'s first `count` quotas (never below 0: a quota set
 -- live may be given back units it never charged).
-local charge_in = quotas_on and function(hash, count, t, units)
+local function charge_in(hash, count, t, units)
   local start = day_of(t)
   for i = 1, count do
     local field = i .. ':' .. fmt_day(start)
@@ -253,21 +274,7 @@ local function charge(t, units)
   if qn > 0 then charge_in(quota_key, qn, t, units) end
   if pqn > 0 then charge_in(pool_quota, pqn, t, units) end
 end
-local pool_log, pool_costs = KEYS[4], KEYS[5]
-local leases = KEYS[4]
-if pn > 0 then leases = KEYS[6] end
-local cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
-local cool_until = tonumber(redis.call('GET', KEYS[cooldown_at]) or '0')
-local free = KEYS[cooldown_at + 1]
--- A store at maxmemory (noeviction) refuses the script here, before its first write, as it
--- refuses any write that could grow memory: a no-op ZADD (XX INCR 0 changes nothing) is
--- that check. Without it the trims below (deletions) would let every later write through.
--- It also answers the member's log entry (false for a new call), which the decision starts
--- from: the functions of a path are built only when the call can take that path (a closure
--- costs the server ~0.3 µs here: it looks up its upvalues among this chunk's many locals).
-local known_held = redis.call('ZADD', log, 'XX', 'INCR', '0', member)
 
-local LATE_GRACE_MS = 1000
 
 -- Trim what no window can see any more; unused reservations expire with it. Returns whether
 -- the hash holds costs (units.lua), and how many entries went.
@@ -291,36 +298,54 @@ local function trim(zset, hash, before)
   end
   return fields > 0, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
 end
-for i = 1, n do windows[i] = windows[i] + margin / 2 end
--- The pool's windows get the same half margin: the upstream counts a call when it arrives.
-for i = 1, pn do pool_windows[i] = pool_windows[i] + margin / 2 end
-pool_longest = pool_longest + margin
-longest = longest + margin
-if receipts then
-  local noted = redis.call('HLEN', receipts)
-  if noted > 0 then
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, '-inf', now - longest)) do
-      redis.call('HDEL', receipts, m)
+
+-- Read the cooldown, check for room (the no-op ZADD), and trim what no window sees.
+local function prepare()
+  pool_log, pool_costs = K[4], K[5]
+  leases = K[4]
+  if pn > 0 then leases = K[6] end
+  cooldown_at = 4 + (pn > 0 and 2 or 0) + (cap > 0 and 1 or 0)
+  cool_until = tonumber(redis.call('GET', K[cooldown_at]) or '0')
+  free = K[cooldown_at + 1]
+  -- A store at maxmemory (noeviction) refuses the script here, before its first write, as it
+  -- refuses any write that could grow memory: a no-op ZADD (XX INCR 0 changes nothing) is
+  -- that check. Without it the trims below (deletions) would let every later write through.
+  -- It also answers the member's log entry (false for a new call), which the decision starts
+  -- from.
+  known_held = redis.call('ZADD', log, 'XX', 'INCR', '0', member)
+  for i = 1, n do windows[i] = windows[i] + margin / 2 end
+  -- The pool's windows get the same half margin: the upstream counts a call when it arrives.
+  for i = 1, pn do pool_windows[i] = pool_windows[i] + margin / 2 end
+  pool_longest = pool_longest + margin
+  longest = longest + margin
+  if receipts then
+    local noted = redis.call('HLEN', receipts)
+    if noted > 0 then
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, '-inf', now - longest)) do
+        redis.call('HDEL', receipts, m)
+      end
+    end
+    if noted > redis.call('ZCARD', log) then  -- members taken out otherwise (a cooldown)
+      for _, m in ipairs(redis.call('HKEYS', receipts)) do
+        if not redis.call('ZSCORE', log, m) then redis.call('HDEL', receipts, m) end
+      end
     end
   end
-  if noted > redis.call('ZCARD', log) then  -- members taken out otherwise (a cooldown)
-    for _, m in ipairs(redis.call('HKEYS', receipts)) do
-      if not redis.call('ZSCORE', log, m) then redis.call('HDEL', receipts, m) end
-    end
-  end
+  local trimmed
+  weighted, trimmed = trim(log, costs, now - longest)
+  -- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
+  if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
+  if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
+  pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
+  freed_on = not known_held and pn == 0 and not quotas_on
 end
-local weighted, trimmed = trim(log, costs, now - longest)
--- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
-if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
-if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
-local pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
+
 
 -- Walking the entries of `zset` in (lo, hi] (text bounds) from the oldest, in pages that
 -- double: the score of the one at which the units of the entries `counts` accepts (all, when
--- nil) reach `excess`; nil when they never do. (Built for the paths that walk: a held call's,
--- a weighted log's.)
-local reach = (known_held or weighted or pool_weighted) and function(zset, hash, heavy, lo,
-                                                                    hi, excess, counts)
+-- nil) reach `excess`; nil when they never do. (The paths that walk: a held call's, a
+-- weighted log's.)
+local function reach(zset, hash, heavy, lo, hi, excess, counts)
   local freed, offset, size = 0, 0, 32
   repeat
     local page = redis.call('ZRANGEBYSCORE', zset, lo, hi, 'WITHSCORES', 'LIMIT',
@@ -395,7 +420,6 @@ local function earliest(from, max, window)
   return earliest_in(log, costs, weighted, from, nil, max, window, nil)
 end
 
--- (keep, expire and note_receipt are defined here, before the fast path below uses them.)
 -- Keys live until their latest entry has left every window. A TTL is only ever raised,
 -- and then with a window of headroom, so most calls just read it.
 local function keep(key, last)
@@ -423,10 +447,10 @@ end
 -- register.lua drops that late registration. The set is trimmed by expiry and bounded.
 local function forget_decided(answer)
   if answer[1] ~= 'delay' and calls_at >= cooldown_at + 2 then
-    if redis.call('ZREM', KEYS[cooldown_at + 2], member) == 1 then
-      redis.call('HDEL', KEYS[cooldown_at + 3], member)
+    if redis.call('ZREM', K[cooldown_at + 2], member) == 1 then
+      redis.call('HDEL', K[cooldown_at + 3], member)
     elseif calls_at >= cooldown_at + 3 then
-      local decided, DECIDED_MS, MOST = KEYS[cooldown_at + 4], 120000, 100000
+      local decided, DECIDED_MS, MOST = K[cooldown_at + 4], 120000, 100000
       redis.call('ZREMRANGEBYSCORE', decided, '-inf', now)
       if redis.call('ZADD', decided, now + DECIDED_MS, member) == 1
           and redis.call('ZCARD', decided) > MOST then
@@ -442,8 +466,7 @@ end
 -- it, counting admissions and the due reservations ahead of it (slot <= mine), but not
 -- itself nor the due reservations behind it: those wait for the capacity after it, so
 -- calls held up by late ones are admitted in order, each once.
--- (Built for a held member only, as the functions below for a new call only.)
-local due_free_at = known_held and function(max, window, mine)
+local function due_free_at(max, window, mine)
   if cost > max then return nil end
   local floor = now - window
   local lo = '(' .. fmt(floor)
@@ -477,7 +500,7 @@ end
 
 -- When the pool lets this call's class admit it (now, or the time enough use expires).
 -- `skip`: the member, when it has an entry in the pool log (else nil: nothing to skip).
-local pool_free_at = pn > 0 and function(skip)
+local function pool_free_at(skip)
   local t = now
   for i = 1, pn do
     local at = earliest_in(pool_log, pool_costs, pool_weighted, now, now, allowances[i],
@@ -489,7 +512,7 @@ local pool_free_at = pn > 0 and function(skip)
 end
 
 -- When a concurrency lease is free (now, or when the first running one ends).
-local lease_free_at = cap > 0 and function()
+local function lease_free_at()
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
   if redis.call('ZCARD', leases) < cap then return now end
   return tonumber(redis.call('ZRANGE', leases, '0', '0', 'WITHSCORES')[2])
@@ -498,7 +521,7 @@ end
 local pool_wait  -- defined with the pool waits below
 
 -- The pool log's TTL only ever grows: it holds reservations up to `last`.
-local keep_pool = pn > 0 and function(last)
+local function keep_pool(last)
   local needed = math.ceil(last - now + pool_longest) + 1000
   if redis.call('PTTL', pool_log) < needed then
     redis.call('PEXPIRE', pool_log, math.ceil(needed + pool_longest))
@@ -521,41 +544,45 @@ local function admit()
   end
 end
 
+
 -- Fast path: a new call admitted at once, on a tool without cost weights (and, with fair
 -- sharing, while no call waits: its turn is then now), gets the answer decide_new() below
 -- would give (through quota_spent_until(), blocked(), admit(), charge() and fair_after()),
--- before the functions of the other paths are built. What it reads first, it hands on to
--- them (known_latest, known_own, known_pool_free, known_waiting) when the call goes on.
-local known_latest, known_own, known_pool_free
-local known_waiting = fair and not known_held and redis.call('ZCARD', fair_keys[2])
-if not weighted and not pool_weighted and (not fair or known_waiting == 0) and deadline >= 0
-    and cool_until <= now and not known_held then
-  known_latest = redis.call('ZREVRANGE', log, '0', '0', 'WITHSCORES')
-  local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
-  for i = 1, (fits and n or 0) do
-    if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
-  end
-  if fits and quotas_on and quota_spent_until(now) then fits = false end
-  if fits and pn > 0 then  -- as pool_wait(now)
-    known_own = tonumber(redis.call('ZSCORE', pool_log, member)) or false
-    if known_own and known_own > now then
-      fits = false
-    else
-      known_pool_free = pool_free_at(known_own and member)
-      fits = known_pool_free ~= nil and known_pool_free <= now
+-- or nil. What it reads first, it hands on to the other paths (known_latest, known_own,
+-- known_pool_free, known_waiting) when the call goes on.
+local function fast_admit()
+  known_latest, known_own, known_pool_free = nil, nil, nil
+  known_waiting = fair and not known_held and redis.call('ZCARD', fair_keys[2])
+  if not weighted and not pool_weighted and (not fair or known_waiting == 0) and deadline >= 0
+      and cool_until <= now and not known_held then
+    known_latest = redis.call('ZREVRANGE', log, '0', '0', 'WITHSCORES')
+    local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
+    for i = 1, (fits and n or 0) do
+      if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
+    end
+    if fits and quotas_on and quota_spent_until(now) then fits = false end
+    if fits and pn > 0 then  -- as pool_wait(now)
+      known_own = tonumber(redis.call('ZSCORE', pool_log, member)) or false
+      if known_own and known_own > now then
+        fits = false
+      else
+        known_pool_free = pool_free_at(known_own and member)
+        fits = known_pool_free ~= nil and known_pool_free <= now
+      end
+    end
+    if fits and cap > 0 then fits = lease_free_at() <= now end  -- (and again in blocked())
+    if fits then
+      admit()
+      charge(now, cost)
+      expire(now)
+      note_receipt()
+      -- (fair_after: nothing waits, so no tenant keeps an entry)
+      if fair then redis.call('ZREMRANGEBYSCORE', fair_keys[1], '-inf', '+inf') end
+      return forget_decided({'admit', '0', fmt(now), 'admitted'})
     end
   end
-  if fits and cap > 0 then fits = lease_free_at() <= now end  -- (and again in blocked())
-  if fits then
-    admit()
-    charge(now, cost)
-    expire(now)
-    note_receipt()
-    -- (fair_after: nothing waits, so no tenant keeps an entry)
-    if fair then redis.call('ZREMRANGEBYSCORE', fair_keys[1], '-inf', '+inf') end
-    return forget_decided({'admit', '0', fmt(now), 'admitted'})
-  end
 end
+
 
 -- Admission is blocked by the pool or the concurrency cap: the wait, or a fallback.
 local function blocked()
@@ -580,8 +607,7 @@ end
 -- for x from s up to s + w, within `max`. Entries on both sides of `s` count: later
 -- reservations lie ahead of it.
 -- (fits_in, fits_at and take_freed serve new calls of a tool without a pool or quota.)
-local freed_on = not known_held and pn == 0 and not quotas_on
-local fits_in = freed_on and function(zset, hash, heavy, s, max, w)
+local function fits_in(zset, hash, heavy, s, max, w)
   local page = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(s - w), '(' .. fmt(s + w),
                           'WITHSCORES')
   local times, units = {}, {}
@@ -605,7 +631,7 @@ end
 
 -- Whether a call placed at `s` fits every tool limit (w = window + margin, as reservations
 -- are placed).
-local fits_at = freed_on and function(s)
+local function fits_at(s)
   for i = 1, n do
     if not fits_in(log, costs, weighted, s, maxes[i], windows[i] + margin / 2) then
       return false
@@ -618,7 +644,7 @@ end
 -- slot `t` would come later, if the windows still hold it (admissions and reservations
 -- made since may have used its units). New calls are otherwise placed after the latest
 -- slot taken (FIFO), and a freed slot before it would stay idle.
-local take_freed = freed_on and function(t)
+local function take_freed(t)
   if redis.call('ZCARD', free) == 0 then return nil end  -- (no slot was given back)
   redis.call('ZREMRANGEBYSCORE', free, '-inf', math.max(now, cool_until))
   local slots = redis.call('ZRANGEBYSCORE', free, '(' .. fmt(now), fmt(now + deadline),
@@ -655,7 +681,7 @@ end
 
 -- The earliest slot from `from`, not before the pool's latest one, that the pool's windows
 -- hold within this class's allowance; nil when the cost alone exceeds it.
-local pool_slot = pn > 0 and function(from)
+local function pool_slot(from)
   local start = from
   local last = redis.call('ZREVRANGE', pool_log, '0', '0', 'WITHSCORES')
   if last[2] and tonumber(last[2]) > start then start = tonumber(last[2]) end
@@ -672,7 +698,7 @@ end
 -- nil when the pool lets the call run now (from = now); else the call's answer: a delay to
 -- its pool slot (reserved in the pool and tool logs), or a fallback. `from` is the call's
 -- tool slot: a call the tool delays is placed in the pool from there.
-pool_wait = pn > 0 and function(from)
+pool_wait = function(from)
   local own = known_own  -- (false for no entry, when the fast path read it)
   if own == nil then own = tonumber(redis.call('ZSCORE', pool_log, member)) end
   if from <= now then
@@ -707,20 +733,21 @@ end
 -- told when it may come back (an estimate, no reservation), keeping its tag. V is the tag
 -- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry, and
 -- when no call waits at all, no tenant has one.
-local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
-local tenant, fair_weight, horizon, fair_grace
-local fair_tag, fair_new = nil, false  -- this call's tag; whether it was not waiting yet
-local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
-if fair then
-  fair_finish, fair_queue, fair_parked = fair_keys[1], fair_keys[2], fair_keys[3]
-  fair_costs, fair_clock = fair_keys[4], fair_keys[5]
-  tenant, fair_weight = ARGV[#ARGV - 3], tonumber(ARGV[#ARGV - 2])
-  horizon = tonumber(ARGV[#ARGV - 1]) + margin
-  fair_grace = math.max(5000, 2 * horizon)  -- past its come-back time, a parked call is lost
+local function read_fair()
+  fair_tag, fair_new = nil, false
+  fair_tag, fair_new = nil, false  -- this call's tag; whether it was not waiting yet
+  local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
+  if fair then
+    fair_finish, fair_queue, fair_parked = fair_keys[1], fair_keys[2], fair_keys[3]
+    fair_costs, fair_clock = fair_keys[4], fair_keys[5]
+    tenant, fair_weight = A[#A - 3], tonumber(A[#A - 2])
+    horizon = tonumber(A[#A - 1]) + margin
+    fair_grace = math.max(5000, 2 * horizon)  -- past its come-back time, a parked call is lost
+  end
 end
 
 -- Keep the fair keys until `last` (ms) plus the grace; a TTL is only ever raised.
-local fair_keep = fair and function(last)  -- (built for fair tools only)
+local function fair_keep(last)
   local needed = math.ceil(last - now + fair_grace + horizon)
   for _, key in ipairs(fair_keys) do
     if redis.call('PTTL', key) < needed then
@@ -730,14 +757,14 @@ local fair_keep = fair and function(last)  -- (built for fair tools only)
 end
 
 -- A waiting call leaves the queue (it took a slot, fell back, or was lost).
-local fair_leave = fair and function(m)
+local function fair_leave(m)
   redis.call('ZREM', fair_queue, m)
   redis.call('ZREM', fair_parked, m)
   redis.call('HDEL', fair_costs, m)
 end
 
 -- nil when the call may take its slot `t`; else its answer: parked, or a fallback.
-local fair_check = fair and function(t)
+local function fair_check(t)
   local waiting = known_waiting or redis.call('ZCARD', fair_queue)
   if waiting > 0 then
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', fair_parked, '-inf', now)) do
@@ -786,7 +813,7 @@ end
 -- After the decision: a call still waiting (parked, or held by a cooldown, quota or cap)
 -- keeps its tag and must come back by its answer's time plus the grace; one that took a
 -- slot moves its tenant's finish tag and the virtual clock; either way it leaves the queue.
-local fair_after = fair and function(answer)
+local function fair_after(answer)
   if not fair_tag then  -- not placed by fair_check (a cooldown, say): waiting already?
     fair_tag = redis.call('ZCARD', fair_queue) > 0
                and tonumber(redis.call('ZSCORE', fair_queue, member))
@@ -819,9 +846,8 @@ local fair_after = fair and function(answer)
 end
 -- -----------------------------------------------------------------------------------------
 
--- The decision; every return below is the script's answer.
--- (In two parts, a held member's and a new call's, of which each call builds only its own.)
-local decide_held = known_held and function()
+-- The decision, in two parts: a held member's and a new call's.
+local function decide_held()
   local held = known_held  -- (read before the fast path)
   if held then
     local slot = redis.call('ZSCORE', rsv, member)
@@ -899,7 +925,7 @@ local decide_held = known_held and function()
   end
 end
 
-local decide_new = not known_held and function()
+local function decide_new()
   -- A new call: admitted now if nothing is reserved ahead and every window holds it;
   -- else the earliest slot, not before the latest one already taken (FIFO).
   if cool_until > now then return cooled() end
@@ -967,6 +993,16 @@ local decide_new = not known_held and function()
   return {'delay', fmt(t - now), fmt(t), 'reserved'}
 end
 
-local answer = known_held and decide_held() or decide_new()
-if fair then fair_after(answer) end
-return forget_decided(answer)
+-- One call's decision: its answer.
+local function acquire(keys, args)
+  K, A = keys, args
+  sums = {}  -- (units.lua's, read afresh by every call)
+  read_args()
+  prepare()
+  local answer = fast_admit()
+  if answer then return answer end
+  read_fair()
+  answer = known_held and decide_held() or decide_new()
+  if fair then fair_after(answer) end
+  return forget_decided(answer)
+end

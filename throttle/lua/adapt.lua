@@ -68,7 +68,7 @@ local target = ARGV[1]
 local now = tonumber(ARGV[2])
 if not now then
   local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000)
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 local busy = ARGV[4] == '1'
 local reported_limit, remaining = tonumber(ARGV[5]), tonumber(ARGV[6])

@@ -15,7 +15,7 @@ local member, pause = ARGV[1], tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 if not now then
   local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000)
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 local cooldown = KEYS[#KEYS]
 local until_ms = now + pause

@@ -19,7 +19,7 @@ if KEYS[3] then
   local until_ms = redis.call('ZSCORE', KEYS[3], ARGV[1])
   if until_ms then
     local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000)
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     if tonumber(until_ms) > now then return 0 end
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- expired: this one and others
   end

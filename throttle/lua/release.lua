@@ -27,7 +27,7 @@ if KEYS[6] then  -- a call the pool held back also gives back its unit of the po
 end
 redis.call('ZADD', free, slot, units .. ':' .. member)
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000)
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = math.ceil(math.max(tonumber(slot) - now, 0)) + 60000
 if redis.call('PTTL', free) < ttl then redis.call('PEXPIRE', free, ttl) end
 return 1
