@@ -734,9 +734,7 @@ end
 -- of the latest call given a slot; a tenant whose F_k <= V is idle and has no entry, and
 -- when no call waits at all, no tenant has one.
 local function read_fair()
-  fair_tag, fair_new = nil, false
   fair_tag, fair_new = nil, false  -- this call's tag; whether it was not waiting yet
-  local FAIR_MIN_WAIT_MS = 50  -- a parked call never comes back sooner (no spinning)
   if fair then
     fair_finish, fair_queue, fair_parked = fair_keys[1], fair_keys[2], fair_keys[3]
     fair_costs, fair_clock = fair_keys[4], fair_keys[5]
