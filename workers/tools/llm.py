@@ -21,6 +21,7 @@ from typing import Any
 
 import jsonschema
 
+from throttle.schema_check import SchemaCheck
 from throttle.tokens import prompt_tokens
 from workers.tools.llm_http import LLMError, post_chat
 
@@ -128,7 +129,7 @@ def read_answer(
             f"the model's arguments for {name!r} are not valid JSON{cut}: {exc}; "
             f"max_tokens was {max_tokens}"
         ) from None
-    error = jsonschema.exceptions.best_match(_validator(_canonical(schema)).iter_errors(arguments))
+    error = _validator(_canonical(schema)).first_error(arguments, parsed=isinstance(raw, str))
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "arguments"
         raise ModelAnswerError(
@@ -177,11 +178,11 @@ def _canonical(schema: Mapping[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _validator(schema_json: str) -> Any:
+def _validator(schema_json: str) -> SchemaCheck:
     """A checked validator per schema, built once: checking a schema costs milliseconds."""
     schema = json.loads(schema_json)
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    return SchemaCheck(schema)
 
 
 def _default_model() -> str:
