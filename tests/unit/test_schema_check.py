@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from throttle import schema_check
 from throttle.schema_check import SchemaCheck
 
 pytest.importorskip("jsonschema_rs")
@@ -81,6 +82,14 @@ def test_a_tuple_from_python_code_is_judged_by_jsonschema_alone() -> None:
 ])
 def test_schemas_with_other_keywords_are_left_to_jsonschema(schema: Any) -> None:
     assert SchemaCheck(schema).fast is None
+
+
+def test_without_jsonschema_rs_jsonschema_checks_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schema_check, "jsonschema_rs", None)
+    check = SchemaCheck(TOOLS["chat_completion"]["params"])
+    assert check.fast is None and check.first_error(CHAT, parsed=True) is None
+    error = check.first_error({**CHAT, "max_tokens": 0}, parsed=True)
+    assert error is not None and list(error.absolute_path) == ["max_tokens"]
 
 
 JSON = st.recursive(
