@@ -3,7 +3,8 @@
 `pip install throttle` is the library a web app needs (Celery, Redis, the gate, the
 `throttle` command's check / worker / status / top / exporter). The rest are extras:
 
-    gateway   fastapi, uvicorn, httptools, uvloop (not on Windows)   throttle gateway
+    gateway   fastapi, uvicorn, httptools, uvloop (not on Windows),  throttle gateway
+              aiohttp, jsonschema-rs (optional: a faster schema check)
     demo      fakeredis[lua], matplotlib, tomli-w, tornado   throttle demo, stub-llm
     flower    flower                     throttle flower
     testing   fakeredis[lua], pytest, pytest-celery    throttle.testing (tests of your tools)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 from celery import Celery
 from celery.app.defaults import DEFAULTS
 from kombu import Queue  # type: ignore[attr-defined]
@@ -26,6 +25,7 @@ from throttle.config_file import load_config
 from throttle.errors import ConfigError
 from throttle.gate import Gate
 from throttle.keys import DEFAULT_PREFIX
+from throttle.schema_check import SchemaCheck
 from throttle.store import DEFAULT_REDIS_URL, StoreClient
 from throttle.task import ThrottledTask
 
@@ -148,7 +148,7 @@ class Throttle:
                 tool = new.tool(task.tool.name)
                 cls = type(task)
                 cls.tool = tool
-                cls._validator = jsonschema.Draft202012Validator(tool.params)
+                cls._schema = SchemaCheck(tool.params)
 
     def tool(self, name_or_fn: str | Callable[..., Any] | None = None, **options: Any) -> Any:
         """Decorate a plain function as the task of a configured tool.
@@ -166,7 +166,7 @@ class Throttle:
                 {
                     "throttle": self,
                     "tool": tool,
-                    "_validator": jsonschema.Draft202012Validator(tool.params),
+                    "_schema": SchemaCheck(tool.params),
                     "priority": self.priorities[0],
                     "priority_again": self.priorities[1],
                 },

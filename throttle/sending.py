@@ -13,7 +13,6 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import jsonschema
 from celery import Task, signals
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
@@ -34,6 +33,7 @@ from throttle.intake import (
     visibility_s,
 )
 from throttle.results import FALLBACK_MARK, due_at_s
+from throttle.schema_check import SchemaCheck
 
 if TYPE_CHECKING:
     from throttle.owner import Owner
@@ -44,7 +44,7 @@ class SendingTask(Task):  # type: ignore[misc]
 
     throttle: ClassVar[Owner]
     tool: ClassVar[ToolConfig]
-    _validator: ClassVar[jsonschema.protocols.Validator]
+    _schema: ClassVar[SchemaCheck]
 
     def apply_async(
         self,
@@ -175,8 +175,12 @@ class SendingTask(Task):  # type: ignore[misc]
     def _not_registered(self, member: str, exc: StoreUnavailable) -> None:
         registrar.not_registered(self.tool.name, member, exc)
 
-    def check_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
-        """The call's keyword arguments if they fit the tool's schema and size, else raise."""
+    def check_arguments(self, args: Any, kwargs: Any, *, parsed: bool = False) -> dict[str, Any]:
+        """The call's keyword arguments if they fit the tool's schema and size, else raise.
+
+        `parsed`: the arguments were decoded from JSON (the gateway's), so the fast schema
+        check may vouch for them (throttle.schema_check).
+        """
         if args:
             raise InvalidToolCall(self.tool.name, POSITIONAL)
         checked: dict[str, Any] = dict(kwargs or {})
@@ -194,7 +198,7 @@ class SendingTask(Task):  # type: ignore[misc]
             )
         if nested_deeper_than(checked, MAX_ARGS_DEPTH):
             raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH))
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(checked))
+        error = self._schema.first_error(checked, parsed=parsed)
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"
             raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")

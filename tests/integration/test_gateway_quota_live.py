@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -47,3 +48,31 @@ def test_a_quota_set_live_shows_in_the_headers_within_the_refresh_time_and_goes_
     assert before == {} and after == {}
     assert (live["x-ratelimit-limit-requests"], live["x-ratelimit-remaining-requests"]) == (
         "9", "9")  # the call before counted on no quota, so all 9 are left
+
+
+class CountingRedis(redis.asyncio.Redis):
+    """A client that counts its HLENs (the check for live overrides)."""
+
+    hlens = 0
+
+    def hlen(self, name: Any) -> Any:
+        self.hlens += 1
+        return super().hlen(name)
+
+
+def test_calls_arriving_together_share_one_check_for_live_overrides(
+    redis_url: str, prefix: str,
+) -> None:
+    config = load_config(CONFIG)
+
+    async def scenario() -> tuple[int, list[dict[str, str]]]:
+        client = CountingRedis.from_url(redis_url)
+        headers = QuotaHeaders(client, prefix)
+        answers = await asyncio.gather(*(headers(config, config.tool("plain"), None)
+                                         for _ in range(20)))
+        answers.append(await headers(config, config.tool("plain"), None))
+        await client.aclose()
+        return client.hlens, answers
+
+    hlens, answers = asyncio.run(scenario())
+    assert hlens == 1 and answers == [{}] * 21

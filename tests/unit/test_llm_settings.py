@@ -57,6 +57,22 @@ def test_a_bad_number_names_the_variable_and_an_example(
         Settings.from_env()
 
 
+def test_settings_are_parsed_once_per_environment_and_a_bad_value_refused_at_every_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("THROTTLE_LLM_READ_TIMEOUT_S", "7")
+    first = Settings.from_env()
+    assert Settings.from_env() is first
+    monkeypatch.setenv("THROTTLE_LLM_READ_TIMEOUT_S", "8")
+    assert Settings.from_env().read_timeout_s == 8.0
+    monkeypatch.setenv("THROTTLE_LLM_READ_TIMEOUT_S", "soon")
+    for _ in range(2):
+        with pytest.raises(LLMError, match="THROTTLE_LLM_READ_TIMEOUT_S"):
+            Settings.from_env()
+    monkeypatch.setenv("THROTTLE_LLM_READ_TIMEOUT_S", "7")
+    assert Settings.from_env() == first
+
+
 def test_the_client_is_made_once_per_process_and_again_when_the_settings_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -57,8 +57,8 @@ def make_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await gateway.close()
 
-    app = FastAPI(title="throttle gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = GatewayApp(title="throttle gateway", lifespan=lifespan, docs_url=None,
+                     redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.state.metrics = metrics
 
@@ -94,7 +94,7 @@ def make_app(settings: GatewaySettings) -> FastAPI:
                         response.headers.get("x-throttle-fallback-reason"))
         return response
 
-    app.add_middleware(ChatRoute, handler=chat_completions)
+    app.chat_handler = chat_completions
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -108,6 +108,18 @@ def make_app(settings: GatewaySettings) -> FastAPI:
                             200 if healthy else 503)
 
     return app
+
+
+class GatewayApp(FastAPI):
+    """FastAPI with `ChatRoute` in front of its whole middleware stack: the chat handler
+    answers every error itself, so its calls skip the error, telemetry and body-limit layers
+    too (ServerErrorMiddleware wraps each `send`)."""
+
+    chat_handler: Callable[[Request], Awaitable[Response]] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.chat_handler is None else ChatRoute(stack, self.chat_handler)
 
 
 class ChatRoute:

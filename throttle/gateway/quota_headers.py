@@ -14,6 +14,7 @@ enforces it from the next decision on).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -100,6 +101,7 @@ class QuotaHeaders:
         self.client, self.prefix = client, prefix
         self._overrides_checked_at = -math.inf
         self._no_overrides = False
+        self._checking: asyncio.Task[bool] | None = None  # the check under way, shared
 
     async def __call__(self, config: Config, tool: ToolConfig,
                        key_value: object) -> dict[str, str]:
@@ -110,15 +112,26 @@ class QuotaHeaders:
         return await quota_headers(self.client, self.prefix, config, tool, key_value)
 
     async def _none_live(self) -> bool:
-        """Whether no live override existed at the last check (made now when due)."""
-        if time.monotonic() - self._overrides_checked_at >= REFRESH_S:
-            try:
-                count = await self.client.hlen(overrides_index_key(self.prefix))
-            except (redis.RedisError, OSError):  # quota_headers says what failed
-                return False
-            self._overrides_checked_at = time.monotonic()
-            self._no_overrides = not count
+        """Whether no live override existed at the last check (made now when due; the calls
+        arriving while it is under way wait for it instead of each sending their own)."""
+        if time.monotonic() - self._overrides_checked_at < REFRESH_S:
+            return self._no_overrides
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check())
+            self._checking.add_done_callback(self._checked)
+        return await asyncio.shield(self._checking)
+
+    async def _check(self) -> bool:
+        try:
+            count = await self.client.hlen(overrides_index_key(self.prefix))
+        except (redis.RedisError, OSError):  # quota_headers says what failed
+            return False
+        self._overrides_checked_at = time.monotonic()
+        self._no_overrides = not count
         return self._no_overrides
+
+    def _checked(self, _: asyncio.Task[bool]) -> None:
+        self._checking = None
 
 
 def _used(day_use: dict[Any, Any], index: int, today_ms: int) -> float:

@@ -190,9 +190,10 @@ class Gateway:
                        code="revoked", headers=headers)
 
     def _check(self, call: ChatCall) -> None:
-        """Direct mode: the schema check `.delay()` makes, as a 400."""
+        """Direct mode: the schema check `.delay()` makes, as a 400 (the arguments are parsed
+        JSON, so the fast check applies)."""
         try:
-            self.tasks[call.tool].check_arguments((), call.kwargs)
+            self.tasks[call.tool].check_arguments((), call.kwargs, parsed=True)
         except InvalidToolCall as exc:
             raise _invalid(call, exc) from None
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import jsonschema
 
+from throttle.schema_check import SchemaCheck
 from throttle.tokens import prompt_tokens
 from workers.tools.llm_http import LLMError, post_chat
 
@@ -55,8 +56,9 @@ def chat_completion(
 def request_for(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any,
     model: str | None, max_tokens: int, temperature: float | None,
-) -> tuple[str, Mapping[str, Any], dict[str, Any]]:
-    """The forced tool's name, its parameter schema and the chat-completions request body."""
+) -> tuple[str, SchemaCheck, dict[str, Any]]:
+    """The forced tool's name, its checked parameter schema and the chat-completions request
+    body."""
     name = forced_tool(tools, tool_choice)
     schema = _schema_of(tools, name)
     body: dict[str, Any] = {
@@ -101,9 +103,11 @@ def forced_tool(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> str:
 
 
 def read_answer(
-    answer: Mapping[str, Any], name: str, schema: Mapping[str, Any], max_tokens: int
+    answer: Mapping[str, Any], name: str, schema: Mapping[str, Any] | SchemaCheck,
+    max_tokens: int,
 ) -> dict[str, Any]:
-    """The tool's result from a chat-completions answer, or a ModelAnswerError saying why not."""
+    """The tool's result from a chat-completions answer, or a ModelAnswerError saying why not
+    (`schema`: the tool's parameters, or their check from `request_for`)."""
     choices = answer.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ModelAnswerError("the upstream's answer has no choices; is it a chat completion?")
@@ -128,7 +132,8 @@ def read_answer(
             f"the model's arguments for {name!r} are not valid JSON{cut}: {exc}; "
             f"max_tokens was {max_tokens}"
         ) from None
-    error = jsonschema.exceptions.best_match(_validator(_canonical(schema)).iter_errors(arguments))
+    check = schema if isinstance(schema, SchemaCheck) else _validator(_canonical(schema))
+    error = check.first_error(arguments, parsed=isinstance(raw, str))
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "arguments"
         raise ModelAnswerError(
@@ -157,19 +162,18 @@ def _usage(answer: Mapping[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
-def _schema_of(tools: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any]:
+def _schema_of(tools: Sequence[Mapping[str, Any]], name: str) -> SchemaCheck:
     """The forced tool's parameter schema, checked before any token is spent on it."""
     function = next(
         tool.get("function", {}) for tool in tools if tool.get("function", {}).get("name") == name
     )
     schema: Mapping[str, Any] = function.get("parameters") or {"type": "object"}
     try:
-        _validator(_canonical(schema))
+        return _validator(_canonical(schema))
     except jsonschema.SchemaError as exc:
         raise LLMError(
             f"the parameters of tool {name!r} are not a valid JSON Schema: {exc.message}"
         ) from None
-    return schema
 
 
 def _canonical(schema: Mapping[str, Any]) -> str:
@@ -177,11 +181,11 @@ def _canonical(schema: Mapping[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _validator(schema_json: str) -> Any:
+def _validator(schema_json: str) -> SchemaCheck:
     """A checked validator per schema, built once: checking a schema costs milliseconds."""
     schema = json.loads(schema_json)
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    return SchemaCheck(schema)
 
 
 def _default_model() -> str:

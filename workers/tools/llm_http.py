@@ -18,6 +18,7 @@ Every answer's headers go to `throttle.report_headers` (adaptive limits learn fr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ DEFAULT_PAUSE_S = 1.0  # a 429 that names no pause
 MAX_PAUSE_S = 3600.0  # no upstream hint pauses a tool longer than this
 MAX_BACKOFF_S = 10.0
 MESSAGE_CHARS = 500  # upstream messages are cut to this length
+ENV_NAMES = ("THROTTLE_LLM_BASE_URL", "THROTTLE_LLM_API_KEY", "THROTTLE_LLM_CONNECT_TIMEOUT_S",
+             "THROTTLE_LLM_READ_TIMEOUT_S", "THROTTLE_LLM_MAX_RETRIES", "THROTTLE_LLM_BACKOFF_S")
 
 
 class LLMError(ThrottleError):
@@ -76,15 +79,8 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        env = os.environ
-        return cls(
-            base_url=env.get("THROTTLE_LLM_BASE_URL") or DEFAULT_BASE_URL,
-            api_key=_api_key(env.get("THROTTLE_LLM_API_KEY", "")),
-            connect_timeout_s=_number("THROTTLE_LLM_CONNECT_TIMEOUT_S", 5.0),
-            read_timeout_s=_number("THROTTLE_LLM_READ_TIMEOUT_S", 60.0),
-            max_retries=int(_number("THROTTLE_LLM_MAX_RETRIES", 2)),
-            backoff_s=_number("THROTTLE_LLM_BACKOFF_S", 0.5),
-        )
+        """The settings the environment holds now (parsed again only when it changed)."""
+        return _settings_for(tuple(os.environ.get(name) for name in ENV_NAMES))
 
     @property
     def headers(self) -> dict[str, str]:
@@ -106,6 +102,20 @@ class Settings:
         return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
 
 
+@functools.lru_cache(maxsize=8)
+def _settings_for(raw: tuple[str | None, ...]) -> Settings:
+    """Settings from the values of ENV_NAMES (an error is raised again at each call)."""
+    values = dict(zip(ENV_NAMES, raw, strict=True))
+    return Settings(
+        base_url=values["THROTTLE_LLM_BASE_URL"] or DEFAULT_BASE_URL,
+        api_key=_api_key(values["THROTTLE_LLM_API_KEY"] or ""),
+        connect_timeout_s=_number("THROTTLE_LLM_CONNECT_TIMEOUT_S", values, 5.0),
+        read_timeout_s=_number("THROTTLE_LLM_READ_TIMEOUT_S", values, 60.0),
+        max_retries=int(_number("THROTTLE_LLM_MAX_RETRIES", values, 2)),
+        backoff_s=_number("THROTTLE_LLM_BACKOFF_S", values, 0.5),
+    )
+
+
 def _api_key(raw: str) -> str:
     """The key without surrounding blanks; refused (never shown) if a header cannot hold it."""
     key = raw.strip()
@@ -115,8 +125,8 @@ def _api_key(raw: str) -> str:
     return key
 
 
-def _number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
+def _number(name: str, values: Mapping[str, str | None], default: float) -> float:
+    raw = values[name]
     if not raw:
         return default
     try:
