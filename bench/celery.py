@@ -74,7 +74,8 @@ def run_green(
     redis_pid = local_redis_pid(bench.gate)
     figures: list[Figure] = []
     steps: list[tuple[str, Callable[[], list[Figure]]]] = [
-        ("1g overhead", lambda: overhead(bench, sizes["overhead_n"], args.rounds, pool)),
+        ("1g overhead", lambda: overhead(bench, sizes["overhead_n"], args.rounds, pool,
+                                         node=bench.green_nodes[0])),
         ("2g binding limit", lambda: binding(bench, sizes["burst_n"], pool, nodes="G")),
     ]
     for title, step in steps:
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.pool_rss_at_start = [rss_bytes(c) for c in bench.nodes["T0"].children]
             steps: list[tuple[str, Callable[[], list[Figure]]]] = [
                 ("1 overhead", lambda: overhead(bench, sizes["overhead_n"], args.rounds,
-                                                celery_defaults=True)),
+                                                celery_defaults=True, node=bench.nodes["T0"])),
                 ("2 binding limit", lambda: binding(bench, sizes["burst_n"])),
                 ("4 rate vs Celery rate_limit", lambda: rates(bench, sizes["rate_n"], args.rate)),
                 ("3 memory", lambda: memory(bench, sizes["hold_n"])),

@@ -7,30 +7,55 @@ no-op of an app left on Celery's defaults (node D0, same pool), what a user ran 
 plain no-op against it is what throttle's safe settings cost on their own. The `floor` is
 the plain no-op plus one trivial EVALSHA (`plain.floor`): what any gate asked once per call
 costs, however little it does there.
+
+With the node given, each run also reads the CPU its processes used (/proc): the caller's
+`.delay()` and `.get()` (this process), the node's main process, its pool processes and the
+Redis server, per call; the figures compare the medians over the rounds, plain against
+throttle and the floor.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
+from bench.apps import Node
 from bench.celery_setup import Bench
-from bench.measures import Figure, percentile
+from bench.measures import Figure, cpu_seconds, local_redis_pid, percentile
+
+ON_NODE = ("plain", "throttle", "floor")  # the contenders the node runs
 
 
 def overhead(bench: Bench, n: int, rounds: int, pool: str = "prefork -c 2",
-             celery_defaults: bool = False) -> list[Figure]:
+             celery_defaults: bool = False, node: Node | None = None) -> list[Figure]:
     contenders = {"throttle": bench.tasks["noop"], "plain": bench.tasks["plain.noop"],
                   "floor": bench.tasks["plain.floor"]}
     if celery_defaults:
         contenders["defaults"] = bench.tasks["defaults.noop"]
 
-    def timed(task: Any, count: int) -> float:
+    redis_pid = local_redis_pid(bench.gate)
+    groups = {"worker main": [node.pid]} if node else {}
+    if node and node.children:  # (a gevent node runs its pool in its main process)
+        groups["pool processes"] = node.children
+    if redis_pid:
+        groups["Redis"] = [redis_pid]
+    cpu: dict[str, list[list[float]]] = {name: [] for name in ON_NODE}
+
+    def timed(task: Any, count: int, name: str = "") -> float:
+        before = [cpu_seconds(pids) for pids in groups.values()]
+        caller = time.process_time()
         start = time.perf_counter()
         results = [task.delay() for _ in range(count)]
+        sent = time.process_time()
         for result in results:
             result.get(timeout=120)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if node and name in cpu:
+            used = [sent - caller, time.process_time() - sent, *(
+                cpu_seconds(pids) - b for pids, b in zip(groups.values(), before, strict=True))]
+            cpu[name].append([1e6 * s / count for s in used])
+        return seconds
 
     for task in contenders.values():
         timed(task, 100)  # warm up: connections, scripts, pool processes
@@ -38,7 +63,7 @@ def overhead(bench: Bench, n: int, rounds: int, pool: str = "prefork -c 2",
     for index in range(rounds):
         order = list(contenders) if index % 2 == 0 else list(reversed(contenders))
         for name in order:
-            seconds[name].append(timed(contenders[name], n))
+            seconds[name].append(timed(contenders[name], n, name))
     rate = {name: n / min(values) for name, values in seconds.items()}
     ratio = rate["throttle"] / rate["plain"]
     # Each round's two runs are back to back: their ratio shares the machine's state.
@@ -50,7 +75,24 @@ def overhead(bench: Bench, n: int, rounds: int, pool: str = "prefork -c 2",
             Figure(part, "floor: plain no-op + one trivial EVALSHA / plain, median (min-max)",
                    f"{percentile(floor, 50):.3f} ({floor[0]:.2f}-{floor[-1]:.2f})",
                    raw=floor),
-            *(_against_defaults(part, rate, seconds) if celery_defaults else [])]
+            *(_against_defaults(part, rate, seconds) if celery_defaults else []),
+            *(_cpu_per_call(part, cpu, [".delay()", ".get()", *groups]) if node else [])]
+
+
+def _cpu_per_call(part: str, cpu: dict[str, list[list[float]]],
+                  processes: list[str]) -> list[Figure]:
+    """CPU µs per call of each process, plain -> throttle (floor), medians over the rounds."""
+    def median(name: str, index: int) -> float:
+        return statistics.median(run[index] for run in cpu[name])
+
+    figures = []
+    for index, process in enumerate(processes):
+        plain, throttle, floor = (median(name, index) for name in ("plain", "throttle", "floor"))
+        figures.append(Figure(
+            part, f"CPU µs per call, {process}: plain -> throttle (floor)",
+            f"{plain:.0f} -> {throttle:.0f} ({throttle - plain:+.0f}) ({floor:.0f})",
+            raw={name: [run[index] for run in cpu[name]] for name in cpu}))
+    return figures
 
 
 def _figures(part: str, rate: dict[str, float], ratio: float, paired: list[float],

@@ -55,6 +55,16 @@ def _cpu_ticks(groups: Sequence[Sequence[int]]) -> list[int]:
     return out
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the processes `pids` have run so far (/proc)."""
+    ticks = 0
+    for pid in pids:
+        with suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(stat[11]) + int(stat[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def local_redis_pid(client: redis.Redis) -> int | None:
     """The pid of the Redis server if it runs on this machine, else None."""
     pid = int(client.info("server").get("process_id", 0))

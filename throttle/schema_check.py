@@ -54,6 +54,8 @@ class SchemaCheck:
                     return None
             except (ValueError, TypeError):  # e.g. a lone surrogate: jsonschema judges
                 pass
+        if self.validator.is_valid(instance):  # (cheaper than looking for the best error)
+            return None
         error: ValidationError | None = best_match(self.validator.iter_errors(instance))
         return error
 

@@ -38,6 +38,9 @@ from throttle.schema_check import SchemaCheck
 if TYPE_CHECKING:
     from throttle.owner import Owner
 
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # the size a call's arguments count
+ANY_OBJECT = {"type": "object"}  # a tool's default params: any keyword arguments pass
+
 
 class SendingTask(Task):  # type: ignore[misc]
     """What a tool's task does where it is called; `throttle` and `tool` are set per tool."""
@@ -63,7 +66,7 @@ class SendingTask(Task):  # type: ignore[misc]
             # A chain step or callback handed the previous result positionally: the worker
             # refuses it as this step's failure, so the canvas fails here, not its parent.
             return super().apply_async(args, kwargs, headers=headers, **options)
-        checked = self.check_arguments(args, kwargs)
+        checked, checked_json = self._checked(args, kwargs)
         self._check_schedule(options)
         if ENQUEUED_AT in headers:  # published again by the worker or the reaper
             return super().apply_async(args, kwargs, headers=headers, **options)
@@ -82,7 +85,7 @@ class SendingTask(Task):  # type: ignore[misc]
         # The registration is queued for the registrar (or, its queue full, sent now and
         # confirmed once the call is published).
         queued, registration = self._queue_registration(task_id, checked, headers,
-                                                        recovery.canvas_of(options))
+                                                        recovery.canvas_of(options), checked_json)
         try:
             result = super().apply_async(
                 args, kwargs, task_id=task_id, headers=headers, **options
@@ -108,6 +111,8 @@ class SendingTask(Task):  # type: ignore[misc]
     starmap = chunks = map = _one_task_per_call
 
     def _check_schedule(self, options: dict[str, Any]) -> None:
+        if options.get("eta") is None and options.get("countdown") is None:
+            return  # (due now: the visibility timeout is not read)
         if problem := schedule_problem(options, visibility_s(self.app)):
             raise InvalidToolCall(self.tool.name, problem)
 
@@ -124,11 +129,11 @@ class SendingTask(Task):  # type: ignore[misc]
 
     def _queue_registration(
         self, member: str, kwargs: dict[str, Any], headers: dict[str, Any],
-        canvas: dict[str, Any],
+        canvas: dict[str, Any], kwargs_json: str | None = None,
     ) -> tuple[bool, Registration | None]:
         """Queue the call's registration for the registrar: (True, None); its queue full,
         send it now: (False, the registration to confirm); (False, None): not registered."""
-        entry = self._registry_entry(kwargs, headers, canvas)
+        entry = self._registry_entry(kwargs, headers, canvas, kwargs_json)
         if entry is None:
             return False, None
         call, check_at = entry
@@ -146,15 +151,18 @@ class SendingTask(Task):  # type: ignore[misc]
 
     def _registry_entry(
         self, kwargs: dict[str, Any], headers: dict[str, Any], canvas: dict[str, Any] | None,
+        kwargs_json: str | None = None,
     ) -> tuple[str, float] | None:
-        """The call's message for the reaper and its check time (None: not registered)."""
+        """The call's message for the reaper and its check time (None: not registered);
+        `kwargs_json`: the arguments as `_checked` encoded them."""
         if not self.throttle.register_calls or self.app.conf.task_always_eager:
             return None
         budget_s = self.tool.max_delay_ms / 1000
         if DEADLINE_S in headers:
             budget_s = min(budget_s, float(headers[DEADLINE_S]))
         check_at = recovery.check_at_s(float(headers[ENQUEUED_AT]), budget_s)
-        return recovery.message(kwargs, headers, check_at, canvas), check_at
+        return recovery.message(kwargs, headers, check_at, canvas,
+                                kwargs_json=kwargs_json), check_at
 
     def _send_registration(self, member: str, call: str, check_at: float
                            ) -> Registration | None:
@@ -181,28 +189,35 @@ class SendingTask(Task):  # type: ignore[misc]
         `parsed`: the arguments were decoded from JSON (the gateway's), so the fast schema
         check may vouch for them (throttle.schema_check).
         """
+        return self._checked(args, kwargs, parsed=parsed)[0]
+
+    def _checked(self, args: Any, kwargs: Any, *, parsed: bool = False
+                 ) -> tuple[dict[str, Any], str]:
+        """`check_arguments`, and the arguments as the compact JSON their size was taken of."""
         if args:
             raise InvalidToolCall(self.tool.name, POSITIONAL)
         checked: dict[str, Any] = dict(kwargs or {})
         try:
-            size = len(json.dumps(checked, separators=(",", ":")))
+            encoded = COMPACT_JSON.encode(checked)
         except RecursionError:
             raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH)) from None
         except (TypeError, ValueError) as exc:
             raise InvalidToolCall(self.tool.name, f"arguments are not JSON: {exc}") from None
-        if size > self.tool.max_args_bytes:
+        if len(encoded) > self.tool.max_args_bytes:
             raise InvalidToolCall(
                 self.tool.name,
-                f"arguments are {size} bytes, above the tool's max_args_bytes "
+                f"arguments are {len(encoded)} bytes, above the tool's max_args_bytes "
                 f"({self.tool.max_args_bytes}); send a reference instead of the data",
             )
         if nested_deeper_than(checked, MAX_ARGS_DEPTH):
             raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH))
+        if self._schema.validator.schema == ANY_OBJECT:
+            return checked, encoded
         error = self._schema.first_error(checked, parsed=parsed)
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"
             raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")
-        return checked
+        return checked, encoded
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Run the call in this process (eager mode): waits are slept here, never re-published."""

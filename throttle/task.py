@@ -96,7 +96,8 @@ class ThrottledTask(SendingTask):
         decision = self._decide(kwargs, request, gate, fair_key)
         if decision.action is Action.ADMIT:
             request.throttle_admitted_at = decision.slot_at
-            metrics.observe_decision(self, "admit", decision.reason, 0.0, tenant=fair_key)
+            metrics.observe_decision(self, "admit", decision.reason, 0.0, tenant=fair_key,
+                                     request=request)
             return self._run(kwargs, gate)
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)

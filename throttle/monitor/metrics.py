@@ -68,15 +68,17 @@ _limits_texts: dict[int, tuple[Any, str]] = {}  # id(tool) -> (tool, its limits 
 
 
 def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float,
-                     tenant: Any = None) -> None:
+                     tenant: Any = None, request: Any = None) -> None:
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback;
-    `tenant`, the call's fair_by value, counts an admission per tenant too."""
+    `tenant`, the call's fair_by value, counts an admission per tenant too. `request`: the
+    task's current request, when the caller has it at hand."""
     try:
         decisions.log_decision(task, outcome, reason, wait_s)
     except Exception:  # nor must its log line
         logger.debug("could not log a decision of %s", _name(task), exc_info=True)
     try:
-        request = task.request
+        if request is None:
+            request = task.request
         delays_before = _delays_before(request)
         buffer = _buffer(task)
         buffer.note_limits(task.tool.name, limits_text(task.tool))
