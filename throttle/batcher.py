@@ -66,6 +66,10 @@ async def evalsha_async(
         return await client.execute_command(*command)
 
 
+# A call waiting for its tick's round trip: its script, command, packed FCALL (or None), future.
+Pending = tuple[LuaScript, Command, bytes | None, "asyncio.Future[Any]"]
+
+
 class Batcher:
     """Runs the script calls made in the same event-loop tick as one pipeline, whichever
     scripts they call (a tick's acquires and settles share one round trip).
@@ -83,16 +87,16 @@ class Batcher:
         self.client = client
         self.batched = type(client) is redis.asyncio.Redis
         self.functions = True  # (False once the server or the user's ACL refuses FCALL)
-        self._pending: list[tuple[LuaScript, Command, asyncio.Future[Any]]] = []
+        self._pending: list[Pending] = []
         self._soon = False  # a flush is due this tick
         self._later: asyncio.TimerHandle | None = None  # a flush is due by a deadline
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
 
     async def run(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
-                  *, wait_s: float = 0.0) -> Any:
+                  *, wait_s: float = 0.0, packed_fcall: bytes | None = None) -> Any:
         """`script`'s answer to one call, sent with this tick's calls, or with those of
-        the next `wait_s` seconds."""
+        the next `wait_s` seconds. `packed_fcall`: its FCALL already packed (RESP)."""
         if not self.batched:
             try:
                 return await evalsha_async(self.client, script, keys, args, self.functions)
@@ -108,9 +112,9 @@ class Batcher:
                     "event loop, e.g. in the app's lifespan, or use Gate outside asyncio")
             self._loop = loop
         future: asyncio.Future[Any] = loop.create_future()
-        command = (script.fcall(keys, args) if self.functions and script.function is not None
-                   else script.command(keys, args))
-        self._pending.append((script, command, future))
+        fcall = self.functions and script.function is not None
+        command = script.fcall(keys, args) if fcall else script.command(keys, args)
+        self._pending.append((script, command, packed_fcall if fcall else None, future))
         if self._soon:
             return await future
         if wait_s <= 0:
@@ -134,19 +138,19 @@ class Batcher:
         self._tasks.add(task)  # held until done, so it is not collected mid-flight
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[LuaScript, Command, asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[Pending]) -> None:
         try:
-            answers = await self._answers([(script, command) for script, command, _ in batch])
+            answers = await self._answers([call[:3] for call in batch])
         except asyncio.CancelledError:  # the loop is closing: so are the calls
-            for _, _, future in batch:
+            for *_, future in batch:
                 future.cancel()
             raise
         except Exception as exc:  # the round trip failed: every call in it fails
-            for _, _, future in batch:
+            for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, future), answer in zip(batch, answers, strict=True):
+        for (*_, future), answer in zip(batch, answers, strict=True):
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(answer, Exception):
@@ -154,8 +158,9 @@ class Batcher:
             else:
                 future.set_result(answer)
 
-    async def _answers(self, calls: list[tuple[LuaScript, Command]]) -> list[Any]:
-        answers = await self._pipeline([command for _, command in calls])
+    async def _answers(self, sent: list[tuple[LuaScript, Command, bytes | None]]) -> list[Any]:
+        answers = await self._pipeline([packed or command for _, command, packed in sent])
+        calls = [(script, command) for script, command, _ in sent]
         redo = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)
                 or function_missing(answer) or functions_refused(answer)]
         if not redo:
@@ -186,11 +191,13 @@ class Batcher:
             self.functions = False
             functions_refused_warning(error)
 
-    async def _pipeline(self, commands: list[Command]) -> list[Any]:
-        """Send `commands` in one write on one pooled connection and read every answer
-        (a server error is that command's answer); a dropped connection is retried as
-        the client's `Retry` says, like redis-py's own pipelines."""
-        packed = [hiredis.pack_command(command) for command in commands]  # type: ignore[arg-type]
+    async def _pipeline(self, commands: Sequence[Command | bytes]) -> list[Any]:
+        """Send `commands` (or their packed bytes) in one write on one pooled connection and
+        read every answer (a server error is that command's answer); a dropped connection
+        is retried as the client's `Retry` says, like redis-py's own pipelines."""
+        packed = [command if isinstance(command, bytes)
+                  else hiredis.pack_command(command)  # type: ignore[arg-type]
+                  for command in commands]
         pool = self.client.connection_pool
         conn = await pool.get_connection()
 

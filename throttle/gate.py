@@ -124,10 +124,10 @@ class Gate(GateBase):
         """
         if self._defaults.due(tool):
             self.refresh_defaults()
-        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
-                                        fair_key)
+        keys, args, packed = self._acquire_packed(tool, member, key, cost, deadline_s, now_s,
+                                                  receipt, fair_key)
         with self._errors:
-            raw = evalsha(self._decide_lane, self._acquire_script, keys, args)
+            raw = evalsha(self._decide_lane, self._acquire_script, keys, args, packed)
         return self._decision(raw)
 
     def refresh_defaults(self) -> None:

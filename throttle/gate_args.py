@@ -29,7 +29,7 @@ from throttle.limit import Limit
 from throttle.live_defaults import LiveDefaults
 from throttle.overrides import in_force
 from throttle.quotas import DayBounds, days_tz, quota_tail
-from throttle.scripts import LuaScript, encode, load_script
+from throttle.scripts import LuaScript, encode, load_script, resp
 from throttle.store import StoreErrors
 
 # Run through redis-py `Script`s; acquire and register take the lean path of scripts.py (the
@@ -73,6 +73,7 @@ class GateBase:
             if tool.key is None
         }
         self._acquire_script = LuaScript("acquire")
+        self._packings: dict[str, AcquirePacking] = {}
         self._register_script = LuaScript("register")
 
     def _load_scripts(self, client: Any) -> None:
@@ -191,6 +192,33 @@ class GateBase:
             keys = [*keys, receipts_key(keys[0].decode()).encode()]
         return keys, args
 
+    def _acquire_packed(
+        self,
+        tool_name: str,
+        member: str,
+        key: Any,
+        cost: float,
+        deadline_s: float | None,
+        now_s: float | None,
+        receipt: str | None = None,
+        fair_key: Any = None,
+    ) -> tuple[list[bytes], list[bytes], bytes | None]:
+        """`_acquire_call`, and its FCALL in RESP for a tool whose arguments depend on the
+        call only through its own (no key argument, no fair sharing), else None."""
+        keys, args = self._acquire_call(tool_name, member, key, cost, deadline_s, now_s,
+                                        receipt, fair_key)
+        packing = self._packings.get(tool_name)
+        if packing is None:
+            tool = self.config.tools[tool_name]
+            function = self._acquire_script.function
+            if tool.key is not None or self.fairness[tool_name] is not None or not function:
+                return keys, args, None
+            plain = self._fixed_keys[tool_name]
+            packing = self._packings[tool_name] = AcquirePacking(
+                function, plain, [*plain, receipts_key(plain[0].decode()).encode()], args,
+                len(self._quota_tails[tool_name][1]))
+        return keys, args, packing.pack(args, bool(receipt))
+
     @staticmethod
     def _fair_args(tool_name: str, fair: Fairness, fair_key: Any) -> list[bytes]:
         """acquire.lua's fair-sharing arguments: the marker, tenant, weight and horizon."""
@@ -230,3 +258,29 @@ class GateBase:
     @staticmethod
     def _decision(raw: Sequence[Any]) -> Decision:
         return decision_of(raw)
+
+
+class AcquirePacking:
+    """A fixed tool's acquire FCALL in RESP, its fixed runs of arguments packed once: a call
+    packs only its member, cost, deadline, clock, day bounds and receipt (hiredis packing
+    every argument costs the caller ~7 µs a decision). Arguments as `_acquire_call` lays
+    them out: member, cost, deadline, gap, margin, now, the limits, the live fields and the
+    quota count, the day bounds, the quota maxes, the receipt."""
+
+    __slots__ = ("_at_days", "_heads", "_limits", "_maxes", "_pacing")
+
+    def __init__(self, function: bytes, keys: list[bytes], receipt_keys: list[bytes],
+                 args: list[bytes], quotas: int) -> None:
+        self._at_days = len(args) - 2 - quotas
+        self._heads = tuple(
+            b"*%d\r\n" % (3 + len(k) + len(args)) + resp([b"FCALL", function, b"%d" % len(k), *k])
+            for k in (keys, receipt_keys))
+        self._pacing = resp(args[3:5])
+        self._limits = resp(args[6:self._at_days])
+        self._maxes = resp(args[self._at_days + 1:-1])
+
+    def pack(self, args: list[bytes], receipt: bool) -> bytes:
+        """The FCALL of `args` (with the receipts key when `receipt`)."""
+        return b"".join((self._heads[receipt], resp(args[:3]), self._pacing, resp(args[5:6]),
+                         self._limits, resp(args[self._at_days:self._at_days + 1]),
+                         self._maxes, resp(args[-1:])))

@@ -100,6 +100,11 @@ class LuaScript:
         return (FCALL, self.function, b"%d" % len(keys), *keys, *args)
 
 
+def resp(args: Sequence[bytes]) -> bytes:
+    """`args` as RESP bulk strings: a packed command's items, without its array header."""
+    return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
+
+
 def _direct(client: Any) -> bool:
     """Whether `client` is a plain pooled client whose connections can be used directly."""
     return type(client) is redis.Redis and client.connection is None
@@ -196,26 +201,27 @@ def _exchange(lane: Lane, do: Any) -> Any:
     return answer
 
 
-def _run(lane: Lane, command: Command) -> Any:
+def _run(lane: Lane, command: Command, packed: bytes | None = None) -> Any:
     if not lane.direct:
         return lane.client.execute_command(*command)
-    packed = [hiredis.pack_command(command)]  # type: ignore[arg-type]  # stub: 1-tuple
-    return _exchange(lane, lambda conn: _send(conn, packed))
+    sent = [packed or hiredis.pack_command(command)]  # type: ignore[arg-type]  # stub: 1-tuple
+    return _exchange(lane, lambda conn: _send(conn, sent))
 
 
-def evalsha(lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+def evalsha(lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
+            packed_fcall: bytes | None = None) -> Any:
     """Run `script` on a sync client; load it once if the server answers NOSCRIPT (or, for
-    a library, "Function not found")."""
+    a library, "Function not found"). `packed_fcall`: its FCALL already packed (RESP)."""
     if script.function is not None and lane.functions:
         command = script.fcall(keys, args)
         try:
             try:
-                return _run(lane, command)
+                return _run(lane, command, packed_fcall)
             except redis.ResponseError as exc:
                 if not function_missing(exc):
                     raise
             load_library(lane.client, script)
-            return _run(lane, command)
+            return _run(lane, command, packed_fcall)
         except redis.ResponseError as exc:
             if not functions_refused(exc):
                 raise

@@ -150,3 +150,31 @@ def test_function_flush_every_20ms_under_four_deciding_threads_reaches_no_caller
     assert flushes == FLUSHES and errors == [] and missing >= FLUSHES
     assert answers["admit"] >= 10 and answers["delay"] >= 100
     assert most_in_window([score / 1000 for _, score in log], 0.2) <= 10
+
+
+def test_the_sync_gate_loads_its_function_library_once_after_the_server_lost_it(
+    redis_client: redis.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (On a server of its own: a gate of another test could load the library meanwhile.)
+    gate = Gate(redis_url, CONFIG, prefix=prefix)
+    loads: list[str] = []
+    load = gate.client.function_load
+
+    def counted_load(code: str, replace: bool = False) -> Any:
+        loads.append(code)
+        return load(code, replace)
+
+    monkeypatch.setattr(gate.client, "function_load", counted_load)
+    try:
+        assert gate.acquire("ten", "warm").action is Action.ADMIT
+        function = gate._acquire_script.function
+        assert function is not None
+        libraries = [entry[1] for entry in redis_client.function_list(function.decode())]
+        assert libraries == [function]  # the library is named after its function
+        redis_client.function_delete(function.decode())  # as FUNCTION FLUSH or a restart
+        loads.clear()
+        answers = [gate.acquire("ten", f"m{i}").action for i in range(5)]
+        assert answers == [Action.ADMIT] * 5
+        assert len(loads) == 1  # "Function not found" once, loaded, then FCALL again
+    finally:
+        gate.close()

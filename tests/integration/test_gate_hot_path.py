@@ -73,33 +73,6 @@ def test_the_sync_gate_loads_its_script_once_after_a_script_flush(
         gate.close()
 
 
-def test_the_sync_gate_loads_its_function_library_once_after_the_server_lost_it(
-    redis_client: redis.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gate = Gate(redis_url, CONFIG, prefix=prefix)
-    loads: list[str] = []
-    load = gate.client.function_load
-
-    def counted_load(code: str, replace: bool = False) -> Any:
-        loads.append(code)
-        return load(code, replace)
-
-    monkeypatch.setattr(gate.client, "function_load", counted_load)
-    try:
-        assert gate.acquire("wide", "warm").action is Action.ADMIT
-        function = gate._acquire_script.function
-        assert function is not None
-        libraries = [entry[1] for entry in redis_client.function_list(function.decode())]
-        assert libraries == [function]  # the library is named after its function
-        redis_client.function_delete(function.decode())  # as FUNCTION FLUSH or a restart
-        loads.clear()
-        answers = [gate.acquire("wide", f"m{i}").action for i in range(5)]
-        assert answers == [Action.ADMIT] * 5
-        assert len(loads) == 1  # "Function not found" once, loaded, then FCALL again
-    finally:
-        gate.close()
-
-
 def test_fifty_concurrent_acquires_share_one_connection_and_decide_as_one_at_a_time(
     redis_url: str, prefix: str
 ) -> None:
