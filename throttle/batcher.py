@@ -26,38 +26,33 @@ from throttle.scripts import (
     function_missing,
     functions_refused,
     functions_refused_warning,
-    library_exists,
 )
 
 
 async def load_library_async(client: Any, script: LuaScript) -> None:
     """`load_library` on an asyncio client."""
+    await client.function_load(script.library, replace=True)
+
+
+async def fcall_async(
+    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
+) -> Any:
+    """A library's FCALL on an asyncio client; loads the library once if the server answers
+    "Function not found" (refusals of FCALL or FUNCTION LOAD are raised)."""
+    command = script.fcall(keys, args)
     try:
-        await client.function_load(script.library)
+        return await client.execute_command(*command)
     except redis.ResponseError as exc:
-        if not library_exists(exc):
+        if not function_missing(exc):
             raise
+    await load_library_async(client, script)
+    return await client.execute_command(*command)
 
 
 async def evalsha_async(
-    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
-    functions: bool = True,
+    client: Any, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes]
 ) -> Any:
-    """`evalsha` on an asyncio client (FCALL for a library, unless `functions` is off)."""
-    if script.function is not None and functions:
-        command = script.fcall(keys, args)
-        try:
-            try:
-                return await client.execute_command(*command)
-            except redis.ResponseError as exc:
-                if not function_missing(exc):
-                    raise
-            await load_library_async(client, script)
-            return await client.execute_command(*command)
-        except redis.ResponseError as exc:
-            if not functions_refused(exc):
-                raise
-            functions_refused_warning(exc)
+    """`evalsha` on an asyncio client."""
     command = script.command(keys, args)
     try:
         return await client.execute_command(*command)
@@ -98,11 +93,14 @@ class Batcher:
         """`script`'s answer to one call, sent with this tick's calls, or with those of
         the next `wait_s` seconds. `packed_fcall`: its FCALL already packed (RESP)."""
         if not self.batched:
-            try:
-                return await evalsha_async(self.client, script, keys, args, self.functions)
-            except redis.ResponseError as exc:
-                self.functions = self.functions and not functions_refused(exc)
-                raise
+            if self.functions and script.function is not None:
+                try:
+                    return await fcall_async(self.client, script, keys, args)
+                except redis.ResponseError as exc:
+                    if not functions_refused(exc):
+                        raise
+                    self._no_functions(exc)
+            return await evalsha_async(self.client, script, keys, args)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             if self._loop is not None:

@@ -266,17 +266,10 @@ _log = logging.getLogger("throttle.scripts")
 
 
 def load_library(client: Any, script: LuaScript) -> None:
-    """FUNCTION LOAD `script`'s library (another process may have loaded it meanwhile)."""
-    try:
-        client.function_load(script.library)
-    except redis.ResponseError as exc:
-        if not library_exists(exc):
-            raise
-
-
-def library_exists(error: Exception) -> bool:
-    """Whether `error` is FUNCTION LOAD's answer for a library already loaded."""
-    return "already exists" in str(error)
+    """FUNCTION LOAD `script`'s library. With REPLACE: another process may be loading the
+    same library (named after its source) at the same time, and on a cluster, where the load
+    goes to every primary in turn, "already exists" on one would stop it before the rest."""
+    client.function_load(script.library, replace=True)
 
 
 def as_evalsha(script: LuaScript, command: Command) -> Command:
