@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from hypothesis import settings
 
 from throttle import registrar
 from throttle.monitor import metrics
+from throttle.scripts import LuaScript
 
 # Hypothesis: one policy for every property test. The normal run ("fixed") replays the same
 # examples every time (derandomize), so a red build is never a roll of the dice; `make
@@ -27,6 +29,19 @@ REDIS_URL = os.environ.get("THROTTLE_REDIS_URL", "redis://127.0.0.1:6379/0")
 # pipe is then as narrow as that instead of the width they choose: tests see a plain run's env.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.pop("COLUMNS", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _function_library_removed() -> Iterator[None]:
+    """The gate's function library (acquire.lua, loaded by FCALL's first caller) leaves the
+    shared server with the session, as the tests' keys do (a gate still deciding loads it
+    again)."""
+    yield
+    function = LuaScript("acquire").function
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    with contextlib.suppress(redis.RedisError):  # (not loaded; no server: nothing to remove)
+        client.function_delete((function or b"").decode())
+    client.close()
 
 
 @pytest.fixture(scope="session")
