@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 
 from throttle.scripts import (
     FCALL,
+    LOADS,
     Command,
     LuaScript,
     as_evalsha,
@@ -40,12 +41,13 @@ async def fcall_async(
     """A library's FCALL on an asyncio client; loads the library once if the server answers
     "Function not found" (refusals of FCALL or FUNCTION LOAD are raised)."""
     command = script.fcall(keys, args)
-    try:
-        return await client.execute_command(*command)
-    except redis.ResponseError as exc:
-        if not function_missing(exc):
-            raise
-    await load_library_async(client, script)
+    for _ in range(LOADS - 1):
+        try:
+            return await client.execute_command(*command)
+        except redis.ResponseError as exc:
+            if not function_missing(exc):
+                raise
+        await load_library_async(client, script)
     return await client.execute_command(*command)
 
 
@@ -159,10 +161,18 @@ class Batcher:
     async def _answers(self, sent: list[tuple[LuaScript, Command, bytes | None]]) -> list[Any]:
         answers = await self._pipeline([packed or command for _, command, packed in sent])
         calls = [(script, command) for script, command, _ in sent]
+        for _ in range(LOADS - 1):
+            if not await self._again(calls, answers):
+                break
+        return answers
+
+    async def _again(self, calls: list[tuple[LuaScript, Command]], answers: list[Any]) -> bool:
+        """Send again, in place, the calls the server refused for want of their script or
+        library, once those are loaded (or as EVALSHA); False when there were none."""
         redo = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)
                 or function_missing(answer) or functions_refused(answer)]
         if not redo:
-            return answers
+            return False
         for i in redo:
             if functions_refused(answers[i]):
                 self._no_functions(answers[i])
@@ -182,7 +192,7 @@ class Batcher:
         again = await self._pipeline([calls[i][1] for i in redo])
         for i, answer in zip(redo, again, strict=True):
             answers[i] = answer
-        return answers
+        return True
 
     def _no_functions(self, error: Exception) -> None:
         if self.functions:

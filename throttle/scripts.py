@@ -9,7 +9,8 @@ A script written as a library (`LIBRARIES`: acquire.lua) goes as FCALL to a Redi
 library instead (Redis 7+), which builds its functions once, when it loads, not on every
 call; a server without functions (Redis 6) or a user whose ACL forbids FCALL or FUNCTION
 LOAD gets EVALSHA (one warning in the log), and a server that lost the library (restart,
-FUNCTION FLUSH) answers "Function not found" once, and the library is loaded again.
+FUNCTION FLUSH) answers "Function not found", and the library is loaded again (up to
+LOADS times in a row, for a server flushed again meanwhile).
 (The asyncio side, one pipeline per event-loop tick, is `throttle/batcher.py`.)
 Arguments must already be bytes (see `encode`); errors are the client's own, for the
 caller's `StoreErrors` to wrap.
@@ -31,6 +32,7 @@ from redis.exceptions import NoScriptError
 
 EVALSHA = "EVALSHA"  # text: redis-py's cluster client routes by the command's name
 FCALL = "FCALL"
+LOADS = 3  # "Function not found" answered this often in a row (FUNCTION FLUSH again): raised
 Command = tuple[str | bytes, ...]
 
 
@@ -215,12 +217,13 @@ def evalsha(lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence
     if script.function is not None and lane.functions:
         command = script.fcall(keys, args)
         try:
-            try:
-                return _run(lane, command, packed_fcall)
-            except redis.ResponseError as exc:
-                if not function_missing(exc):
-                    raise
-            load_library(lane.client, script)
+            for _ in range(LOADS - 1):
+                try:
+                    return _run(lane, command, packed_fcall)
+                except redis.ResponseError as exc:
+                    if not function_missing(exc):
+                        raise
+                load_library(lane.client, script)
             return _run(lane, command, packed_fcall)
         except redis.ResponseError as exc:
             if not functions_refused(exc):

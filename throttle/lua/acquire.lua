@@ -137,32 +137,32 @@ end
 local function read_args()
   log, rsv, costs = K[1], K[2], K[3]
   member = A[1]
-  cost = tonumber(A[2])
-  deadline = tonumber(A[3])
-  gap = tonumber(A[4])
-  margin = tonumber(A[5])
+  cost = (A[2] + 0)
+  deadline = (A[3] + 0)
+  gap = (A[4] + 0)
+  margin = (A[5] + 0)
   now = tonumber(A[6])
   if not now then
     local time = redis.call('TIME')
-    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    now = time[1] * 1000 + math.floor(time[2] / 1000)
   end
-  n = tonumber(A[7])
+  n = (A[7] + 0)
   maxes, windows, longest = {}, {}, 0
   for i = 1, n do
-    maxes[i] = tonumber(A[6 + 2 * i])
-    windows[i] = tonumber(A[7 + 2 * i])
+    maxes[i] = (A[6 + 2 * i] + 0)
+    windows[i] = (A[7 + 2 * i] + 0)
     if windows[i] > longest then longest = windows[i] end
   end
   at_arg = 8 + 2 * n
-  pn = tonumber(A[at_arg])
+  pn = (A[at_arg] + 0)
   allowances, pool_windows, pool_longest = {}, {}, 0
   for i = 1, pn do
-    allowances[i] = tonumber(A[at_arg - 1 + 2 * i])
-    pool_windows[i] = tonumber(A[at_arg + 2 * i])
+    allowances[i] = (A[at_arg - 1 + 2 * i] + 0)
+    pool_windows[i] = (A[at_arg + 2 * i] + 0)
     if pool_windows[i] > pool_longest then pool_longest = pool_windows[i] end
   end
-  cap = tonumber(A[at_arg + 1 + 2 * pn])
-  lease_ms = tonumber(A[at_arg + 2 + 2 * pn])
+  cap = (A[at_arg + 1 + 2 * pn] + 0)
+  lease_ms = (A[at_arg + 2 + 2 * pn] + 0)
   -- A receipt (the last argument) comes with its key (the last key).
   receipt = A[#A] or ''
   receipts = nil
@@ -282,7 +282,7 @@ local function trim(zset, hash, before)
   local fields = redis.call('HLEN', hash)
   if fields == 0 then
     sums[hash] = false
-    return false, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
+    return false, redis.call('ZREMRANGEBYSCORE', zset, '-inf', fmt(before))
   end
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', before)
   if #gone == 0 then return true, 0 end
@@ -296,7 +296,7 @@ local function trim(zset, hash, before)
     redis.call('HDEL', hash, TOTAL)
     sums[hash], fields = false, 0
   end
-  return fields > 0, redis.call('ZREMRANGEBYSCORE', zset, '-inf', before)
+  return fields > 0, redis.call('ZREMRANGEBYSCORE', zset, '-inf', fmt(before))
 end
 
 -- Read the cooldown, check for room (the no-op ZADD), and trim what no window sees.
@@ -334,7 +334,7 @@ local function prepare()
   local trimmed
   weighted, trimmed = trim(log, costs, now - longest)
   -- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
-  if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', now - longest) end
+  if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', fmt(now - longest)) end
   if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
   pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
   freed_on = not known_held and pn == 0 and not quotas_on
