@@ -77,8 +77,9 @@ class AsyncGate(GateBase):
         """Decide one call; the same contract as `Gate.acquire`."""
         if self._defaults.due(tool):
             await self.refresh_defaults()
-        keys, args, packed = self._acquire_packed(tool, member, key, cost, deadline_s, now_s,
-                                                  receipt, fair_key)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
+                                        fair_key)
+        packed = self._packed_fcall(tool, args, receipt)
         with self._errors:
             raw = await self._batch.run(self._acquire_script, keys, args, packed_fcall=packed)
         return self._decision(raw)

@@ -124,8 +124,9 @@ class Gate(GateBase):
         """
         if self._defaults.due(tool):
             self.refresh_defaults()
-        keys, args, packed = self._acquire_packed(tool, member, key, cost, deadline_s, now_s,
-                                                  receipt, fair_key)
+        keys, args = self._acquire_call(tool, member, key, cost, deadline_s, now_s, receipt,
+                                        fair_key)
+        packed = self._packed_fcall(tool, args, receipt)
         with self._errors:
             raw = evalsha(self._decide_lane, self._acquire_script, keys, args, packed)
         return self._decision(raw)

@@ -73,7 +73,7 @@ class GateBase:
             if tool.key is None
         }
         self._acquire_script = LuaScript("acquire")
-        self._packings: dict[str, AcquirePacking] = {}
+        self._packings: dict[str, AcquirePacking | None] = {}  # (None: hiredis packs)
         self._register_script = LuaScript("register")
 
     def _load_scripts(self, client: Any) -> None:
@@ -192,32 +192,22 @@ class GateBase:
             keys = [*keys, receipts_key(keys[0].decode()).encode()]
         return keys, args
 
-    def _acquire_packed(
-        self,
-        tool_name: str,
-        member: str,
-        key: Any,
-        cost: float,
-        deadline_s: float | None,
-        now_s: float | None,
-        receipt: str | None = None,
-        fair_key: Any = None,
-    ) -> tuple[list[bytes], list[bytes], bytes | None]:
-        """`_acquire_call`, and its FCALL in RESP for a tool whose arguments depend on the
-        call only through its own (no key argument, no fair sharing), else None."""
-        keys, args = self._acquire_call(tool_name, member, key, cost, deadline_s, now_s,
-                                        receipt, fair_key)
-        packing = self._packings.get(tool_name)
-        if packing is None:
+    def _packed_fcall(self, tool_name: str, args: list[bytes], receipt: str | None
+                      ) -> bytes | None:
+        """The FCALL of an `_acquire_call` in RESP, for a tool whose arguments depend on the
+        call only through its own (no key argument, no fair sharing); else None."""
+        if tool_name not in self._packings:
             tool = self.config.tools[tool_name]
             function = self._acquire_script.function
-            if tool.key is not None or self.fairness[tool_name] is not None or not function:
-                return keys, args, None
-            plain = self._fixed_keys[tool_name]
-            packing = self._packings[tool_name] = AcquirePacking(
-                function, plain, [*plain, receipts_key(plain[0].decode()).encode()], args,
-                len(self._quota_tails[tool_name][1]))
-        return keys, args, packing.pack(args, bool(receipt))
+            packing = None
+            if tool.key is None and self.fairness[tool_name] is None and function:
+                plain = self._fixed_keys[tool_name]
+                packing = AcquirePacking(
+                    function, plain, [*plain, receipts_key(plain[0].decode()).encode()], args,
+                    len(self._quota_tails[tool_name][1]))
+            self._packings[tool_name] = packing
+        packing = self._packings[tool_name]
+        return packing.pack(args, bool(receipt)) if packing else None
 
     @staticmethod
     def _fair_args(tool_name: str, fair: Fairness, fair_key: Any) -> list[bytes]:

@@ -30,11 +30,12 @@ def test_a_fixed_tool_s_packed_fcall_is_hiredis_s(
 ) -> None:
     gate = Gate("redis://127.0.0.1:1/0", CONFIG, prefix="packing")  # (never connects)
     for member in ("first", "a-second-call-with-a-longer-id-0123456789"):
-        keys, args, packed = gate._acquire_packed(tool, member, None, cost, deadline_s, now_s,
-                                                  receipt)
+        keys, args = gate._acquire_call(tool, member, None, cost, deadline_s, now_s, receipt)
+        packed = gate._packed_fcall(tool, args, receipt)
         assert packed == hiredis.pack_command(gate._acquire_script.fcall(keys, args))
 
 
 def test_a_keyed_tool_is_packed_by_hiredis() -> None:
     gate = Gate("redis://127.0.0.1:1/0", CONFIG, prefix="packing")
-    assert gate._acquire_packed("keyed", "m", "u1", 1, None, None)[2] is None
+    _, args = gate._acquire_call("keyed", "m", "u1", 1, None, None)
+    assert gate._packed_fcall("keyed", args, None) is None
