@@ -27,6 +27,7 @@ FORWARDED = ("messages", "tools", "tool_choice", "model", "max_tokens", "tempera
 UNFORCED = (None, "auto", "required")
 MAX_USER_CHARS = 128
 FORCE_EXAMPLE = '{"type": "function", "function": {"name": "<tool>"}}'
+ARGUMENTS_JSON = json.JSONEncoder(separators=(",", ":"))  # a tool call's arguments, compact
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def completion(result: Any, *, task_id: str, created: int) -> dict[str, Any]:
                     "type": "function",
                     "function": {
                         "name": result["tool"],
-                        "arguments": json.dumps(result["arguments"], separators=(",", ":")),
+                        "arguments": ARGUMENTS_JSON.encode(result["arguments"]),
                     },
                 }],
             },
