@@ -162,7 +162,8 @@ async def _served_by_chat_route() -> None:
 
 def encode_answer(status: int, body: Any, headers: Mapping[str, str]) -> Encoded:
     """An answer as Starlette's JSONResponse(body, status, headers) sends it, built directly:
-    the body encoded once, the header names in lower case, then content-length and type."""
+    the body encoded once, the header names in lower case, then content-length and type
+    (`headers` are the gateway's own: X-Throttle-*, Retry-After, x-ratelimit-*)."""
     encoded = BODY_JSON.encode(body).encode()
     raw = [(name.lower().encode("latin-1"), value.encode("latin-1"))
            for name, value in headers.items()]
