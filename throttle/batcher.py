@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import hiredis
@@ -138,12 +138,13 @@ class Batcher:
         self._sent: deque[deque[Call]] = deque()  # written, unanswered, batch by batch
         self._unsent: list[Call] = []  # to write when the connection is (again) writable
 
-    async def run(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
-                  *, wait_s: float = 0.0, packed_fcall: bytes | None = None) -> Any:
-        """`script`'s answer to one call, sent with this tick's calls, or with those of
-        the next `wait_s` seconds. `packed_fcall`: its FCALL already packed (RESP)."""
+    def run(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[bytes],
+            *, wait_s: float = 0.0, packed_fcall: bytes | None = None) -> Awaitable[Any]:
+        """`script`'s answer to one call (to await), sent with this tick's calls, or with
+        those of the next `wait_s` seconds. `packed_fcall`: its FCALL already packed (RESP).
+        (A future, not a coroutine: its caller resumes one frame less deep.)"""
         if not self.batched:
-            return await self._alone(script, keys, args)
+            return self._alone(script, keys, args)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
@@ -158,15 +159,14 @@ class Batcher:
         if self._soon:
             if len(self._pending) >= BATCH_MAX and self._conn is not None:
                 self._write(self._take())
-            return await future
-        if wait_s <= 0:
+        elif wait_s <= 0:
             self._soon = True
             loop.call_soon(self._flush)
         elif self._later is None or loop.time() + wait_s < self._later.when():
             if self._later is not None:
                 self._later.cancel()
             self._later = loop.call_at(loop.time() + wait_s, self._flush)
-        return await future
+        return future
 
     async def _alone(self, script: LuaScript, keys: Sequence[bytes],
                      args: Sequence[bytes]) -> Any:
@@ -292,11 +292,14 @@ class Batcher:
                     elif isinstance(answer, redis.ConnectionError):  # (e.g. LOADING)
                         await conn.disconnect(nowait=True)
                         raise answer
-                    call = batch.popleft()
-                    if isinstance(answer, redis.ResponseError) and _refused(answer):
-                        refused.append((call, answer))
-                    else:
-                        _answer(call[5], answer)
+                    future = (call := batch.popleft())[5]
+                    if isinstance(answer, redis.ResponseError):
+                        if _refused(answer):
+                            refused.append((call, answer))
+                        elif not future.done():
+                            future.set_exception(answer)
+                    elif not future.done():  # (done: its caller was cancelled)
+                        future.set_result(answer)
         except TimeoutError as exc:  # asyncio's: the connection is out of step
             await conn.disconnect(nowait=True)
             raise redis.TimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from exc
