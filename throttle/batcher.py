@@ -234,7 +234,9 @@ class Batcher:
         except BaseException as exc:
             self._line = None
             self._fail(exc, refused)
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            return
         try:
             while True:
                 if self._sent or self._unsent:
