@@ -101,11 +101,10 @@ def _answer(future: asyncio.Future[Any], answer: Any) -> None:
 def _answer_all(futures: Sequence[asyncio.Future[Any]], error: BaseException) -> None:
     """Fail every call with `error` (cancel them, when it is no Exception: the loop closes)."""
     for future in futures:
-        if not future.done():
-            if isinstance(error, Exception):
-                future.set_exception(error)
-            else:
-                future.cancel()
+        if not isinstance(error, Exception):
+            future.cancel()  # (a no-op once done)
+        elif not future.done():
+            future.set_exception(error)
 
 
 class Batcher:
@@ -158,7 +157,8 @@ class Batcher:
             self._pending.append((script, keys, args, False, packed, future))
         if self._soon:
             if len(self._pending) >= BATCH_MAX and self._conn is not None:
-                self._write(self._take())
+                batch, self._pending = self._pending, []
+                self._write(batch)
         elif wait_s <= 0:
             self._soon = True
             loop.call_soon(self._flush)
@@ -188,16 +188,12 @@ class Batcher:
                 "event loop, e.g. in the app's lifespan, or use Gate outside asyncio")
         self._loop = loop
 
-    def _take(self) -> list[Call]:
-        batch, self._pending = self._pending, []
-        return batch
-
     def _flush(self) -> None:
         self._soon = False
         if self._later is not None:
             self._later.cancel()
             self._later = None
-        batch = self._take()
+        batch, self._pending = self._pending, []
         if not batch:
             return
         if self._conn is not None:
@@ -228,16 +224,10 @@ class Batcher:
         """The line: take a connection, read the answers of every call written on it (and
         write those made meanwhile), give it back once none is in flight."""
         refused: list[tuple[Call, Exception]] = []
+        pool = self.client.connection_pool
+        conn = None
         try:
-            pool = self.client.connection_pool
             conn = await pool.get_connection()
-        except BaseException as exc:
-            self._line = None
-            self._fail(exc, refused)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        try:
             while True:
                 if self._sent or self._unsent:
                     await conn.retry.call_with_retry(lambda: self._read_batch(conn, refused),
@@ -250,7 +240,7 @@ class Batcher:
                 await asyncio.sleep(0)
                 if not (self._sent or self._unsent or self._soon):
                     break
-        except BaseException as exc:
+        except BaseException as exc:  # (every call in flight has failed with it)
             self._conn = None
             self._fail(exc, refused)
             refused.clear()
@@ -259,7 +249,8 @@ class Batcher:
         finally:
             self._conn = None
             self._line = None
-            await pool.release(conn)
+            if conn is not None:
+                await pool.release(conn)
         if refused:  # after the connection is back: the loads can use it
             self._spawn(self._redo(refused))
 
