@@ -1,8 +1,8 @@
 """The asyncio gate: the same scripts and answers as `Gate`, over `redis.asyncio`.
 
-Concurrent `acquire`s and `settle`s made in one event-loop tick share one pipeline
-(`throttle/batcher.py`); `slot()` waits for a call's reserved slot in apps
-without Celery.
+Concurrent `acquire`s and `settle`s made in one event-loop tick share one write, on one
+connection, behind the calls still in flight (`throttle/batcher.py`); `slot()` waits for a
+call's reserved slot in apps without Celery.
 """
 
 from __future__ import annotations

@@ -271,6 +271,14 @@ class AcquirePacking:
 
     def pack(self, args: list[bytes], receipt: bool) -> bytes:
         """The FCALL of `args` (with the receipts key when `receipt`)."""
-        return b"".join((self._heads[receipt], resp(args[:3]), self._pacing, resp(args[5:6]),
-                         self._limits, resp(args[self._at_days:self._at_days + 1]),
-                         self._maxes, resp(args[-1:])))
+        member, cost, deadline, now, days, tag = (
+            args[0], args[1], args[2], args[5], args[self._at_days], args[-1])
+        return _PACK % (self._heads[receipt], len(member), member, len(cost), cost,
+                        len(deadline), deadline, self._pacing, len(now), now, self._limits,
+                        len(days), days, self._maxes, len(tag), tag)
+
+
+# AcquirePacking.pack's layout, one formatting for the call's six arguments (a third of
+# the time of packing them run by run).
+_PACK = (b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s"
+         b"$%d\r\n%s\r\n")
