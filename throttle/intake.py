@@ -99,9 +99,13 @@ def nested_deeper_than(value: Any, limit: int) -> bool:
         depth += 1
         children: Iterable[Any] = item.values() if isinstance(item, dict) else item
         for child in children:  # (a loop, not a generator: every message passes here)
-            if isinstance(child, containers):
+            if child.__class__ not in _SCALARS and isinstance(child, containers):
                 stack.append((child, depth))
     return False
+
+
+# JSON's scalars, exactly: most values of a message, passed over without isinstance.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def too_deep(limit: int = MAX_ARGS_DEPTH) -> str:

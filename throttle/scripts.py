@@ -215,7 +215,8 @@ def evalsha(lane: Lane, script: LuaScript, keys: Sequence[bytes], args: Sequence
     """Run `script` on a sync client; load it once if the server answers NOSCRIPT (or, for
     a library, "Function not found"). `packed_fcall`: its FCALL already packed (RESP)."""
     if script.function is not None and lane.functions:
-        command = script.fcall(keys, args)
+        # (not built when it goes packed)
+        command = () if packed_fcall and lane.direct else script.fcall(keys, args)
         try:
             for _ in range(LOADS - 1):
                 try:

@@ -211,13 +211,17 @@ class SendingTask(Task):  # type: ignore[misc]
             )
         if nested_deeper_than(checked, MAX_ARGS_DEPTH):
             raise InvalidToolCall(self.tool.name, too_deep(MAX_ARGS_DEPTH))
+        self._check_schema(checked, parsed=parsed)
+        return checked, encoded
+
+    def _check_schema(self, checked: dict[str, Any], *, parsed: bool = False) -> None:
+        """Raise InvalidToolCall unless the arguments fit the tool's schema."""
         if self._schema.validator.schema == ANY_OBJECT:
-            return checked, encoded
+            return
         error = self._schema.first_error(checked, parsed=parsed)
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "arguments"
             raise InvalidToolCall(self.tool.name, f"{where}: {error.message}")
-        return checked, encoded
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Run the call in this process (eager mode): waits are slept here, never re-published."""

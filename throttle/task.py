@@ -21,9 +21,9 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from throttle import adaptive, eager, recovery
 from throttle.decision import Action, Decision
-from throttle.errors import StoreUnavailable, UpstreamBusy
+from throttle.errors import InvalidToolCall, StoreUnavailable, UpstreamBusy
 from throttle.headers import DEADLINE_S, DELAYS, ENQUEUED_AT, STORE_RETRIES, THROTTLE_HEADERS
-from throttle.intake import header_count, header_number
+from throttle.intake import POSITIONAL, header_count, header_number
 from throttle.monitor import metrics
 from throttle.results import FALLBACK_MARK, due_at_s, fallback_reason, outcome
 from throttle.sending import SendingTask
@@ -90,7 +90,8 @@ class ThrottledTask(SendingTask):
         request = self.request  # a lookup in Celery's request stack: read once per call
         if request.called_directly:
             return self.run(*args, **kwargs)
-        kwargs = self.check_arguments(args, kwargs)
+        kwargs = self.check_arguments(args, kwargs) if request.is_eager else \
+            self._delivered_arguments(args, kwargs)
         gate = self.throttle.gate
         fair_key = self._fair_key_of(kwargs, gate)
         decision = self._decide(kwargs, request, gate, fair_key)
@@ -102,6 +103,19 @@ class ThrottledTask(SendingTask):
         if decision.action is Action.DELAY:
             self._republish(decision.wait_s, decision.reason)
         return self._fall_back(decision.reason)
+
+    def _delivered_arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        """A worker delivery's keyword arguments, if they fit the tool's schema.
+
+        Its message passed the intake (`throttle.intake.guarded`, this task's strategy),
+        which refuses positional arguments and checks size and depth as `check_arguments`
+        does: only the schema is left to check here.
+        """
+        if args:
+            raise InvalidToolCall(self.tool.name, POSITIONAL)
+        checked: dict[str, Any] = dict(kwargs or {})
+        self._check_schema(checked)
+        return checked
 
     def _member(self, request: Any = None) -> str:
         """This delivery's member at the gate: the task id, with the body's retry number.

@@ -65,6 +65,7 @@ _flusher: threading.Thread | None = None
 _stop = threading.Event()
 _worker_task_events = False  # set from the worker's -E flag (see _note_task_events)
 _limits_texts: dict[int, tuple[Any, str]] = {}  # id(tool) -> (tool, its limits as text)
+_last_buffer: tuple[weakref.ref[Any], StatsBuffer] | None = None  # the last one `_buffer` found
 
 
 def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float,
@@ -72,10 +73,11 @@ def observe_decision(task: Observed, outcome: str, reason: str, wait_s: float,
     """One gate decision for `task`'s call: admit, delay (waiting `wait_s`) or fallback;
     `tenant`, the call's fair_by value, counts an admission per tenant too. `request`: the
     task's current request, when the caller has it at hand."""
-    try:
-        decisions.log_decision(task, outcome, reason, wait_s)
-    except Exception:  # nor must its log line
-        logger.debug("could not log a decision of %s", _name(task), exc_info=True)
+    if outcome != "admit":  # (Celery logs an admitted call's run)
+        try:
+            decisions.log_decision(task, outcome, reason, wait_s)
+        except Exception:  # nor must its log line
+            logger.debug("could not log a decision of %s", _name(task), exc_info=True)
     try:
         if request is None:
             request = task.request
@@ -101,6 +103,8 @@ def _delays_before(request: Any) -> int | None:
     """How often this call was delayed before, from its header; None if the header is not a
     count (a message made by hand): the decision then counts, the call's waiting does not."""
     value = getattr(request, DELAYS, None) or 0
+    if value.__class__ is int and value == 0:  # (most calls: never delayed)
+        return 0 if getattr(request, "id", None) else None
     if isinstance(value, bool) or not isinstance(value, int | str):
         return None
     try:
@@ -166,13 +170,18 @@ def _name(task: Any) -> str:
 
 
 def _buffer(task: Observed) -> StatsBuffer:
+    global _last_buffer
     throttle = task.throttle
+    last = _last_buffer  # (every call counts twice: the lookup below makes a weakref each time)
+    if last is not None and last[0]() is throttle and _flusher is not None:
+        return last[1]
     buffer = _buffers.get(throttle)
     if buffer is None:
         with _lock:
             buffer = _buffers.setdefault(throttle, StatsBuffer(throttle.prefix))
     if _flusher is None:
         _start_flusher()
+    _last_buffer = (weakref.ref(throttle), buffer)
     return buffer
 
 

@@ -60,6 +60,21 @@ def _bucket(bounds: tuple[float, ...], value: float) -> str:
     return _bound(bounds[index]) if index < len(bounds) else "+Inf"
 
 
+_run_fields: dict[tuple[str, int], tuple[str, str, str]] = {}  # (status, bucket) -> fields
+
+
+def _run_fields_of(status: str, seconds: float) -> tuple[str, str, str]:
+    """The fields a run of `seconds` ending with `status` counts in: its histogram bucket,
+    count and sum (made once per status and bucket: every call counts its run)."""
+    key = (status, bisect.bisect_left(DURATION_BUCKETS_S, seconds))
+    fields = _run_fields.get(key)
+    if fields is None:
+        fields = _run_fields[key] = (
+            f"run:{status}:le:{_bucket(DURATION_BUCKETS_S, seconds)}", f"run:{status}:count",
+            f"run:{status}:sum")
+    return fields
+
+
 class StatsBuffer:
     """Counts added in this process and not yet flushed to Redis (thread-safe)."""
 
@@ -146,13 +161,14 @@ class StatsBuffer:
     def add_run(self, tool: str, status: str, seconds: float, at_s: float | None = None) -> None:
         """Count one body run of `seconds` that ended with `status` at wall time `at_s`."""
         totals, recent = self._keys_of(tool, time.time() if at_s is None else at_s)
+        bucket, count, total = _run_fields_of(status, seconds)
         with self._lock:
             self._counts[recent, "body:count"] += 1
             self._sums[recent, "body:sum"] += seconds
             self._recent.add(recent)
-            self._counts[totals, f"run:{status}:le:{_bucket(DURATION_BUCKETS_S, seconds)}"] += 1
-            self._counts[totals, f"run:{status}:count"] += 1
-            self._sums[totals, f"run:{status}:sum"] += seconds
+            self._counts[totals, bucket] += 1
+            self._counts[totals, count] += 1
+            self._sums[totals, total] += seconds
 
     def add_store_error(self, tool: str) -> None:
         """Count one failure of the gate's store."""
