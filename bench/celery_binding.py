@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.celery_setup import BURST_LIMIT, MARGIN_S, PRIORITY_SEP, Bench
+from bench.celery_setup import BURST_LIMIT, MAKESPAN_TARGET, PRIORITY_SEP, Bench
 from bench.measures import Figure, mean, percentile, wait_until
 from throttle import fallback_reason
 from throttle.windows import most_in_window
@@ -52,7 +52,7 @@ def binding(bench: Bench, n: int, pool: str = "prefork -c 2", nodes: str = "T") 
     top_admit, top_start = (int(most_in_window(times, 1.0))
                             for times in (admitted, [r["at"] for r in recs]))
     ratio = makespan / ideal_s
-    cap = 1 + MARGIN_S + 0.01
+    cap = MAKESPAN_TARGET
     part = f"2 binding {BURST_LIMIT}/1s x3 {pool}"
     return [
         Figure(
