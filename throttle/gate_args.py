@@ -226,7 +226,7 @@ class GateBase:
     @staticmethod
     def _release_keys(keys: ToolKeys) -> list[str]:
         pool = [keys.pool_log, keys.pool_cost] if keys.pool_log and keys.pool_cost else []
-        return [keys.log, keys.rsv, keys.cost, keys.free, *pool]
+        return [keys.log, keys.adm, keys.cost, keys.free, *pool]
 
     def _settle_keys(self, tool_name: str, key: Any, units: float) -> list[str]:
         if not units >= 0:

@@ -3,7 +3,9 @@
 Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key argument)::
 
     <prefix>:{t}:log       ZSET  member = task id, score = admission or reserved slot (ms)
-    <prefix>:{t}:rsv       ZSET  members holding a reservation not yet admitted, score = slot
+    <prefix>:{t}:adm       ZSET  while the log may hold reservations: every admission in
+                                 it (score = admission time, ms) and '' at +inf; a log
+                                 entry not in it is then a reservation, stored only in the log
     <prefix>:{t}:cost      HASH  member -> units, only for members costing more or less than 1
     <prefix>:{t}:cooldown  STRING  until when (ms) the upstream asked for no calls
     <prefix>:{t}:free      ZSET  slots given back by released (revoked) reservations, member =
@@ -19,7 +21,7 @@ Layout, for a tool `t` (and, for per-key limits, the hashed value `h` of its key
 
 A tool in a pool `p` lives under the pool's tag, beside the pool's own log::
 
-    <prefix>:{p}:tool:<t>[|h]:log, :rsv, :cost, :free    the tool's keys
+    <prefix>:{p}:tool:<t>[|h]:log, :adm, :cost, :free    the tool's keys
     <prefix>:{p}:pool:log  ZSET  admissions of every tool in the pool, score = time (ms)
     <prefix>:{p}:pool:cost HASH  member -> units, for members whose cost is not 1
     <prefix>:{p}:tool:<t>:leases  ZSET  running calls of a capped tool, score = lease end
@@ -123,7 +125,7 @@ class ToolKeys:
     """The keys of one tool (and key value) for one gate decision."""
 
     log: str
-    rsv: str
+    adm: str
     cost: str
     pool_log: str | None = None
     pool_cost: str | None = None
@@ -132,9 +134,9 @@ class ToolKeys:
     free: str = ""
 
     def as_list(self) -> list[str]:
-        """Keys in the order acquire.lua expects them: log, rsv, cost[, pool log, pool cost]
+        """Keys in the order acquire.lua expects them: log, adm, cost[, pool log, pool cost]
         [, leases], cooldown."""
-        keys = [self.log, self.rsv, self.cost]
+        keys = [self.log, self.adm, self.cost]
         if self.pool_log and self.pool_cost:
             keys += [self.pool_log, self.pool_cost]
         if self.leases:
@@ -161,14 +163,14 @@ def tool_keys(
         tag = tool if digest is None else f"{tool}|{digest}"
         base = f"{prefix}:{{{tag}}}"
         return ToolKeys(
-            log=f"{base}:log", rsv=f"{base}:rsv", cost=f"{base}:cost",
+            log=f"{base}:log", adm=f"{base}:adm", cost=f"{base}:cost",
             cooldown=f"{base}:cooldown", free=f"{base}:free",
         )
     head = f"{prefix}:{{{pool}}}:tool:{tool}" if pool else f"{prefix}:{{{tool}}}"
     base = head if digest is None else f"{head}|{digest}"
     return ToolKeys(
         log=f"{base}:log",
-        rsv=f"{base}:rsv",
+        adm=f"{base}:adm",
         cost=f"{base}:cost",
         pool_log=f"{prefix}:{{{pool}}}:pool:log" if pool else None,
         pool_cost=f"{prefix}:{{{pool}}}:pool:cost" if pool else None,

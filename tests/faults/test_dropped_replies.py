@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from tests.support.relay import DroppingRelay
+from tests.support.reservations import reserved_in
 from tests.support.servers import RedisServer
 from throttle import Action, Gate, StoreUnavailable, load_config
 from throttle.keys import tool_keys
@@ -114,11 +115,11 @@ class LogSampler:
     def sample(self) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.zrange(self.keys.log, 0, -1, withscores=True)
-        pipe.zrange(self.keys.rsv, 0, -1, withscores=True)
+        pipe.zrange(self.keys.adm, 0, -1)
         pipe.time()
-        log, rsv, (sec, usec) = pipe.execute()
+        log, admitted, (sec, usec) = pipe.execute()
         self.sampled_at.append(sec + usec / 1e6)
-        reserved = {member.decode(): score for member, score in rsv}
+        reserved = {member.decode(): score for member, score in reserved_in(log, admitted).items()}
         for raw, score in log:
             member = raw.decode()
             if member in reserved:

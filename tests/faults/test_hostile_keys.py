@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.reservations import reservations
 from tests.support.servers import RedisServer
 from throttle import Action, Gate, InvalidToolCall, load_config
 from throttle.keys import redelivery_key, tool_keys
@@ -171,9 +172,9 @@ def test_a_flooded_key_value_holds_no_more_entries_and_bytes_than_the_documented
             gate.acquire("flooded", f"s{step}-{i}", key="flood", now_s=now_s)
         entries = redis_client.zcard(keys.log)
         if entries > most:
-            reserved = redis_client.zcard(keys.rsv)
+            reserved = len(reservations(redis_client, keys))
             log_bytes = redis_client.memory_usage(keys.log, samples=0) or 0
-            rsv_bytes = redis_client.memory_usage(keys.rsv, samples=0) or 0
+            rsv_bytes = redis_client.memory_usage(keys.adm, samples=0) or 0
             most, sizes = entries, (reserved, log_bytes, rsv_bytes)
         now_s += 0.25
     reserved, log_bytes, rsv_bytes = sizes
@@ -186,5 +187,5 @@ def test_a_flooded_key_value_holds_no_more_entries_and_bytes_than_the_documented
     assert most <= bound
     assert log_bytes <= MAX_BYTES_PER_ENTRY * most
     assert rsv_bytes <= MAX_BYTES_PER_ENTRY * max(reserved, 1)
-    assert redis_client.pttl(keys.log) > 0 and redis_client.pttl(keys.rsv) > 0
+    assert redis_client.pttl(keys.log) > 0 and redis_client.pttl(keys.adm) > 0
     gate.close()

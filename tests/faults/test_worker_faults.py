@@ -21,9 +21,11 @@ from celery.result import AsyncResult
 from tests.apps.ledger import build
 from tests.integration.test_celery_flow import burst, tool
 from tests.support.messages import Tripwire, publish_raw
+from tests.support.reservations import reservations
 from tests.support.servers import private_redis
 from tests.support.workers import Cluster, ledger
 from throttle import outcome
+from throttle.keys import tool_keys
 from throttle.task import fallback_reason
 from throttle.windows import most_in_window
 
@@ -151,10 +153,10 @@ def test_a_warm_shutdown_holding_500_delayed_calls_requeues_them_all(
     cluster = make_cluster(config)
     cluster.start(1, concurrency=2)
     results, _ = burst(cluster, "held", 500)
-    reserved = f"{prefix}:{{held}}:rsv"
+    keys = tool_keys(prefix, "held")
     # Wait until every call has met the gate: admitted (in the ledger) or holding a slot.
     deadline = time.monotonic() + 30
-    while redis_client.llen(f"{prefix}:ledger") + redis_client.zcard(reserved) < 500:
+    while redis_client.llen(f"{prefix}:ledger") + len(reservations(redis_client, keys)) < 500:
         assert time.monotonic() < deadline, "the burst did not reach the gate in 30 s"
         time.sleep(0.05)
     node = cluster.procs[0]
@@ -163,7 +165,7 @@ def test_a_warm_shutdown_holding_500_delayed_calls_requeues_them_all(
     # What the node held when it stopped: the reservations it never admitted (a slot that
     # came due between a count and the signal was admitted and ran; nothing trims the
     # reservations while no node decides).
-    held = int(redis_client.zcard(reserved))
+    held = len(reservations(redis_client, keys))
     ran_before = int(redis_client.llen(f"{prefix}:ledger"))
     broker = redis.Redis.from_url(redis_dbs[0])
     requeued = queued_messages(broker, "tool.held")

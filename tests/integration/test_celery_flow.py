@@ -13,8 +13,10 @@ import redis
 
 from tests.apps.ledger import build
 from tests.support.rabbit import rabbitmq_queue
+from tests.support.reservations import reservations
 from tests.support.workers import ledger
 from throttle import outcome
+from throttle.keys import tool_keys
 from throttle.task import fallback_reason
 from throttle.windows import most_in_window
 
@@ -122,7 +124,7 @@ def test_calls_past_their_deadline_fall_back_at_once_and_release_their_slots(
     # Fallbacks come back at once, not after waiting out the 2 s deadline.
     assert waited[-1] < 1.5
     assert most_in_window([run["admitted_at"] for run in ran], 1.0) <= 5
-    assert redis_client.zcard(f"{prefix}:{{tight}}:rsv") == 0
+    assert len(reservations(redis_client, tool_keys(prefix, "tight"))) == 0
 
 
 def test_invalid_calls_are_refused_before_anything_is_enqueued(

@@ -29,6 +29,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from tests.support.reservations import reserved_in
 from tests.support.workers import clean_db
 from throttle import load_config
 from throttle.cli import main
@@ -65,11 +66,13 @@ class GateLogWatcher:
             pipe = self.client.pipeline(transaction=True)
             for name in names:
                 pipe.zrange(name, 0, -1, withscores=True)
-                pipe.zrange(name[: -len("log")] + "rsv", 0, -1)  # (the pool has none)
+                pipe.zrange(name[: -len("log")] + "adm", 0, -1)  # (the pool has none)
             replies = pipe.execute()
             # A call the pool holds back has a slot in the pool's log too: an entry of a
             # member that holds a reservation in any tool is a slot, not an admission.
-            reserved = {member for rsv in replies[1::2] for member in rsv}
+            pairs = zip(names, replies[::2], replies[1::2], strict=True)
+            reserved = {member for name, log, admitted in pairs
+                        if not name.endswith(":pool:log") for member in reserved_in(log, admitted)}
             for name, log in zip(names, replies[::2], strict=True):
                 owner = "pool" if name.endswith(":pool:log") else name.split(":tool:")[1][:-4]
                 for member, score in log:

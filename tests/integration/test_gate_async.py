@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.reservations import reservations_async
 from throttle import Action, AsyncGate, Decision, Gate, Throttled, load_config
 from throttle.keys import tool_keys
 
@@ -185,8 +186,8 @@ def test_a_cancelled_slot_gives_its_reservation_back(redis_url: str, prefix: str
                 pass
 
         task = asyncio.create_task(waiter())
-        reservations = tool_keys(prefix, "cancel").rsv
-        while not await gate.client.zcard(reservations):  # it holds the slot 2 s on, asleep
+        keys = tool_keys(prefix, "cancel")
+        while not await reservations_async(gate.client, keys):  # it holds the slot 2 s on, asleep
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

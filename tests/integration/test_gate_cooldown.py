@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from tests.support.reservations import reservations
 from throttle import Action, Gate, load_config
 from throttle.keys import tool_keys
 
@@ -62,7 +63,7 @@ def test_a_reservation_inside_the_cooldown_is_given_back_and_told_to_come_back_a
     decision = gate.acquire("chat", "c", now_s=P + 10)
     assert (decision.action, decision.reason) == (Action.DELAY, "cooldown")
     assert decision.slot_at == pytest.approx(P + 13)
-    assert redis_client.zcard(tool_keys(prefix, "chat").rsv) == 0
+    assert len(reservations(redis_client, tool_keys(prefix, "chat"))) == 0
     assert gate.acquire("chat", "c", now_s=P + 13).action is Action.ADMIT
 
 

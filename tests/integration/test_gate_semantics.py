@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.reservations import reservations
 from throttle import Action, Gate, InvalidToolCall, load_config
 from throttle.keys import tool_keys
 
@@ -116,7 +117,7 @@ def test_release_frees_a_reservation_for_the_next_caller_but_never_an_admission(
 
     assert gate.release("one", "A") is False, "an admission already made is never released"
     assert log_of(redis_client, prefix, "one") == {"A": P, "C": P + 60}
-    assert redis_client.zrange(tool_keys(prefix, "one").rsv, 0, -1) == [b"C"]
+    assert list(reservations(redis_client, tool_keys(prefix, "one"))) == [b"C"]
 
 
 def test_a_released_weighted_reservation_gives_back_its_units(
@@ -144,7 +145,7 @@ def test_a_slot_past_the_deadline_falls_back_and_reserves_nothing(
     assert gate.acquire("one", "Y", deadline_s=59.9, now_s=P).action is Action.FALLBACK
     assert gate.acquire("one", "Y", deadline_s=60, now_s=P).action is Action.DELAY
     assert log_of(redis_client, prefix, "short") == {"A": P}
-    assert redis_client.zcard(tool_keys(prefix, "short").rsv) == 0
+    assert len(reservations(redis_client, tool_keys(prefix, "short"))) == 0
 
 
 def test_a_cost_above_every_window_falls_back_at_once(gate: Gate) -> None:
@@ -199,7 +200,7 @@ def test_hostile_key_values_make_short_keys_under_the_prefix_in_the_tools_hash_t
     assert gate.acquire("per_session", "m1", key=value, now_s=P).action is Action.ADMIT
     assert gate.acquire("per_session", "m2", key=value, now_s=P).action is Action.DELAY
     keys = sorted(key.decode() for key in redis_client.scan_iter(match=f"{prefix}:*"))
-    assert len(keys) == 2, keys  # log and rsv (no costs: every call costs 1)
+    assert len(keys) == 2, keys  # log and adm (no costs: every call costs 1)
     for key in keys:
         assert key.startswith(f"{prefix}:{{per_session|")
         assert len(key) <= len(prefix) + 45
@@ -222,7 +223,7 @@ def test_keys_of_an_idle_tool_expire_within_two_longest_windows(
     assert 61_000 - slack <= redis_client.pttl(log) <= 121_000
     gate.acquire("one", "B", now_s=P)  # reserved at +60 s: its window ends at +120 s
     assert 121_000 - slack <= redis_client.pttl(log) <= 181_000
-    assert 121_000 - slack <= redis_client.pttl(tool_keys(prefix, "one").rsv) <= 181_000
+    assert 121_000 - slack <= redis_client.pttl(tool_keys(prefix, "one").adm) <= 181_000
 
 
 @pytest.mark.parametrize("lateness_s", [0, 0.5], ids=["on time", "late"])

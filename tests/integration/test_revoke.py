@@ -13,6 +13,7 @@ from celery import states
 
 from tests.apps.ledger import build
 from tests.support.rabbit import rabbitmq_queue
+from tests.support.reservations import reservations
 from tests.support.workers import ledger, most_in_window
 from throttle.keys import registry_keys, tool_keys, waiting_key
 
@@ -42,7 +43,7 @@ def run_revoke_scenario(cluster: Any, client: redis.Redis, prefix: str, *,
     at ~4 s are revoked (`by` their "id" or their stamped "header"); then 2 new calls take
     their slots. Every call is stamped with its own header `batch`."""
     app, _, tasks = build(cluster.env)
-    rsv = tool_keys(prefix, "pair").rsv
+    keys = tool_keys(prefix, "pair")
 
     def send(n: int) -> Any:
         return tasks["pair"].apply_async(kwargs={"n": n}, stamped_headers=["batch"],
@@ -50,8 +51,8 @@ def run_revoke_scenario(cluster: Any, client: redis.Redis, prefix: str, *,
 
     first = [send(n) for n in range(6)]
     sent_at = time.time()
-    wait_until(lambda: client.zcard(rsv) == 4, 10, "4 reservations")
-    earliest = {member.decode() for member in client.zrange(rsv, 0, 1)}
+    wait_until(lambda: len(reservations(client, keys)) == 4, 10, "4 reservations")
+    earliest = {member.decode() for member in list(reservations(client, keys))[:2]}
     revoked = [n for n, r in enumerate(first) if r.id in earliest]
     time.sleep(max(0.0, sent_at + 1.0 - time.time()))
     revoked_at = time.time()
@@ -60,7 +61,7 @@ def run_revoke_scenario(cluster: Any, client: redis.Redis, prefix: str, *,
     else:
         app.control.revoke_by_stamped_headers({"batch": [f"b{n}" for n in revoked]})
     given_back_at = wait_until(
-        lambda: not any(client.zscore(rsv, first[n].id) for n in revoked), 5,
+        lambda: not any(first[n].id.encode() in reservations(client, keys) for n in revoked), 5,
         "the slots given back")
     waiting = waiting_key(prefix, "pair", "reserved")
     wait_until(lambda: not any(client.zscore(waiting, first[n].id) for n in revoked), 3,
@@ -81,7 +82,7 @@ def run_revoke_scenario(cluster: Any, client: redis.Redis, prefix: str, *,
     assert 3.9 <= at[6] < 5.0 and 3.9 <= at[7] < 5.0, "the new calls took the freed ~4 s slots"
     assert sorted(at.values())[-2:] >= [7.9, 7.9], "the other reserved calls kept ~8 s"
     assert most_in_window([run["admitted_at"] for run in runs.values()], 4.0) <= 2
-    assert client.zcard(rsv) == 0
+    assert len(reservations(client, keys)) == 0
     calls = registry_keys(prefix, "pair")[0]
     assert all(client.zscore(calls, first[n].id) is None for n in revoked)
 
@@ -197,13 +198,13 @@ def test_give_back_frees_a_keyed_reservation_and_shrugs_off_odd_requests(
     assert gate.acquire("keyed", "a", key=7).action.value == "admit"
     reserved = gate.acquire("keyed", "b", key=7)
     assert reserved.action.value == "delay"
-    rsv = tool_keys(prefix, "keyed", 7).rsv
+    keys = tool_keys(prefix, "keyed", 7)
     give_back(sender=task, request=SimpleNamespace(id="b", kwargs={"n": 7}))
-    assert redis_client.zcard(rsv) == 0
+    assert len(reservations(redis_client, keys)) == 0
     assert gate.acquire("keyed", "c", key=7).slot_at == reserved.slot_at
     for odd in ({}, "junk", None):
         give_back(sender=task, request=SimpleNamespace(id="c", kwargs=odd))
     assert "not given back" in caplog.text
     give_back(sender=object(), request=SimpleNamespace(id="c", kwargs={}))  # not a tool task
-    assert redis_client.zscore(rsv, "c") is not None
+    assert b"c" in reservations(redis_client, keys)
     gate.close()

@@ -44,9 +44,9 @@ def hash_tag(key: str) -> str:
 def test_a_tools_keys_share_its_hash_tag_under_the_prefix() -> None:
     keys = tool_keys("throttle", "search")
     assert keys.log == "throttle:{search}:log"
-    assert keys.rsv == "throttle:{search}:rsv"
+    assert keys.adm == "throttle:{search}:adm"
     assert keys.cost == "throttle:{search}:cost"
-    assert keys.as_list() == [keys.log, keys.rsv, keys.cost, keys.cooldown]
+    assert keys.as_list() == [keys.log, keys.adm, keys.cost, keys.cooldown]
     assert {hash_tag(key) for key in keys.as_list()} == {"search"}
 
 
@@ -74,7 +74,7 @@ def test_hostile_key_values_stay_short_under_the_prefix_and_in_the_tools_hash_ta
     for key in keys.as_list():
         assert key.startswith("throttle-test:{search|")
         assert len(key) <= len("throttle-test:{search|}:cooldown") + 24
-        assert re.fullmatch(r"throttle-test:\{search\|[0-9a-f]{24}\}:(log|rsv|cost|cooldown)", key)
+        assert re.fullmatch(r"throttle-test:\{search\|[0-9a-f]{24}\}:(log|adm|cost|cooldown)", key)
         assert key.isascii() and key.isprintable()
         assert hash_tag(key).startswith("search|")
 

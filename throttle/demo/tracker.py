@@ -152,7 +152,7 @@ class Tracker:
     def poll_gate(self) -> None:
         """Read the gate's logs: admission times, window use, reservations, pool admissions.
 
-        One transaction, so that a log and its reservations are read at the same instant.
+        One transaction, so that a log and its admissions are read at the same instant.
         """
         with self._lock:
             targets = [
@@ -167,7 +167,7 @@ class Tracker:
         for tool, value in targets:
             keys = self.keys_of(tool, value)
             pipe.zrange(keys.log, 0, -1, withscores=True)
-            pipe.zrange(keys.rsv, 0, -1)
+            pipe.zrange(keys.adm, 0, -1)
             pipe.hgetall(keys.cost)
         for _, (pool_log, pool_cost) in pools:
             pipe.zrange(pool_log, 0, -1, withscores=True)
@@ -178,8 +178,9 @@ class Tracker:
         views: dict[str, list[GateView]] = {}
         reserved_anywhere: set[bytes] = set()
         for index, (tool, _) in enumerate(targets):
-            log, reserved, costs = answers[1 + 3 * index : 4 + 3 * index]
-            reserved = set(reserved)
+            log, admitted, costs = answers[1 + 3 * index : 4 + 3 * index]
+            # Reserved: the rest of the log, when adm exists (without it, there is none).
+            reserved = {member for member, _ in log} - set(admitted) if admitted else set()
             reserved_anywhere |= reserved
             self._note_admissions(log, reserved, costs, now_ms)
             views.setdefault(tool.name, []).append(_view(tool, log, reserved, costs, now_ms))

@@ -1,7 +1,12 @@
 --[[ acquire: admit a call now, reserve its earliest slot, or refuse it (fallback).
 
 KEYS[1]  log        ZSET  member = task id, score = admission time or reserved slot (ms)
-KEYS[2]  rsv        ZSET  members whose entry is a reservation not yet admitted, score = slot
+KEYS[2]  adm        ZSET  (while the log may hold reservations) every admission in the
+                      log, score = its log score, and the member '' at +inf: a log entry
+                      not in it is a reservation not yet admitted, so a held call is
+                      stored once, in the log. The first reservation made while adm does
+                      not exist makes it; it shares the log's TTL. Without it, every
+                      entry of the log is an admission
 KEYS[3]  cost       HASH  member -> units, only for members whose cost is not 1 (and, once
                       a window of the log is wide, the sum of its units: units.lua)
 KEYS[4]  pool log   ZSET  (tools in a pool) admissions of every tool of the pool, score = ms
@@ -86,14 +91,14 @@ not before the latest one already taken (FIFO) that breaks no window.
 -- Redis function library, FCALL, these locals outlive a call, and the functions below are
 -- built once, when the library loads; as a script, EVALSHA, every call builds them again.)
 local K, A  -- the call's keys and arguments
-local log, rsv, costs, member, cost, deadline, gap, margin, now
+local log, adm, costs, member, cost, deadline, gap, margin, now
 local n, maxes, windows, longest, at_arg, pn, allowances, pool_windows, pool_longest
 local cap, lease_ms, receipt, receipts, nkeys, fair, fair_keys, fair_weights, pool_quota
 local extra_at, live_fields, live_quotas, live_pool_quotas, calls_at
 local quota_key, qn, days, quota_max, pool_quota_max, pqn, quotas_on
 local pool_log, pool_costs, leases, cooldown_at, cool_until, free, known_held
 local weighted, pool_weighted, freed_on
-local known_latest, known_own, known_pool_free, known_waiting
+local known_latest, known_own, known_pool_free, known_waiting, fresh_log
 local fair_finish, fair_queue, fair_parked, fair_costs, fair_clock
 local tenant, fair_weight, horizon, fair_grace, fair_tag, fair_new
 local LATE_GRACE_MS = 1000
@@ -135,7 +140,7 @@ end
 
 -- Read the call's arguments and the live limits (HMGET) into the state above.
 local function read_args()
-  log, rsv, costs = K[1], K[2], K[3]
+  log, adm, costs = K[1], K[2], K[3]
   member = A[1]
   cost = (A[2] + 0)
   deadline = (A[3] + 0)
@@ -333,8 +338,8 @@ local function prepare()
   end
   local trimmed
   weighted, trimmed = trim(log, costs, now - longest)
-  -- A reservation's entry in rsv has the score of its log entry: none is older than the log's.
-  if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', rsv, '-inf', fmt(now - longest)) end
+  -- An admission's entry in adm has the score of its log entry: none is older than the log's.
+  if trimmed > 0 then redis.call('ZREMRANGEBYSCORE', adm, '-inf', fmt(now - longest)) end
   if known_held and tonumber(known_held) <= now - longest then known_held = false end  -- trimmed
   pool_weighted = pn > 0 and trim(pool_log, pool_costs, now - pool_longest)
   freed_on = not known_held and pn == 0 and not quotas_on
@@ -428,9 +433,55 @@ local function keep(key, last)
     redis.call('PEXPIRE', key, math.ceil(needed + longest))  -- (windows may be fractional ms)
   end
 end
+-- While adm exists, the log and adm share one TTL (`ttl`, adm's), raised for both at once.
+-- A log found empty (`fresh_log`: its entries all trimmed or taken out, so it had no TTL any
+-- more) holds no reservation: adm, if left, goes.
+local function adm_ttl_now()
+  if fresh_log then
+    redis.call('ZREMRANGEBYSCORE', adm, '-inf', '+inf')
+    return -2
+  end
+  return redis.call('PTTL', adm)
+end
+local function keep_both(last, ttl)
+  local needed = math.ceil(last - now + longest) + 1000
+  if ttl < needed then
+    local raised = math.ceil(needed + longest)
+    redis.call('PEXPIRE', log, raised)
+    redis.call('PEXPIRE', adm, raised)
+  end
+end
+-- A reservation at `last`, its log entry made. The first one while adm does not exist names
+-- every other entry of the log in adm (all admissions then) beside the member '' at +inf.
 local function expire(last)
-  keep(log, last)
+  local ttl = adm_ttl_now()
+  if ttl == -2 then
+    local entries = redis.call('ZRANGE', log, '0', '-1', 'WITHSCORES')
+    local marks = {'+inf', ''}
+    for i = 1, #entries, 2 do
+      if entries[i] ~= member then
+        marks[#marks + 1], marks[#marks + 2] = entries[i + 1], entries[i]
+      end
+      if #marks >= 2 * CHUNK then redis.call('ZADD', adm, unpack(marks)); marks = {} end
+    end
+    if #marks > 0 then redis.call('ZADD', adm, unpack(marks)) end
+    ttl = redis.call('PTTL', log)
+    if ttl > 0 then redis.call('PEXPIRE', adm, ttl) end
+  end
+  keep_both(last, ttl)
   if cost ~= 1 then keep(costs, last) end
+end
+-- An admission at `at` (now, as text): named in adm while adm exists (the log may hold
+-- reservations then); else the log alone holds it. `ttl`: adm's PTTL, when just read.
+local function expire_admitted(at, ttl)
+  ttl = ttl or adm_ttl_now()
+  if ttl == -2 then
+    keep(log, now)
+  else
+    redis.call('ZADD', adm, at, member)
+    keep_both(now, ttl)
+  end
+  if cost ~= 1 then keep(costs, now) end
 end
 -- Note which delivery was admitted (it leaves with the member's log entry).
 local function note_receipt()
@@ -482,18 +533,25 @@ local function due_free_at(max, window, mine)
     if mine > floor then used = used - 1 end
   end
   if used + cost > max then
+    -- (The due reservations behind it: the log's entries there that are not admissions.)
     local behind = '(' .. fmt(math.max(mine, floor))
     if weighted then
-      used = used - weighing().sum_of(costs, redis.call('ZRANGEBYSCORE', rsv, behind, now), 1)
+      local admitted, due = {}, {}
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', adm, behind, now)) do admitted[m] = true end
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, behind, now)) do
+        if not admitted[m] then due[#due + 1] = m end
+      end
+      used = used - weighing().sum_of(costs, due, 1)
     else
-      used = used - redis.call('ZCOUNT', rsv, behind, now)
+      used = used - redis.call('ZCOUNT', log, behind, now)
+                  + redis.call('ZCOUNT', adm, behind, now)
     end
   end
   local excess = used + cost - max
   if excess <= 0 then return now end
   -- Blocked: the entry whose leaving frees enough, from the window's oldest.
   local at = reach(log, costs, weighted, lo, now, excess, function(m, score)
-    return m ~= member and not (score > mine and redis.call('ZSCORE', rsv, m))
+    return m ~= member and not (score > mine and not redis.call('ZSCORE', adm, m))
   end)
   return at and at + window
 end
@@ -531,17 +589,19 @@ local function keep_pool(last)
   end
 end
 
--- Record the admission everywhere it counts.
+-- Record the admission everywhere it counts. Returns its time as text (for the answer).
 local function admit()
-  log_put(log, costs, now, member, cost)
+  local at = fmt(now)
+  log_put(log, costs, at, member, cost)
   if pn > 0 then
-    log_put(pool_log, pool_costs, now, member, cost)
+    log_put(pool_log, pool_costs, at, member, cost)
     keep_pool(now)
   end
   if cap > 0 then
     redis.call('ZADD', leases, now + lease_ms, member)
     redis.call('PEXPIRE', leases, math.ceil(lease_ms) + 1000)
   end
+  return at
 end
 
 
@@ -551,11 +611,12 @@ end
 -- or nil. What it reads first, it hands on to the other paths (known_latest, known_own,
 -- known_pool_free, known_waiting) when the call goes on.
 local function fast_admit()
-  known_latest, known_own, known_pool_free = nil, nil, nil
+  known_latest, known_own, known_pool_free, fresh_log = nil, nil, nil, false
   known_waiting = fair and not known_held and redis.call('ZCARD', fair_keys[2])
   if not weighted and not pool_weighted and (not fair or known_waiting == 0) and deadline >= 0
       and cool_until <= now and not known_held then
     known_latest = redis.call('ZREVRANGE', log, '0', '0', 'WITHSCORES')
+    fresh_log = not known_latest[2]
     local fits = not (known_latest[2] and tonumber(known_latest[2]) > now)
     for i = 1, (fits and n or 0) do
       if earliest(now, maxes[i], windows[i]) ~= now then fits = false; break end
@@ -572,13 +633,13 @@ local function fast_admit()
     end
     if fits and cap > 0 then fits = lease_free_at() <= now end  -- (and again in blocked())
     if fits then
-      admit()
+      local at = admit()
       charge(now, cost)
-      expire(now)
+      expire_admitted(at)
       note_receipt()
       -- (fair_after: nothing waits, so no tenant keeps an entry)
       if fair then redis.call('ZREMRANGEBYSCORE', fair_keys[1], '-inf', '+inf') end
-      return forget_decided({'admit', '0', fmt(now), 'admitted'})
+      return forget_decided({'admit', '0', at, 'admitted'})
     end
   end
 end
@@ -658,9 +719,7 @@ local function take_freed(t)
       redis.call('ZREM', free, slots[i])
       if units > cost then redis.call('ZADD', free, t, fmt(units - cost) .. ':' .. member) end
       log_put(log, costs, t, member, cost)
-      redis.call('ZADD', rsv, t, member)
       expire(t)
-      keep(rsv, t)
       return {'delay', fmt(t - now), fmt(t), 'reserved'}
     end
   end
@@ -713,13 +772,11 @@ pool_wait = function(from)
   if t - now > deadline then return {'fallback', '0', fmt(t), 'deadline'} end
   log_put(pool_log, pool_costs, t, member, cost)
   keep_pool(t)
-  local before = tonumber(redis.call('ZSCORE', rsv, member))
-  if before then charge(before, -cost) end  -- (a calendar quota counts the call's slot)
+  -- (A held member here is a reservation: a calendar quota counts the call's slot.)
+  if known_held then charge(tonumber(known_held), -cost) end
   charge(t, cost)
   log_put(log, costs, t, member, cost)
-  redis.call('ZADD', rsv, t, member)
   expire(t)
-  keep(rsv, t)
   return {'delay', fmt(t - now), fmt(t), 'pool'}
 end
 -- -----------------------------------------------------------------------------------------
@@ -848,8 +905,9 @@ end
 local function decide_held()
   local held = known_held  -- (read before the fast path)
   if held then
-    local slot = redis.call('ZSCORE', rsv, member)
-    if not slot then
+    -- Admitted already? (Without adm, the log holds no reservation.)
+    local adm_ttl = redis.call('PTTL', adm)
+    if adm_ttl == -2 or redis.call('ZSCORE', adm, member) then
       local again = 'readmitted'
       local noted = receipts and redis.call('HGET', receipts, member)
       if receipts and noted ~= receipt then
@@ -872,11 +930,10 @@ local function decide_held()
       note_receipt()
       return {'admit', '0', held, again}
     end
-    slot = tonumber(slot)
+    local slot = tonumber(held)  -- (not admitted: its log entry is a reservation)
     -- Every refusal of a reservation gives it back, so a fallback needs no release.
     local function drop()
       log_drop(log, costs, member)
-      redis.call('ZREM', rsv, member)
       if pn > 0 then  -- and its pool slot (pool waits)
         log_drop(pool_log, pool_costs, member)
       end
@@ -915,11 +972,10 @@ local function decide_held()
       if refused[1] == 'fallback' then drop() end
       return refused
     end
-    admit()
-    redis.call('ZREM', rsv, member)
-    expire(now)
+    local at = admit()
+    expire_admitted(at, adm_ttl)
     note_receipt()
-    return {'admit', '0', fmt(now), 'reservation'}
+    return {'admit', '0', at, 'reservation'}
   end
 end
 
@@ -928,6 +984,7 @@ local function decide_new()
   -- else the earliest slot, not before the latest one already taken (FIFO).
   if cool_until > now then return cooled() end
   local latest = known_latest or redis.call('ZREVRANGE', log, '0', '0', 'WITHSCORES')
+  fresh_log = not latest[2]
   local start = now
   if latest[2] and tonumber(latest[2]) > start then start = tonumber(latest[2]) end
   local t = start
@@ -973,11 +1030,11 @@ local function decide_new()
     if deadline < 0 then return {'fallback', '0', fmt(now), 'deadline'} end
     local refused = blocked()
     if refused then return refused end
-    admit()
+    local at = admit()
     charge(now, cost)
-    expire(now)
+    expire_admitted(at)
     note_receipt()
-    return {'admit', '0', fmt(now), 'admitted'}
+    return {'admit', '0', at, 'admitted'}
   end
   if t - now > deadline then
     return {'fallback', '0', fmt(t), 'deadline'}
@@ -985,9 +1042,7 @@ local function decide_new()
   if pn > 0 then return pool_wait(t) end  -- the pool places it from its tool slot
   charge(t, cost)
   log_put(log, costs, t, member, cost)
-  redis.call('ZADD', rsv, t, member)
   expire(t)
-  keep(rsv, t)
   return {'delay', fmt(t - now), fmt(t), 'reserved'}
 end
 

@@ -1,7 +1,7 @@
 --[[ cooldown: the upstream asked for a pause (429/503 with a retry hint); no call of the
 tool (or of its pool) is admitted until it ends, on any worker.
 
-KEYS     the keys of acquire.lua: log, rsv, cost[, pool log, pool cost][, leases], cooldown
+KEYS     the keys of acquire.lua: log, adm, cost[, pool log, pool cost][, leases], cooldown
 ARGV[1]  member    the call the upstream refused ('' for none): its admission is removed
                    from every log (the upstream did not serve it) and its lease given back
 ARGV[2]  pause_ms  how long the pause lasts from now

@@ -1,7 +1,7 @@
 --[[ release: give back a reservation that will not be used (fallback, revoke).
 
 KEYS[1]  log   ZSET  member = task id, score = admission time or reserved slot (ms)
-KEYS[2]  rsv   ZSET  members holding a reservation not yet admitted
+KEYS[2]  adm   ZSET  the log's admissions, when it may hold reservations (acquire.lua)
 KEYS[3]  cost  HASH  member -> units
 KEYS[4]  free  ZSET  slots given back, member = '<units>:<task id>', score = slot (ms);
                      acquire.lua gives them to the next new calls
@@ -15,12 +15,13 @@ passes (and a minute more), so a new call can take it instead of queueing behind
 latest reservation.
 ]]
 
-local log, rsv, costs, free = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local log, adm, costs, free = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member = ARGV[1]
-local slot = redis.call('ZSCORE', rsv, member)
+local slot = redis.call('ZSCORE', log, member)
 if not slot then return 0 end
+-- An admission (without adm, the log holds no reservation)
+if redis.call('ZSCORE', adm, member) or redis.call('PTTL', adm) == -2 then return 0 end
 local units = redis.call('HGET', costs, member) or '1'
-redis.call('ZREM', rsv, member)
 log_drop(log, costs, member)
 if KEYS[6] then  -- a call the pool held back also gives back its unit of the pool
   log_drop(KEYS[5], KEYS[6], member)

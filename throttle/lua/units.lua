@@ -109,10 +109,10 @@ local function weighing()
   return W
 end
 
--- Add `m` at `score` with `units`, or move it when it is there (a cost of 1 then leaves
--- its units as they were).
+-- Add `m` at `score` (ms, or fmt's text of it) with `units`, or move it when it is there
+-- (a cost of 1 then leaves its units as they were).
 local function log_put(zset, hash, score, m, units)
-  local added = redis.call('ZADD', zset, fmt(score), m) == 1
+  local added = redis.call('ZADD', zset, type(score) == 'string' and score or fmt(score), m) == 1
   if units == 1 then
     if added and sums[hash] ~= false then weighing().add(hash, 1, 1) end
     return

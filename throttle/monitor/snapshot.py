@@ -155,50 +155,50 @@ def _range(now_ms: float, limit: Limit) -> tuple[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class _Window:
-    """A window to measure: a log, its cost hash, and its reservations (tool logs only)."""
+    """A window to measure: a log, its cost hash, and its admissions set (tool logs only)."""
 
     limit: Limit
     log: str
     cost: str
-    rsv: str | None = None
+    adm: str | None = None
 
 
 def _window_units(client: StoreClient, now_ms: float, windows: list[_Window]) -> list[float]:
     """Units admitted in each window now: counts, then costs where a log holds weighted calls.
 
-    A tool's log also holds reservations; those in the window are due but not yet admitted.
+    A tool's log may also hold reservations: then its adm set names the admissions in it.
     """
     pipe = client.pipeline(transaction=False)
     for window in windows:
         low, high = _range(now_ms, window.limit)
         pipe.hlen(window.cost)
         pipe.zcount(window.log, low, high)
-        if window.rsv:
-            pipe.zcount(window.rsv, low, high)
+        if window.adm:
+            pipe.zcount(window.adm, low, high)
+            pipe.exists(window.adm)
     counts = iter(pipe.execute())
     units: list[float] = []
     weighted: list[int] = []
-    for index, window in enumerate(windows):
+    admitted: list[str] = []  # where each window's admissions are named
+    for window in windows:
         if int(next(counts)) > 0:
-            weighted.append(index)
+            weighted.append(len(units))
         logged = int(next(counts))
-        due = int(next(counts)) if window.rsv else 0
-        units.append(float(logged - due))
+        named = int(next(counts)) if window.adm else 0
+        marked = bool(window.adm and int(next(counts)))
+        units.append(float(named if marked else logged))
+        admitted.append(str(window.adm) if marked else window.log)
     if not weighted:
         return units
     pipe = client.pipeline(transaction=False)
     for index in weighted:
-        window = windows[index]
-        low, high = _range(now_ms, window.limit)
-        pipe.zrangebyscore(window.log, low, high)
-        pipe.hgetall(window.cost)
-        if window.rsv:
-            pipe.zrangebyscore(window.rsv, low, high)
+        low, high = _range(now_ms, windows[index].limit)
+        pipe.zrangebyscore(admitted[index], low, high)
+        pipe.hgetall(windows[index].cost)
     raw = iter(pipe.execute())
     for index in weighted:
         members, costs = next(raw), next(raw)
-        due_members = set(next(raw)) if windows[index].rsv else set()
-        units[index] = sum(float(costs.get(m, 1)) for m in members if m not in due_members)
+        units[index] = sum(float(costs.get(m, 1)) for m in members)
     return units
 
 
@@ -233,7 +233,9 @@ def read_snapshot(
         for name in recent_keys(prefix, tool.name, now_ms / 1000):
             pipe.hgetall(name)
         pipe.pttl(keys.cooldown)
-        pipe.zcount(keys.rsv, now_ms - tool.longest_window_ms, "+inf")
+        # Reserved: the log's entries not named in adm (which holds '' at +inf), if it exists.
+        pipe.zcount(keys.log, now_ms - tool.longest_window_ms, "+inf")
+        pipe.zcount(keys.adm, now_ms - tool.longest_window_ms, "+inf")
         pipe.get(limits_key(prefix, tool.name))
         for reason in DELAY_REASONS:
             pipe.zcount(waiting_key(prefix, tool.name, reason), now_ms - GRACE_S * 1000, "+inf")
@@ -241,7 +243,7 @@ def read_snapshot(
         pipe.pttl(keys.cooldown)
     raw: Iterator[Any] = iter(pipe.execute())
 
-    windows = [_Window(limit, keys.log, keys.cost, keys.rsv)
+    windows = [_Window(limit, keys.log, keys.cost, keys.adm)
                for tool in tools if tool.key is None
                for keys in [_keys(prefix, tool)]
                for limit in limits_of(tool.name, None, tool.limits)]
@@ -260,7 +262,9 @@ def read_snapshot(
     for tool in tools:
         totals = parse_totals(next(raw))
         recent = sum_recent([next(raw) for _ in range(RECENT_BUCKETS)])
-        cooldown_s, reserved = cooldown_left_s(next(raw)), int(next(raw))
+        cooldown_s = cooldown_left_s(next(raw))
+        logged, named = int(next(raw)), int(next(raw))
+        reserved = logged - named + 1 if named else 0
         enforced = next(raw)
         waiting = {reason: int(next(raw)) for reason in DELAY_REASONS}
         per_key = tool.key is not None
