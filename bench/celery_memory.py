@@ -17,7 +17,7 @@ def memory(bench: Bench, n: int) -> list[Figure]:
     node = bench.nodes["T0"]
     time.sleep(1)
     idle = rss_bytes(node.pid)
-    held_keys = [f"{bench.prefix}:{{hold}}:{kind}" for kind in ("log", "rsv")]
+    held_keys = [f"{bench.prefix}:{{hold}}:{kind}" for kind in ("log", "adm")]
     start = time.monotonic()
     for _ in range(n):
         bench.tasks["hold"].apply_async(ignore_result=True)
@@ -69,7 +69,7 @@ def memory(bench: Bench, n: int) -> list[Figure]:
         ),
         Figure(
             part,
-            "Redis: gate log + reservations, B per call",
+            "Redis: gate log + adm, B per held call",
             f"{gate_bytes / max(1, scheduled):.0f}",
         ),
         Figure(
