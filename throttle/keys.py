@@ -84,6 +84,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,17 @@ class ToolKeys:
             keys.append(self.leases)
         keys.append(self.cooldown)
         return keys
+
+
+def reserved_in(log: Iterable[tuple[bytes, float]], admitted: Iterable[bytes]
+                ) -> dict[bytes, float]:
+    """Member -> slot of the reservations in a tool's `log` (ZRANGE WITHSCORES), given
+    `admitted`, its adm set's members: the log's entries not named there, when adm exists
+    (an empty `admitted`: no adm, every entry an admission)."""
+    taken = set(admitted)
+    if not taken:
+        return {}
+    return {member: slot for member, slot in log if member not in taken}
 
 
 def tool_keys(

@@ -23,10 +23,9 @@ import pytest
 import redis
 
 from tests.support.relay import DroppingRelay
-from tests.support.reservations import reserved_in
 from tests.support.servers import RedisServer
 from throttle import Action, Gate, StoreUnavailable, load_config
-from throttle.keys import tool_keys
+from throttle.keys import reserved_in, tool_keys
 from throttle.windows import most_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]

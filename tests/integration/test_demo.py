@@ -29,10 +29,10 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from tests.support.reservations import reserved_in
 from tests.support.workers import clean_db
 from throttle import load_config
 from throttle.cli import main
+from throttle.keys import reserved_in
 from throttle.windows import most_in_window
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,22 +7,11 @@ is a log entry not in adm; without adm, every entry of the log is an admission.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-from throttle.keys import ToolKeys
-
-
-def reserved_in(log: Iterable[tuple[bytes, float]], admitted: Iterable[bytes]
-                ) -> dict[bytes, float]:
-    """Member -> slot (ms) of the `log` entries (ZRANGE WITHSCORES, by slot) not `admitted`
-    (adm's members: none when there is no adm, and then no reservation)."""
-    taken = set(admitted)
-    if not taken:
-        return {}
-    return {member: slot for member, slot in log if member not in taken}
+from throttle.keys import ToolKeys, reserved_in
 
 
 def reservations(client: redis.Redis, keys: ToolKeys) -> dict[bytes, float]:

@@ -24,7 +24,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from throttle.config import Config, PoolConfig, ToolConfig
-from throttle.keys import ToolKeys, keys_for, tool_keys
+from throttle.keys import ToolKeys, keys_for, reserved_in, tool_keys
 from throttle.task import outcome
 
 DELAYED_AFTER_S = 0.5
@@ -179,8 +179,7 @@ class Tracker:
         reserved_anywhere: set[bytes] = set()
         for index, (tool, _) in enumerate(targets):
             log, admitted, costs = answers[1 + 3 * index : 4 + 3 * index]
-            # Reserved: the rest of the log, when adm exists (without it, there is none).
-            reserved = {member for member, _ in log} - set(admitted) if admitted else set()
+            reserved = set(reserved_in(log, admitted))
             reserved_anywhere |= reserved
             self._note_admissions(log, reserved, costs, now_ms)
             views.setdefault(tool.name, []).append(_view(tool, log, reserved, costs, now_ms))
