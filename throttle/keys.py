@@ -319,3 +319,9 @@ def tenants_key(prefix: str, tool: str, bucket_s: int) -> str:
 def waiting_key(prefix: str, tool: str, reason: str) -> str:
     """The set of `tool`'s calls held with an ETA because of `reason`, scored by ETA (ms)."""
     return f"{stats_key(prefix, tool)}:waiting:{reason}"
+
+
+def waiting_decided_key(prefix: str, tool: str) -> str:
+    """The set of `tool`'s decisions that ended a wait, as '<task id>|<delays before>', scored
+    by when they were noted (ms): a delay flushed after its next decision is not written."""
+    return f"{stats_key(prefix, tool)}:waiting-decided"

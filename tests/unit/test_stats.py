@@ -92,6 +92,28 @@ def test_a_call_waits_from_its_delay_until_its_next_decision_whichever_process_m
     assert (recent["arrived"], recent["delayed_calls"], recent["delay"]) == (3, 2, 3)
 
 
+def test_a_delay_flushed_after_its_next_decision_leaves_no_waiting_entry(
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    """Two processes flush in either order: the one that parked a call last, or the one that
+    admitted it when it came back first; the call waits from its delay to that decision."""
+    parker, admitter = StatsBuffer(prefix), StatsBuffer(prefix)
+    now = time.time()
+    parker.add_decision("search", "delay", "parked", 0.2, now, call_id="a", delays_before=0)
+    admitter.add_decision("search", "admit", "admitted", 0.0, now + 0.2, call_id="a",
+                          delays_before=1)
+    admitter.flush(redis_client)  # the admission lands first ...
+    parker.flush(redis_client)  # ... then the park it ended
+    assert redis_client.zcard(waiting_key(prefix, "search", "parked")) == 0
+    # Parked again after that admission's decision (a second delay): it waits again.
+    parker.add_decision("search", "delay", "parked", 0.2, now, call_id="b", delays_before=0)
+    parker.flush(redis_client)
+    admitter.add_decision("search", "delay", "parked", 0.3, now + 0.2, call_id="b",
+                          delays_before=1)
+    admitter.flush(redis_client)
+    assert redis_client.zrange(waiting_key(prefix, "search", "parked"), 0, -1) == [b"b"]
+
+
 def test_counts_survive_a_failed_flush_and_are_written_once_later(
     redis_client: redis.Redis, prefix: str,
 ) -> None:

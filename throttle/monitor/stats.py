@@ -35,8 +35,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from throttle.keys import limits_key, recent_stats_key, stats_key, tenants_key, waiting_key
-from throttle.monitor.waiting import DELAY_REASONS, KEY_TTL_S, STALE_S, reason_label
+from throttle.keys import (
+    limits_key,
+    recent_stats_key,
+    stats_key,
+    tenants_key,
+    waiting_decided_key,
+    waiting_key,
+)
+from throttle.monitor.waiting import DELAY_REASONS, KEY_TTL_S, NOTED_S, STALE_S, reason_label
+from throttle.scripts import load_script
 from throttle.store import STORE_ERRORS, StoreClient
 
 DELAY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -84,8 +92,10 @@ class StatsBuffer:
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
         self._sums: dict[tuple[str, str], float] = defaultdict(float)
         self._recent: set[str] = set()
-        # (tool, task id) -> (reason, ETA ms) of a delay, or None; True: it may have waited
-        self._waiting: dict[tuple[str, str], tuple[tuple[str, float] | None, bool]] = {}
+        # (tool, task id) -> its latest delay (reason, ETA ms, which delay of the call), or
+        # None; and the delays before the latest decision that ended a wait (0: none; -1:
+        # revoked)
+        self._waiting: dict[tuple[str, str], tuple[Held | None, int]] = {}
         self._limits: dict[str, str] = {}
         self._tenants: dict[str, set[str]] = defaultdict(set)  # bucket key -> tenants counted
         # Keys built once per tool (and per bucket): every call counts under them.
@@ -140,10 +150,10 @@ class StatsBuffer:
                     self._counts[totals, f"delayed_calls:{reason}"] += 1
                     self._counts[recent, f"delayed_calls:{reason}"] += 1
             if call_id is not None and (outcome == "delay" or delays_before > 0):
-                held = ((reason_label("delay", reason), (at_s + wait_s) * 1000)
+                held = ((reason_label("delay", reason), (at_s + wait_s) * 1000, delays_before + 1)
                         if outcome == "delay" else None)
-                _, cleared = self._waiting.get((tool, call_id), (None, False))
-                self._waiting[tool, call_id] = (held, cleared or delays_before > 0)
+                _, cleared = self._waiting.get((tool, call_id), (None, 0))
+                self._waiting[tool, call_id] = (held, delays_before or cleared)
             if outcome == "delay":
                 self._counts[totals, f"delay:le:{_bucket(DELAY_BUCKETS_S, wait_s)}"] += 1
                 self._counts[totals, "delay:count"] += 1
@@ -152,7 +162,8 @@ class StatsBuffer:
     def forget_waiting(self, tool: str, call_id: str) -> None:
         """A held call that will not come back (revoked) leaves every reason's set."""
         with self._lock:
-            self._waiting[tool, call_id] = (None, True)
+            _, cleared = self._waiting.get((tool, call_id), (None, 0))
+            self._waiting[tool, call_id] = (None, cleared or -1)
 
     def note_limits(self, tool: str, limits: str) -> None:
         """Record the limits this process enforces for `tool` (written at the next flush)."""
@@ -203,7 +214,6 @@ class StatsBuffer:
         pipe = client.pipeline(transaction=False)
         for tool, text in limits.items():
             pipe.set(limits_key(self.prefix, tool), text, ex=LIMITS_TTL_S)
-        self._write_waiting(pipe, waiting)
         for (key, name), count in counts.items():
             pipe.hincrby(key, name, count)
         for (key, name), total in sums.items():
@@ -213,6 +223,7 @@ class StatsBuffer:
         for key in recent:
             pipe.expire(key, RECENT_TTL_S)
         try:
+            self._write_waiting(client, waiting)
             pipe.execute()
         except STORE_ERRORS:
             with self._lock:
@@ -226,21 +237,29 @@ class StatsBuffer:
         return len(counts) + len(sums) + len(waiting)
 
     def _write_waiting(
-        self, pipe: Any, waiting: Mapping[tuple[str, str], tuple[tuple[str, float] | None, bool]]
+        self, client: StoreClient, waiting: Mapping[tuple[str, str], tuple[Held | None, int]]
     ) -> None:
-        """Take decided calls out of every reason's set; put delayed ones in their reason's."""
-        touched: set[str] = set()
+        """Take decided calls out of every reason's set; put delayed ones in their reason's,
+        unless their next decision is noted already (waiting.lua: one call per tool)."""
+        per_tool: dict[str, list[str | float]] = defaultdict(list)
         for (tool, call_id), (held, cleared) in waiting.items():
-            if cleared:
-                for reason in DELAY_REASONS:
-                    pipe.zrem(waiting_key(self.prefix, tool, reason), call_id)
-            if held is not None:
-                key = waiting_key(self.prefix, tool, held[0])
-                pipe.zadd(key, {call_id: held[1]})
-                touched.add(key)
-        for key in touched:
-            pipe.zremrangebyscore(key, "-inf", f"({(time.time() - STALE_S) * 1000}")
-            pipe.expire(key, KEY_TTL_S)
+            reason, eta_ms, nth = held or ("", 0.0, 0)
+            index = DELAY_REASONS.index(reason) + 1 if reason in DELAY_REASONS else 0
+            per_tool[tool] += [call_id, cleared, index, eta_ms, nth]
+        if not per_tool:
+            return
+        script = client.register_script(_WAITING_SCRIPT)
+        now_ms = time.time() * 1000
+        for tool, args in per_tool.items():
+            keys = [waiting_key(self.prefix, tool, reason) for reason in DELAY_REASONS]
+            script(keys=[*keys, waiting_decided_key(self.prefix, tool)],
+                   args=[now_ms, now_ms - STALE_S * 1000, KEY_TTL_S, now_ms - NOTED_S * 1000,
+                         *args])
+
+
+# A delay: its reason, ETA (ms) and which delay of the call it is (1 for the first).
+Held = tuple[str, float, int]
+_WAITING_SCRIPT = load_script("waiting")
 
 
 @dataclass(frozen=True, slots=True)

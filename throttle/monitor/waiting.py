@@ -9,8 +9,11 @@ the sets hold every waiting call of every worker on every host.
 
 A call counts as waiting from its delay until its next decision, its revocation, or until
 `GRACE_S` past its ETA, whichever comes first: a call whose worker died leaves the count by
-itself, and so does the rare entry written after that call's next decision (two processes
-flushing out of order, for waits under a second).
+itself. Two processes may flush in either order (a call parked by one and admitted by
+another 50 ms later): each decision that ends a wait is noted for `NOTED_S`, as the task id
+and the delays before it, and a delay whose next decision is noted already is not written
+(throttle/lua/waiting.lua). A revocation is not noted: a delay flushed after it lasts until
+`GRACE_S` past its ETA.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ OTHER = "other"
 GRACE_S = 5.0  # a call still counts this long past its ETA (flush interval and lateness)
 STALE_S = 600.0  # entries this far past their ETA are deleted at the next flush
 KEY_TTL_S = 2 * 86_400  # a tool with no delays for this long loses its sets
+NOTED_S = 60.0  # a decision that ended a wait is noted this long (a flush's lateness, at most)
 
 
 def reason_label(outcome: str, reason: str) -> str:
